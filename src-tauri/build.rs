@@ -1,8 +1,28 @@
+//! Generates the Tauri context and the ACL for the app's own commands.
+
+/// Every command the UI may call; the capability in src-tauri/capabilities grants exactly these.
+const COMMANDS: &[&str] = &[
+    "app_info",
+    "list_characters",
+    "get_character",
+    "create_character",
+    "update_character",
+    "duplicate_character",
+    "delete_character",
+    "list_tags",
+    "restore_builtins",
+    "list_personas",
+    "create_persona",
+    "update_persona",
+    "delete_persona",
+    "set_default_persona",
+];
+
 fn main() {
     tauri_build::try_build(
         tauri_build::Attributes::new()
             .capabilities_path_pattern("src-tauri/capabilities/*.json")
-            .app_manifest(tauri_build::AppManifest::new().commands(&[])),
+            .app_manifest(tauri_build::AppManifest::new().commands(COMMANDS)),
     )
     .expect("tauri build script");
 }

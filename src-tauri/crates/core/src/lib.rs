@@ -1,1 +1,83 @@
-//! placeholder
+//! Dramatis's services: what the desktop app and the CLI both do, built on
+//! the engine crates. Nothing here knows Tauri.
+//!
+//! Invariants: every input from the UI is validated here before it reaches
+//! the store, and a rejected input changes nothing; the built-in characters
+//! are installed once, on first start, and can be restored later.
+
+mod builtins;
+mod characters;
+mod error;
+mod paths;
+mod personas;
+
+use std::path::{Path, PathBuf};
+
+use dramatis_store::Store;
+
+pub use builtins::BUILTINS;
+pub use characters::{AvatarEdit, Character, CharacterDraft, CharacterSummary};
+pub use dramatis_persona::{CharacterCard, FieldError, LIMITS, PersonaDraft, ValidationErrors};
+pub use dramatis_store::{CharacterFilter, TagCount};
+pub use error::{Error, ErrorKind, Result};
+pub use paths::{DATA_DIR_ENV, default_data_dir};
+pub use personas::Persona;
+
+/// The setting that records that first-start setup ran.
+const FIRST_START_DONE: &str = "first_start_done";
+
+/// The application's backend: one per data directory.
+#[derive(Debug)]
+pub struct Dramatis {
+    store: Store,
+    data_dir: PathBuf,
+}
+
+impl Dramatis {
+    /// Opens the data directory (creating it), its database, and on the very
+    /// first start installs the built-in characters and a default persona.
+    pub fn open(data_dir: &Path) -> Result<Self> {
+        std::fs::create_dir_all(data_dir).map_err(|e| Error::Io {
+            context: format!("cannot create the data folder {}", data_dir.display()),
+            source: e,
+        })?;
+        let store = Store::open(&data_dir.join("dramatis.db"))?;
+        let app = Self {
+            store,
+            data_dir: data_dir.to_owned(),
+        };
+        app.first_start()?;
+        Ok(app)
+    }
+
+    /// Opens the data directory the environment or the OS names.
+    pub fn open_default() -> Result<Self> {
+        Self::open(&default_data_dir()?)
+    }
+
+    /// The folder holding the database and the app's files.
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    /// The database, for services elsewhere in this crate and for tests.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    fn first_start(&self) -> Result<()> {
+        if self.store.setting::<bool>(FIRST_START_DONE)? == Some(true) {
+            return Ok(());
+        }
+        let installed = self.restore_builtins()?;
+        if self.store.list_personas()?.is_empty() {
+            self.store.insert_persona(&PersonaDraft {
+                name: "You".into(),
+                description: String::new(),
+            })?;
+        }
+        self.store.set_setting(FIRST_START_DONE, &true)?;
+        tracing::info!(installed, "first start: built-in characters installed");
+        Ok(())
+    }
+}

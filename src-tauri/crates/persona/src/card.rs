@@ -96,7 +96,10 @@ impl CharacterCard {
         if self.name.trim().is_empty() {
             errors.push("name", "A character needs a name.");
         } else if self.name.chars().count() > l.name {
-            errors.push("name", format!("Keep the name under {} characters.", l.name));
+            errors.push(
+                "name",
+                format!("Keep the name under {} characters.", l.name),
+            );
         }
         for (field, value) in [
             ("description", &self.description),
@@ -174,7 +177,11 @@ impl CharacterCard {
     /// notes, else the description's first sentence.
     pub fn tagline(&self) -> String {
         const MAX: usize = 120;
-        let from_notes = self.creator_notes.lines().map(str::trim).find(|l| !l.is_empty());
+        let from_notes = self
+            .creator_notes
+            .lines()
+            .map(str::trim)
+            .find(|l| !l.is_empty());
         let line = from_notes.map(str::to_owned).unwrap_or_else(|| {
             let d = self.description.trim();
             let end = d
@@ -265,7 +272,12 @@ mod tests {
     #[test]
     fn normalize_trims_and_dedups_tags() {
         let mut c = card("  Mira ");
-        c.tags = vec![" Fantasy".into(), "fantasy".into(), "".into(), "Noir".into()];
+        c.tags = vec![
+            " Fantasy".into(),
+            "fantasy".into(),
+            "".into(),
+            "Noir".into(),
+        ];
         c.normalize();
         assert_eq!(c.name, "Mira");
         assert_eq!(c.tags, ["Fantasy", "Noir"]);

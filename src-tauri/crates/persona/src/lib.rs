@@ -11,6 +11,6 @@ mod error;
 mod user_persona;
 
 pub use avatar::{Avatar, AvatarFormat, MAX_AVATAR_BYTES, MAX_AVATAR_SIDE};
-pub use card::{CharacterCard, Limits, LIMITS};
+pub use card::{CharacterCard, LIMITS, Limits};
 pub use error::{FieldError, ValidationErrors};
 pub use user_persona::PersonaDraft;

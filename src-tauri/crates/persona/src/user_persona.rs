@@ -22,7 +22,10 @@ impl PersonaDraft {
         if self.name.is_empty() {
             errors.push("name", "A persona needs a name.");
         } else if self.name.chars().count() > LIMITS.name {
-            errors.push("name", format!("Keep the name under {} characters.", LIMITS.name));
+            errors.push(
+                "name",
+                format!("Keep the name under {} characters.", LIMITS.name),
+            );
         }
         if self.description.chars().count() > LIMITS.text {
             errors.push(

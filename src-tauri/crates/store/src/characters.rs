@@ -51,8 +51,7 @@ pub struct TagCount {
     pub count: u32,
 }
 
-const COLUMNS: &str =
-    "id, card, builtin_key, avatar IS NOT NULL, created_at, updated_at";
+const COLUMNS: &str = "id, card, builtin_key, avatar IS NOT NULL, created_at, updated_at";
 
 fn from_row(row: &Row<'_>) -> rusqlite::Result<CharacterRow> {
     let card: String = row.get(1)?;
@@ -120,7 +119,12 @@ impl Store {
     }
 
     /// Replaces a character's card (and tags), and its avatar as `avatar` says.
-    pub fn update_character(&self, id: i64, card: &CharacterCard, avatar: AvatarChange) -> Result<()> {
+    pub fn update_character(
+        &self,
+        id: i64,
+        card: &CharacterCard,
+        avatar: AvatarChange,
+    ) -> Result<()> {
         let json = card_json(card)?;
         self.write(|tx| {
             let now = now_ms();
@@ -159,7 +163,10 @@ impl Store {
                 from_row,
             )
             .optional()?
-            .ok_or(Error::NotFound { what: "character", id })
+            .ok_or(Error::NotFound {
+                what: "character",
+                id,
+            })
     }
 
     /// A character's avatar, if it has one.
@@ -173,7 +180,10 @@ impl Store {
             )
             .optional()?;
         match row {
-            None => Err(Error::NotFound { what: "character", id }),
+            None => Err(Error::NotFound {
+                what: "character",
+                id,
+            }),
             Some((Some(bytes), Some(mime))) => {
                 let format = mime.parse().map_err(Error::Corrupt)?;
                 Ok(Some(Avatar::from_trusted(bytes, format)))
@@ -205,12 +215,15 @@ impl Store {
 
     /// Deletes a character and, through the foreign keys, its chats.
     pub fn delete_character(&self, id: i64) -> Result<()> {
-        self.write(|tx| {
-            match tx.execute("DELETE FROM characters WHERE id = ?1", [id])? {
-                0 => Err(Error::NotFound { what: "character", id }),
+        self.write(
+            |tx| match tx.execute("DELETE FROM characters WHERE id = ?1", [id])? {
+                0 => Err(Error::NotFound {
+                    what: "character",
+                    id,
+                }),
                 _ => Ok(()),
-            }
-        })
+            },
+        )
     }
 
     /// Every tag in use, with how many characters carry it, most used first.
@@ -219,15 +232,20 @@ impl Store {
         let mut stmt = conn.prepare_cached(
             "SELECT min(tag), count(*) FROM character_tags GROUP BY tag_folded ORDER BY count(*) DESC, tag_folded",
         )?;
-        let rows = stmt.query_map([], |r| Ok(TagCount { tag: r.get(0)?, count: r.get(1)? }))?;
+        let rows = stmt.query_map([], |r| {
+            Ok(TagCount {
+                tag: r.get(0)?,
+                count: r.get(1)?,
+            })
+        })?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
     /// The built-in keys currently present.
     pub fn builtin_keys(&self) -> Result<Vec<String>> {
         let conn = self.conn();
-        let mut stmt =
-            conn.prepare_cached("SELECT builtin_key FROM characters WHERE builtin_key IS NOT NULL")?;
+        let mut stmt = conn
+            .prepare_cached("SELECT builtin_key FROM characters WHERE builtin_key IS NOT NULL")?;
         let rows = stmt.query_map([], |r| r.get(0))?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
@@ -247,7 +265,10 @@ mod tests {
 
     fn full_card() -> CharacterCard {
         let mut ext = serde_json::Map::new();
-        ext.insert("zz_unknown".into(), json!({"keep": [1, "two", null, {"deep": true}]}));
+        ext.insert(
+            "zz_unknown".into(),
+            json!({"keep": [1, "two", null, {"deep": true}]}),
+        );
         ext.insert("depth_prompt".into(), json!({"prompt": "…", "depth": 4}));
         CharacterCard {
             name: "Ső Yeon-ji 서연지".into(),
@@ -287,18 +308,30 @@ mod tests {
     fn update_replaces_fields_tags_and_avatar() {
         let store = Store::open_in_memory().unwrap();
         let avatar = Avatar::parse(PNG_1X1.to_vec()).unwrap();
-        let id = store.insert_character(&full_card(), Some(&avatar), None).unwrap();
+        let id = store
+            .insert_character(&full_card(), Some(&avatar), None)
+            .unwrap();
         let before = store.character(id).unwrap();
         let mut card = full_card();
         card.name = "Renamed".into();
         card.tags = vec!["Noir".into()];
-        store.update_character(id, &card, AvatarChange::Remove).unwrap();
+        store
+            .update_character(id, &card, AvatarChange::Remove)
+            .unwrap();
         let row = store.character(id).unwrap();
         assert_eq!(row.card.name, "Renamed");
         assert!(!row.has_avatar);
         assert!(row.updated_at > before.updated_at);
-        assert_eq!(store.tags().unwrap(), [TagCount { tag: "Noir".into(), count: 1 }]);
-        let err = store.update_character(999, &card, AvatarChange::Keep).unwrap_err();
+        assert_eq!(
+            store.tags().unwrap(),
+            [TagCount {
+                tag: "Noir".into(),
+                count: 1
+            }]
+        );
+        let err = store
+            .update_character(999, &card, AvatarChange::Keep)
+            .unwrap_err();
         assert!(matches!(err, Error::NotFound { id: 999, .. }));
     }
 
@@ -314,23 +347,51 @@ mod tests {
         store.insert_character(&a, None, None).unwrap();
         store.insert_character(&b, None, None).unwrap();
         let names = |f: CharacterFilter| -> Vec<String> {
-            store.list_characters(&f).unwrap().into_iter().map(|r| r.card.name).collect()
+            store
+                .list_characters(&f)
+                .unwrap()
+                .into_iter()
+                .map(|r| r.card.name)
+                .collect()
         };
         assert_eq!(names(CharacterFilter::default()), ["Bram", "Élodie"]);
-        assert_eq!(names(CharacterFilter { tag: Some("FANTASY".into()), ..Default::default() }), ["Élodie"]);
-        assert_eq!(names(CharacterFilter { name_contains: Some("ÉLO".into()), ..Default::default() }), ["Élodie"]);
-        assert_eq!(names(CharacterFilter { name_contains: Some("zzz".into()), ..Default::default() }), Vec::<String>::new());
+        assert_eq!(
+            names(CharacterFilter {
+                tag: Some("FANTASY".into()),
+                ..Default::default()
+            }),
+            ["Élodie"]
+        );
+        assert_eq!(
+            names(CharacterFilter {
+                name_contains: Some("ÉLO".into()),
+                ..Default::default()
+            }),
+            ["Élodie"]
+        );
+        assert_eq!(
+            names(CharacterFilter {
+                name_contains: Some("zzz".into()),
+                ..Default::default()
+            }),
+            Vec::<String>::new()
+        );
     }
 
     #[test]
     fn delete_removes_the_character_and_its_tags() {
         let store = Store::open_in_memory().unwrap();
-        let id = store.insert_character(&full_card(), None, Some("builtin-x")).unwrap();
+        let id = store
+            .insert_character(&full_card(), None, Some("builtin-x"))
+            .unwrap();
         assert_eq!(store.builtin_keys().unwrap(), ["builtin-x"]);
         store.delete_character(id).unwrap();
         assert!(matches!(store.character(id), Err(Error::NotFound { .. })));
         assert!(store.tags().unwrap().is_empty());
         assert!(store.builtin_keys().unwrap().is_empty());
-        assert!(matches!(store.delete_character(id), Err(Error::NotFound { .. })));
+        assert!(matches!(
+            store.delete_character(id),
+            Err(Error::NotFound { .. })
+        ));
     }
 }

@@ -99,22 +99,41 @@ fn message(r: &Row<'_>) -> rusqlite::Result<MessageRow> {
 /// Makes `id` the selected child of its parent (or the chat's selected root).
 fn select_in(tx: &Transaction<'_>, id: i64) -> Result<()> {
     let (chat_id, parent): (i64, Option<i64>) = tx
-        .query_row("SELECT chat_id, parent_id FROM messages WHERE id = ?1", [id], |r| {
-            Ok((r.get(0)?, r.get(1)?))
-        })
+        .query_row(
+            "SELECT chat_id, parent_id FROM messages WHERE id = ?1",
+            [id],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
         .optional()?
-        .ok_or(Error::NotFound { what: "message", id })?;
+        .ok_or(Error::NotFound {
+            what: "message",
+            id,
+        })?;
     match parent {
-        Some(p) => tx.execute("UPDATE messages SET selected_child_id = ?2 WHERE id = ?1", [p, id])?,
-        None => tx.execute("UPDATE chats SET selected_root_id = ?2 WHERE id = ?1", [chat_id, id])?,
+        Some(p) => tx.execute(
+            "UPDATE messages SET selected_child_id = ?2 WHERE id = ?1",
+            [p, id],
+        )?,
+        None => tx.execute(
+            "UPDATE chats SET selected_root_id = ?2 WHERE id = ?1",
+            [chat_id, id],
+        )?,
     };
-    tx.execute("UPDATE chats SET updated_at = ?2 WHERE id = ?1", params![chat_id, now_ms()])?;
+    tx.execute(
+        "UPDATE chats SET updated_at = ?2 WHERE id = ?1",
+        params![chat_id, now_ms()],
+    )?;
     Ok(())
 }
 
 impl Store {
     /// Starts an empty chat with a character.
-    pub fn create_chat(&self, character_id: i64, persona_id: Option<i64>, title: &str) -> Result<i64> {
+    pub fn create_chat(
+        &self,
+        character_id: i64,
+        persona_id: Option<i64>,
+        title: &str,
+    ) -> Result<i64> {
         self.write(|tx| {
             let now = now_ms();
             tx.execute(
@@ -148,7 +167,13 @@ impl Store {
 
     /// Adds a message under `parent` (a first message when `None`) and selects it,
     /// in one transaction.
-    pub fn add_message(&self, chat_id: i64, parent: Option<i64>, role: Role, content: &str) -> Result<i64> {
+    pub fn add_message(
+        &self,
+        chat_id: i64,
+        parent: Option<i64>,
+        role: Role,
+        content: &str,
+    ) -> Result<i64> {
         self.write(|tx| {
             let now = now_ms();
             tx.execute(
@@ -157,7 +182,10 @@ impl Store {
                 params![chat_id, parent, role.as_str(), content, now],
             )
             .map_err(|e| match e.sqlite_error_code() {
-                Some(rusqlite::ErrorCode::ConstraintViolation) => Error::NotFound { what: "chat", id: chat_id },
+                Some(rusqlite::ErrorCode::ConstraintViolation) => Error::NotFound {
+                    what: "chat",
+                    id: chat_id,
+                },
                 _ => e.into(),
             })?;
             let id = tx.last_insert_rowid();
@@ -173,7 +201,10 @@ impl Store {
                 "UPDATE messages SET content = ?2, updated_at = ?3 WHERE id = ?1",
                 params![id, content, now_ms()],
             )? {
-                0 => Err(Error::NotFound { what: "message", id }),
+                0 => Err(Error::NotFound {
+                    what: "message",
+                    id,
+                }),
                 _ => Ok(()),
             }
         })
@@ -210,9 +241,14 @@ impl Store {
                ON s.chat_id = m.chat_id AND s.parent_id IS m.parent_id
              WHERE m.id = ?1 ORDER BY s.id",
         )?;
-        let ids: Vec<i64> = stmt.query_map([id], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?;
+        let ids: Vec<i64> = stmt
+            .query_map([id], |r| r.get(0))?
+            .collect::<rusqlite::Result<_>>()?;
         if ids.is_empty() {
-            return Err(Error::NotFound { what: "message", id });
+            return Err(Error::NotFound {
+                what: "message",
+                id,
+            });
         }
         Ok(ids)
     }
@@ -239,10 +275,12 @@ impl Store {
 
     /// Deletes a chat and all its messages.
     pub fn delete_chat(&self, id: i64) -> Result<()> {
-        self.write(|tx| match tx.execute("DELETE FROM chats WHERE id = ?1", [id])? {
-            0 => Err(Error::NotFound { what: "chat", id }),
-            _ => Ok(()),
-        })
+        self.write(
+            |tx| match tx.execute("DELETE FROM chats WHERE id = ?1", [id])? {
+                0 => Err(Error::NotFound { what: "chat", id }),
+                _ => Ok(()),
+            },
+        )
     }
 
     /// Messages whose text matches `query` (words, any order), best first.
@@ -263,7 +301,11 @@ impl Store {
              WHERE messages_fts MATCH ?1 ORDER BY rank LIMIT ?2",
         )?;
         let rows = stmt.query_map(params![fts_query, limit], |r| {
-            Ok(SearchHit { message_id: r.get(0)?, chat_id: r.get(1)?, snippet: r.get(2)? })
+            Ok(SearchHit {
+                message_id: r.get(0)?,
+                chat_id: r.get(1)?,
+                snippet: r.get(2)?,
+            })
         })?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
@@ -276,7 +318,10 @@ mod tests {
 
     fn chat_store() -> (Store, i64) {
         let store = Store::open_in_memory().unwrap();
-        let card = CharacterCard { name: "Kit".into(), ..Default::default() };
+        let card = CharacterCard {
+            name: "Kit".into(),
+            ..Default::default()
+        };
         let c = store.insert_character(&card, None, None).unwrap();
         let chat = store.create_chat(c, None, "First").unwrap();
         (store, chat)
@@ -285,11 +330,25 @@ mod tests {
     #[test]
     fn the_visible_path_follows_selected_children() {
         let (store, chat) = chat_store();
-        let g1 = store.add_message(chat, None, Role::Assistant, "Hello").unwrap();
-        let g2 = store.add_message(chat, None, Role::Assistant, "Hi there").unwrap();
-        let u = store.add_message(chat, Some(g2), Role::User, "Hey").unwrap();
-        let a = store.add_message(chat, Some(u), Role::Assistant, "What brings you").unwrap();
-        let ids = |s: &Store| s.selected_path(chat).unwrap().iter().map(|m| m.id).collect::<Vec<_>>();
+        let g1 = store
+            .add_message(chat, None, Role::Assistant, "Hello")
+            .unwrap();
+        let g2 = store
+            .add_message(chat, None, Role::Assistant, "Hi there")
+            .unwrap();
+        let u = store
+            .add_message(chat, Some(g2), Role::User, "Hey")
+            .unwrap();
+        let a = store
+            .add_message(chat, Some(u), Role::Assistant, "What brings you")
+            .unwrap();
+        let ids = |s: &Store| {
+            s.selected_path(chat)
+                .unwrap()
+                .iter()
+                .map(|m| m.id)
+                .collect::<Vec<_>>()
+        };
         assert_eq!(ids(&store), [g2, u, a]);
         assert_eq!(store.siblings(g2).unwrap(), [g1, g2]);
         store.select_message(g1).unwrap();
@@ -301,12 +360,25 @@ mod tests {
     #[test]
     fn search_finds_edited_text_and_treats_syntax_as_words() {
         let (store, chat) = chat_store();
-        let m = store.add_message(chat, None, Role::User, "the lantern flickers").unwrap();
-        assert_eq!(store.search_messages("lantern", 5).unwrap()[0].message_id, m);
+        let m = store
+            .add_message(chat, None, Role::User, "the lantern flickers")
+            .unwrap();
+        assert_eq!(
+            store.search_messages("lantern", 5).unwrap()[0].message_id,
+            m
+        );
         store.set_message_content(m, "the candle gutters").unwrap();
         assert!(store.search_messages("lantern", 5).unwrap().is_empty());
-        assert_eq!(store.search_messages("CANDLE", 5).unwrap()[0].snippet, "the [candle] gutters");
-        assert!(store.search_messages("\"unbalanced AND (", 5).unwrap().is_empty());
+        assert_eq!(
+            store.search_messages("CANDLE", 5).unwrap()[0].snippet,
+            "the [candle] gutters"
+        );
+        assert!(
+            store
+                .search_messages("\"unbalanced AND (", 5)
+                .unwrap()
+                .is_empty()
+        );
         assert!(store.search_messages("   ", 5).unwrap().is_empty());
     }
 

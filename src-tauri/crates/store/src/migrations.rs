@@ -90,7 +90,12 @@ const STEPS: &[&str] = &[
 /// Brings the schema up to `target`, one transaction per step.
 pub(crate) fn migrate(conn: &mut Connection, target: u32) -> Result<()> {
     let current: u32 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
-    for (i, sql) in STEPS.iter().enumerate().take(target as usize).skip(current as usize) {
+    for (i, sql) in STEPS
+        .iter()
+        .enumerate()
+        .take(target as usize)
+        .skip(current as usize)
+    {
         let tx = conn.transaction()?;
         tx.execute_batch(sql)?;
         tx.pragma_update(None, "user_version", i as i64 + 1)?;

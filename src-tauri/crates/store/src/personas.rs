@@ -47,7 +47,10 @@ impl Store {
                 params![id, p.name, p.description, now_ms()],
             )?;
             if n == 0 {
-                Err(Error::NotFound { what: "persona", id })
+                Err(Error::NotFound {
+                    what: "persona",
+                    id,
+                })
             } else {
                 Ok(())
             }
@@ -57,12 +60,21 @@ impl Store {
     /// Makes `id` the default persona (and no other).
     pub fn set_default_persona(&self, id: i64) -> Result<()> {
         self.write(|tx| {
-            let exists: bool =
-                tx.query_row("SELECT EXISTS (SELECT 1 FROM personas WHERE id = ?1)", [id], |r| r.get(0))?;
+            let exists: bool = tx.query_row(
+                "SELECT EXISTS (SELECT 1 FROM personas WHERE id = ?1)",
+                [id],
+                |r| r.get(0),
+            )?;
             if !exists {
-                return Err(Error::NotFound { what: "persona", id });
+                return Err(Error::NotFound {
+                    what: "persona",
+                    id,
+                });
             }
-            tx.execute("UPDATE personas SET is_default = 0 WHERE is_default = 1", [])?;
+            tx.execute(
+                "UPDATE personas SET is_default = 0 WHERE is_default = 1",
+                [],
+            )?;
             tx.execute("UPDATE personas SET is_default = 1 WHERE id = ?1", [id])?;
             Ok(())
         })
@@ -74,10 +86,15 @@ impl Store {
         self.write(|tx| {
             let count: i64 = tx.query_row("SELECT count(*) FROM personas", [], |r| r.get(0))?;
             let was_default: Option<bool> = tx
-                .query_row("SELECT is_default FROM personas WHERE id = ?1", [id], |r| r.get(0))
+                .query_row("SELECT is_default FROM personas WHERE id = ?1", [id], |r| {
+                    r.get(0)
+                })
                 .optional()?;
             let Some(was_default) = was_default else {
-                return Err(Error::NotFound { what: "persona", id });
+                return Err(Error::NotFound {
+                    what: "persona",
+                    id,
+                });
             };
             if count <= 1 {
                 return Ok(false);
@@ -113,7 +130,10 @@ impl Store {
             )
             .optional()?
             .map(|r| r.persona)
-            .ok_or(Error::NotFound { what: "default persona", id: 0 })
+            .ok_or(Error::NotFound {
+                what: "default persona",
+                id: 0,
+            })
     }
 }
 
@@ -122,7 +142,10 @@ mod tests {
     use super::*;
 
     fn p(name: &str) -> PersonaDraft {
-        PersonaDraft { name: name.into(), description: format!("{name} desc") }
+        PersonaDraft {
+            name: name.into(),
+            description: format!("{name} desc"),
+        }
     }
 
     #[test]
@@ -132,8 +155,13 @@ mod tests {
         let b = store.insert_persona(&p("Bo")).unwrap();
         assert_eq!(store.default_persona().unwrap().name, "Ash");
         store.set_default_persona(b).unwrap();
-        let defaults: Vec<_> =
-            store.list_personas().unwrap().into_iter().filter(|r| r.is_default).map(|r| r.id).collect();
+        let defaults: Vec<_> = store
+            .list_personas()
+            .unwrap()
+            .into_iter()
+            .filter(|r| r.is_default)
+            .map(|r| r.id)
+            .collect();
         assert_eq!(defaults, [b]);
         assert!(store.delete_persona(b).unwrap());
         assert_eq!(store.default_persona().unwrap().name, "Ash");

@@ -8,7 +8,9 @@ impl Store {
     pub fn setting<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>> {
         let raw: Option<String> = self
             .conn()
-            .query_row("SELECT value FROM settings WHERE key = ?1", [key], |r| r.get(0))
+            .query_row("SELECT value FROM settings WHERE key = ?1", [key], |r| {
+                r.get(0)
+            })
             .optional()?;
         raw.map(|s| {
             serde_json::from_str(&s)
@@ -44,7 +46,13 @@ mod tests {
         store.set_setting("n", &4u32).unwrap();
         assert_eq!(store.setting::<u32>("n").unwrap(), Some(4));
         store.set_setting("names", &["a", "b"]).unwrap();
-        assert_eq!(store.setting::<Vec<String>>("names").unwrap().unwrap(), ["a", "b"]);
-        assert!(store.setting::<u32>("names").is_err(), "a wrong type is an error, not a panic");
+        assert_eq!(
+            store.setting::<Vec<String>>("names").unwrap().unwrap(),
+            ["a", "b"]
+        );
+        assert!(
+            store.setting::<u32>("names").is_err(),
+            "a wrong type is an error, not a panic"
+        );
     }
 }

@@ -30,7 +30,10 @@ fn consistent_count(store: &Store) -> usize {
         return 0;
     }
     assert_eq!(counts.len(), TAGS, "some tags are missing: {tags:?}");
-    assert!(counts.iter().all(|&c| c == counts[0]), "torn transaction: {counts:?}");
+    assert!(
+        counts.iter().all(|&c| c == counts[0]),
+        "torn transaction: {counts:?}"
+    );
     counts[0] as usize
 }
 
@@ -56,7 +59,12 @@ fn sigkill_mid_write_keeps_committed_rows() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("crash.db");
     let mut child = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "sigkill_mid_write_keeps_committed_rows", "--nocapture", "--test-threads=1"])
+        .args([
+            "--exact",
+            "sigkill_mid_write_keeps_committed_rows",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env("DRAMATIS_STORE_WRITER_CHILD", &path)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -78,8 +86,14 @@ fn sigkill_mid_write_keeps_committed_rows() {
 
     let store = Store::open(&path).unwrap();
     store.integrity_check().unwrap();
-    let stored = store.list_characters(&CharacterFilter::default()).unwrap().len();
-    assert!(stored >= last, "{stored} characters stored, but {last} were committed");
+    let stored = store
+        .list_characters(&CharacterFilter::default())
+        .unwrap()
+        .len();
+    assert!(
+        stored >= last,
+        "{stored} characters stored, but {last} were committed"
+    );
     assert_eq!(consistent_count(&store), stored);
 }
 

@@ -1,0 +1,78 @@
+use dramatis_persona::ValidationErrors;
+use serde::Serialize;
+
+/// What a service call can fail with.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The input was refused; nothing was changed.
+    #[error("{0}")]
+    Validation(#[from] ValidationErrors),
+    /// The database refused or failed.
+    #[error(transparent)]
+    Store(dramatis_store::Error),
+    /// A named row does not exist.
+    #[error("{what} {id} does not exist")]
+    NotFound {
+        /// What kind of thing.
+        what: &'static str,
+        /// Its id.
+        id: i64,
+    },
+    /// A file operation failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The request makes no sense in the current state.
+    #[error("{0}")]
+    Conflict(String),
+}
+
+/// A stable, machine-readable name for each kind of failure, for the UI.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// Bad input; see the field errors.
+    Validation,
+    /// The thing asked for is gone.
+    NotFound,
+    /// The database is from a newer Dramatis.
+    TooNew,
+    /// The disk is full.
+    DiskFull,
+    /// The request conflicts with the current state.
+    Conflict,
+    /// Storage or file failure.
+    Storage,
+}
+
+impl Error {
+    /// The kind, for the UI to choose how to show it.
+    pub fn kind(&self) -> ErrorKind {
+        use dramatis_store::Error as S;
+        match self {
+            Self::Validation(_) => ErrorKind::Validation,
+            Self::NotFound { .. } | Self::Store(S::NotFound { .. }) => ErrorKind::NotFound,
+            Self::Store(S::TooNew { .. }) => ErrorKind::TooNew,
+            Self::Store(S::DiskFull) => ErrorKind::DiskFull,
+            Self::Conflict(_) => ErrorKind::Conflict,
+            Self::Store(_) | Self::Io { .. } => ErrorKind::Storage,
+        }
+    }
+}
+
+impl From<dramatis_store::Error> for Error {
+    fn from(e: dramatis_store::Error) -> Self {
+        match e {
+            dramatis_store::Error::NotFound { what, id } => Self::NotFound { what, id },
+            other => Self::Store(other),
+        }
+    }
+}
+
+/// The services' result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

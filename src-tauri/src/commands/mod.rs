@@ -1,0 +1,48 @@
+//! Tauri commands, one file per domain. Each deserializes its typed request,
+//! calls a `dramatis-core` service on a blocking thread, and maps the error.
+
+mod app;
+mod characters;
+mod personas;
+
+use std::sync::Arc;
+
+use dramatis_core::Dramatis;
+use tauri::ipc::Invoke;
+use tauri::{AppHandle, Manager, Runtime};
+
+pub use app::AppInfo;
+pub use characters::CharacterQuery;
+
+use crate::{Backend, CommandError};
+
+/// The invoke handler with every command; build.rs lists the same names for the ACL.
+pub(crate) fn handler<R: Runtime>() -> impl Fn(Invoke<R>) -> bool + Send + Sync + 'static {
+    tauri::generate_handler![
+        app::app_info,
+        characters::list_characters,
+        characters::get_character,
+        characters::create_character,
+        characters::update_character,
+        characters::duplicate_character,
+        characters::delete_character,
+        characters::list_tags,
+        characters::restore_builtins,
+        personas::list_personas,
+        personas::create_persona,
+        personas::update_persona,
+        personas::delete_persona,
+        personas::set_default_persona,
+    ]
+}
+
+/// Runs a service call off the async runtime (SQLite blocks).
+async fn blocking<R: Runtime, T: Send + 'static>(
+    app: &AppHandle<R>,
+    f: impl FnOnce(&Dramatis) -> dramatis_core::Result<T> + Send + 'static,
+) -> Result<T, CommandError> {
+    let backend: Arc<Dramatis> = app.state::<Backend>().get()?;
+    tauri::async_runtime::spawn_blocking(move || f(&backend))
+        .await?
+        .map_err(CommandError::from)
+}
