@@ -1,0 +1,53 @@
+// Typed wrappers over the shell's commands: one function per command.
+import { convertFileSrc, invoke } from "@tauri-apps/api/core";
+import type {
+  AppInfo,
+  Character,
+  CharacterDraft,
+  CharacterSummary,
+  CommandError,
+  Persona,
+  PersonaDraft,
+  TagCount,
+} from "./types";
+
+/** Turns whatever a rejected invoke gave into a CommandError. */
+export function asCommandError(e: unknown): CommandError {
+  if (e && typeof e === "object" && "kind" in e && "message" in e) {
+    const c = e as Partial<CommandError>;
+    return { kind: c.kind ?? "storage", message: String(c.message), fields: c.fields ?? [] };
+  }
+  // Deserialization and ACL failures arrive as plain strings.
+  return { kind: "storage", message: typeof e === "string" ? e : String(e), fields: [] };
+}
+
+async function call<T>(cmd: string, args?: Record<string, unknown>): Promise<T> {
+  try {
+    return await invoke<T>(cmd, args);
+  } catch (e) {
+    throw asCommandError(e);
+  }
+}
+
+export const api = {
+  appInfo: () => call<AppInfo>("app_info"),
+  listCharacters: (query: { tag?: string | null; search?: string | null } = {}) =>
+    call<CharacterSummary[]>("list_characters", { query }),
+  getCharacter: (id: number) => call<Character>("get_character", { id }),
+  createCharacter: (draft: CharacterDraft) => call<Character>("create_character", { draft }),
+  updateCharacter: (id: number, draft: CharacterDraft) => call<Character>("update_character", { id, draft }),
+  duplicateCharacter: (id: number) => call<Character>("duplicate_character", { id }),
+  deleteCharacter: (id: number) => call<null>("delete_character", { id }),
+  listTags: () => call<TagCount[]>("list_tags"),
+  restoreBuiltins: () => call<number>("restore_builtins"),
+  listPersonas: () => call<Persona[]>("list_personas"),
+  createPersona: (draft: PersonaDraft) => call<Persona[]>("create_persona", { draft }),
+  updatePersona: (id: number, draft: PersonaDraft) => call<Persona[]>("update_persona", { id, draft }),
+  deletePersona: (id: number) => call<Persona[]>("delete_persona", { id }),
+  setDefaultPersona: (id: number) => call<Persona[]>("set_default_persona", { id }),
+};
+
+/** The URL of a character's avatar; the version busts the cache after an edit. */
+export function avatarUrl(id: number, version: number): string {
+  return `${convertFileSrc(String(id), "avatar")}?v=${version}`;
+}
