@@ -1,0 +1,105 @@
+// Drives the built Dramatis app in a real WebKit window through tauri-driver.
+// Each test gets its own data folder; screenshots go to target/e2e-screenshots.
+import { spawn, spawnSync } from "node:child_process";
+import { mkdirSync, mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import path from "node:path";
+import { fileURLToPath } from "node:url";
+import { remote } from "webdriverio";
+
+const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../..");
+export const application = process.env.DRAMATIS_APP ?? path.join(root, "target/debug/dramatis");
+export const screenshotDir = path.join(root, "target/e2e-screenshots");
+mkdirSync(screenshotDir, { recursive: true });
+
+let nextPort = 4444 + (process.pid % 200) * 2;
+
+/** A running tauri-driver with its own data folder; start sessions (app launches) on it. */
+export class Driver {
+  static async start() {
+    const d = new Driver();
+    d.dataDir = mkdtempSync(path.join(tmpdir(), "dramatis-e2e-"));
+    d.port = nextPort;
+    nextPort += 2;
+    d.proc = spawn("tauri-driver", ["--port", String(d.port), "--native-port", String(d.port + 1)], {
+      env: { ...process.env, DRAMATIS_DATA_DIR: d.dataDir, RUST_LOG: "warn" },
+      stdio: ["ignore", "inherit", "inherit"],
+    });
+    await waitForPort(d.port);
+    return d;
+  }
+
+  /** Launches the app and waits for the UI to be up. */
+  async launch() {
+    const browser = await remote({
+      hostname: "127.0.0.1",
+      port: this.port,
+      logLevel: "warn",
+      connectionRetryCount: 0,
+      capabilities: { "tauri:options": { application } },
+    });
+    await browser.$('[data-testid="nav-characters"]').waitForExist({ timeout: 30000 });
+    return browser;
+  }
+
+  async stop() {
+    // SIGTERM lets tauri-driver stop WebKitWebDriver; SIGKILL would orphan it.
+    const exited = new Promise((r) => this.proc.once("exit", r));
+    this.proc.kill("SIGTERM");
+    await Promise.race([exited, new Promise((r) => setTimeout(r, 10000))]);
+    // An app whose session died mid-command can outlive the driver: end it too.
+    spawnSync("pkill", ["-TERM", "-f", `^${application}$`]);
+    rmSync(this.dataDir, { recursive: true, force: true });
+  }
+}
+
+async function waitForPort(port) {
+  const deadline = Date.now() + 20000;
+  while (Date.now() < deadline) {
+    try {
+      const res = await fetch(`http://127.0.0.1:${port}/status`);
+      if (res.ok || res.status < 500) return;
+    } catch {
+      // not up yet
+    }
+    await new Promise((r) => setTimeout(r, 200));
+  }
+  throw new Error(`tauri-driver did not listen on ${port}`);
+}
+
+/** Ends a session, even one whose app already died. */
+export async function close(browser) {
+  try {
+    await browser.deleteSession();
+  } catch (e) {
+    console.error(`closing the session failed: ${e.message}`);
+  }
+}
+
+/** Empties a text field the way a person does, so the page sees input events
+ * (WebDriver's clear() changes the value without any). */
+export async function clearField(browser, element) {
+  await element.click();
+  await browser.keys(["Control", "a"]);
+  await browser.keys(["Backspace"]);
+}
+
+/** Saves a PNG of the window under target/e2e-screenshots. */
+export async function screenshot(browser, name) {
+  await browser.saveScreenshot(path.join(screenshotDir, `${name}.png`));
+}
+
+/** Names on the gallery's cards, in order. */
+export async function galleryNames(browser) {
+  return browser.execute(() =>
+    Array.from(document.querySelectorAll('[data-testid="character-name"]'), (n) => n.textContent ?? ""),
+  );
+}
+
+/** Waits until the gallery shows exactly `count` cards. */
+export async function waitForCards(browser, count) {
+  await browser.waitUntil(async () => (await browser.execute(() => document.querySelectorAll('[data-testid="character-card"]').length)) === count, {
+    timeout: 15000,
+    timeoutMsg: `expected ${count} character cards`,
+  });
+}
