@@ -1,0 +1,72 @@
+use candle_core::Device;
+
+use crate::Result;
+
+/// Which compute device to run on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DeviceChoice {
+    /// The best the build supports: CUDA, then Metal, then CPU.
+    #[default]
+    Best,
+    /// The CPU, always available.
+    Cpu,
+    /// An NVIDIA GPU by ordinal (needs the `cuda` feature).
+    Cuda(usize),
+    /// The Apple GPU (needs the `metal` feature).
+    Metal,
+}
+
+impl DeviceChoice {
+    /// Opens the device.
+    pub fn open(self) -> Result<Device> {
+        Ok(match self {
+            Self::Best => default_device(),
+            Self::Cpu => Device::Cpu,
+            Self::Cuda(i) => Device::new_cuda(i)?,
+            Self::Metal => Device::new_metal(0)?,
+        })
+    }
+}
+
+impl std::str::FromStr for DeviceChoice {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "best" | "auto" => Ok(Self::Best),
+            "cpu" => Ok(Self::Cpu),
+            "metal" => Ok(Self::Metal),
+            "cuda" => Ok(Self::Cuda(0)),
+            other => other
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(Self::Cuda)
+                .ok_or_else(|| {
+                    format!("unknown device `{other}`: use best, cpu, cuda, cuda:N or metal")
+                }),
+        }
+    }
+}
+
+/// The best device this build supports and this machine has.
+pub fn default_device() -> Device {
+    let cuda = || {
+        candle_core::utils::cuda_is_available()
+            .then(|| Device::new_cuda(0).ok())
+            .flatten()
+    };
+    let metal = || {
+        candle_core::utils::metal_is_available()
+            .then(|| Device::new_metal(0).ok())
+            .flatten()
+    };
+    cuda().or_else(metal).unwrap_or(Device::Cpu)
+}
+
+/// A short name for logs and the UI.
+pub fn device_name(d: &Device) -> String {
+    match d {
+        Device::Cpu => format!("CPU ({} threads)", candle_core::utils::get_num_threads()),
+        Device::Cuda(_) => "CUDA".into(),
+        Device::Metal(_) => "Metal".into(),
+    }
+}

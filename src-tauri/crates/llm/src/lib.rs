@@ -1,0 +1,37 @@
+//! Dramatis's language model: Microsoft Phi-2 written on candle for both
+//! inference and training.
+//!
+//! Invariants: one model code path serves chat and fine-tuning; a linear layer
+//! is dense or quantized behind [`Linear`], and LoRA deltas are passed per call
+//! ([`LoraAdapter`]), so switching adapters never reloads or mutates the base;
+//! the KV cache only ever holds keys and values for the tokens in
+//! [`Session`]'s history, so prefix reuse is exact.
+
+mod cache;
+mod config;
+mod device;
+mod error;
+mod linear;
+mod lora;
+mod model;
+mod quantize;
+mod sampler;
+mod session;
+mod tokenizer;
+mod weights;
+
+pub use cache::KvCache;
+pub use config::PhiConfig;
+pub use device::{DeviceChoice, default_device, device_name};
+pub use error::{Error, Result};
+pub use linear::Linear;
+pub use lora::{LoraAdapter, LoraLayer, LoraSlot, LoraTarget};
+pub use model::{Logits, Phi};
+pub use quantize::{QuantType, QuantizeProgress, quantize_safetensors, write_gguf};
+pub use sampler::{Sampler, SamplerConfig};
+pub use session::{GenerateParams, Generation, Session, StopReason};
+pub use tokenizer::{PhiTokenizer, TextStream};
+pub use weights::{ModelFormat, load_model};
+
+/// Re-exported so callers need not depend on candle directly.
+pub use candle_core::{DType, Device, Tensor};

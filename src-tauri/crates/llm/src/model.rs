@@ -1,0 +1,333 @@
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{D, DType, Device, IndexOp, Module, Tensor};
+use candle_nn::LayerNorm;
+
+use crate::cache::KvCache;
+use crate::linear::Linear;
+use crate::lora::{LoraAdapter, LoraLayer, LoraTarget};
+use crate::{Error, PhiConfig, Result};
+
+/// Which positions' logits [`Phi::forward`] returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    /// Every position: `[b, seq, vocab]` (training, scoring).
+    All,
+    /// The last position only: `[b, vocab]` (decoding).
+    Last,
+}
+
+/// The token embedding: dense, or kept quantized and dequantized row by row
+/// (Phi-2's 51200×2560 table would be 0.5 GB in f32).
+#[derive(Debug, Clone)]
+pub(crate) enum Embedding {
+    Dense(Tensor),
+    Quantized {
+        raw: std::sync::Arc<Vec<u8>>,
+        dtype: GgmlDType,
+        row_bytes: usize,
+        rows: usize,
+        width: usize,
+    },
+}
+
+impl Embedding {
+    pub(crate) fn from_qtensor(q: QTensor) -> Result<Self> {
+        let (rows, width) = q.shape().dims2()?;
+        if matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) {
+            return Ok(Self::Dense(q.dequantize(&q.device())?));
+        }
+        let raw = q.data()?.into_owned();
+        let row_bytes = raw.len() / rows;
+        Ok(Self::Quantized {
+            raw: std::sync::Arc::new(raw),
+            dtype: q.dtype(),
+            row_bytes,
+            rows,
+            width,
+        })
+    }
+
+    fn forward(&self, ids: &Tensor, device: &Device) -> Result<Tensor> {
+        match self {
+            Self::Dense(t) => {
+                let (b, s) = ids.dims2()?;
+                let flat = ids.flatten_all()?;
+                let rows = t.index_select(&flat, 0)?;
+                Ok(rows.reshape((b, s, t.dim(1)?))?.to_dtype(DType::F32)?)
+            }
+            Self::Quantized {
+                raw,
+                dtype,
+                row_bytes,
+                rows,
+                width,
+            } => {
+                let (b, s) = ids.dims2()?;
+                let ids: Vec<u32> = ids.flatten_all()?.to_vec1()?;
+                let mut bytes = Vec::with_capacity(ids.len() * row_bytes);
+                for &id in &ids {
+                    let id = id as usize;
+                    if id >= *rows {
+                        return Err(Error::Invalid(format!(
+                            "token id {id} is outside the vocabulary of {rows}"
+                        )));
+                    }
+                    bytes.extend_from_slice(&raw[id * row_bytes..(id + 1) * row_bytes]);
+                }
+                let q = candle_core::quantized::ggml_file::qtensor_from_ggml(
+                    *dtype,
+                    &bytes,
+                    vec![ids.len(), *width],
+                    &Device::Cpu,
+                )?;
+                Ok(q.dequantize(&Device::Cpu)?
+                    .to_device(device)?
+                    .reshape((b, s, *width))?)
+            }
+        }
+    }
+}
+
+/// One transformer block: a LayerNorm feeding attention and the MLP in parallel.
+#[derive(Debug, Clone)]
+pub(crate) struct Block {
+    pub(crate) norm: LayerNorm,
+    /// q, k and v fused: `[3·hidden, hidden]`.
+    pub(crate) qkv: Linear,
+    pub(crate) dense: Linear,
+    pub(crate) fc1: Linear,
+    pub(crate) fc2: Linear,
+}
+
+/// Phi-2 (Hugging Face `PhiForCausalLM`), frozen; see the crate docs.
+#[derive(Debug, Clone)]
+pub struct Phi {
+    cfg: PhiConfig,
+    pub(crate) embed: Embedding,
+    pub(crate) blocks: Vec<Block>,
+    pub(crate) final_norm: LayerNorm,
+    pub(crate) lm_head: Linear,
+    cos: Tensor,
+    sin: Tensor,
+    device: Device,
+}
+
+impl Phi {
+    pub(crate) fn assemble(
+        cfg: PhiConfig,
+        embed: Embedding,
+        blocks: Vec<Block>,
+        final_norm: LayerNorm,
+        lm_head: Linear,
+        device: &Device,
+    ) -> Result<Self> {
+        let rd = cfg.rotary_dim();
+        let inv: Vec<f32> = (0..rd)
+            .step_by(2)
+            .map(|i| 1.0 / (cfg.rope_theta as f32).powf(i as f32 / rd as f32))
+            .collect();
+        let inv = Tensor::from_vec(inv, (1, rd / 2), device)?;
+        let t = Tensor::arange(0u32, cfg.max_position_embeddings as u32, device)?
+            .to_dtype(DType::F32)?
+            .reshape((cfg.max_position_embeddings, 1))?;
+        let freqs = t.matmul(&inv)?;
+        Ok(Self {
+            cos: freqs.cos()?,
+            sin: freqs.sin()?,
+            cfg,
+            embed,
+            blocks,
+            final_norm,
+            lm_head,
+            device: device.clone(),
+        })
+    }
+
+    /// The model's shape.
+    pub fn config(&self) -> &PhiConfig {
+        &self.cfg
+    }
+
+    /// The device it runs on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// A KV cache sized for this model.
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.cfg.num_hidden_layers, self.cfg.max_position_embeddings)
+    }
+
+    /// The quantization of the block weights (`None` when dense).
+    pub fn quant_type(&self) -> Option<GgmlDType> {
+        self.blocks.first().and_then(|b| b.fc1.quant_type())
+    }
+
+    /// Runs `tokens` (`[b, seq]`, u32) after whatever `cache` holds (or from
+    /// position 0 without a cache), with an optional LoRA adapter. The causal
+    /// mask covers the cached prefix, so several new tokens may follow it.
+    pub fn forward(
+        &self,
+        tokens: &Tensor,
+        mut cache: Option<&mut KvCache>,
+        logits: Logits,
+        lora: Option<&LoraAdapter>,
+    ) -> Result<Tensor> {
+        let (b, seq) = tokens.dims2()?;
+        let offset = cache.as_ref().map_or(0, |c| c.len());
+        if seq == 0 {
+            return Err(Error::Invalid("no tokens to run".into()));
+        }
+        if offset + seq > self.cfg.max_position_embeddings {
+            return Err(Error::Invalid(format!(
+                "the context is full: {} tokens exceed the model's {}",
+                offset + seq,
+                self.cfg.max_position_embeddings
+            )));
+        }
+        if let Some(a) = lora.filter(|a| a.layers.len() != self.blocks.len()) {
+            return Err(Error::Invalid(format!(
+                "the adapter has {} layers, the model {}",
+                a.layers.len(),
+                self.blocks.len()
+            )));
+        }
+        let mask = if seq > 1 {
+            Some(causal_mask(seq, offset, &self.device)?)
+        } else {
+            None
+        };
+        let cos = self.cos.narrow(0, offset, seq)?;
+        let sin = self.sin.narrow(0, offset, seq)?;
+        let mut x = self.embed.forward(tokens, &self.device)?;
+        let no_lora = LoraLayer::default();
+        for (i, block) in self.blocks.iter().enumerate() {
+            let l = lora.map_or(&no_lora, |a| &a.layers[i]);
+            let h = block.norm.forward(&x)?;
+            let attn = self.attention(
+                block,
+                &h,
+                l,
+                cache.as_deref_mut(),
+                i,
+                mask.as_ref(),
+                &cos,
+                &sin,
+            )?;
+            let mlp = self.mlp(block, &h, l)?;
+            x = ((attn + mlp)? + x)?;
+        }
+        if let Some(c) = cache {
+            c.advance(seq);
+        }
+        let x = match logits {
+            Logits::All => x,
+            Logits::Last => x
+                .i((.., seq - 1, ..))?
+                .reshape((b, 1, self.cfg.hidden_size))?,
+        };
+        let x = self.final_norm.forward(&x)?;
+        let out = self.lm_head.forward(&x, &[])?;
+        Ok(match logits {
+            Logits::All => out,
+            Logits::Last => out.squeeze(1)?,
+        })
+    }
+
+    fn mlp(&self, block: &Block, h: &Tensor, l: &LoraLayer) -> Result<Tensor> {
+        let up = block.fc1.forward(h, &slots(l, &[LoraTarget::Fc1]))?;
+        block
+            .fc2
+            .forward(&up.gelu()?, &slots(l, &[LoraTarget::Fc2]))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        block: &Block,
+        h: &Tensor,
+        l: &LoraLayer,
+        cache: Option<&mut KvCache>,
+        layer: usize,
+        mask: Option<&Tensor>,
+        cos: &Tensor,
+        sin: &Tensor,
+    ) -> Result<Tensor> {
+        let (b, seq, hidden) = h.dims3()?;
+        let heads = self.cfg.num_attention_heads;
+        let hd = self.cfg.head_dim();
+        let qkv = block
+            .qkv
+            .forward(h, &slots(l, &[LoraTarget::Q, LoraTarget::K, LoraTarget::V]))?;
+        let qkv = qkv.reshape((b, seq, 3, heads, hd))?;
+        let q = qkv.i((.., .., 0))?.transpose(1, 2)?;
+        let k = qkv.i((.., .., 1))?.transpose(1, 2)?;
+        let v = qkv.i((.., .., 2))?.transpose(1, 2)?.contiguous()?;
+        let q = self.rope(&q, cos, sin)?;
+        let k = self.rope(&k, cos, sin)?;
+        let (k, v) = match cache {
+            Some(c) => c.append(layer, &k, &v)?,
+            None => (k, v),
+        };
+        let scale = 1.0 / (hd as f64).sqrt();
+        let scores = (q.matmul(&k.t()?)? * scale)?;
+        let scores = match mask {
+            Some(m) => scores.broadcast_add(m)?,
+            None => scores,
+        };
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let y = probs.matmul(&v)?;
+        let y = y.transpose(1, 2)?.reshape((b, seq, hidden))?;
+        block.dense.forward(&y, &slots(l, &[LoraTarget::Dense]))
+    }
+
+    /// Rotates the first `rotary_dim` dimensions of each head (GPT-NeoX style).
+    fn rope(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        let rd = self.cfg.rotary_dim();
+        let hd = self.cfg.head_dim();
+        let rot = x.narrow(D::Minus1, 0, rd)?.contiguous()?;
+        let rot = candle_nn::rotary_emb::rope(&rot, cos, sin)?;
+        if rd == hd {
+            return Ok(rot);
+        }
+        let pass = x.narrow(D::Minus1, rd, hd - rd)?;
+        Ok(Tensor::cat(&[&rot, &pass], D::Minus1)?.contiguous()?)
+    }
+}
+
+fn slots<'a>(l: &'a LoraLayer, targets: &[LoraTarget]) -> Vec<&'a crate::LoraSlot> {
+    targets.iter().filter_map(|t| l.slot(*t)).collect()
+}
+
+/// `[seq, offset + seq]`: 0 where query i (at position offset + i) may see key
+/// j, -inf where j is in its future.
+fn causal_mask(seq: usize, offset: usize, device: &Device) -> Result<Tensor> {
+    let total = offset + seq;
+    let mask: Vec<f32> = (0..seq)
+        .flat_map(|i| {
+            (0..total).map(move |j| {
+                if j > offset + i {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+        })
+        .collect();
+    Ok(Tensor::from_vec(mask, (seq, total), device)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mask_sees_the_whole_cached_prefix() {
+        let m: Vec<Vec<f32>> = causal_mask(2, 3, &Device::Cpu).unwrap().to_vec2().unwrap();
+        let inf = f32::NEG_INFINITY;
+        assert_eq!(
+            m,
+            vec![vec![0.0, 0.0, 0.0, 0.0, inf], vec![0.0, 0.0, 0.0, 0.0, 0.0]]
+        );
+    }
+}

@@ -1,0 +1,372 @@
+//! Hugging Face safetensors → GGUF in llama.cpp's `phi2` layout (fused
+//! `attn_qkv`, `phi2.*` metadata, GPT-2 tokenizer metadata), at Q4_K, Q5_K,
+//! Q8_0, F16 or F32.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use candle_core::quantized::{GgmlDType, QTensor, gguf_file};
+use candle_core::{DType, Device, Tensor};
+
+use crate::{Error, PhiConfig, Result};
+
+/// Target precisions for [`quantize_safetensors`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuantType {
+    /// 4.5 bits per weight, k-quant.
+    Q4K,
+    /// 5.5 bits per weight, k-quant.
+    Q5K,
+    /// 8.5 bits per weight.
+    Q8_0,
+    /// Half precision.
+    F16,
+    /// Full precision.
+    F32,
+}
+
+impl QuantType {
+    /// candle's dtype for it.
+    pub fn ggml(self) -> GgmlDType {
+        match self {
+            Self::Q4K => GgmlDType::Q4K,
+            Self::Q5K => GgmlDType::Q5K,
+            Self::Q8_0 => GgmlDType::Q8_0,
+            Self::F16 => GgmlDType::F16,
+            Self::F32 => GgmlDType::F32,
+        }
+    }
+
+    /// llama.cpp's `general.file_type` for a file of this type.
+    fn file_type(self) -> u32 {
+        match self {
+            Self::F32 => 0,
+            Self::F16 => 1,
+            Self::Q8_0 => 7,
+            Self::Q4K => 14, // MOSTLY_Q4_K_S: every matrix Q4_K
+            Self::Q5K => 16, // MOSTLY_Q5_K_S
+        }
+    }
+}
+
+impl std::str::FromStr for QuantType {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Ok(match s.to_ascii_lowercase().as_str() {
+            "q4_k" | "q4k" | "q4_k_m" | "q4_k_s" => Self::Q4K,
+            "q5_k" | "q5k" | "q5_k_m" | "q5_k_s" => Self::Q5K,
+            "q8_0" | "q8" => Self::Q8_0,
+            "f16" => Self::F16,
+            "f32" => Self::F32,
+            other => {
+                return Err(format!(
+                    "unknown quantization `{other}`: use q4_k, q5_k, q8_0, f16 or f32"
+                ));
+            }
+        })
+    }
+}
+
+/// Progress of a quantization, one report per tensor.
+#[derive(Debug, Clone)]
+pub struct QuantizeProgress {
+    /// Tensors written so far.
+    pub done: usize,
+    /// Tensors in all.
+    pub total: usize,
+    /// The tensor just written.
+    pub tensor: String,
+}
+
+/// Quantizes a matrix to `dtype` when its rows are whole blocks, else keeps it F16.
+fn quantize_matrix(t: &Tensor, dtype: GgmlDType) -> Result<QTensor> {
+    let cols = t.dim(1)?;
+    let dtype = if cols % dtype.block_size() == 0 {
+        dtype
+    } else {
+        GgmlDType::F16
+    };
+    Ok(QTensor::quantize(t, dtype)?)
+}
+
+/// Converts the Hugging Face Phi model in `src_dir` (config.json,
+/// *.safetensors, tokenizer.json) into a GGUF file at `out`, written to a
+/// temporary file and renamed into place, so a cancelled or failed run leaves
+/// nothing behind.
+pub fn quantize_safetensors(
+    src_dir: &Path,
+    out: &Path,
+    qt: QuantType,
+    cancel: &AtomicBool,
+    mut progress: impl FnMut(QuantizeProgress),
+) -> Result<()> {
+    let cfg = PhiConfig::from_hf_file(&src_dir.join("config.json"))?;
+    let model = crate::weights::load_model(src_dir, &Device::Cpu)?;
+    let tokenizer = src_dir.join("tokenizer.json");
+    let tok_meta = if tokenizer.exists() {
+        tokenizer_metadata(&tokenizer, cfg.vocab_size)?
+    } else {
+        Vec::new()
+    };
+
+    let q = qt.ggml();
+    let total = 3 + 7 * cfg.num_hidden_layers + 2;
+    let mut tensors: Vec<(String, QTensor)> = Vec::with_capacity(total + 2);
+    let mut push = |name: String, t: QTensor, tensors: &mut Vec<(String, QTensor)>| -> Result<()> {
+        if cancel.load(Ordering::Relaxed) {
+            return Err(Error::Cancelled);
+        }
+        tensors.push((name.clone(), t));
+        progress(QuantizeProgress {
+            done: tensors.len(),
+            total,
+            tensor: name,
+        });
+        Ok(())
+    };
+    let f32q = |t: &Tensor| -> Result<QTensor> {
+        Ok(QTensor::quantize(&t.to_dtype(DType::F32)?, GgmlDType::F32)?)
+    };
+
+    let embed = match &model.embed {
+        crate::model::Embedding::Dense(t) => t.clone(),
+        crate::model::Embedding::Quantized { .. } => {
+            unreachable!("safetensors embeddings are dense")
+        }
+    };
+    push(
+        "token_embd.weight".into(),
+        quantize_matrix(&embed, q)?,
+        &mut tensors,
+    )?;
+    for (i, b) in model.blocks.iter().enumerate() {
+        let p = format!("blk.{i}");
+        push(
+            format!("{p}.attn_norm.weight"),
+            f32q(b.norm.weight())?,
+            &mut tensors,
+        )?;
+        let norm_bias = b
+            .norm
+            .bias()
+            .ok_or_else(|| Error::Invalid("LayerNorm without bias".into()))?;
+        push(
+            format!("{p}.attn_norm.bias"),
+            f32q(norm_bias)?,
+            &mut tensors,
+        )?;
+        for (name, lin) in [
+            ("attn_qkv", &b.qkv),
+            ("attn_output", &b.dense),
+            ("ffn_up", &b.fc1),
+            ("ffn_down", &b.fc2),
+        ] {
+            push(
+                format!("{p}.{name}.weight"),
+                quantize_matrix(&lin.dense_weight()?, q)?,
+                &mut tensors,
+            )?;
+            if let Some(bias) = lin.bias() {
+                push(format!("{p}.{name}.bias"), f32q(bias)?, &mut tensors)?;
+            }
+        }
+    }
+    push(
+        "output_norm.weight".into(),
+        f32q(model.final_norm.weight())?,
+        &mut tensors,
+    )?;
+    let out_bias = model
+        .final_norm
+        .bias()
+        .ok_or_else(|| Error::Invalid("LayerNorm without bias".into()))?;
+    push("output_norm.bias".into(), f32q(out_bias)?, &mut tensors)?;
+    push(
+        "output.weight".into(),
+        quantize_matrix(&model.lm_head.dense_weight()?, q)?,
+        &mut tensors,
+    )?;
+    if let Some(b) = model.lm_head.bias() {
+        push("output.bias".into(), f32q(b)?, &mut tensors)?;
+    }
+    drop(model);
+
+    let mut meta = phi2_metadata(&cfg, qt.file_type(), "Phi-2 (quantized by Dramatis)");
+    meta.extend(tok_meta);
+    write_gguf(out, &meta, &tensors)
+}
+
+/// The `general.*` and `phi2.*` metadata llama.cpp and this loader read.
+pub(crate) fn phi2_metadata(
+    cfg: &PhiConfig,
+    file_type: u32,
+    name: &str,
+) -> Vec<(String, gguf_file::Value)> {
+    use gguf_file::Value as V;
+    vec![
+        ("general.architecture".into(), V::String("phi2".into())),
+        ("general.name".into(), V::String(name.into())),
+        ("general.file_type".into(), V::U32(file_type)),
+        ("general.quantization_version".into(), V::U32(2)),
+        (
+            "phi2.context_length".into(),
+            V::U32(cfg.max_position_embeddings as u32),
+        ),
+        (
+            "phi2.embedding_length".into(),
+            V::U32(cfg.hidden_size as u32),
+        ),
+        (
+            "phi2.feed_forward_length".into(),
+            V::U32(cfg.intermediate_size as u32),
+        ),
+        (
+            "phi2.block_count".into(),
+            V::U32(cfg.num_hidden_layers as u32),
+        ),
+        (
+            "phi2.attention.head_count".into(),
+            V::U32(cfg.num_attention_heads as u32),
+        ),
+        (
+            "phi2.attention.head_count_kv".into(),
+            V::U32(cfg.num_attention_heads as u32),
+        ),
+        (
+            "phi2.attention.layer_norm_epsilon".into(),
+            V::F32(cfg.layer_norm_eps as f32),
+        ),
+        (
+            "phi2.rope.dimension_count".into(),
+            V::U32(cfg.rotary_dim() as u32),
+        ),
+        ("phi2.rope.freq_base".into(), V::F32(cfg.rope_theta as f32)),
+    ]
+}
+
+/// llama.cpp's GPT-2 tokenizer metadata from a tokenizer.json, padded to the
+/// model's vocabulary size.
+pub(crate) fn tokenizer_metadata(
+    path: &Path,
+    vocab_size: usize,
+) -> Result<Vec<(String, gguf_file::Value)>> {
+    use gguf_file::Value as V;
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let v: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| Error::Tokenizer {
+        path: path.into(),
+        message: format!("not readable: {e}"),
+    })?;
+    let bad = |m: &str| Error::Tokenizer {
+        path: path.into(),
+        message: m.into(),
+    };
+    let vocab = v
+        .pointer("/model/vocab")
+        .and_then(|v| v.as_object())
+        .ok_or_else(|| bad("no model.vocab"))?;
+    let mut tokens: Vec<Option<String>> = vec![None; vocab_size];
+    let mut types = vec![1i32; vocab_size];
+    let mut put = |tok: &str, id: u64, control: bool| -> Result<()> {
+        let slot = tokens
+            .get_mut(id as usize)
+            .ok_or_else(|| bad("a token id is beyond the model's vocabulary"))?;
+        *slot = Some(tok.to_owned());
+        if control {
+            types[id as usize] = 3;
+        }
+        Ok(())
+    };
+    for (tok, id) in vocab {
+        put(
+            tok,
+            id.as_u64()
+                .ok_or_else(|| bad("a vocab id is not a number"))?,
+            false,
+        )?;
+    }
+    let mut eos = None;
+    for t in v
+        .get("added_tokens")
+        .and_then(|a| a.as_array())
+        .into_iter()
+        .flatten()
+    {
+        if let (Some(content), Some(id)) = (
+            t.get("content").and_then(|c| c.as_str()),
+            t.get("id").and_then(|i| i.as_u64()),
+        ) {
+            let special = t.get("special").and_then(|s| s.as_bool()).unwrap_or(false);
+            put(content, id, special)?;
+            if content == crate::tokenizer::END_OF_TEXT {
+                eos = Some(id as u32);
+            }
+        }
+    }
+    let merges: Vec<V> = v
+        .pointer("/model/merges")
+        .and_then(|m| m.as_array())
+        .into_iter()
+        .flatten()
+        .filter_map(|m| match m {
+            serde_json::Value::String(s) => Some(V::String(s.clone())),
+            serde_json::Value::Array(p) => Some(V::String(format!(
+                "{} {}",
+                p.first()?.as_str()?,
+                p.get(1)?.as_str()?
+            ))),
+            _ => None,
+        })
+        .collect();
+    let tokens: Vec<V> = tokens
+        .into_iter()
+        .enumerate()
+        .map(|(i, t)| V::String(t.unwrap_or_else(|| format!("[PAD{i}]"))))
+        .collect();
+    for (i, t) in tokens.iter().enumerate() {
+        if matches!(t, V::String(s) if s.starts_with("[PAD")) {
+            types[i] = 5; // unused
+        }
+    }
+    let eos = eos.unwrap_or(0);
+    Ok(vec![
+        ("tokenizer.ggml.model".into(), V::String("gpt2".into())),
+        ("tokenizer.ggml.pre".into(), V::String("phi-2".into())),
+        ("tokenizer.ggml.tokens".into(), V::Array(tokens)),
+        (
+            "tokenizer.ggml.token_type".into(),
+            V::Array(types.into_iter().map(V::I32).collect()),
+        ),
+        ("tokenizer.ggml.merges".into(), V::Array(merges)),
+        ("tokenizer.ggml.bos_token_id".into(), V::U32(eos)),
+        ("tokenizer.ggml.eos_token_id".into(), V::U32(eos)),
+        ("tokenizer.ggml.unknown_token_id".into(), V::U32(eos)),
+    ])
+}
+
+/// Writes a GGUF file atomically: to `<out>.partial`, synced, then renamed.
+pub fn write_gguf(
+    out: &Path,
+    meta: &[(String, gguf_file::Value)],
+    tensors: &[(String, QTensor)],
+) -> Result<()> {
+    let tmp = out.with_extension("gguf.partial");
+    let result = (|| -> Result<()> {
+        let file = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        let mut w = std::io::BufWriter::new(file);
+        let meta_refs: Vec<(&str, &gguf_file::Value)> =
+            meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        let tensor_refs: Vec<(&str, &QTensor)> =
+            tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        gguf_file::write(&mut w, &meta_refs, &tensor_refs)
+            .map_err(|e| Error::bad(&tmp, format!("cannot write GGUF: {e}")))?;
+        let file = w
+            .into_inner()
+            .map_err(|e| Error::io(&tmp, e.into_error()))?;
+        file.sync_all().map_err(|e| Error::io(&tmp, e))?;
+        std::fs::rename(&tmp, out).map_err(|e| Error::io(out, e))
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}

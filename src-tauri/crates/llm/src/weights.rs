@@ -1,0 +1,449 @@
+//! Loading Phi-2 from llama.cpp GGUF (`phi2`, fused or split qkv) or from
+//! Hugging Face safetensors (sharded, memory-mapped), with every tensor's
+//! presence and shape checked against the configuration.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use candle_core::quantized::{QTensor, gguf_file};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::LayerNorm;
+
+use crate::linear::Linear;
+use crate::model::{Block, Embedding};
+use crate::{Error, Phi, PhiConfig, Result};
+
+/// The two weight formats Dramatis reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModelFormat {
+    /// A llama.cpp GGUF file.
+    Gguf,
+    /// A Hugging Face folder: config.json and *.safetensors.
+    Safetensors,
+}
+
+impl ModelFormat {
+    /// Guesses the format from a path: a `.gguf` file, or a folder / `.safetensors` file.
+    pub fn detect(path: &Path) -> Result<Self> {
+        if path.is_dir() || path.extension().is_some_and(|e| e == "safetensors") {
+            Ok(Self::Safetensors)
+        } else if path.extension().is_some_and(|e| e == "gguf") || path.is_file() {
+            Ok(Self::Gguf)
+        } else {
+            Err(Error::io(
+                path,
+                std::io::Error::from(std::io::ErrorKind::NotFound),
+            ))
+        }
+    }
+}
+
+/// Loads a model from a GGUF file or a Hugging Face folder onto `device`.
+pub fn load_model(path: &Path, device: &Device) -> Result<Phi> {
+    match ModelFormat::detect(path)? {
+        ModelFormat::Gguf => load_gguf(path, device),
+        ModelFormat::Safetensors => {
+            let dir = if path.is_dir() {
+                path
+            } else {
+                path.parent().unwrap_or(Path::new("."))
+            };
+            load_safetensors(dir, device)
+        }
+    }
+}
+
+// ---- GGUF --------------------------------------------------------------------
+
+struct Gguf {
+    path: PathBuf,
+    file: File,
+    content: gguf_file::Content,
+}
+
+impl Gguf {
+    fn open(path: &Path) -> Result<Self> {
+        let mut file = File::open(path).map_err(|e| Error::io(path, e))?;
+        let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+        let content = gguf_file::Content::read(&mut file)
+            .map_err(|e| Error::bad(path, format!("not a readable GGUF file: {e}")))?;
+        let end = content
+            .tensor_infos
+            .values()
+            .map(|t| {
+                let blocks = t.shape.elem_count() / t.ggml_dtype.block_size();
+                content.tensor_data_offset + t.offset + (blocks * t.ggml_dtype.type_size()) as u64
+            })
+            .max()
+            .unwrap_or(0);
+        if end > len {
+            return Err(Error::Truncated {
+                path: path.into(),
+                expected: end,
+                actual: len,
+            });
+        }
+        Ok(Self {
+            path: path.into(),
+            file,
+            content,
+        })
+    }
+
+    fn meta_u32(&self, key: &str) -> Result<usize> {
+        let v = self
+            .content
+            .metadata
+            .get(key)
+            .ok_or_else(|| Error::bad(&self.path, format!("metadata `{key}` is missing")))?;
+        Ok(v.to_u32()
+            .map_err(|e| Error::bad(&self.path, format!("metadata `{key}`: {e}")))?
+            as usize)
+    }
+
+    fn meta_f32(&self, key: &str) -> Option<f32> {
+        self.content.metadata.get(key).and_then(|v| v.to_f32().ok())
+    }
+
+    fn has(&self, name: &str) -> bool {
+        self.content.tensor_infos.contains_key(name)
+    }
+
+    fn qtensor(&mut self, name: &str, shape: &[usize], device: &Device) -> Result<QTensor> {
+        let info = self
+            .content
+            .tensor_infos
+            .get(name)
+            .ok_or_else(|| Error::MissingTensor {
+                path: self.path.clone(),
+                name: name.into(),
+            })?;
+        if info.shape.dims() != shape {
+            return Err(Error::Shape {
+                path: self.path.clone(),
+                name: name.into(),
+                expected: shape.to_vec(),
+                found: info.shape.dims().to_vec(),
+            });
+        }
+        let path = self.path.clone();
+        self.content
+            .tensor(&mut self.file, name, device)
+            .map_err(|e| Error::bad(&path, format!("tensor `{name}` cannot be read: {e}")))
+    }
+
+    fn dense(&mut self, name: &str, shape: &[usize], device: &Device) -> Result<Tensor> {
+        Ok(self.qtensor(name, shape, device)?.dequantize(device)?)
+    }
+
+    fn norm(&mut self, prefix: &str, width: usize, eps: f64, device: &Device) -> Result<LayerNorm> {
+        let w = self.dense(&format!("{prefix}.weight"), &[width], device)?;
+        let b = self.dense(&format!("{prefix}.bias"), &[width], device)?;
+        Ok(LayerNorm::new(w, b, eps))
+    }
+
+    fn linear(&mut self, prefix: &str, out: usize, inp: usize, device: &Device) -> Result<Linear> {
+        let w = self.qtensor(&format!("{prefix}.weight"), &[out, inp], device)?;
+        let bias = format!("{prefix}.bias");
+        let b = if self.has(&bias) {
+            Some(self.dense(&bias, &[out], device)?)
+        } else {
+            None
+        };
+        Linear::quantized(w, b)
+    }
+
+    /// q, k and v as one `[3h, h]` projection, from `attn_qkv` or from
+    /// separate `attn_q` / `attn_k` / `attn_v` (rows of a quantized matrix are
+    /// whole blocks, so the raw bytes concatenate).
+    fn qkv(&mut self, prefix: &str, h: usize, device: &Device) -> Result<Linear> {
+        if self.has(&format!("{prefix}.attn_qkv.weight")) {
+            return self.linear(&format!("{prefix}.attn_qkv"), 3 * h, h, device);
+        }
+        let mut raw = Vec::new();
+        let mut biases = Vec::new();
+        let mut dtype = None;
+        for part in ["attn_q", "attn_k", "attn_v"] {
+            let q = self.qtensor(&format!("{prefix}.{part}.weight"), &[h, h], &Device::Cpu)?;
+            if dtype.is_some_and(|d| d != q.dtype()) {
+                return Err(Error::bad(
+                    &self.path,
+                    format!("{prefix}: q, k and v are quantized differently"),
+                ));
+            }
+            dtype = Some(q.dtype());
+            raw.extend_from_slice(&q.data()?);
+            let bias = format!("{prefix}.{part}.bias");
+            if self.has(&bias) {
+                biases.push(self.dense(&bias, &[h], device)?);
+            }
+        }
+        let dtype = dtype.expect("three parts read");
+        let w = candle_core::quantized::ggml_file::qtensor_from_ggml(
+            dtype,
+            &raw,
+            vec![3 * h, h],
+            device,
+        )?;
+        let b = if biases.len() == 3 {
+            Some(Tensor::cat(&biases, 0)?)
+        } else {
+            None
+        };
+        Linear::quantized(w, b)
+    }
+}
+
+fn load_gguf(path: &Path, device: &Device) -> Result<Phi> {
+    let mut g = Gguf::open(path)?;
+    let arch = g
+        .content
+        .metadata
+        .get("general.architecture")
+        .and_then(|v| v.to_string().ok())
+        .cloned();
+    if arch.as_deref() != Some("phi2") {
+        return Err(Error::UnknownArchitecture {
+            path: path.into(),
+            found: arch.unwrap_or_else(|| "none".into()),
+        });
+    }
+    let h = g.meta_u32("phi2.embedding_length")?;
+    let heads = g.meta_u32("phi2.attention.head_count")?;
+    let rope_dims = g.meta_u32("phi2.rope.dimension_count")?;
+    let vocab = g
+        .content
+        .tensor_infos
+        .get("token_embd.weight")
+        .map(|t| t.shape.dims()[0])
+        .ok_or_else(|| Error::MissingTensor {
+            path: path.into(),
+            name: "token_embd.weight".into(),
+        })?;
+    let cfg = PhiConfig {
+        vocab_size: vocab,
+        hidden_size: h,
+        intermediate_size: g.meta_u32("phi2.feed_forward_length")?,
+        num_hidden_layers: g.meta_u32("phi2.block_count")?,
+        num_attention_heads: heads,
+        partial_rotary_factor: rope_dims as f64 / (h / heads.max(1)) as f64,
+        rope_theta: g.meta_f32("phi2.rope.freq_base").unwrap_or(10000.0) as f64,
+        layer_norm_eps: g
+            .meta_f32("phi2.attention.layer_norm_epsilon")
+            .unwrap_or(1e-5) as f64,
+        max_position_embeddings: g.meta_u32("phi2.context_length")?,
+    };
+    cfg.validate().map_err(|m| Error::bad(path, m))?;
+    if cfg.rotary_dim() != rope_dims {
+        return Err(Error::bad(
+            path,
+            format!(
+                "rope dimension {rope_dims} does not fit a head of {}",
+                cfg.head_dim()
+            ),
+        ));
+    }
+    let eps = cfg.layer_norm_eps;
+    // The embedding stays on the CPU, quantized; rows are dequantized on use.
+    let embed =
+        Embedding::from_qtensor(g.qtensor("token_embd.weight", &[vocab, h], &Device::Cpu)?)?;
+    let mut blocks = Vec::with_capacity(cfg.num_hidden_layers);
+    for i in 0..cfg.num_hidden_layers {
+        let p = format!("blk.{i}");
+        blocks.push(Block {
+            norm: g.norm(&format!("{p}.attn_norm"), h, eps, device)?,
+            qkv: g.qkv(&p, h, device)?,
+            dense: g.linear(&format!("{p}.attn_output"), h, h, device)?,
+            fc1: g.linear(&format!("{p}.ffn_up"), cfg.intermediate_size, h, device)?,
+            fc2: g.linear(&format!("{p}.ffn_down"), h, cfg.intermediate_size, device)?,
+        });
+    }
+    let final_norm = g.norm("output_norm", h, eps, device)?;
+    let lm_head = g.linear("output", vocab, h, device)?;
+    Phi::assemble(cfg, embed, blocks, final_norm, lm_head, device)
+}
+
+// ---- safetensors -------------------------------------------------------------
+
+struct Shards {
+    dir: PathBuf,
+    st: candle_core::safetensors::MmapedSafetensors,
+    /// Which file holds each tensor, for error messages.
+    names: HashMap<String, PathBuf>,
+    dtype: DType,
+}
+
+impl Shards {
+    fn open(dir: &Path, dtype: DType) -> Result<Self> {
+        let index = dir.join("model.safetensors.index.json");
+        let files: Vec<PathBuf> = if index.exists() {
+            let bytes = std::fs::read(&index).map_err(|e| Error::io(&index, e))?;
+            let v: serde_json::Value = serde_json::from_slice(&bytes)
+                .map_err(|e| Error::bad(&index, format!("not a readable index: {e}")))?;
+            let map = v
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| Error::bad(&index, "no weight_map"))?;
+            let mut files: Vec<PathBuf> = map
+                .values()
+                .filter_map(|f| f.as_str())
+                .map(|f| dir.join(f))
+                .collect();
+            files.sort();
+            files.dedup();
+            files
+        } else {
+            let single = dir.join("model.safetensors");
+            if !single.exists() {
+                return Err(Error::io(
+                    &single,
+                    std::io::Error::from(std::io::ErrorKind::NotFound),
+                ));
+            }
+            vec![single]
+        };
+        let mut names = HashMap::new();
+        for f in &files {
+            let len = std::fs::metadata(f).map_err(|e| Error::io(f, e))?.len();
+            let header = read_safetensors_header(f)?;
+            for (name, end) in header {
+                if end > len {
+                    return Err(Error::Truncated {
+                        path: f.clone(),
+                        expected: end,
+                        actual: len,
+                    });
+                }
+                names.insert(name, f.clone());
+            }
+        }
+        // SAFETY: the files are mapped read-only and Dramatis never writes to a
+        // model file while a model is loaded from it; the tensors are copied out
+        // before the mapping is dropped.
+        #[allow(unsafe_code)]
+        let st = unsafe { candle_core::safetensors::MmapedSafetensors::multi(&files) }
+            .map_err(|e| Error::bad(dir, format!("cannot map the safetensors files: {e}")))?;
+        Ok(Self {
+            dir: dir.into(),
+            st,
+            names,
+            dtype,
+        })
+    }
+
+    fn get(&self, name: &str, shape: &[usize], device: &Device) -> Result<Tensor> {
+        let file = self.names.get(name).ok_or_else(|| Error::MissingTensor {
+            path: self.dir.clone(),
+            name: name.into(),
+        })?;
+        let t = self
+            .st
+            .load(name, &Device::Cpu)
+            .map_err(|e| Error::bad(file, format!("tensor `{name}` cannot be read: {e}")))?;
+        if t.dims() != shape {
+            return Err(Error::Shape {
+                path: file.clone(),
+                name: name.into(),
+                expected: shape.to_vec(),
+                found: t.dims().to_vec(),
+            });
+        }
+        Ok(t.to_dtype(self.dtype)?.to_device(device)?)
+    }
+
+    fn norm(&self, prefix: &str, width: usize, eps: f64, device: &Device) -> Result<LayerNorm> {
+        let w = self.get(&format!("{prefix}.weight"), &[width], device)?;
+        let b = self.get(&format!("{prefix}.bias"), &[width], device)?;
+        Ok(LayerNorm::new(w, b, eps))
+    }
+
+    fn linear(
+        &self,
+        prefix: &str,
+        out: usize,
+        inp: usize,
+        device: &Device,
+    ) -> Result<(Tensor, Tensor)> {
+        Ok((
+            self.get(&format!("{prefix}.weight"), &[out, inp], device)?,
+            self.get(&format!("{prefix}.bias"), &[out], device)?,
+        ))
+    }
+}
+
+/// Reads a safetensors header and returns each tensor's name and end offset in the file.
+fn read_safetensors_header(path: &Path) -> Result<Vec<(String, u64)>> {
+    use std::io::Read;
+    let mut f = File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len)
+        .map_err(|_| Error::bad(path, "not a safetensors file: shorter than its header"))?;
+    let n = u64::from_le_bytes(len);
+    let file_len = f.metadata().map_err(|e| Error::io(path, e))?.len();
+    if n > 100 << 20 || 8 + n > file_len {
+        return Err(Error::bad(
+            path,
+            "not a safetensors file: impossible header length",
+        ));
+    }
+    let mut header = vec![0u8; n as usize];
+    f.read_exact(&mut header).map_err(|e| Error::io(path, e))?;
+    let v: serde_json::Value = serde_json::from_slice(&header)
+        .map_err(|e| Error::bad(path, format!("not a safetensors file: bad header ({e})")))?;
+    let obj = v
+        .as_object()
+        .ok_or_else(|| Error::bad(path, "not a safetensors file: header is not an object"))?;
+    Ok(obj
+        .iter()
+        .filter(|(k, _)| *k != "__metadata__")
+        .filter_map(|(k, t)| {
+            let end = t.get("data_offsets")?.get(1)?.as_u64()?;
+            Some((k.clone(), 8 + n + end))
+        })
+        .collect())
+}
+
+fn load_safetensors(dir: &Path, device: &Device) -> Result<Phi> {
+    let cfg = PhiConfig::from_hf_file(&dir.join("config.json"))?;
+    // f32 everywhere for now: exact on CPU, and the reference for the GPU.
+    let st = Shards::open(dir, DType::F32)?;
+    let (h, i, v, eps) = (
+        cfg.hidden_size,
+        cfg.intermediate_size,
+        cfg.vocab_size,
+        cfg.layer_norm_eps,
+    );
+    let embed = Embedding::Dense(st.get("model.embed_tokens.weight", &[v, h], device)?);
+    let mut blocks = Vec::with_capacity(cfg.num_hidden_layers);
+    for n in 0..cfg.num_hidden_layers {
+        let p = format!("model.layers.{n}");
+        let (qw, qb) = st.linear(&format!("{p}.self_attn.q_proj"), h, h, device)?;
+        let (kw, kb) = st.linear(&format!("{p}.self_attn.k_proj"), h, h, device)?;
+        let (vw, vb) = st.linear(&format!("{p}.self_attn.v_proj"), h, h, device)?;
+        let qkv = Linear::dense(
+            Tensor::cat(&[qw, kw, vw], 0)?,
+            Some(Tensor::cat(&[qb, kb, vb], 0)?),
+        )?;
+        let (dw, db) = st.linear(&format!("{p}.self_attn.dense"), h, h, device)?;
+        let (f1w, f1b) = st.linear(&format!("{p}.mlp.fc1"), i, h, device)?;
+        let (f2w, f2b) = st.linear(&format!("{p}.mlp.fc2"), h, i, device)?;
+        blocks.push(Block {
+            norm: st.norm(&format!("{p}.input_layernorm"), h, eps, device)?,
+            qkv,
+            dense: Linear::dense(dw, Some(db))?,
+            fc1: Linear::dense(f1w, Some(f1b))?,
+            fc2: Linear::dense(f2w, Some(f2b))?,
+        });
+    }
+    let final_norm = st.norm("model.final_layernorm", h, eps, device)?;
+    let (lw, lb) = st.linear("lm_head", v, h, device)?;
+    Phi::assemble(
+        cfg,
+        embed,
+        blocks,
+        final_norm,
+        Linear::dense(lw, Some(lb))?,
+        device,
+    )
+}
