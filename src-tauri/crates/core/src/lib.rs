@@ -17,6 +17,10 @@ use dramatis_store::Store;
 
 pub use builtins::BUILTINS;
 pub use characters::{AvatarEdit, Character, CharacterDraft, CharacterSummary};
+/// The language model engine, for the CLI and the shell.
+pub use dramatis_llm as llm;
+/// Characters, personas and the prompt format.
+pub use dramatis_persona as persona;
 pub use dramatis_persona::{CharacterCard, FieldError, LIMITS, PersonaDraft, ValidationErrors};
 pub use dramatis_store::{CharacterFilter, TagCount};
 pub use error::{Error, ErrorKind, Result};

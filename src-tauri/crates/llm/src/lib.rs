@@ -17,6 +17,7 @@ mod model;
 mod quantize;
 mod sampler;
 mod session;
+mod synthetic;
 mod tokenizer;
 mod weights;
 
@@ -30,6 +31,7 @@ pub use model::{Logits, Phi};
 pub use quantize::{QuantType, QuantizeProgress, quantize_safetensors, write_gguf};
 pub use sampler::{Sampler, SamplerConfig};
 pub use session::{GenerateParams, Generation, Session, StopReason};
+pub use synthetic::write_synthetic_gguf;
 pub use tokenizer::{PhiTokenizer, TextStream};
 pub use weights::{ModelFormat, load_model};
 

@@ -38,7 +38,7 @@ impl QuantType {
     }
 
     /// llama.cpp's `general.file_type` for a file of this type.
-    fn file_type(self) -> u32 {
+    pub(crate) fn file_type(self) -> u32 {
         match self {
             Self::F32 => 0,
             Self::F16 => 1,
@@ -81,12 +81,22 @@ pub struct QuantizeProgress {
 /// Quantizes a matrix to `dtype` when its rows are whole blocks, else keeps it F16.
 fn quantize_matrix(t: &Tensor, dtype: GgmlDType) -> Result<QTensor> {
     let cols = t.dim(1)?;
-    let dtype = if cols % dtype.block_size() == 0 {
+    let dtype = if cols.is_multiple_of(dtype.block_size()) {
         dtype
     } else {
         GgmlDType::F16
     };
-    Ok(QTensor::quantize(t, dtype)?)
+    quantize(t, dtype)
+}
+
+/// `QTensor::quantize` reads the whole storage of its input, so a view (a
+/// narrowed tensor) is copied into storage of its own first.
+pub(crate) fn quantize(t: &Tensor, dtype: GgmlDType) -> Result<QTensor> {
+    let values = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    Ok(QTensor::quantize(
+        &Tensor::from_vec(values, t.shape(), &Device::Cpu)?,
+        dtype,
+    )?)
 }
 
 /// Converts the Hugging Face Phi model in `src_dir` (config.json,
@@ -124,9 +134,7 @@ pub fn quantize_safetensors(
         });
         Ok(())
     };
-    let f32q = |t: &Tensor| -> Result<QTensor> {
-        Ok(QTensor::quantize(&t.to_dtype(DType::F32)?, GgmlDType::F32)?)
-    };
+    let f32q = |t: &Tensor| quantize(t, GgmlDType::F32);
 
     let embed = match &model.embed {
         crate::model::Embedding::Dense(t) => t.clone(),

@@ -245,6 +245,17 @@ impl Session {
         })
     }
 
+    /// Runs one more token after the cached ones and returns the next logits.
+    pub fn push(&mut self, token: u32) -> Result<Vec<f32>> {
+        self.step(&[token])
+    }
+
+    /// Keeps only the first `len` cached tokens.
+    pub fn truncate(&mut self, len: usize) {
+        self.cache.truncate(len);
+        self.tokens.truncate(len);
+    }
+
     /// Forgets the cache (after an adapter change or to free memory).
     pub fn reset(&mut self) {
         self.cache.clear();

@@ -102,8 +102,15 @@ impl Gguf {
             as usize)
     }
 
-    fn meta_f32(&self, key: &str) -> Option<f32> {
-        self.content.metadata.get(key).and_then(|v| v.to_f32().ok())
+    /// An f32 value widened through its shortest decimal form, so 1e-5
+    /// stored as f32 reads back as 1e-5, not 9.99999974e-6.
+    fn meta_f64(&self, key: &str) -> Option<f64> {
+        let v = self
+            .content
+            .metadata
+            .get(key)
+            .and_then(|v| v.to_f32().ok())?;
+        v.to_string().parse().ok()
     }
 
     fn has(&self, name: &str) -> bool {
@@ -228,10 +235,10 @@ fn load_gguf(path: &Path, device: &Device) -> Result<Phi> {
         num_hidden_layers: g.meta_u32("phi2.block_count")?,
         num_attention_heads: heads,
         partial_rotary_factor: rope_dims as f64 / (h / heads.max(1)) as f64,
-        rope_theta: g.meta_f32("phi2.rope.freq_base").unwrap_or(10000.0) as f64,
+        rope_theta: g.meta_f64("phi2.rope.freq_base").unwrap_or(10000.0),
         layer_norm_eps: g
-            .meta_f32("phi2.attention.layer_norm_epsilon")
-            .unwrap_or(1e-5) as f64,
+            .meta_f64("phi2.attention.layer_norm_epsilon")
+            .unwrap_or(1e-5),
         max_position_embeddings: g.meta_u32("phi2.context_length")?,
     };
     cfg.validate().map_err(|m| Error::bad(path, m))?;

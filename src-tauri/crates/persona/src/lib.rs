@@ -8,6 +8,7 @@
 mod avatar;
 mod card;
 mod error;
+pub mod prompt;
 mod user_persona;
 
 pub use avatar::{Avatar, AvatarFormat, MAX_AVATAR_BYTES, MAX_AVATAR_SIDE};

@@ -1,0 +1,210 @@
+//! The CLI as a user runs it: real processes on the tiny fixture model.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+fn fixture() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../llm/tests/fixtures/tiny")
+}
+
+fn cli() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_dramatis-cli"));
+    c.env_remove("RUST_BACKTRACE");
+    c
+}
+
+fn reference_greedy(key: &str) -> Vec<u64> {
+    let v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fixture().join("reference.json")).unwrap()).unwrap();
+    v[key]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap())
+        .collect()
+}
+
+fn prompt() -> String {
+    let v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fixture().join("reference.json")).unwrap()).unwrap();
+    v["prompt"].as_str().unwrap().to_owned()
+}
+
+#[test]
+fn generate_json_gives_the_reference_greedy_tokens() {
+    let out = cli()
+        .args([
+            "generate",
+            "--device",
+            "cpu",
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "32",
+            "--json",
+            "--prompt",
+        ])
+        .arg(prompt())
+        .arg("--model")
+        .arg(fixture())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let ids: Vec<u64> = v["token_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap())
+        .collect();
+    assert_eq!(ids, reference_greedy("base_greedy"));
+    assert!(v["timings"]["decode_tok_s"].as_f64().unwrap() > 0.0);
+    // With the adapter, the adapter's reference.
+    let out = cli()
+        .args([
+            "generate",
+            "--device",
+            "cpu",
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "32",
+            "--json",
+            "--prompt",
+        ])
+        .arg(prompt())
+        .arg("--model")
+        .arg(fixture())
+        .arg("--adapter")
+        .arg(fixture().join("adapter"))
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let ids: Vec<u64> = v["token_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap())
+        .collect();
+    assert_eq!(ids, reference_greedy("lora_greedy"));
+}
+
+#[test]
+fn generate_streams_only_text_on_stdout() {
+    let out = cli()
+        .args([
+            "generate",
+            "--device",
+            "cpu",
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "5",
+            "--prompt",
+            "Hello",
+            "--model",
+        ])
+        .arg(fixture())
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("new tokens"), "{stderr}");
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("tok/s"));
+}
+
+#[test]
+fn quantize_then_generate_and_bench_from_the_gguf() {
+    let dir = tempfile::tempdir().unwrap();
+    let gguf = dir.path().join("tiny-q8.gguf");
+    let out = cli()
+        .args(["quantize", "--type", "q8_0", "--input"])
+        .arg(fixture())
+        .arg("--output")
+        .arg(&gguf)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(gguf.exists());
+    let out = cli()
+        .args([
+            "generate",
+            "--device",
+            "cpu",
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "4",
+            "--prompt",
+            "Hi",
+            "--tokenizer",
+        ])
+        .arg(fixture().join("tokenizer.json"))
+        .arg("--model")
+        .arg(&gguf)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = cli()
+        .args([
+            "bench",
+            "--device",
+            "cpu",
+            "--json",
+            "--prompt-tokens",
+            "40",
+            "--gen-tokens",
+            "8",
+            "--turn-tokens",
+            "4",
+            "--model",
+        ])
+        .arg(&gguf)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for key in [
+        "prefill_tok_s",
+        "decode_tok_s",
+        "ttft_s",
+        "second_turn_ttft_s",
+        "new_tokens_prefill_s",
+    ] {
+        assert!(r[key].as_f64().unwrap() > 0.0, "{key}: {r}");
+    }
+    assert_eq!(r["quant"], "Q8_0");
+}
+
+#[test]
+fn a_bad_model_is_a_clear_error_and_a_failing_exit() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("broken.gguf");
+    std::fs::write(&bad, b"not a model").unwrap();
+    let out = cli()
+        .args(["generate", "--prompt", "x", "--tokenizer"])
+        .arg(fixture().join("tokenizer.json"))
+        .arg("--model")
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("broken.gguf") && err.contains("GGUF"), "{err}");
+}
