@@ -32,65 +32,12 @@ fn prompt() -> String {
 
 #[test]
 fn generate_json_gives_the_reference_greedy_tokens() {
-    let out = cli()
-        .args([
-            "generate",
-            "--device",
-            "cpu",
-            "--temperature",
-            "0",
-            "--max-tokens",
-            "32",
-            "--json",
-            "--prompt",
-        ])
-        .arg(prompt())
-        .arg("--model")
-        .arg(fixture())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let ids: Vec<u64> = v["token_ids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap())
-        .collect();
-    assert_eq!(ids, reference_greedy("base_greedy"));
+    let v = greedy_json(&[]);
+    assert_eq!(ids(&v["token_ids"]), ids(&reference()["base_greedy"]));
     assert!(v["timings"]["decode_tok_s"].as_f64().unwrap() > 0.0);
-    // With the adapter, the adapter's reference.
-    let out = cli()
-        .args([
-            "generate",
-            "--device",
-            "cpu",
-            "--temperature",
-            "0",
-            "--max-tokens",
-            "32",
-            "--json",
-            "--prompt",
-        ])
-        .arg(prompt())
-        .arg("--model")
-        .arg(fixture())
-        .arg("--adapter")
-        .arg(fixture().join("adapter"))
-        .output()
-        .unwrap();
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let ids: Vec<u64> = v["token_ids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap())
-        .collect();
-    assert_eq!(ids, reference_greedy("lora_greedy"));
+    let adapter = fixture().join("adapter");
+    let v = greedy_json(&["--adapter".as_ref(), adapter.as_os_str()]);
+    assert_eq!(ids(&v["token_ids"]), ids(&reference()["lora_greedy"]));
 }
 
 #[test]

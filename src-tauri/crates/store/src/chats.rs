@@ -85,6 +85,17 @@ pub struct SearchHit {
     pub snippet: String,
 }
 
+fn chat_row(r: &Row<'_>) -> rusqlite::Result<ChatRow> {
+    Ok(ChatRow {
+        id: r.get(0)?,
+        character_id: r.get(1)?,
+        persona_id: r.get(2)?,
+        title: r.get(3)?,
+        created_at: r.get(4)?,
+        updated_at: r.get(5)?,
+    })
+}
+
 fn message(r: &Row<'_>) -> rusqlite::Result<MessageRow> {
     Ok(MessageRow {
         id: r.get(0)?,
@@ -150,16 +161,7 @@ impl Store {
             .query_row(
                 "SELECT id, character_id, persona_id, title, created_at, updated_at FROM chats WHERE id = ?1",
                 [id],
-                |r| {
-                    Ok(ChatRow {
-                        id: r.get(0)?,
-                        character_id: r.get(1)?,
-                        persona_id: r.get(2)?,
-                        title: r.get(3)?,
-                        created_at: r.get(4)?,
-                        updated_at: r.get(5)?,
-                    })
-                },
+                chat_row,
             )
             .optional()?
             .ok_or(Error::NotFound { what: "chat", id })
@@ -260,16 +262,7 @@ impl Store {
             "SELECT id, character_id, persona_id, title, created_at, updated_at FROM chats
              WHERE character_id = ?1 ORDER BY updated_at DESC, id DESC",
         )?;
-        let rows = stmt.query_map([character_id], |r| {
-            Ok(ChatRow {
-                id: r.get(0)?,
-                character_id: r.get(1)?,
-                persona_id: r.get(2)?,
-                title: r.get(3)?,
-                created_at: r.get(4)?,
-                updated_at: r.get(5)?,
-            })
-        })?;
+        let rows = stmt.query_map([character_id], chat_row)?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
