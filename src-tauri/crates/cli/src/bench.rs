@@ -59,6 +59,7 @@ struct Report {
     gen_tokens: usize,
     decode_s: f64,
     decode_tok_s: f64,
+    decode_empty_tok_s: f64,
     turn_tokens: usize,
     second_turn_ttft_s: f64,
     new_tokens_prefill_s: f64,
@@ -185,6 +186,16 @@ pub fn run(a: BenchArgs, cancel: &AtomicBool) -> Result<()> {
     let _ = out.to_vec2::<f32>()?;
     let new_tokens_prefill_s = t.elapsed().as_secs_f64();
 
+    // Decode from an empty context, as llama-bench's tg test does.
+    drop(cache);
+    session.reset();
+    let mut next = argmax(&session.prefill(&prompt[..1])?.0);
+    let t = Instant::now();
+    for _ in 1..a.gen_tokens {
+        next = argmax(&session.push(next)?);
+    }
+    let decode_empty_tok_s = (a.gen_tokens - 1) as f64 / t.elapsed().as_secs_f64();
+
     let r = Report {
         model: path.display().to_string(),
         device: device_name(&device),
@@ -200,6 +211,7 @@ pub fn run(a: BenchArgs, cancel: &AtomicBool) -> Result<()> {
         gen_tokens: a.gen_tokens,
         decode_s,
         decode_tok_s: (a.gen_tokens - 1) as f64 / decode_s,
+        decode_empty_tok_s,
         turn_tokens: a.turn_tokens,
         second_turn_ttft_s,
         new_tokens_prefill_s,
@@ -228,6 +240,10 @@ pub fn run(a: BenchArgs, cancel: &AtomicBool) -> Result<()> {
     println!(
         "decode     {:>5} tokens  {:>8.1} tok/s  ({:.2} s)",
         r.gen_tokens, r.decode_tok_s, r.decode_s
+    );
+    println!(
+        "decode     {:>5} tokens  {:>8.1} tok/s  (from an empty context)",
+        r.gen_tokens, r.decode_empty_tok_s
     );
     println!("first token after the prompt        {:.3} s", r.ttft_s);
     println!(

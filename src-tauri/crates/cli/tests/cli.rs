@@ -13,21 +13,44 @@ fn cli() -> Command {
     c
 }
 
-fn reference_greedy(key: &str) -> Vec<u64> {
-    let v: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(fixture().join("reference.json")).unwrap()).unwrap();
-    v[key]
-        .as_array()
+fn reference() -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(fixture().join("reference.json")).unwrap()).unwrap()
+}
+
+fn ids(v: &serde_json::Value) -> Vec<u64> {
+    v.as_array()
         .unwrap()
         .iter()
         .map(|x| x.as_u64().unwrap())
         .collect()
 }
 
-fn prompt() -> String {
-    let v: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(fixture().join("reference.json")).unwrap()).unwrap();
-    v["prompt"].as_str().unwrap().to_owned()
+/// `generate --json` greedy on the reference prompt, with optional extra flags.
+fn greedy_json(extra: &[&std::ffi::OsStr]) -> serde_json::Value {
+    let out = cli()
+        .args([
+            "generate",
+            "--device",
+            "cpu",
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "32",
+            "--json",
+            "--prompt",
+        ])
+        .arg(reference()["prompt"].as_str().unwrap())
+        .arg("--model")
+        .arg(fixture())
+        .args(extra)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
 }
 
 #[test]
