@@ -28,7 +28,8 @@ run: deps ui
 
 test: deps deps-test ui rust-tests ui-tests e2e-tests
 
-package: deps ui-deps
+# The UI is built first (the Tauri CLI would look for it in the wrong package.json).
+package: deps ui
 	ui/node_modules/.bin/tauri build --bundles $(if $(filter Darwin,$(UNAME)),dmg,deb)
 
 lint: ui-deps

@@ -212,8 +212,8 @@ impl Session {
             if generated.len() >= params.max_new_tokens {
                 break StopReason::MaxTokens;
             }
-            let history: Vec<u32> = prompt.iter().chain(&generated).copied().collect();
-            let next = sampler.sample(&logits, &history);
+            // The cached tokens are exactly the prompt and what was generated so far.
+            let next = sampler.sample(&logits, &self.tokens);
             if Some(next) == eos {
                 break StopReason::EndOfText;
             }
