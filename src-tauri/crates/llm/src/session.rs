@@ -81,6 +81,20 @@ mod secs {
 /// Prompt tokens run per forward pass; bounds the attention scores' memory.
 const PREFILL_CHUNK: usize = 512;
 
+/// Prompt tokens per forward pass for `model`. On x86 CPUs candle 0.11 runs
+/// Q4_K matmuls of 32 rows or more through AMX tiles that it packs as a third
+/// copy of every weight; measured on a 2-core AMX machine, 31-row chunks
+/// prefill 1.5× faster at half the peak memory. Other types keep big chunks
+/// (Q8_0: 512 rows are 1.3× faster than 31).
+fn prefill_chunk(model: &Phi) -> usize {
+    if model.device().is_cpu() && model.quant_type() == Some(candle_core::quantized::GgmlDType::Q4K)
+    {
+        31
+    } else {
+        PREFILL_CHUNK
+    }
+}
+
 /// A model, a KV cache and the tokens it holds: each new prompt reuses the
 /// longest common prefix with the last one and computes only the rest.
 #[derive(Debug)]
@@ -90,17 +104,20 @@ pub struct Session {
     /// The tokens whose keys and values are in `cache`.
     tokens: Vec<u32>,
     adapter: Option<Arc<LoraAdapter>>,
+    prefill_chunk: usize,
 }
 
 impl Session {
     /// A session with an empty cache.
     pub fn new(model: Arc<Phi>) -> Self {
         let cache = model.new_cache();
+        let prefill_chunk = prefill_chunk(&model);
         Self {
             model,
             cache,
             tokens: Vec::new(),
             adapter: None,
+            prefill_chunk,
         }
     }
 
@@ -157,7 +174,7 @@ impl Session {
         self.cache.truncate(reuse);
         self.tokens.truncate(reuse);
         let mut logits = None;
-        for chunk in prompt[reuse..].chunks(PREFILL_CHUNK) {
+        for chunk in prompt[reuse..].chunks(self.prefill_chunk) {
             logits = Some(self.step(chunk)?);
         }
         Ok((logits.expect("at least one token ran"), reuse))
