@@ -335,8 +335,23 @@ pub(crate) fn tokenizer_metadata(
             types[i] = 5; // unused
         }
     }
-    let eos = eos.unwrap_or(0);
-    Ok(vec![
+    Ok(gpt2_tokenizer_metadata(
+        tokens,
+        types,
+        merges,
+        eos.unwrap_or(0),
+    ))
+}
+
+/// llama.cpp's metadata for a GPT-2 byte-level BPE tokenizer (what Phi-2 uses).
+pub(crate) fn gpt2_tokenizer_metadata(
+    tokens: Vec<gguf_file::Value>,
+    types: Vec<i32>,
+    merges: Vec<gguf_file::Value>,
+    eos: u32,
+) -> Vec<(String, gguf_file::Value)> {
+    use gguf_file::Value as V;
+    vec![
         ("tokenizer.ggml.model".into(), V::String("gpt2".into())),
         ("tokenizer.ggml.pre".into(), V::String("phi-2".into())),
         ("tokenizer.ggml.tokens".into(), V::Array(tokens)),
@@ -348,7 +363,7 @@ pub(crate) fn tokenizer_metadata(
         ("tokenizer.ggml.bos_token_id".into(), V::U32(eos)),
         ("tokenizer.ggml.eos_token_id".into(), V::U32(eos)),
         ("tokenizer.ggml.unknown_token_id".into(), V::U32(eos)),
-    ])
+    ]
 }
 
 /// Writes a GGUF file atomically: to `<out>.partial`, synced, then renamed.

@@ -9,7 +9,7 @@ use candle_core::{Device, Tensor};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use crate::quantize::{QuantType, phi2_metadata, quantize, write_gguf};
+use crate::quantize::{QuantType, gpt2_tokenizer_metadata, phi2_metadata, quantize, write_gguf};
 use crate::{PhiConfig, Result};
 
 fn uniform(rng: &mut StdRng, shape: &[usize], scale: f32) -> Result<Tensor> {
@@ -58,21 +58,14 @@ fn synthetic_vocab(size: usize) -> Vec<(String, gguf_file::Value)> {
     }
     let eos = tokens.len() as u32;
     tokens.push("<|endoftext|>".into());
-    let mut types: Vec<V> = vec![V::I32(1); tokens.len()];
-    types[eos as usize] = V::I32(3);
-    vec![
-        ("tokenizer.ggml.model".into(), V::String("gpt2".into())),
-        ("tokenizer.ggml.pre".into(), V::String("phi-2".into())),
-        (
-            "tokenizer.ggml.tokens".into(),
-            V::Array(tokens.into_iter().map(V::String).collect()),
-        ),
-        ("tokenizer.ggml.token_type".into(), V::Array(types)),
-        ("tokenizer.ggml.merges".into(), V::Array(merges)),
-        ("tokenizer.ggml.bos_token_id".into(), V::U32(eos)),
-        ("tokenizer.ggml.eos_token_id".into(), V::U32(eos)),
-        ("tokenizer.ggml.unknown_token_id".into(), V::U32(eos)),
-    ]
+    let mut types = vec![1; tokens.len()];
+    types[eos as usize] = 3;
+    gpt2_tokenizer_metadata(
+        tokens.into_iter().map(V::String).collect(),
+        types,
+        merges,
+        eos,
+    )
 }
 
 /// Writes a random model of shape `cfg` at `quant` to `out` (fused qkv, all
