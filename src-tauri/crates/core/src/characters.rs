@@ -85,13 +85,14 @@ impl From<CharacterRow> for Character {
 
 impl From<CharacterRow> for CharacterSummary {
     fn from(r: CharacterRow) -> Self {
+        let c = Character::from(r);
         Self {
-            id: r.id,
-            tagline: r.card.tagline(),
-            builtin: r.builtin_key.is_some(),
-            avatar_version: r.has_avatar.then_some(r.updated_at),
-            name: r.card.name,
-            tags: r.card.tags,
+            id: c.id,
+            tagline: c.tagline,
+            builtin: c.builtin,
+            avatar_version: c.avatar_version,
+            name: c.card.name,
+            tags: c.card.tags,
         }
     }
 }
