@@ -30,6 +30,12 @@ pub enum Error {
     /// The request makes no sense in the current state.
     #[error("{0}")]
     Conflict(String),
+    /// A download or a dataset failed.
+    #[error(transparent)]
+    Hub(#[from] dramatis_hub::Error),
+    /// A model file, tokenizer or adapter was refused, or the engine failed.
+    #[error(transparent)]
+    Model(#[from] dramatis_llm::Error),
 }
 
 /// A stable, machine-readable name for each kind of failure, for the UI.
@@ -48,6 +54,12 @@ pub enum ErrorKind {
     Conflict,
     /// Storage or file failure.
     Storage,
+    /// The network or the hub failed; trying again may help.
+    Network,
+    /// The user stopped it.
+    Cancelled,
+    /// A file (model, tokenizer, dataset) is unusable.
+    BadFile,
 }
 
 impl Error {
@@ -61,6 +73,28 @@ impl Error {
             Self::Store(S::DiskFull) => ErrorKind::DiskFull,
             Self::Conflict(_) => ErrorKind::Conflict,
             Self::Store(_) | Self::Io { .. } => ErrorKind::Storage,
+            Self::Hub(e) => {
+                use dramatis_hub::Error as H;
+                match e {
+                    H::Cancelled => ErrorKind::Cancelled,
+                    H::DiskFull { .. } => ErrorKind::DiskFull,
+                    H::UnknownEntry(_) => ErrorKind::NotFound,
+                    H::Busy(_) => ErrorKind::Conflict,
+                    H::Io { .. } => ErrorKind::Storage,
+                    H::Checksum { .. }
+                    | H::BadDataset { .. }
+                    | H::BadRow { .. }
+                    | H::Catalog(_) => ErrorKind::BadFile,
+                    _ => ErrorKind::Network,
+                }
+            }
+            Self::Model(dramatis_llm::Error::Cancelled) => ErrorKind::Cancelled,
+            Self::Model(dramatis_llm::Error::Io { io, .. })
+                if io.kind() == std::io::ErrorKind::StorageFull =>
+            {
+                ErrorKind::DiskFull
+            }
+            Self::Model(_) => ErrorKind::BadFile,
         }
     }
 }

@@ -8,15 +8,21 @@
 mod builtins;
 mod characters;
 mod error;
+mod models;
 mod paths;
 mod personas;
 
 use std::path::{Path, PathBuf};
 
+use std::sync::OnceLock;
+
+use dramatis_hub::{Catalog, Hub, HubOptions};
 use dramatis_store::Store;
 
 pub use builtins::BUILTINS;
 pub use characters::{AvatarEdit, Character, CharacterDraft, CharacterSummary};
+/// Downloads, the catalog and datasets.
+pub use dramatis_hub as hub;
 /// The language model engine, for the CLI and the shell.
 pub use dramatis_llm as llm;
 /// Characters, personas and the prompt format.
@@ -24,6 +30,7 @@ pub use dramatis_persona as persona;
 pub use dramatis_persona::{CharacterCard, FieldError, LIMITS, PersonaDraft, ValidationErrors};
 pub use dramatis_store::{CharacterFilter, TagCount};
 pub use error::{Error, ErrorKind, Result};
+pub use models::{CatalogItem, DeviceInfo, Model, ModelsOverview};
 pub use paths::{DATA_DIR_ENV, default_data_dir};
 pub use personas::Persona;
 
@@ -35,12 +42,22 @@ const FIRST_START_DONE: &str = "first_start_done";
 pub struct Dramatis {
     store: Store,
     data_dir: PathBuf,
+    hub: Hub,
+    catalog: Catalog,
+    downloads: models::Downloads,
+    device: OnceLock<dramatis_llm::Device>,
 }
 
 impl Dramatis {
     /// Opens the data directory (creating it), its database, and on the very
     /// first start installs the built-in characters and a default persona.
     pub fn open(data_dir: &Path) -> Result<Self> {
+        Self::open_with(data_dir, HubOptions::from_env())
+    }
+
+    /// Opens the data directory with these download settings (a mirror, a
+    /// test hub, another cache).
+    pub fn open_with(data_dir: &Path, hub: HubOptions) -> Result<Self> {
         std::fs::create_dir_all(data_dir).map_err(|e| Error::Io {
             context: format!("cannot create the data folder {}", data_dir.display()),
             source: e,
@@ -49,6 +66,10 @@ impl Dramatis {
         let app = Self {
             store,
             data_dir: data_dir.to_owned(),
+            hub: Hub::new(hub),
+            catalog: Catalog::builtin(),
+            downloads: Default::default(),
+            device: OnceLock::new(),
         };
         app.first_start()?;
         Ok(app)
@@ -67,6 +88,31 @@ impl Dramatis {
     /// The database, for services elsewhere in this crate and for tests.
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    /// The downloader.
+    pub fn hub(&self) -> &Hub {
+        &self.hub
+    }
+
+    /// What can be downloaded.
+    pub fn catalog(&self) -> &Catalog {
+        &self.catalog
+    }
+
+    /// The compute device (chosen on first use: CUDA, Metal, else CPU;
+    /// `DRAMATIS_DEVICE=cpu|cuda|cuda:N|metal` overrides).
+    pub fn device(&self) -> &dramatis_llm::Device {
+        self.device.get_or_init(|| {
+            let choice = std::env::var("DRAMATIS_DEVICE")
+                .ok()
+                .and_then(|s| s.parse::<dramatis_llm::DeviceChoice>().ok())
+                .unwrap_or_default();
+            choice.open().unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "device unavailable; using the CPU");
+                dramatis_llm::Device::Cpu
+            })
+        })
     }
 
     fn first_start(&self) -> Result<()> {

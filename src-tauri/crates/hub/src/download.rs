@@ -689,6 +689,7 @@ impl Hub {
                 }
             }
         }
+        reporter.report(Phase::Verifying, f, done);
         let sha256 = hex(&sha256.finalize());
         let (algorithm, actual) = match etag.len() {
             64 => ("sha256", sha256.clone()),

@@ -33,7 +33,7 @@ pub use sampler::{Sampler, SamplerConfig};
 pub use session::{GenerateParams, Generation, Session, StopReason};
 pub use synthetic::write_synthetic_gguf;
 pub use tokenizer::{PhiTokenizer, TextStream};
-pub use weights::{ModelFormat, load_model};
+pub use weights::{ModelFormat, ModelInfo, inspect_model, load_model};
 
 /// Re-exported so callers need not depend on candle directly.
 pub use candle_core::{DType, Device, Tensor};

@@ -15,7 +15,8 @@ use crate::model::{Block, Embedding};
 use crate::{Error, Phi, PhiConfig, Result};
 
 /// The two weight formats Dramatis reads.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum ModelFormat {
     /// A llama.cpp GGUF file.
     Gguf,
@@ -202,8 +203,9 @@ impl Gguf {
     }
 }
 
-fn load_gguf(path: &Path, device: &Device) -> Result<Phi> {
-    let mut g = Gguf::open(path)?;
+/// Reads and checks a GGUF file's architecture and hyperparameters.
+fn gguf_config(g: &Gguf) -> Result<PhiConfig> {
+    let path = g.path.as_path();
     let arch = g
         .content
         .metadata
@@ -251,6 +253,217 @@ fn load_gguf(path: &Path, device: &Device) -> Result<Phi> {
             ),
         ));
     }
+    Ok(cfg)
+}
+
+/// Every tensor a `phi2` GGUF must hold, with its shape; biases may be absent.
+fn gguf_expected(cfg: &PhiConfig, fused_qkv: bool) -> Vec<(String, Vec<usize>, bool)> {
+    let (h, i, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
+    let mut t = vec![("token_embd.weight".to_owned(), vec![v, h], true)];
+    let lin = |t: &mut Vec<_>, name: String, out: usize, inp: usize| {
+        t.push((format!("{name}.weight"), vec![out, inp], true));
+        t.push((format!("{name}.bias"), vec![out], false));
+    };
+    for n in 0..cfg.num_hidden_layers {
+        let p = format!("blk.{n}");
+        t.push((format!("{p}.attn_norm.weight"), vec![h], true));
+        t.push((format!("{p}.attn_norm.bias"), vec![h], true));
+        if fused_qkv {
+            lin(&mut t, format!("{p}.attn_qkv"), 3 * h, h);
+        } else {
+            for part in ["attn_q", "attn_k", "attn_v"] {
+                lin(&mut t, format!("{p}.{part}"), h, h);
+            }
+        }
+        lin(&mut t, format!("{p}.attn_output"), h, h);
+        lin(&mut t, format!("{p}.ffn_up"), i, h);
+        lin(&mut t, format!("{p}.ffn_down"), h, i);
+    }
+    t.push(("output_norm.weight".into(), vec![h], true));
+    t.push(("output_norm.bias".into(), vec![h], true));
+    lin(&mut t, "output".into(), v, h);
+    t
+}
+
+/// What [`inspect_model`] finds in a model file or folder.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct ModelInfo {
+    /// GGUF or safetensors.
+    pub format: ModelFormat,
+    /// `Q4_K_M`, `Q8_0`, `F16`... (the most common weight type when unnamed).
+    pub quantization: String,
+    /// The hyperparameters.
+    pub config: PhiConfig,
+    /// Number of weights.
+    pub parameters: u64,
+    /// Bytes on disk.
+    pub bytes: u64,
+}
+
+/// llama.cpp's `general.file_type` names for the types a Phi-2 GGUF comes in.
+fn file_type_name(t: u32) -> Option<&'static str> {
+    Some(match t {
+        0 => "F32",
+        1 => "F16",
+        2 => "Q4_0",
+        3 => "Q4_1",
+        7 => "Q8_0",
+        8 => "Q5_0",
+        9 => "Q5_1",
+        10 => "Q2_K",
+        11 => "Q3_K_S",
+        12 => "Q3_K_M",
+        13 => "Q3_K_L",
+        14 => "Q4_K_S",
+        15 => "Q4_K_M",
+        16 => "Q5_K_S",
+        17 => "Q5_K_M",
+        18 => "Q6_K",
+        32 => "BF16",
+        _ => return None,
+    })
+}
+
+/// Checks a model without loading its weights: format, architecture,
+/// hyperparameters, every tensor's name and shape, and that the file is
+/// not truncated. What passes here loads with [`load_model`].
+pub fn inspect_model(path: &Path) -> Result<ModelInfo> {
+    match ModelFormat::detect(path)? {
+        ModelFormat::Gguf => {
+            let g = Gguf::open(path)?;
+            let cfg = gguf_config(&g)?;
+            let fused = g.has("blk.0.attn_qkv.weight");
+            let mut parameters = 0u64;
+            let mut counts: HashMap<String, u64> = HashMap::new();
+            for (name, shape, required) in gguf_expected(&cfg, fused) {
+                match g.content.tensor_infos.get(&name) {
+                    None if !required => {}
+                    None => {
+                        return Err(Error::MissingTensor {
+                            path: path.into(),
+                            name,
+                        });
+                    }
+                    Some(info) if info.shape.dims() != shape.as_slice() => {
+                        return Err(Error::Shape {
+                            path: path.into(),
+                            name,
+                            expected: shape,
+                            found: info.shape.dims().to_vec(),
+                        });
+                    }
+                    Some(info) => {
+                        let n = info.shape.elem_count() as u64;
+                        parameters += n;
+                        if shape.len() == 2 {
+                            *counts.entry(format!("{:?}", info.ggml_dtype)).or_default() += n;
+                        }
+                    }
+                }
+            }
+            let named = g
+                .content
+                .metadata
+                .get("general.file_type")
+                .and_then(|v| v.to_u32().ok())
+                .and_then(file_type_name);
+            let quantization = named.map(str::to_owned).unwrap_or_else(|| {
+                counts
+                    .into_iter()
+                    .max_by_key(|(_, n)| *n)
+                    .map(|(t, _)| t.to_uppercase())
+                    .unwrap_or_default()
+            });
+            let bytes = std::fs::metadata(path)
+                .map_err(|e| Error::io(path, e))?
+                .len();
+            Ok(ModelInfo {
+                format: ModelFormat::Gguf,
+                quantization,
+                config: cfg,
+                parameters,
+                bytes,
+            })
+        }
+        ModelFormat::Safetensors => {
+            let dir = if path.is_dir() {
+                path
+            } else {
+                path.parent().unwrap_or(Path::new("."))
+            };
+            let cfg = PhiConfig::from_hf_file(&dir.join("config.json"))?;
+            let shards = Shards::open(dir, DType::F32)?;
+            let (h, i, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
+            let mut want = vec![("model.embed_tokens.weight".to_owned(), vec![v, h])];
+            let lin = |w: &mut Vec<(String, Vec<usize>)>, p: String, out: usize, inp: usize| {
+                w.push((format!("{p}.weight"), vec![out, inp]));
+                w.push((format!("{p}.bias"), vec![out]));
+            };
+            for n in 0..cfg.num_hidden_layers {
+                let p = format!("model.layers.{n}");
+                for proj in ["q_proj", "k_proj", "v_proj", "dense"] {
+                    lin(&mut want, format!("{p}.self_attn.{proj}"), h, h);
+                }
+                lin(&mut want, format!("{p}.mlp.fc1"), i, h);
+                lin(&mut want, format!("{p}.mlp.fc2"), h, i);
+                want.push((format!("{p}.input_layernorm.weight"), vec![h]));
+                want.push((format!("{p}.input_layernorm.bias"), vec![h]));
+            }
+            want.push(("model.final_layernorm.weight".into(), vec![h]));
+            want.push(("model.final_layernorm.bias".into(), vec![h]));
+            lin(&mut want, "lm_head".into(), v, h);
+            let mut parameters = 0u64;
+            let mut dtypes: HashMap<String, u64> = HashMap::new();
+            for (name, shape) in want {
+                let file = shards
+                    .names
+                    .get(&name)
+                    .ok_or_else(|| Error::MissingTensor {
+                        path: dir.into(),
+                        name: name.clone(),
+                    })?;
+                let view = shards
+                    .st
+                    .get(&name)
+                    .map_err(|e| Error::bad(file, format!("tensor `{name}`: {e}")))?;
+                if view.shape() != shape.as_slice() {
+                    return Err(Error::Shape {
+                        path: file.clone(),
+                        name,
+                        expected: shape,
+                        found: view.shape().to_vec(),
+                    });
+                }
+                let n: usize = shape.iter().product();
+                parameters += n as u64;
+                *dtypes.entry(format!("{:?}", view.dtype())).or_default() += n as u64;
+            }
+            let mut files: Vec<&PathBuf> = shards.names.values().collect();
+            files.sort();
+            files.dedup();
+            let bytes = files
+                .iter()
+                .map(|f| std::fs::metadata(f).map(|m| m.len()).unwrap_or(0))
+                .sum();
+            Ok(ModelInfo {
+                format: ModelFormat::Safetensors,
+                quantization: dtypes
+                    .into_iter()
+                    .max_by_key(|(_, n)| *n)
+                    .map(|(t, _)| t.to_uppercase())
+                    .unwrap_or_default(),
+                config: cfg,
+                parameters,
+                bytes,
+            })
+        }
+    }
+}
+
+fn load_gguf(path: &Path, device: &Device) -> Result<Phi> {
+    let mut g = Gguf::open(path)?;
+    let cfg = gguf_config(&g)?;
+    let (h, vocab) = (cfg.hidden_size, cfg.vocab_size);
     let eps = cfg.layer_norm_eps;
     // The embedding stays on the CPU, quantized; rows are dequantized on use.
     let embed =

@@ -9,8 +9,8 @@ use std::sync::atomic::AtomicBool;
 use candle_core::quantized::{GgmlDType, QTensor, gguf_file};
 use common::fixture;
 use dramatis_llm::{
-    Device, Error, LoraAdapter, PhiConfig, PhiTokenizer, QuantType, load_model,
-    quantize_safetensors, write_gguf,
+    Device, Error, LoraAdapter, ModelFormat, PhiConfig, PhiTokenizer, QuantType, inspect_model,
+    load_model, quantize_safetensors, write_gguf,
 };
 
 fn gguf_copy(dir: &Path) -> std::path::PathBuf {
@@ -192,4 +192,45 @@ fn a_cancelled_quantization_leaves_no_file() {
     .unwrap_err();
     assert!(matches!(err, Error::Cancelled));
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+}
+
+#[test]
+fn inspect_reads_headers_only_and_refuses_what_load_refuses() {
+    let dir = tempfile::tempdir().unwrap();
+    let gguf = gguf_copy(dir.path());
+    let info = inspect_model(&gguf).unwrap();
+    assert_eq!(info.format, ModelFormat::Gguf);
+    assert_eq!(info.quantization, "Q8_0");
+    assert_eq!(
+        info.config,
+        load_model(&gguf, &Device::Cpu).unwrap().config().clone()
+    );
+    let hf = copy_fixture(dir.path());
+    let st = inspect_model(&hf).unwrap();
+    assert_eq!(st.format, ModelFormat::Safetensors);
+    assert_eq!(st.parameters, info.parameters);
+    assert_eq!(
+        st.bytes,
+        std::fs::metadata(hf.join("model.safetensors"))
+            .unwrap()
+            .len()
+    );
+
+    let bytes = std::fs::read(&gguf).unwrap();
+    std::fs::write(&gguf, &bytes[..bytes.len() / 2]).unwrap();
+    assert!(matches!(inspect_model(&gguf), Err(Error::Truncated { .. })));
+    std::fs::write(&gguf, vec![0u8; 100]).unwrap();
+    assert!(matches!(inspect_model(&gguf), Err(Error::BadFile { .. })));
+
+    let cfg = std::fs::read_to_string(hf.join("config.json")).unwrap();
+    std::fs::write(
+        hf.join("config.json"),
+        cfg.replace("\"intermediate_size\": 512", "\"intermediate_size\": 768"),
+    )
+    .unwrap();
+    let err = inspect_model(&hf).unwrap_err();
+    assert!(
+        matches!(&err, Error::Shape { name, .. } if name == "model.layers.0.mlp.fc1.weight"),
+        "{err}"
+    );
 }

@@ -10,6 +10,7 @@ mod characters;
 mod chats;
 mod error;
 mod migrations;
+mod models;
 mod personas;
 mod settings;
 
@@ -23,6 +24,7 @@ pub use characters::{AvatarChange, CharacterFilter, CharacterRow, TagCount};
 pub use chats::{ChatRow, MessageRow, Role, SearchHit};
 pub use error::{Error, Result};
 pub use migrations::SCHEMA_VERSION;
+pub use models::ModelRow;
 pub use personas::PersonaRow;
 
 /// `PRAGMA application_id` of a Dramatis database ("DRMA").

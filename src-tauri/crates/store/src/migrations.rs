@@ -85,6 +85,23 @@ const STEPS: &[&str] = &[
         INSERT INTO messages_fts(rowid, content) VALUES (new.id, new.content);
     END;
     "#,
+    // 3: installed models (downloaded from the catalog, imported, or quantized here).
+    r#"
+    CREATE TABLE models (
+        id             INTEGER PRIMARY KEY,
+        name           TEXT NOT NULL,
+        source         TEXT NOT NULL CHECK (source IN ('catalog', 'import', 'quantized')),
+        catalog_id     TEXT UNIQUE,
+        format         TEXT NOT NULL CHECK (format IN ('gguf', 'safetensors')),
+        quantization   TEXT NOT NULL,
+        path           TEXT NOT NULL UNIQUE,  -- the .gguf file or the safetensors folder
+        tokenizer_path TEXT NOT NULL,
+        size_bytes     INTEGER NOT NULL,
+        sha256         TEXT,                  -- of the weights file, when one file
+        files          TEXT NOT NULL,         -- JSON: every file that belongs to the model
+        added_at       INTEGER NOT NULL
+    );
+    "#,
 ];
 
 /// Brings the schema up to `target`, one transaction per step.
