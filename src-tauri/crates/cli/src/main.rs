@@ -2,6 +2,7 @@
 //! quantize and benchmark, on a laptop or a server GPU.
 
 mod bench;
+mod models;
 
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
@@ -37,6 +38,12 @@ enum Cmd {
     Quantize(QuantizeArgs),
     /// Measure prefill and decode speed, time to first token, and peak memory.
     Bench(bench::BenchArgs),
+    /// List installed models, the catalog, the device and the download cache.
+    Models(models::ModelsArgs),
+    /// Download a catalog model or dataset into the Hugging Face cache (resumable).
+    Download(models::DownloadArgs),
+    /// Check and register a local .gguf file or Hugging Face folder.
+    Import(models::ImportArgs),
 }
 
 /// Which model to load and where to run it.
@@ -161,6 +168,9 @@ fn main() -> Result<()> {
         Cmd::Chat(a) => chat(a, &cancel),
         Cmd::Quantize(a) => quantize(a, &cancel),
         Cmd::Bench(a) => bench::run(a, &cancel),
+        Cmd::Models(a) => models::list(a),
+        Cmd::Download(a) => models::download(a, &cancel),
+        Cmd::Import(a) => models::import(a),
     }
 }
 

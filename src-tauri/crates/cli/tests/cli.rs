@@ -178,3 +178,85 @@ fn a_bad_model_is_a_clear_error_and_a_failing_exit() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("broken.gguf") && err.contains("GGUF"), "{err}");
 }
+
+/// `quantize` the fixture to a small GGUF file.
+fn tiny_gguf(dir: &std::path::Path) -> PathBuf {
+    let out = dir.join("tiny.gguf");
+    let st = cli()
+        .args(["quantize", "--type", "q8_0", "--input"])
+        .arg(fixture())
+        .arg("--output")
+        .arg(&out)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    out
+}
+
+#[test]
+fn download_models_and_import_against_a_local_hub() {
+    use dramatis_testkit::{FakeHub, Hosted};
+    let dir = tempfile::tempdir().unwrap();
+    let gguf = tiny_gguf(dir.path());
+    let hub = FakeHub::start();
+    hub.host(
+        "TheBloke/phi-2-GGUF",
+        "phi-2.Q8_0.gguf",
+        Hosted::lfs(std::fs::read(&gguf).unwrap()),
+    );
+    hub.host(
+        "microsoft/phi-2",
+        "tokenizer.json",
+        Hosted::small(std::fs::read(fixture().join("tokenizer.json")).unwrap()),
+    );
+    let env = |c: &mut Command| {
+        c.env("HF_ENDPOINT", hub.endpoint())
+            .env("HF_HOME", dir.path().join("hf"))
+            .env_remove("HF_HUB_CACHE")
+            .env_remove("HF_TOKEN")
+            .env("DRAMATIS_DATA_DIR", dir.path().join("data"));
+    };
+    let mut c = cli();
+    env(&mut c);
+    let out = c.args(["download", "phi-2-q8_0"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("installed") && err.contains("sha256"), "{err}");
+
+    let mut c = cli();
+    env(&mut c);
+    let out = c.args(["download", "phi-2-q4_k_m"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not found"));
+
+    let mut c = cli();
+    env(&mut c);
+    let out = c.args(["import"]).arg(&gguf).output().unwrap();
+    // tokenizer.json is not beside it, but the download above put Phi-2's in the cache.
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let mut c = cli();
+    env(&mut c);
+    let out = c.args(["models", "--json"]).output().unwrap();
+    assert!(out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let installed = v["installed"].as_array().unwrap();
+    assert_eq!(installed.len(), 2);
+    assert_eq!(installed[0]["catalog_id"], "phi-2-q8_0");
+    assert_eq!(installed[0]["is_default"], true);
+    assert_eq!(installed[1]["source"], "import");
+    assert!(v["device"]["kind"].is_string());
+
+    let mut c = cli();
+    env(&mut c);
+    let out = c.arg("models").output().unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        table.contains("phi-2-q4_k_m") && table.contains("roleplay"),
+        "{table}"
+    );
+}

@@ -353,14 +353,34 @@ impl Dramatis {
         self.model(id)
     }
 
+    /// Downloads a catalog dataset (resumable, verified) and reads its shape.
+    pub fn download_dataset(
+        &self,
+        dataset_id: &str,
+        on_progress: &mut (dyn FnMut(&DownloadProgress) + Send),
+    ) -> Result<dramatis_hub::dataset::DatasetInfo> {
+        let entry = self.catalog().dataset(dataset_id)?.clone();
+        let (_guard, cancel) = self.downloads.start(dataset_id)?;
+        let fetched = self.hub().fetch(&entry.files, on_progress, &cancel)?;
+        Ok(dramatis_hub::dataset::inspect(&fetched[0].path, 3)?)
+    }
+
     /// Stops a running download: `discard` removes what was fetched,
     /// otherwise it stays for a resume. False when none was running.
     pub fn stop_download(&self, catalog_id: &str, discard: bool) -> bool {
         let stopped = self.downloads.stop(catalog_id, discard);
         if !stopped && discard {
             // Not running (paused earlier, or the app restarted): drop the parts.
-            if let Ok(entry) = self.catalog().model(catalog_id) {
-                for f in &entry.files {
+            let files = match (
+                self.catalog().model(catalog_id),
+                self.catalog().dataset(catalog_id),
+            ) {
+                (Ok(m), _) => m.files.clone(),
+                (_, Ok(d)) => d.files.clone(),
+                _ => Vec::new(),
+            };
+            {
+                for f in &files {
                     let _ = self.hub().cache().remove_partials(f);
                 }
             }
