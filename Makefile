@@ -56,8 +56,9 @@ else
 	@echo "e2e tests need WebKitWebDriver (Linux); skipped on $(UNAME)"
 endif
 
+# The app, and what the end-to-end tests drive it with (the CLI, a fake hub).
 app: ui
-	$(CARGO) build --bin dramatis
+	$(CARGO) build --workspace --bins
 
 ## --- set-up -------------------------------------------------------------------
 

@@ -16,6 +16,13 @@ const COMMANDS: &[&str] = &[
     "update_persona",
     "delete_persona",
     "set_default_persona",
+    "models_overview",
+    "download_model",
+    "download_dataset",
+    "stop_download",
+    "import_model",
+    "delete_model",
+    "set_default_model",
 ];
 
 fn main() {

@@ -36,6 +36,7 @@ impl Backend {
 pub fn app_builder<R: Runtime>(builder: Builder<R>, backend: Backend) -> Builder<R> {
     builder
         .manage(backend)
+        .plugin(tauri_plugin_dialog::init())
         .register_asynchronous_uri_scheme_protocol("avatar", avatar_protocol::handle)
         .invoke_handler(commands::handler())
 }

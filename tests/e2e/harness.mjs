@@ -9,6 +9,8 @@ import { remote } from "webdriverio";
 
 const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../..");
 export const application = process.env.DRAMATIS_APP ?? path.join(root, "target/debug/dramatis");
+export const cliBinary = path.join(root, "target/debug/dramatis-cli");
+export const fixtureDir = path.join(root, "src-tauri/crates/llm/tests/fixtures/tiny");
 export const screenshotDir = path.join(root, "target/e2e-screenshots");
 mkdirSync(screenshotDir, { recursive: true });
 
@@ -16,13 +18,14 @@ let nextPort = 4444 + (process.pid % 200) * 2;
 
 /** A running tauri-driver with its own data folder; start sessions (app launches) on it. */
 export class Driver {
-  static async start() {
+  /** `env`: extra variables for the app (HF_ENDPOINT, HF_HOME...). */
+  static async start(env = {}) {
     const d = new Driver();
     d.dataDir = mkdtempSync(path.join(tmpdir(), "dramatis-e2e-"));
     d.port = nextPort;
     nextPort += 2;
     d.proc = spawn("tauri-driver", ["--port", String(d.port), "--native-port", String(d.port + 1)], {
-      env: { ...process.env, DRAMATIS_DATA_DIR: d.dataDir, RUST_LOG: "warn" },
+      env: { ...process.env, DRAMATIS_DATA_DIR: d.dataDir, RUST_LOG: "warn", ...env },
       stdio: ["ignore", "inherit", "inherit"],
     });
     await waitForPort(d.port);
@@ -102,4 +105,31 @@ export async function waitForCards(browser, count) {
     timeout: 15000,
     timeoutMsg: `expected ${count} character cards`,
   });
+}
+
+/** A tiny Phi-2 GGUF (the engine's test fixture, quantized by the CLI) in `dir`. */
+export function tinyGguf(dir) {
+  const out = path.join(dir, "tiny.gguf");
+  const r = spawnSync(cliBinary, ["quantize", "--type", "q8_0", "--input", fixtureDir, "--output", out], {
+    stdio: ["ignore", "ignore", "inherit"],
+  });
+  if (r.status !== 0) throw new Error("dramatis-cli quantize failed");
+  return out;
+}
+
+/** Starts the fake Hugging Face hub (src-tauri/crates/testkit) serving `files`
+ * (`repo:path` -> local file); resolves with its endpoint and a stop function. */
+export async function startFakeHub(files, bytesPerSec) {
+  const args = bytesPerSec ? ["--bytes-per-sec", String(bytesPerSec)] : [];
+  for (const [remote, local] of Object.entries(files)) args.push(`${remote}=${local}`);
+  const proc = spawn(path.join(root, "target/debug/fake-hub"), args, { stdio: ["ignore", "pipe", "inherit"] });
+  const endpoint = await new Promise((resolve, reject) => {
+    let buf = "";
+    proc.stdout.on("data", (d) => {
+      buf += d;
+      if (buf.includes("\n")) resolve(buf.split("\n")[0].trim());
+    });
+    proc.once("exit", (code) => reject(new Error(`fake-hub exited with ${code}`)));
+  });
+  return { endpoint, stop: () => proc.kill("SIGTERM") };
 }

@@ -3,6 +3,7 @@
 
 mod app;
 mod characters;
+mod models;
 mod personas;
 
 use std::sync::Arc;
@@ -33,6 +34,13 @@ pub(crate) fn handler<R: Runtime>() -> impl Fn(Invoke<R>) -> bool + Send + Sync 
         personas::update_persona,
         personas::delete_persona,
         personas::set_default_persona,
+        models::models_overview,
+        models::download_model,
+        models::download_dataset,
+        models::stop_download,
+        models::import_model,
+        models::delete_model,
+        models::set_default_model,
     ]
 }
 

@@ -1,11 +1,14 @@
 // Typed wrappers over the shell's commands: one function per command.
-import { convertFileSrc, invoke } from "@tauri-apps/api/core";
+import { Channel, convertFileSrc, invoke } from "@tauri-apps/api/core";
 import type {
   AppInfo,
   Character,
   CharacterDraft,
   CharacterSummary,
   CommandError,
+  DownloadProgress,
+  Model,
+  ModelsOverview,
   Persona,
   PersonaDraft,
   TagCount,
@@ -45,6 +48,16 @@ export const api = {
   updatePersona: (id: number, draft: PersonaDraft) => call<Persona[]>("update_persona", { id, draft }),
   deletePersona: (id: number) => call<Persona[]>("delete_persona", { id }),
   setDefaultPersona: (id: number) => call<Persona[]>("set_default_persona", { id }),
+  modelsOverview: () => call<ModelsOverview>("models_overview"),
+  downloadModel: (catalogId: string, onProgress: (p: DownloadProgress) => void) => {
+    const channel = new Channel<DownloadProgress>();
+    channel.onmessage = onProgress;
+    return call<Model>("download_model", { catalogId, onProgress: channel });
+  },
+  stopDownload: (catalogId: string, discard: boolean) => call<boolean>("stop_download", { catalogId, discard }),
+  importModel: (path: string) => call<Model>("import_model", { path }),
+  deleteModel: (id: number) => call<null>("delete_model", { id }),
+  setDefaultModel: (id: number) => call<Model>("set_default_model", { id }),
 };
 
 /** The URL of a character's avatar; the version busts the cache after an edit. */

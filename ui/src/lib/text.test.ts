@@ -41,3 +41,19 @@ describe("asCommandError", () => {
     expect(plain.message).toContain("invalid args");
   });
 });
+
+import { formatBytes, formatDuration } from "./text";
+
+describe("formatBytes / formatDuration", () => {
+  it("uses decimal units with one decimal", () => {
+    expect(formatBytes(999)).toBe("999 B");
+    expect(formatBytes(1_789_239_136)).toBe("1.8 GB");
+    expect(formatBytes(5_600_000)).toBe("5.6 MB");
+  });
+  it("says minutes and hours plainly", () => {
+    expect(formatDuration(42.4)).toBe("42 s");
+    expect(formatDuration(200)).toBe("3 min 20 s");
+    expect(formatDuration(3 * 3600 + 120)).toBe("3 h 2 min");
+    expect(formatDuration(Number.NaN)).toBe("");
+  });
+});

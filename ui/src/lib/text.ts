@@ -43,3 +43,25 @@ export function charCount(s: string): number {
   for (const _ of s) n++;
   return n;
 }
+
+/** "1.8 GB"-style sizes (decimal units, as disks are sold). */
+export function formatBytes(n: number): string {
+  const units = ["B", "KB", "MB", "GB", "TB"];
+  let v = n;
+  let u = 0;
+  while (v >= 1000 && u < units.length - 1) {
+    v /= 1000;
+    u++;
+  }
+  return u === 0 ? `${n} B` : `${v.toFixed(1)} ${units[u]}`;
+}
+
+/** "3 min 20 s"-style durations for an ETA. */
+export function formatDuration(secs: number): string {
+  if (!Number.isFinite(secs) || secs < 0) return "";
+  const s = Math.round(secs);
+  if (s < 60) return `${s} s`;
+  const m = Math.floor(s / 60);
+  if (m < 60) return `${m} min ${s % 60} s`;
+  return `${Math.floor(m / 60)} h ${m % 60} min`;
+}

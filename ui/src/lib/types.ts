@@ -86,7 +86,16 @@ export interface FieldError {
 }
 
 /** dramatis-core `ErrorKind`. */
-export type ErrorKind = "validation" | "not_found" | "too_new" | "disk_full" | "conflict" | "storage";
+export type ErrorKind =
+  | "validation"
+  | "not_found"
+  | "too_new"
+  | "disk_full"
+  | "conflict"
+  | "storage"
+  | "network"
+  | "cancelled"
+  | "bad_file";
 
 /** The shell's `CommandError`. */
 export interface CommandError {
@@ -112,4 +121,71 @@ export function emptyCard(): CharacterCard {
     character_version: "",
     extensions: {},
   };
+}
+
+/** dramatis-hub `RemoteFile`. */
+export interface RemoteFile {
+  repo: string;
+  repo_type: "model" | "dataset";
+  revision: string;
+  path: string;
+}
+
+/** dramatis-hub `CatalogModel` with dramatis-core's install state (`CatalogItem`). */
+export interface CatalogItem {
+  id: string;
+  name: string;
+  description: string;
+  default: boolean;
+  format: "gguf" | "safetensors";
+  quantization: string;
+  approx_bytes: number;
+  files: RemoteFile[];
+  tokenizer: RemoteFile;
+  installed_id: number | null;
+  downloading: boolean;
+  partial_bytes: number;
+}
+
+/** dramatis-core `Model`: an installed model. */
+export interface Model {
+  id: number;
+  name: string;
+  source: "catalog" | "import" | "quantized";
+  catalog_id: string | null;
+  format: "gguf" | "safetensors";
+  quantization: string;
+  path: string;
+  tokenizer_path: string;
+  size_bytes: number;
+  sha256: string | null;
+  is_default: boolean;
+  present: boolean;
+}
+
+/** dramatis-core `DeviceInfo`. */
+export interface DeviceInfo {
+  kind: "cuda" | "metal" | "cpu";
+  name: string;
+  memory_bytes: number | null;
+}
+
+/** dramatis-core `ModelsOverview`. */
+export interface ModelsOverview {
+  installed: Model[];
+  catalog: CatalogItem[];
+  cache_dir: string;
+  used_bytes: number;
+  free_bytes: number | null;
+  device: DeviceInfo;
+}
+
+/** dramatis-hub `DownloadProgress`. */
+export interface DownloadProgress {
+  phase: "checking" | "downloading" | "verifying";
+  file: string;
+  done_bytes: number;
+  total_bytes: number;
+  bytes_per_sec: number;
+  eta_secs: number | null;
 }
