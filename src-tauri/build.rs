@@ -23,6 +23,7 @@ const COMMANDS: &[&str] = &[
     "import_model",
     "delete_model",
     "set_default_model",
+    "quantize_model",
 ];
 
 fn main() {

@@ -98,6 +98,13 @@ describe("models", () => {
       const list = await browser.$('[data-testid="installed"]');
       await list.waitForExist({ timeout: 15000 });
       assert.match(await list.getText(), /SAFETENSORS/);
+
+      // Quantizing it to Q4_K adds a GGUF model.
+      await browser.$('[data-testid^="quantize-"]').click();
+      await browser.waitUntil(async () => /Q4_K · GGUF/.test(await list.getText()), {
+        timeout: 30000,
+        timeoutMsg: "the quantized model did not appear",
+      });
     } finally {
       await close(browser);
     }

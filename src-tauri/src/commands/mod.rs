@@ -41,6 +41,7 @@ pub(crate) fn handler<R: Runtime>() -> impl Fn(Invoke<R>) -> bool + Send + Sync 
         models::import_model,
         models::delete_model,
         models::set_default_model,
+        models::quantize_model,
     ]
 }
 

@@ -2,6 +2,7 @@ use std::path::PathBuf;
 
 use dramatis_core::hub::DownloadProgress;
 use dramatis_core::hub::dataset::DatasetInfo;
+use dramatis_core::llm::{QuantType, QuantizeProgress};
 use dramatis_core::{Model, ModelsOverview};
 use tauri::ipc::Channel;
 use tauri::{AppHandle, Runtime};
@@ -81,4 +82,27 @@ pub async fn set_default_model<R: Runtime>(
     id: i64,
 ) -> Result<Model, CommandError> {
     blocking(&app, move |d| d.set_default_model(id)).await
+}
+
+/// Quantizes an installed safetensors model (`quant`: q4_k, q5_k, q8_0, f16)
+/// into a GGUF file that is then installed; one progress report per tensor.
+/// `stop_download("quantize:<id>", true)` cancels it.
+#[tauri::command]
+pub async fn quantize_model<R: Runtime>(
+    app: AppHandle<R>,
+    id: i64,
+    quant: String,
+    on_progress: Channel<QuantizeProgress>,
+) -> Result<Model, CommandError> {
+    let qt: QuantType = quant.parse().map_err(|message: String| CommandError {
+        kind: dramatis_core::ErrorKind::Validation,
+        message,
+        fields: Vec::new(),
+    })?;
+    blocking(&app, move |d| {
+        d.quantize_model(id, qt, &mut |p| {
+            let _ = on_progress.send(p.clone());
+        })
+    })
+    .await
 }

@@ -11,6 +11,7 @@ import type {
   ModelsOverview,
   Persona,
   PersonaDraft,
+  QuantizeProgress,
   TagCount,
 } from "./types";
 
@@ -58,6 +59,11 @@ export const api = {
   importModel: (path: string) => call<Model>("import_model", { path }),
   deleteModel: (id: number) => call<null>("delete_model", { id }),
   setDefaultModel: (id: number) => call<Model>("set_default_model", { id }),
+  quantizeModel: (id: number, quant: string, onProgress: (p: QuantizeProgress) => void) => {
+    const channel = new Channel<QuantizeProgress>();
+    channel.onmessage = onProgress;
+    return call<Model>("quantize_model", { id, quant, onProgress: channel });
+  },
 };
 
 /** The URL of a character's avatar; the version busts the cache after an edit. */

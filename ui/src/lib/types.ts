@@ -189,3 +189,10 @@ export interface DownloadProgress {
   bytes_per_sec: number;
   eta_secs: number | null;
 }
+
+/** dramatis-llm `QuantizeProgress`: one report per tensor written. */
+export interface QuantizeProgress {
+  done: number;
+  total: number;
+  tensor: string;
+}

@@ -8,9 +8,10 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use dramatis_hub::{CancelToken, CatalogModel, DownloadProgress, RemoteFile, WeightFormat};
-use dramatis_llm::{ModelFormat, PhiTokenizer, inspect_model};
+use dramatis_llm::{ModelFormat, PhiTokenizer, QuantType, QuantizeProgress, inspect_model};
 use dramatis_store::ModelRow;
 use serde::Serialize;
 
@@ -472,6 +473,102 @@ impl Dramatis {
             _ => {}
         }
         Ok(())
+    }
+}
+
+impl Dramatis {
+    /// Quantizes an installed safetensors model into a GGUF file in the data
+    /// folder and registers it. Blocks; one progress report per tensor.
+    /// Stop it with `stop_download("quantize:<id>", true)`.
+    pub fn quantize_model(
+        &self,
+        id: i64,
+        qt: QuantType,
+        on_progress: &mut (dyn FnMut(&QuantizeProgress) + Send),
+    ) -> Result<Model> {
+        let row = self.store().model(id)?;
+        if row.format != "safetensors" {
+            return Err(Error::Conflict(format!(
+                "{} is already a GGUF file; only a safetensors model can be quantized",
+                row.name
+            )));
+        }
+        let src = PathBuf::from(&row.path);
+        let info = inspect_model(&src)?;
+        let dir = self.data_dir().join("models");
+        std::fs::create_dir_all(&dir).map_err(|e| Error::Io {
+            context: format!("cannot create {}", dir.display()),
+            source: e,
+        })?;
+        let needed = (info.parameters as f64 * qt.bits_per_weight() / 8.0) as u64 + (64 << 20);
+        if let Ok(free) = (self.hub().options().free_space)(&dir)
+            && free < needed
+        {
+            return Err(dramatis_hub::Error::DiskFull { dir, needed, free }.into());
+        }
+        let slug: String = row
+            .name
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() {
+                    c.to_ascii_lowercase()
+                } else {
+                    '-'
+                }
+            })
+            .collect();
+        let out = dir.join(format!(
+            "{}-{}-{id}.gguf",
+            slug.trim_matches('-'),
+            qt.name().to_lowercase()
+        ));
+        let key = format!("quantize:{id}");
+        let (_guard, token) = self.downloads.start(&key)?;
+        let flag = AtomicBool::new(false);
+        let done = AtomicBool::new(false);
+        let result = std::thread::scope(|s| {
+            s.spawn(|| {
+                while !done.load(Ordering::SeqCst) {
+                    if token.is_stopped() {
+                        flag.store(true, Ordering::SeqCst);
+                        break;
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+            });
+            let r = dramatis_llm::quantize_safetensors(&src, &out, qt, &flag, |p| on_progress(&p));
+            done.store(true, Ordering::SeqCst);
+            r
+        });
+        result?;
+        let tokenizer = PathBuf::from(&row.tokenizer_path);
+        let checked = check_model(&out, &tokenizer);
+        let (info, _) = match checked {
+            Ok(x) => x,
+            Err(e) => {
+                let _ = std::fs::remove_file(&out);
+                return Err(e);
+            }
+        };
+        let id = self.store().upsert_model(&ModelRow {
+            id: 0,
+            name: format!(
+                "{} · {}",
+                row.name.split(" · ").next().unwrap_or(&row.name),
+                qt.name()
+            ),
+            source: "quantized".into(),
+            catalog_id: None,
+            format: "gguf".into(),
+            quantization: qt.name().into(),
+            path: path_string(&out),
+            tokenizer_path: row.tokenizer_path.clone(),
+            size_bytes: info.bytes,
+            sha256: None,
+            files: vec![path_string(&out)],
+            added_at: 0,
+        })?;
+        self.model(id)
     }
 }
 

@@ -169,3 +169,35 @@ fn imports_are_checked_before_they_are_registered() {
     w.app.delete_model(m.id).unwrap();
     assert!(gguf.exists());
 }
+
+#[test]
+fn a_safetensors_model_quantizes_into_a_registered_gguf() {
+    let w = world();
+    let st = w.app.import_model(&fixture()).unwrap();
+    let mut reports = Vec::new();
+    let q = w
+        .app
+        .quantize_model(st.id, QuantType::Q8_0, &mut |p| {
+            reports.push((p.done, p.total))
+        })
+        .unwrap();
+    assert_eq!(q.source, "quantized");
+    assert_eq!(q.format, "gguf");
+    assert_eq!(q.quantization, "Q8_0");
+    assert!(Path::new(&q.path).starts_with(w.app.data_dir()));
+    let (done, total) = *reports.last().unwrap();
+    assert_eq!(done, total);
+    assert!(reports.windows(2).all(|r| r[0].0 < r[1].0));
+    // It loads, and a GGUF is not quantized again.
+    dramatis_core::llm::load_model(Path::new(&q.path), &dramatis_core::llm::Device::Cpu).unwrap();
+    assert_eq!(
+        w.app
+            .quantize_model(q.id, QuantType::Q4K, &mut |_| {})
+            .unwrap_err()
+            .kind(),
+        ErrorKind::Conflict
+    );
+    // Deleting a quantized model deletes its file.
+    w.app.delete_model(q.id).unwrap();
+    assert!(!Path::new(&q.path).exists());
+}

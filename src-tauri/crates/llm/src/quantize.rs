@@ -49,6 +49,30 @@ impl QuantType {
     }
 }
 
+impl QuantType {
+    /// The name llama.cpp gives the type (`Q4_K`, `Q8_0`, `F16`...).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Q4K => "Q4_K",
+            Self::Q5K => "Q5_K",
+            Self::Q8_0 => "Q8_0",
+            Self::F16 => "F16",
+            Self::F32 => "F32",
+        }
+    }
+
+    /// Bits per weight, for size estimates.
+    pub fn bits_per_weight(self) -> f64 {
+        match self {
+            Self::Q4K => 4.5,
+            Self::Q5K => 5.5,
+            Self::Q8_0 => 8.5,
+            Self::F16 => 16.0,
+            Self::F32 => 32.0,
+        }
+    }
+}
+
 impl std::str::FromStr for QuantType {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
@@ -68,7 +92,7 @@ impl std::str::FromStr for QuantType {
 }
 
 /// Progress of a quantization, one report per tensor.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct QuantizeProgress {
     /// Tensors written so far.
     pub done: usize,
@@ -111,7 +135,9 @@ pub fn quantize_safetensors(
     mut progress: impl FnMut(QuantizeProgress),
 ) -> Result<()> {
     let cfg = PhiConfig::from_hf_file(&src_dir.join("config.json"))?;
-    let model = crate::weights::load_model(src_dir, &Device::Cpu)?;
+    // Tensors are read one at a time from the memory-mapped shards, so peak
+    // memory is the quantized output plus one f32 tensor, not the model in f32.
+    let st = crate::weights::Shards::open(src_dir, DType::F32)?;
     let tokenizer = src_dir.join("tokenizer.json");
     let tok_meta = if tokenizer.exists() {
         tokenizer_metadata(&tokenizer, cfg.vocab_size)?
@@ -120,8 +146,9 @@ pub fn quantize_safetensors(
     };
 
     let q = qt.ggml();
-    let total = 3 + 7 * cfg.num_hidden_layers + 2;
-    let mut tensors: Vec<(String, QTensor)> = Vec::with_capacity(total + 2);
+    let (h, inter, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
+    let total = 1 + 10 * cfg.num_hidden_layers + 4;
+    let mut tensors: Vec<(String, QTensor)> = Vec::with_capacity(total);
     let mut push = |name: String, t: QTensor, tensors: &mut Vec<(String, QTensor)>| -> Result<()> {
         if cancel.load(Ordering::Relaxed) {
             return Err(Error::Cancelled);
@@ -134,70 +161,85 @@ pub fn quantize_safetensors(
         });
         Ok(())
     };
-    let f32q = |t: &Tensor| quantize(t, GgmlDType::F32);
-
-    let embed = match &model.embed {
-        crate::model::Embedding::Dense(t) => t.clone(),
-        crate::model::Embedding::Quantized { .. } => {
-            unreachable!("safetensors embeddings are dense")
-        }
+    let cpu = Device::Cpu;
+    let vector = |name: &str, n: usize| -> Result<QTensor> {
+        quantize(&st.get(name, &[n], &cpu)?, GgmlDType::F32)
     };
+
+    let embed = st.get("model.embed_tokens.weight", &[v, h], &cpu)?;
     push(
         "token_embd.weight".into(),
         quantize_matrix(&embed, q)?,
         &mut tensors,
     )?;
-    for (i, b) in model.blocks.iter().enumerate() {
+    drop(embed);
+    for i in 0..cfg.num_hidden_layers {
+        let hf = format!("model.layers.{i}");
         let p = format!("blk.{i}");
-        push(
-            format!("{p}.attn_norm.weight"),
-            f32q(b.norm.weight())?,
-            &mut tensors,
-        )?;
-        let norm_bias = b
-            .norm
-            .bias()
-            .ok_or_else(|| Error::Invalid("LayerNorm without bias".into()))?;
-        push(
-            format!("{p}.attn_norm.bias"),
-            f32q(norm_bias)?,
-            &mut tensors,
-        )?;
-        for (name, lin) in [
-            ("attn_qkv", &b.qkv),
-            ("attn_output", &b.dense),
-            ("ffn_up", &b.fc1),
-            ("ffn_down", &b.fc2),
-        ] {
+        for (ours, theirs) in [("weight", "weight"), ("bias", "bias")] {
             push(
-                format!("{p}.{name}.weight"),
-                quantize_matrix(&lin.dense_weight()?, q)?,
+                format!("{p}.attn_norm.{ours}"),
+                vector(&format!("{hf}.input_layernorm.{theirs}"), h)?,
                 &mut tensors,
             )?;
-            if let Some(bias) = lin.bias() {
-                push(format!("{p}.{name}.bias"), f32q(bias)?, &mut tensors)?;
-            }
+        }
+        let qkv = ["q_proj", "k_proj", "v_proj"];
+        let w = qkv
+            .iter()
+            .map(|n| st.get(&format!("{hf}.self_attn.{n}.weight"), &[h, h], &cpu))
+            .collect::<Result<Vec<_>>>()?;
+        push(
+            format!("{p}.attn_qkv.weight"),
+            quantize_matrix(&Tensor::cat(&w, 0)?, q)?,
+            &mut tensors,
+        )?;
+        let b = qkv
+            .iter()
+            .map(|n| st.get(&format!("{hf}.self_attn.{n}.bias"), &[h], &cpu))
+            .collect::<Result<Vec<_>>>()?;
+        push(
+            format!("{p}.attn_qkv.bias"),
+            quantize(&Tensor::cat(&b, 0)?, GgmlDType::F32)?,
+            &mut tensors,
+        )?;
+        for (ours, theirs, out, inp) in [
+            ("attn_output", "self_attn.dense", h, h),
+            ("ffn_up", "mlp.fc1", inter, h),
+            ("ffn_down", "mlp.fc2", h, inter),
+        ] {
+            let w = st.get(&format!("{hf}.{theirs}.weight"), &[out, inp], &cpu)?;
+            push(
+                format!("{p}.{ours}.weight"),
+                quantize_matrix(&w, q)?,
+                &mut tensors,
+            )?;
+            push(
+                format!("{p}.{ours}.bias"),
+                vector(&format!("{hf}.{theirs}.bias"), out)?,
+                &mut tensors,
+            )?;
         }
     }
-    push(
-        "output_norm.weight".into(),
-        f32q(model.final_norm.weight())?,
-        &mut tensors,
-    )?;
-    let out_bias = model
-        .final_norm
-        .bias()
-        .ok_or_else(|| Error::Invalid("LayerNorm without bias".into()))?;
-    push("output_norm.bias".into(), f32q(out_bias)?, &mut tensors)?;
+    for part in ["weight", "bias"] {
+        push(
+            format!("output_norm.{part}"),
+            vector(&format!("model.final_layernorm.{part}"), h)?,
+            &mut tensors,
+        )?;
+    }
+    let head = st.get("lm_head.weight", &[v, h], &cpu)?;
     push(
         "output.weight".into(),
-        quantize_matrix(&model.lm_head.dense_weight()?, q)?,
+        quantize_matrix(&head, q)?,
         &mut tensors,
     )?;
-    if let Some(b) = model.lm_head.bias() {
-        push("output.bias".into(), f32q(b)?, &mut tensors)?;
-    }
-    drop(model);
+    drop(head);
+    push(
+        "output.bias".into(),
+        vector("lm_head.bias", v)?,
+        &mut tensors,
+    )?;
+    drop(st);
 
     let mut meta = phi2_metadata(&cfg, qt.file_type(), "Phi-2 (quantized by Dramatis)");
     meta.extend(tok_meta);

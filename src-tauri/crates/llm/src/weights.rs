@@ -486,7 +486,7 @@ fn load_gguf(path: &Path, device: &Device) -> Result<Phi> {
 
 // ---- safetensors -------------------------------------------------------------
 
-struct Shards {
+pub(crate) struct Shards {
     dir: PathBuf,
     st: candle_core::safetensors::MmapedSafetensors,
     /// Which file holds each tensor, for error messages.
@@ -495,7 +495,7 @@ struct Shards {
 }
 
 impl Shards {
-    fn open(dir: &Path, dtype: DType) -> Result<Self> {
+    pub(crate) fn open(dir: &Path, dtype: DType) -> Result<Self> {
         let index = dir.join("model.safetensors.index.json");
         let files: Vec<PathBuf> = if index.exists() {
             let bytes = std::fs::read(&index).map_err(|e| Error::io(&index, e))?;
@@ -552,7 +552,7 @@ impl Shards {
         })
     }
 
-    fn get(&self, name: &str, shape: &[usize], device: &Device) -> Result<Tensor> {
+    pub(crate) fn get(&self, name: &str, shape: &[usize], device: &Device) -> Result<Tensor> {
         let file = self.names.get(name).ok_or_else(|| Error::MissingTensor {
             path: self.dir.clone(),
             name: name.into(),
