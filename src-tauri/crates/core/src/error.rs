@@ -33,6 +33,12 @@ pub enum Error {
     /// A download or a dataset failed.
     #[error(transparent)]
     Hub(#[from] dramatis_hub::Error),
+    /// An imported file had bad lines; nothing was imported.
+    #[error("nothing was imported: {}", .0.join("; "))]
+    Import(Vec<String>),
+    /// Chat needs a model and none is installed.
+    #[error("{0}")]
+    NoModel(String),
     /// A model file, tokenizer or adapter was refused, or the engine failed.
     #[error(transparent)]
     Model(#[from] dramatis_llm::Error),
@@ -60,6 +66,10 @@ pub enum ErrorKind {
     Cancelled,
     /// A file (model, tokenizer, dataset) is unusable.
     BadFile,
+    /// No model is installed.
+    NoModel,
+    /// The device ran out of memory.
+    OutOfMemory,
 }
 
 impl Error {
@@ -88,7 +98,12 @@ impl Error {
                     _ => ErrorKind::Network,
                 }
             }
+            Self::NoModel(_) => ErrorKind::NoModel,
+            Self::Import(_) => ErrorKind::BadFile,
             Self::Model(dramatis_llm::Error::Cancelled) => ErrorKind::Cancelled,
+            Self::Model(e) if e.to_string().to_lowercase().contains("out of memory") => {
+                ErrorKind::OutOfMemory
+            }
             Self::Model(dramatis_llm::Error::Io { io, .. })
                 if io.kind() == std::io::ErrorKind::StorageFull =>
             {

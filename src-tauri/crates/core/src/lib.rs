@@ -7,6 +7,7 @@
 
 mod builtins;
 mod characters;
+mod chats;
 mod error;
 mod models;
 mod paths;
@@ -21,6 +22,10 @@ use dramatis_store::Store;
 
 pub use builtins::BUILTINS;
 pub use characters::{AvatarEdit, Character, CharacterDraft, CharacterSummary};
+pub use chats::{
+    ChatEvent, ChatMessage, ChatSettings, ChatSummary, ChatView, ExportFormat, FLUSH_EVERY,
+    MessageHit,
+};
 /// Downloads, the catalog and datasets.
 pub use dramatis_hub as hub;
 /// The language model engine, for the CLI and the shell.
@@ -46,6 +51,7 @@ pub struct Dramatis {
     catalog: Catalog,
     downloads: models::Downloads,
     device: OnceLock<dramatis_llm::Device>,
+    chat_runtime: chats::ChatRuntime,
 }
 
 impl Dramatis {
@@ -70,6 +76,7 @@ impl Dramatis {
             catalog: Catalog::builtin(),
             downloads: Default::default(),
             device: OnceLock::new(),
+            chat_runtime: Default::default(),
         };
         app.first_start()?;
         Ok(app)

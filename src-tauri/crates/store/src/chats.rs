@@ -276,6 +276,151 @@ impl Store {
         )
     }
 
+    /// One message.
+    pub fn message(&self, id: i64) -> Result<MessageRow> {
+        self.conn()
+            .query_row(
+                "SELECT id, chat_id, parent_id, role, content, created_at FROM messages WHERE id = ?1",
+                [id],
+                message,
+            )
+            .optional()?
+            .ok_or(Error::NotFound {
+                what: "message",
+                id,
+            })
+    }
+
+    /// The messages from the first one down to `id`, whichever branch it is on.
+    pub fn path_to(&self, id: i64) -> Result<Vec<MessageRow>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "WITH RECURSIVE up(id, depth) AS (
+                 SELECT ?1, 0
+                 UNION ALL
+                 SELECT m.parent_id, up.depth + 1 FROM messages m JOIN up ON m.id = up.id
+                 WHERE m.parent_id IS NOT NULL
+             )
+             SELECT m.id, m.chat_id, m.parent_id, m.role, m.content, m.created_at
+             FROM up JOIN messages m ON m.id = up.id ORDER BY up.depth DESC",
+        )?;
+        let rows: Vec<MessageRow> = stmt
+            .query_map([id], message)?
+            .collect::<rusqlite::Result<_>>()?;
+        if rows.is_empty() {
+            return Err(Error::NotFound {
+                what: "message",
+                id,
+            });
+        }
+        Ok(rows)
+    }
+
+    /// Makes the branch through `id` the visible one (every ancestor selected).
+    pub fn select_path(&self, id: i64) -> Result<()> {
+        let path = self.path_to(id)?;
+        self.write(|tx| {
+            for m in &path {
+                select_in(tx, m.id)?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Deletes a message and everything that follows it on any branch; a
+    /// sibling (the newest) becomes the visible one.
+    pub fn delete_message(&self, id: i64) -> Result<()> {
+        let m = self.message(id)?;
+        self.write(|tx| {
+            tx.execute("DELETE FROM messages WHERE id = ?1", [id])?;
+            let next: Option<i64> = tx
+                .query_row(
+                    "SELECT id FROM messages WHERE chat_id = ?1 AND parent_id IS ?2 ORDER BY id DESC LIMIT 1",
+                    params![m.chat_id, m.parent_id],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            if let Some(next) = next {
+                select_in(tx, next)?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Renames a chat.
+    pub fn rename_chat(&self, id: i64, title: &str) -> Result<()> {
+        self.write(|tx| {
+            match tx.execute(
+                "UPDATE chats SET title = ?2, updated_at = ?3 WHERE id = ?1",
+                params![id, title, now_ms()],
+            )? {
+                0 => Err(Error::NotFound { what: "chat", id }),
+                _ => Ok(()),
+            }
+        })
+    }
+
+    /// A chat's generation settings (JSON), if any were saved.
+    pub fn chat_settings(&self, id: i64) -> Result<Option<String>> {
+        self.conn()
+            .query_row("SELECT settings FROM chats WHERE id = ?1", [id], |r| {
+                r.get(0)
+            })
+            .optional()?
+            .ok_or(Error::NotFound { what: "chat", id })
+    }
+
+    /// Saves a chat's generation settings (JSON).
+    pub fn set_chat_settings(&self, id: i64, json: &str) -> Result<()> {
+        self.write(|tx| {
+            match tx.execute(
+                "UPDATE chats SET settings = ?2 WHERE id = ?1",
+                params![id, json],
+            )? {
+                0 => Err(Error::NotFound { what: "chat", id }),
+                _ => Ok(()),
+            }
+        })
+    }
+
+    /// Creates a whole chat in one transaction: each entry of `path` is one
+    /// level of the conversation with its alternatives (swipes) and the index
+    /// of the visible one. Either all of it is stored or nothing.
+    pub fn insert_chat_tree(
+        &self,
+        character_id: i64,
+        persona_id: Option<i64>,
+        title: &str,
+        path: &[(Role, Vec<String>, usize)],
+    ) -> Result<i64> {
+        self.write(|tx| {
+            let now = now_ms();
+            tx.execute(
+                "INSERT INTO chats (character_id, persona_id, title, created_at, updated_at) VALUES (?1, ?2, ?3, ?4, ?4)",
+                params![character_id, persona_id, title, now],
+            )?;
+            let chat = tx.last_insert_rowid();
+            let mut parent: Option<i64> = None;
+            for (role, swipes, selected) in path {
+                let mut chosen = None;
+                for (i, text) in swipes.iter().enumerate() {
+                    tx.execute(
+                        "INSERT INTO messages (chat_id, parent_id, role, content, created_at, updated_at)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?5)",
+                        params![chat, parent, role.as_str(), text, now],
+                    )?;
+                    if i == *selected || chosen.is_none() {
+                        chosen = Some(tx.last_insert_rowid());
+                    }
+                }
+                let Some(c) = chosen else { break };
+                select_in(tx, c)?;
+                parent = Some(c);
+            }
+            Ok(chat)
+        })
+    }
+
     /// Messages whose text matches `query` (words, any order), best first.
     pub fn search_messages(&self, query: &str, limit: u32) -> Result<Vec<SearchHit>> {
         // Quote every word so user text is never read as FTS5 syntax.

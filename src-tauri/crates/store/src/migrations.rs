@@ -102,6 +102,10 @@ const STEPS: &[&str] = &[
         added_at       INTEGER NOT NULL
     );
     "#,
+    // 4: per-chat generation settings (JSON; NULL means the defaults).
+    r#"
+    ALTER TABLE chats ADD COLUMN settings TEXT;
+    "#,
 ];
 
 /// Brings the schema up to `target`, one transaction per step.
