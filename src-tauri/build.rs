@@ -24,6 +24,23 @@ const COMMANDS: &[&str] = &[
     "delete_model",
     "set_default_model",
     "quantize_model",
+    "list_chats",
+    "start_chat",
+    "chat_view",
+    "send_message",
+    "regenerate",
+    "continue_reply",
+    "stop_generation",
+    "select_swipe",
+    "edit_message",
+    "delete_message",
+    "rename_chat",
+    "delete_chat",
+    "set_chat_settings",
+    "search_messages",
+    "open_message",
+    "export_chat",
+    "import_chat",
 ];
 
 fn main() {

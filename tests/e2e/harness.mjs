@@ -1,7 +1,7 @@
 // Drives the built Dramatis app in a real WebKit window through tauri-driver.
 // Each test gets its own data folder; screenshots go to target/e2e-screenshots.
 import { spawn, spawnSync } from "node:child_process";
-import { mkdirSync, mkdtempSync, rmSync } from "node:fs";
+import { cpSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
@@ -43,6 +43,14 @@ export class Driver {
     });
     await browser.$('[data-testid="nav-characters"]').waitForExist({ timeout: 30000 });
     return browser;
+  }
+
+  /** Ends the app and its session but keeps the data folder (an app restart). */
+  async restart(browser) {
+    await close(browser);
+    spawnSync("pkill", ["-TERM", "-f", `^${application}$`]);
+    await new Promise((r) => setTimeout(r, 500));
+    return this.launch();
   }
 
   async stop() {
@@ -132,4 +140,21 @@ export async function startFakeHub(files, bytesPerSec) {
     proc.once("exit", (code) => reject(new Error(`fake-hub exited with ${code}`)));
   });
   return { endpoint, stop: () => proc.kill("SIGTERM") };
+}
+
+/** Registers the tiny Phi fixture as the model of a data folder, through the
+ * CLI (`dramatis-cli import`). Its context is widened to 2048 positions (rotary
+ * positions need no weights) so replies run long enough to watch and stop. */
+export function installTinyModel(dataDir) {
+  const dir = path.join(dataDir, "tiny-model");
+  cpSync(fixtureDir, dir, { recursive: true });
+  const cfgPath = path.join(dir, "config.json");
+  const cfg = JSON.parse(readFileSync(cfgPath, "utf8"));
+  cfg.max_position_embeddings = 2048;
+  writeFileSync(cfgPath, JSON.stringify(cfg));
+  const r = spawnSync(cliBinary, ["import", dir], {
+    env: { ...process.env, DRAMATIS_DATA_DIR: dataDir },
+    stdio: ["ignore", "ignore", "inherit"],
+  });
+  if (r.status !== 0) throw new Error("dramatis-cli import failed");
 }

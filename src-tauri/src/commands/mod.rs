@@ -3,6 +3,7 @@
 
 mod app;
 mod characters;
+mod chats;
 mod models;
 mod personas;
 
@@ -42,6 +43,23 @@ pub(crate) fn handler<R: Runtime>() -> impl Fn(Invoke<R>) -> bool + Send + Sync 
         models::delete_model,
         models::set_default_model,
         models::quantize_model,
+        chats::list_chats,
+        chats::start_chat,
+        chats::chat_view,
+        chats::send_message,
+        chats::regenerate,
+        chats::continue_reply,
+        chats::stop_generation,
+        chats::select_swipe,
+        chats::edit_message,
+        chats::delete_message,
+        chats::rename_chat,
+        chats::delete_chat,
+        chats::set_chat_settings,
+        chats::search_messages,
+        chats::open_message,
+        chats::export_chat,
+        chats::import_chat,
     ]
 }
 

@@ -5,9 +5,14 @@ import type {
   Character,
   CharacterDraft,
   CharacterSummary,
+  ChatEvent,
+  ChatSettings,
+  ChatSummary,
+  ChatView,
   CommandError,
   DownloadProgress,
   Model,
+  MessageHit,
   ModelsOverview,
   Persona,
   PersonaDraft,
@@ -64,7 +69,34 @@ export const api = {
     channel.onmessage = onProgress;
     return call<Model>("quantize_model", { id, quant, onProgress: channel });
   },
+  listChats: (characterId: number) => call<ChatSummary[]>("list_chats", { characterId }),
+  startChat: (characterId: number) => call<ChatView>("start_chat", { characterId }),
+  chatView: (chatId: number) => call<ChatView>("chat_view", { chatId }),
+  sendMessage: (chatId: number, text: string, onEvent: (e: ChatEvent) => void) =>
+    call<ChatView>("send_message", { chatId, text, onEvent: channel(onEvent) }),
+  regenerate: (messageId: number, onEvent: (e: ChatEvent) => void) =>
+    call<ChatView>("regenerate", { messageId, onEvent: channel(onEvent) }),
+  continueReply: (chatId: number, onEvent: (e: ChatEvent) => void) =>
+    call<ChatView>("continue_reply", { chatId, onEvent: channel(onEvent) }),
+  stopGeneration: () => call<boolean>("stop_generation"),
+  selectSwipe: (messageId: number, index: number) => call<ChatView>("select_swipe", { messageId, index }),
+  editMessage: (messageId: number, content: string) => call<ChatView>("edit_message", { messageId, content }),
+  deleteMessage: (messageId: number) => call<ChatView>("delete_message", { messageId }),
+  renameChat: (chatId: number, title: string) => call<ChatView>("rename_chat", { chatId, title }),
+  deleteChat: (chatId: number) => call<null>("delete_chat", { chatId }),
+  setChatSettings: (chatId: number, settings: ChatSettings) => call<ChatView>("set_chat_settings", { chatId, settings }),
+  searchMessages: (query: string) => call<MessageHit[]>("search_messages", { query }),
+  openMessage: (messageId: number) => call<ChatView>("open_message", { messageId }),
+  exportChat: (chatId: number, format: "jsonl" | "markdown", path: string | null) =>
+    call<string>("export_chat", { chatId, format, path }),
+  importChat: (characterId: number, path: string) => call<ChatView>("import_chat", { characterId, path }),
 };
+
+function channel<T>(onMessage: (m: T) => void): Channel<T> {
+  const c = new Channel<T>();
+  c.onmessage = onMessage;
+  return c;
+}
 
 /** The URL of a character's avatar; the version busts the cache after an edit. */
 export function avatarUrl(id: number, version: number): string {

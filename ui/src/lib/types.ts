@@ -95,7 +95,9 @@ export type ErrorKind =
   | "storage"
   | "network"
   | "cancelled"
-  | "bad_file";
+  | "bad_file"
+  | "no_model"
+  | "out_of_memory";
 
 /** The shell's `CommandError`. */
 export interface CommandError {
@@ -195,4 +197,82 @@ export interface QuantizeProgress {
   done: number;
   total: number;
   tensor: string;
+}
+
+/** dramatis-persona `PromptFormat`. */
+export type PromptFormat = "roleplay" | "transcript";
+
+/** dramatis-core `ChatSettings`. */
+export interface ChatSettings {
+  format: PromptFormat;
+  temperature: number;
+  top_k: number;
+  top_p: number;
+  min_p: number;
+  repetition_penalty: number;
+  max_new_tokens: number;
+  seed: number | null;
+}
+
+/** dramatis-core `ChatMessage`. */
+export interface ChatMessage {
+  id: number;
+  parent_id: number | null;
+  role: "user" | "assistant" | "system";
+  content: string;
+  swipe_index: number;
+  swipe_count: number;
+  created_at: number;
+}
+
+/** dramatis-core `ChatSummary`. */
+export interface ChatSummary {
+  id: number;
+  character_id: number;
+  title: string;
+  last_message: string | null;
+  message_count: number;
+  updated_at: number;
+}
+
+/** dramatis-core `ChatView`. */
+export interface ChatView {
+  chat: ChatSummary;
+  character_name: string;
+  user_name: string;
+  messages: ChatMessage[];
+  settings: ChatSettings;
+}
+
+/** dramatis-core `ChatEvent`. */
+export type ChatEvent =
+  | { type: "loading"; model: string }
+  | {
+      type: "started";
+      user_message: ChatMessage | null;
+      reply: ChatMessage;
+      prompt_tokens: number;
+      budget: number;
+      turns_included: number;
+      turns_total: number;
+    }
+  | { type: "text"; text: string }
+  | {
+      type: "finished";
+      reply: ChatMessage;
+      stop_reason: string;
+      tokens: number;
+      tokens_per_sec: number;
+    };
+
+/** dramatis-core `MessageHit`. */
+export interface MessageHit {
+  message_id: number;
+  chat_id: number;
+  chat_title: string;
+  character_id: number;
+  character_name: string;
+  snippet: string;
+  path: number[];
+  on_visible_branch: boolean;
 }

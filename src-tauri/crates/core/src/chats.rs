@@ -629,6 +629,15 @@ impl Dramatis {
         drop(slot);
         let final_text = finish_text(&base, &text, continuing.is_some());
         match result {
+            Ok(g) if continuing.is_none() && final_text.is_empty() => {
+                // Stopped (or ended) before a single character: no empty reply is left.
+                self.store().delete_message(reply_id)?;
+                if let Some(e) = flush_error {
+                    return Err(e.into());
+                }
+                tracing::info!(reason = ?g.stop_reason, "reply ended before any text");
+                self.chat_view(chat_id)
+            }
             Ok(g) => {
                 self.store().set_message_content(reply_id, &final_text)?;
                 if let Some(e) = flush_error {

@@ -36,7 +36,7 @@ pub use dramatis_persona::{CharacterCard, FieldError, LIMITS, PersonaDraft, Vali
 pub use dramatis_store::{CharacterFilter, TagCount};
 pub use error::{Error, ErrorKind, Result};
 pub use models::{CatalogItem, DeviceInfo, Model, ModelsOverview};
-pub use paths::{DATA_DIR_ENV, default_data_dir};
+pub use paths::{DATA_DIR_ENV, default_data_dir, write_atomically};
 pub use personas::Persona;
 
 /// The setting that records that first-start setup ran.

@@ -20,3 +20,25 @@ pub fn default_data_dir() -> Result<PathBuf> {
             source: std::io::Error::from(std::io::ErrorKind::NotFound),
         })
 }
+
+/// Writes a file so that a crash leaves either the old file or the new one:
+/// a temporary file beside it, synced, then renamed into place.
+pub fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> crate::Result<()> {
+    use std::io::Write;
+    let io = |e: std::io::Error| crate::Error::Io {
+        context: format!("cannot write {}", path.display()),
+        source: e,
+    };
+    let tmp = path.with_extension(format!(
+        "{}.partial",
+        path.extension().and_then(|e| e.to_str()).unwrap_or("tmp")
+    ));
+    let mut f = std::fs::File::create(&tmp).map_err(io)?;
+    let result = f.write_all(bytes).and_then(|_| f.sync_all());
+    drop(f);
+    if let Err(e) = result.and_then(|_| std::fs::rename(&tmp, path)) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(io(e));
+    }
+    Ok(())
+}
