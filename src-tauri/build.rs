@@ -41,6 +41,7 @@ const COMMANDS: &[&str] = &[
     "open_message",
     "export_chat",
     "import_chat",
+    "stream_test",
 ];
 
 fn main() {

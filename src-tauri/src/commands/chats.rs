@@ -1,18 +1,71 @@
 use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
-use dramatis_core::{ChatEvent, ChatSettings, ChatSummary, ChatView, ExportFormat, MessageHit};
+use dramatis_core::{
+    ChatEvent, ChatSettings, ChatSummary, ChatView, ExportFormat, MessageHit, StreamReport,
+};
 use tauri::ipc::Channel;
 use tauri::{AppHandle, Runtime};
 
 use super::blocking;
 use crate::CommandError;
 
-/// A sink that forwards generation events to the window.
-fn forward(channel: Channel<ChatEvent>) -> impl FnMut(ChatEvent) + Send {
-    move |e| {
-        // A closed window drops the channel; the reply is still stored.
-        let _ = channel.send(e);
+/// The window redraws about this often; text arriving faster is sent in one message.
+const FRAME: Duration = Duration::from_millis(16);
+
+/// Forwards generation events to the window, coalescing text pieces that
+/// arrive within one frame of the last send (a fast stream would otherwise
+/// cost the webview one message per token). Order is kept: other events
+/// flush the pending text first, and so does dropping the sink.
+struct Forward {
+    channel: Channel<ChatEvent>,
+    pending: String,
+    last_send: Option<Instant>,
+}
+
+impl Forward {
+    fn push(&mut self, e: ChatEvent) {
+        match e {
+            ChatEvent::Text { text } => {
+                self.pending.push_str(&text);
+                if self.last_send.is_none_or(|t| t.elapsed() >= FRAME) {
+                    self.flush();
+                }
+            }
+            other => {
+                self.flush();
+                self.send(other);
+            }
+        }
     }
+
+    fn flush(&mut self) {
+        if !self.pending.is_empty() {
+            let text = std::mem::take(&mut self.pending);
+            self.send(ChatEvent::Text { text });
+        }
+    }
+
+    fn send(&mut self, e: ChatEvent) {
+        self.last_send = Some(Instant::now());
+        // A closed window drops the channel; the reply is still stored.
+        let _ = self.channel.send(e);
+    }
+}
+
+impl Drop for Forward {
+    fn drop(&mut self) {
+        self.flush();
+    }
+}
+
+fn forward(channel: Channel<ChatEvent>) -> impl FnMut(ChatEvent) + Send {
+    let mut f = Forward {
+        channel,
+        pending: String::new(),
+        last_send: None,
+    };
+    move |e| f.push(e)
 }
 
 /// A character's chats, the most recent first.
@@ -193,6 +246,21 @@ pub async fn import_chat<R: Runtime>(
             source: e,
         })?;
         d.import_chat(character_id, &text)
+    })
+    .await
+}
+
+/// A self-test: `count` numbered pieces at `per_sec` through the reply
+/// channel, for measuring how the window keeps up.
+#[tauri::command]
+pub async fn stream_test<R: Runtime>(
+    app: AppHandle<R>,
+    count: usize,
+    per_sec: f64,
+    on_event: Channel<ChatEvent>,
+) -> Result<StreamReport, CommandError> {
+    blocking(&app, move |d| {
+        d.synthetic_stream(count, per_sec, &mut forward(on_event))
     })
     .await
 }

@@ -60,6 +60,7 @@ pub(crate) fn handler<R: Runtime>() -> impl Fn(Invoke<R>) -> bool + Send + Sync 
         chats::open_message,
         chats::export_chat,
         chats::import_chat,
+        chats::stream_test,
     ]
 }
 

@@ -90,6 +90,12 @@ export const api = {
   exportChat: (chatId: number, format: "jsonl" | "markdown", path: string | null) =>
     call<string>("export_chat", { chatId, format, path }),
   importChat: (characterId: number, path: string) => call<ChatView>("import_chat", { characterId, path }),
+  streamTest: (count: number, perSec: number, onEvent: (e: ChatEvent) => void) =>
+    call<{ pieces: number; seconds: number; pieces_per_sec: number }>("stream_test", {
+      count,
+      perSec,
+      onEvent: channel(onEvent),
+    }),
 };
 
 function channel<T>(onMessage: (m: T) => void): Channel<T> {

@@ -8,6 +8,7 @@
 mod builtins;
 mod characters;
 mod chats;
+mod diagnostics;
 mod error;
 mod models;
 mod paths;
@@ -26,6 +27,7 @@ pub use chats::{
     ChatEvent, ChatMessage, ChatSettings, ChatSummary, ChatView, ExportFormat, FLUSH_EVERY,
     MessageHit,
 };
+pub use diagnostics::StreamReport;
 /// Downloads, the catalog and datasets.
 pub use dramatis_hub as hub;
 /// The language model engine, for the CLI and the shell.
