@@ -163,3 +163,45 @@ describe("chat", () => {
     }
   });
 });
+
+describe("chat import", () => {
+  let driver;
+  beforeEach(async () => {
+    driver = await Driver.start();
+    installTinyModel(driver.dataDir);
+  });
+  afterEach(async () => {
+    await driver?.stop();
+  });
+
+  it("a SillyTavern chat imports with its swipes and opens from search", async () => {
+    const browser = await driver.launch();
+    try {
+      const file = new URL("./fixtures/demo-chat.jsonl", import.meta.url).pathname;
+      const result = await browser.executeAsync((path, done) => {
+        const invoke = window.__TAURI_INTERNALS__.invoke;
+        invoke("list_characters", { query: {} })
+          .then((cs) => invoke("import_chat", { characterId: cs.find((c) => c.name === "Kestrel").id, path }))
+          .then((v) => done(v.messages.length), (e) => done(`error: ${JSON.stringify(e)}`));
+      }, file);
+      assert.equal(result, 5);
+      await browser.$('[data-testid="nav-chats"]').click();
+      const search = await browser.$('[data-testid="chat-search"]');
+      await search.waitForExist({ timeout: 10000 });
+      await search.setValue("patient admirer");
+      await browser.keys(["Enter"]);
+      await browser.$('[data-testid="search-hit"]').click();
+      // The hit lives on the second swipe: opening it shows that branch.
+      await browser.waitUntil(async () => (await bodies(browser)).some((t) => t.includes("very patient admirer")), {
+        timeout: 10000,
+        timeoutMsg: "the search hit did not open on its branch",
+      });
+      assert.ok((await browser.$$('[data-testid="swipe-count"]').map((e) => e.getText())).includes("2/2"));
+      await browser.$('[data-testid="swipe-prev"]').click();
+      await browser.waitUntil(async () => (await bodies(browser)).some((t) => t.includes("far too tidy")), { timeout: 10000 });
+      await screenshot(browser, "chat-demo");
+    } finally {
+      await close(browser);
+    }
+  });
+});
