@@ -71,7 +71,24 @@ impl Linear {
 
     /// `x Wᵀ + b`, plus each LoRA slot's delta on its slice of the output.
     pub fn forward(&self, x: &Tensor, lora: &[&LoraSlot]) -> Result<Tensor> {
-        let mut y = self.weight.forward(x)?;
+        self.forward_mode(x, lora, false)
+    }
+
+    /// [`Linear::forward`]; with `diff`, a quantized weight is dequantized
+    /// for this call so the input gets a gradient (quantized matmuls have none).
+    pub(crate) fn forward_mode(
+        &self,
+        x: &Tensor,
+        lora: &[&LoraSlot],
+        diff: bool,
+    ) -> Result<Tensor> {
+        let mut y = match &self.weight {
+            QMatMul::QTensor(q) if diff => {
+                let w = q.dequantize(x.device())?;
+                x.broadcast_matmul(&w.t()?)?
+            }
+            w => w.forward(x)?,
+        };
         if let Some(b) = &self.bias {
             y = y.broadcast_add(b)?;
         }

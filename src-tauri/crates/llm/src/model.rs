@@ -169,9 +169,29 @@ impl Phi {
     pub fn forward(
         &self,
         tokens: &Tensor,
+        cache: Option<&mut KvCache>,
+        logits: Logits,
+        lora: Option<&LoraAdapter>,
+    ) -> Result<Tensor> {
+        self.run(tokens, cache, logits, lora, false)
+    }
+
+    /// Logits for every position of `tokens` (`[b, seq]`), with no cache,
+    /// through operations that all have gradients: layer norm, rotary
+    /// embedding and softmax written with basic ops, and quantized weights
+    /// dequantized per call, so gradients reach every LoRA slot (QLoRA).
+    /// Slower than [`Phi::forward`]; the values agree to float rounding.
+    pub fn forward_train(&self, tokens: &Tensor, lora: Option<&LoraAdapter>) -> Result<Tensor> {
+        self.run(tokens, None, Logits::All, lora, true)
+    }
+
+    fn run(
+        &self,
+        tokens: &Tensor,
         mut cache: Option<&mut KvCache>,
         logits: Logits,
         lora: Option<&LoraAdapter>,
+        diff: bool,
     ) -> Result<Tensor> {
         let (b, seq) = tokens.dims2()?;
         let offset = cache.as_ref().map_or(0, |c| c.len());
@@ -203,7 +223,7 @@ impl Phi {
         let no_lora = LoraLayer::default();
         for (i, block) in self.blocks.iter().enumerate() {
             let l = lora.map_or(&no_lora, |a| &a.layers[i]);
-            let h = block.norm.forward(&x)?;
+            let h = self.norm(&block.norm, &x, diff)?;
             let attn = self.attention(
                 block,
                 &h,
@@ -213,8 +233,9 @@ impl Phi {
                 mask.as_ref(),
                 &cos,
                 &sin,
+                diff,
             )?;
-            let mlp = self.mlp(block, &h, l)?;
+            let mlp = self.mlp(block, &h, l, diff)?;
             x = ((attn + mlp)? + x)?;
         }
         if let Some(c) = cache {
@@ -226,19 +247,38 @@ impl Phi {
                 .i((.., seq - 1, ..))?
                 .reshape((b, 1, self.cfg.hidden_size))?,
         };
-        let x = self.final_norm.forward(&x)?;
-        let out = self.lm_head.forward(&x, &[])?;
+        let x = self.norm(&self.final_norm, &x, diff)?;
+        let out = self.lm_head.forward_mode(&x, &[], diff)?;
         Ok(match logits {
             Logits::All => out,
             Logits::Last => out.squeeze(1)?,
         })
     }
 
-    fn mlp(&self, block: &Block, h: &Tensor, l: &LoraLayer) -> Result<Tensor> {
-        let up = block.fc1.forward(h, &slots(l, &[LoraTarget::Fc1]))?;
+    /// LayerNorm: candle's fused kernel, or (for gradients) basic ops.
+    fn norm(&self, n: &LayerNorm, x: &Tensor, diff: bool) -> Result<Tensor> {
+        if !diff {
+            return Ok(n.forward(x)?);
+        }
+        let h = x.dim(D::Minus1)? as f64;
+        let mean = (x.sum_keepdim(D::Minus1)? / h)?;
+        let xc = x.broadcast_sub(&mean)?;
+        let var = (xc.sqr()?.sum_keepdim(D::Minus1)? / h)?;
+        let xn = xc.broadcast_div(&(var + self.cfg.layer_norm_eps)?.sqrt()?)?;
+        let y = xn.broadcast_mul(n.weight())?;
+        Ok(match n.bias() {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        })
+    }
+
+    fn mlp(&self, block: &Block, h: &Tensor, l: &LoraLayer, diff: bool) -> Result<Tensor> {
+        let up = block
+            .fc1
+            .forward_mode(h, &slots(l, &[LoraTarget::Fc1]), diff)?;
         block
             .fc2
-            .forward(&up.gelu()?, &slots(l, &[LoraTarget::Fc2]))
+            .forward_mode(&up.gelu()?, &slots(l, &[LoraTarget::Fc2]), diff)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -252,19 +292,22 @@ impl Phi {
         mask: Option<&Tensor>,
         cos: &Tensor,
         sin: &Tensor,
+        diff: bool,
     ) -> Result<Tensor> {
         let (b, seq, hidden) = h.dims3()?;
         let heads = self.cfg.num_attention_heads;
         let hd = self.cfg.head_dim();
-        let qkv = block
-            .qkv
-            .forward(h, &slots(l, &[LoraTarget::Q, LoraTarget::K, LoraTarget::V]))?;
+        let qkv = block.qkv.forward_mode(
+            h,
+            &slots(l, &[LoraTarget::Q, LoraTarget::K, LoraTarget::V]),
+            diff,
+        )?;
         let qkv = qkv.reshape((b, seq, 3, heads, hd))?;
         let q = qkv.i((.., .., 0))?.transpose(1, 2)?;
         let k = qkv.i((.., .., 1))?.transpose(1, 2)?;
         let v = qkv.i((.., .., 2))?.transpose(1, 2)?.contiguous()?;
-        let q = self.rope(&q, cos, sin)?;
-        let k = self.rope(&k, cos, sin)?;
+        let q = self.rope(&q, cos, sin, diff)?;
+        let k = self.rope(&k, cos, sin, diff)?;
         let (k, v) = match cache {
             Some(c) => c.append(layer, &k, &v)?,
             None => (k, v),
@@ -275,18 +318,28 @@ impl Phi {
             Some(m) => scores.broadcast_add(m)?,
             None => scores,
         };
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let probs = if diff {
+            candle_nn::ops::softmax(&scores, D::Minus1)?
+        } else {
+            candle_nn::ops::softmax_last_dim(&scores)?
+        };
         let y = probs.matmul(&v)?;
         let y = y.transpose(1, 2)?.reshape((b, seq, hidden))?;
-        block.dense.forward(&y, &slots(l, &[LoraTarget::Dense]))
+        block
+            .dense
+            .forward_mode(&y, &slots(l, &[LoraTarget::Dense]), diff)
     }
 
     /// Rotates the first `rotary_dim` dimensions of each head (GPT-NeoX style).
-    fn rope(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    fn rope(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, diff: bool) -> Result<Tensor> {
         let rd = self.cfg.rotary_dim();
         let hd = self.cfg.head_dim();
         let rot = x.narrow(D::Minus1, 0, rd)?.contiguous()?;
-        let rot = candle_nn::rotary_emb::rope(&rot, cos, sin)?;
+        let rot = if diff {
+            candle_nn::rotary_emb::rope_slow(&rot, cos, sin)?
+        } else {
+            candle_nn::rotary_emb::rope(&rot, cos, sin)?
+        };
         if rd == hd {
             return Ok(rot);
         }
