@@ -26,7 +26,7 @@ pub use config::PhiConfig;
 pub use device::{DeviceChoice, default_device, device_name};
 pub use error::{Error, Result};
 pub use linear::Linear;
-pub use lora::{LoraAdapter, LoraLayer, LoraSlot, LoraTarget};
+pub use lora::{LoraAdapter, LoraLayer, LoraSlot, LoraTarget, dropout_mask};
 pub use model::{Logits, Phi};
 pub use quantize::{QuantType, QuantizeProgress, quantize_safetensors, write_gguf};
 pub use sampler::{Sampler, SamplerConfig};

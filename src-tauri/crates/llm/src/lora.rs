@@ -88,6 +88,10 @@ pub struct LoraSlot {
     pub scale: f64,
     /// First output column the delta lands on (q, k, v inside a fused qkv).
     pub out_offset: usize,
+    /// Training only: the probability of zeroing an input element (0 at inference).
+    pub dropout: f32,
+    /// Training only: picks the dropout mask, so a step can be replayed exactly.
+    pub dropout_seed: u64,
 }
 
 impl LoraSlot {
@@ -98,6 +102,16 @@ impl LoraSlot {
         } else {
             x.to_dtype(self.a.dtype())?
         };
+        let x = if self.dropout > 0.0 {
+            x.mul(&dropout_mask(
+                x.shape(),
+                self.dropout,
+                self.dropout_seed,
+                x.device(),
+            )?)?
+        } else {
+            x
+        };
         let h = x.broadcast_matmul(&self.a.t()?)?;
         let d = h.broadcast_matmul(&self.b.t()?)?;
         let d = (d * self.scale)?;
@@ -107,6 +121,31 @@ impl LoraSlot {
             d.to_dtype(x.dtype())?
         })
     }
+}
+
+/// A dropout mask (`0`, or `1 / (1 - p)` to keep the expected value) that
+/// depends only on the shape, `p` and `seed`: computed on the device from a
+/// hash of each element's index, so a training step replays exactly after a
+/// resume without any random state to save.
+pub fn dropout_mask(
+    shape: &candle_core::Shape,
+    p: f32,
+    seed: u64,
+    device: &Device,
+) -> Result<Tensor> {
+    let n = shape.elem_count();
+    // A sine hash over (index, seed): index spread by a small irrational step
+    // keeps the argument where f32 has precision to spare.
+    let phase = (seed % 1_000_003) as f64 * 0.754_877_666 % 1000.0;
+    let idx = Tensor::arange(0u32, n as u32, device)?.to_dtype(DType::F32)?;
+    // Split the index so neither part's multiple outgrows f32's precision.
+    let hi = idx.affine(1.0 / 4096.0, 0.0)?.floor()?;
+    let lo = (&idx - (&hi * 4096.0)?)?;
+    let arg = ((hi * 0.137)? + lo.affine(0.0131, phase)?)?;
+    let h = (arg.sin()? * 43_758.545_3)?;
+    let frac = (&h - h.floor()?)?;
+    let keep = frac.ge(f64::from(p))?.to_dtype(DType::F32)?;
+    Ok((keep / (1.0 - f64::from(p)))?.reshape(shape)?)
 }
 
 /// The slots of one transformer block.
@@ -283,6 +322,8 @@ impl LoraAdapter {
                 b: b.to_dtype(DType::F32)?.to_device(device)?,
                 scale,
                 out_offset: target.fused_offset(cfg),
+                dropout: 0.0,
+                dropout_seed: 0,
             };
             layers[layer].set(target, slot);
             found += 1;
@@ -294,5 +335,43 @@ impl LoraAdapter {
             layers,
             id: dir.display().to_string(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dropout_masks_keep_the_expected_share_and_replay() {
+        let shape = candle_core::Shape::from((4, 300, 256));
+        let m = dropout_mask(&shape, 0.25, 7, &Device::Cpu).unwrap();
+        let v: Vec<f32> = m.flatten_all().unwrap().to_vec1().unwrap();
+        let kept = v.iter().filter(|&&x| x > 0.0).count() as f64 / v.len() as f64;
+        assert!((kept - 0.75).abs() < 0.01, "kept {kept}");
+        assert!(v.iter().all(|&x| x == 0.0 || (x - 1.0 / 0.75).abs() < 1e-6));
+        let again: Vec<f32> = dropout_mask(&shape, 0.25, 7, &Device::Cpu)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(v, again);
+        let other: Vec<f32> = dropout_mask(&shape, 0.25, 8, &Device::Cpu)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let same = v.iter().zip(&other).filter(|(a, b)| a == b).count() as f64 / v.len() as f64;
+        // Independent masks agree on about 0.75² + 0.25² = 62.5% of elements.
+        assert!((same - 0.625).abs() < 0.02, "agreement {same}");
+        // Neighbouring elements are not correlated.
+        let pairs = v
+            .windows(2)
+            .filter(|w| (w[0] > 0.0) == (w[1] > 0.0))
+            .count() as f64
+            / (v.len() - 1) as f64;
+        assert!((pairs - 0.625).abs() < 0.02, "neighbour agreement {pairs}");
     }
 }

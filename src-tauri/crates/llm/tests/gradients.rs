@@ -39,6 +39,8 @@ fn trainable(model: &Phi) -> (LoraAdapter, Vec<(String, Var)>) {
                         LoraTarget::V => 2 * cfg.hidden_size,
                         _ => 0,
                     },
+                    dropout: 0.0,
+                    dropout_seed: 0,
                 },
             );
             vars.push((format!("{l}.{}.a", t.peft_name()), a));

@@ -1,0 +1,622 @@
+//! A training run: LoRA weights as variables, micro-batches with gradient
+//! accumulation, AdamW, eval loss, progress, cancel, and checkpoints that
+//! resume exactly.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use candle_core::{D, DType, Device, Tensor, Var};
+use dramatis_llm::{LoraAdapter, LoraLayer, LoraSlot, LoraTarget, Phi};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::data::{Example, Prepared, epoch_batches};
+use crate::optim::{AdamW, Schedule};
+use crate::{Error, Result};
+
+/// Every hyperparameter of a run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct TrainConfig {
+    /// LoRA rank.
+    pub r: usize,
+    /// LoRA alpha (the delta is scaled by alpha / r).
+    pub alpha: f64,
+    /// Dropout on the LoRA input.
+    pub dropout: f32,
+    /// Modules that get an adapter.
+    pub targets: Vec<String>,
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Examples per micro-batch.
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step.
+    pub grad_accum: usize,
+    /// Passes over the data (when `max_steps` is not set).
+    pub epochs: usize,
+    /// Stop after this many optimizer steps.
+    pub max_steps: Option<usize>,
+    /// Learning-rate schedule.
+    pub schedule: Schedule,
+    /// Clip the gradient's global norm to this.
+    pub clip: Option<f64>,
+    /// AdamW's decoupled weight decay.
+    pub weight_decay: f64,
+    /// Eval loss every N steps (0: only at the end).
+    pub eval_every: usize,
+    /// Checkpoint every N steps (0: only at the end and on cancel).
+    pub checkpoint_every: usize,
+    /// Seeds init, order and dropout.
+    pub seed: u64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self::seed_recipe()
+    }
+}
+
+impl TrainConfig {
+    /// The seed recipe: r 16, alpha 16, dropout 0.05 on q, k, v, dense, fc1,
+    /// fc2; lr 2e-4 constant; batch 2; one epoch.
+    pub fn seed_recipe() -> Self {
+        Self {
+            r: 16,
+            alpha: 16.0,
+            dropout: 0.05,
+            targets: LoraTarget::ALL
+                .iter()
+                .map(|t| t.peft_name().to_owned())
+                .collect(),
+            lr: 2e-4,
+            batch_size: 2,
+            grad_accum: 1,
+            epochs: 1,
+            max_steps: None,
+            schedule: Schedule::Constant,
+            clip: Some(1.0),
+            weight_decay: 0.0,
+            eval_every: 50,
+            checkpoint_every: 50,
+            seed: 42,
+        }
+    }
+
+    fn target_list(&self) -> Result<Vec<LoraTarget>> {
+        self.targets
+            .iter()
+            .map(|n| {
+                LoraTarget::ALL
+                    .into_iter()
+                    .find(|t| t.peft_name() == n)
+                    .ok_or_else(|| {
+                        Error::Config(format!(
+                            "`{n}` is not a Phi-2 module (q_proj, k_proj, v_proj, dense, fc1, fc2)"
+                        ))
+                    })
+            })
+            .collect()
+    }
+
+    fn validate(&self) -> Result<()> {
+        let bad = |m: &str| Err(Error::Config(m.into()));
+        if self.r == 0 || self.r > 512 {
+            return bad("the rank must be between 1 and 512");
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return bad("dropout must be in [0, 1)");
+        }
+        if self.batch_size == 0 || self.grad_accum == 0 {
+            return bad("batch size and accumulation must be at least 1");
+        }
+        if !(self.lr > 0.0 && self.lr < 1.0) {
+            return bad("the learning rate must be between 0 and 1");
+        }
+        if self.targets.is_empty() {
+            return bad("choose at least one target module");
+        }
+        self.target_list().map(|_| ())
+    }
+}
+
+/// A progress report, once per optimizer step.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TrainProgress {
+    /// Steps done.
+    pub step: usize,
+    /// Steps in all.
+    pub total_steps: usize,
+    /// Current epoch (0-based).
+    pub epoch: usize,
+    /// Training loss of this step.
+    pub loss: f64,
+    /// Learning rate used.
+    pub lr: f64,
+    /// Gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Tokens per second over this session.
+    pub tokens_per_sec: f64,
+    /// Seconds left at that pace.
+    pub eta_secs: f64,
+    /// Eval loss, on the steps it is measured.
+    pub eval_loss: Option<f64>,
+    /// Resident memory of the process (bytes), where the OS tells it.
+    pub memory_bytes: Option<u64>,
+    /// Set when a checkpoint was written at this step.
+    pub checkpoint: bool,
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// Every step is done.
+    Finished,
+    /// Cancelled; the last checkpoint holds everything up to the stop.
+    Cancelled,
+}
+
+/// Where a run stands: everything a checkpoint needs besides the tensors.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Position {
+    step: usize,
+    epoch: usize,
+    /// Micro-batches of this epoch already used.
+    batch: usize,
+    config: TrainConfig,
+    losses: Vec<f64>,
+    eval_losses: Vec<(usize, f64)>,
+}
+
+fn rss_bytes() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb: u64 = s
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kb * 1024)
+}
+
+/// A LoRA training run on a frozen base.
+pub struct TrainingRun {
+    model: Arc<Phi>,
+    data: Prepared,
+    dir: PathBuf,
+    names: Vec<String>,
+    vars: Vec<Var>,
+    /// (layer, target, index of A in `vars`) for each slot.
+    slots: Vec<(usize, LoraTarget, usize)>,
+    optimizer: AdamW,
+    pos: Position,
+    pad: u32,
+}
+
+impl std::fmt::Debug for TrainingRun {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TrainingRun")
+            .field("dir", &self.dir)
+            .field("step", &self.pos.step)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The PEFT key of a LoRA matrix.
+pub(crate) fn peft_key(layer: usize, t: LoraTarget, which: &str) -> String {
+    format!(
+        "base_model.model.model.layers.{layer}.{}.lora_{which}.weight",
+        t.module_path()
+    )
+}
+
+impl TrainingRun {
+    /// Starts a run in `dir`, or resumes the one whose checkpoint is there
+    /// (its configuration must match).
+    pub fn new(
+        model: Arc<Phi>,
+        data: Prepared,
+        config: TrainConfig,
+        dir: &Path,
+        pad: u32,
+    ) -> Result<Self> {
+        config.validate()?;
+        let cfg = model.config().clone();
+        let device = model.device().clone();
+        let targets = config.target_list()?;
+        let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
+        let mut names = Vec::new();
+        let mut vars = Vec::new();
+        let mut slots = Vec::new();
+        for layer in 0..cfg.num_hidden_layers {
+            for &t in &targets {
+                let (fan_in, fan_out) = t.shape(&cfg);
+                // PEFT's init: A ~ U(±1/√in) (Kaiming, a = √5), B = 0.
+                let bound = 1.0 / (fan_in as f32).sqrt();
+                let a: Vec<f32> = (0..config.r * fan_in)
+                    .map(|_| rng.random_range(-bound..bound))
+                    .collect();
+                let a = Var::from_tensor(&Tensor::from_vec(a, (config.r, fan_in), &device)?)?;
+                let b =
+                    Var::from_tensor(&Tensor::zeros((fan_out, config.r), DType::F32, &device)?)?;
+                slots.push((layer, t, vars.len()));
+                names.push(peft_key(layer, t, "A"));
+                vars.push(a);
+                names.push(peft_key(layer, t, "B"));
+                vars.push(b);
+            }
+        }
+        let optimizer = AdamW::new(&vars, config.weight_decay)?;
+        let mut run = Self {
+            model,
+            data,
+            dir: dir.to_owned(),
+            names,
+            vars,
+            slots,
+            optimizer,
+            pos: Position {
+                step: 0,
+                epoch: 0,
+                batch: 0,
+                config,
+                losses: Vec::new(),
+                eval_losses: Vec::new(),
+            },
+            pad,
+        };
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        run.resume()?;
+        Ok(run)
+    }
+
+    /// Optimizer steps done.
+    pub fn step(&self) -> usize {
+        self.pos.step
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &TrainConfig {
+        &self.pos.config
+    }
+
+    /// Training loss per step so far.
+    pub fn losses(&self) -> &[f64] {
+        &self.pos.losses
+    }
+
+    /// Eval losses so far, with their step.
+    pub fn eval_losses(&self) -> &[(usize, f64)] {
+        &self.pos.eval_losses
+    }
+
+    /// Micro-batches per epoch.
+    fn batches_per_epoch(&self) -> usize {
+        self.data.train.len().div_ceil(self.pos.config.batch_size)
+    }
+
+    /// Optimizer steps in the whole run.
+    pub fn total_steps(&self) -> usize {
+        let c = &self.pos.config;
+        c.max_steps
+            .unwrap_or_else(|| (self.batches_per_epoch() * c.epochs).div_ceil(c.grad_accum))
+    }
+
+    /// The adapter as trained so far; `dropout_seed` > 0 turns dropout on.
+    fn adapter(&self, dropout_seed: Option<u64>) -> LoraAdapter {
+        let c = &self.pos.config;
+        let cfg = self.model.config();
+        let mut layers = vec![LoraLayer::default(); cfg.num_hidden_layers];
+        for (k, &(layer, t, i)) in self.slots.iter().enumerate() {
+            layers[layer].set(
+                t,
+                LoraSlot {
+                    a: self.vars[i].as_tensor().clone(),
+                    b: self.vars[i + 1].as_tensor().clone(),
+                    scale: c.alpha / c.r as f64,
+                    out_offset: match t {
+                        LoraTarget::K => cfg.hidden_size,
+                        LoraTarget::V => 2 * cfg.hidden_size,
+                        _ => 0,
+                    },
+                    dropout: if dropout_seed.is_some() {
+                        c.dropout
+                    } else {
+                        0.0
+                    },
+                    dropout_seed: dropout_seed.unwrap_or(0).wrapping_add(k as u64 * 7919),
+                },
+            );
+        }
+        LoraAdapter {
+            layers,
+            id: format!("training:{}:{}", self.dir.display(), self.pos.step),
+        }
+    }
+
+    /// A copy of the adapter for inference (no dropout, no gradients).
+    pub fn inference_adapter(&self) -> Result<LoraAdapter> {
+        let mut a = self.adapter(None);
+        for l in &mut a.layers {
+            for t in LoraTarget::ALL {
+                if let Some(s) = l.slot(t) {
+                    let mut s = s.clone();
+                    s.a = s.a.detach().copy()?;
+                    s.b = s.b.detach().copy()?;
+                    l.set(t, s);
+                }
+            }
+        }
+        Ok(a)
+    }
+
+    /// The LoRA matrices by PEFT key, for export.
+    pub fn tensors(&self) -> Result<HashMap<String, Tensor>> {
+        self.names
+            .iter()
+            .zip(&self.vars)
+            .map(|(n, v)| Ok((n.clone(), v.as_tensor().to_device(&Device::Cpu)?)))
+            .collect()
+    }
+
+    /// Pads a batch: inputs, targets and weights, `[b, len - 1]` each.
+    fn batch_tensors(&self, examples: &[&Example]) -> Result<(Tensor, Tensor, Tensor, usize)> {
+        let len = examples.iter().map(|e| e.ids.len()).max().unwrap_or(2);
+        let (mut inp, mut tgt, mut w) = (Vec::new(), Vec::new(), Vec::new());
+        let mut tokens = 0;
+        for e in examples {
+            let n = e.ids.len();
+            tokens += n;
+            for t in 0..len - 1 {
+                inp.push(if t < n { e.ids[t] } else { self.pad });
+                tgt.push(if t + 1 < n { e.ids[t + 1] } else { self.pad });
+                w.push(if t + 1 < n { e.weights[t] } else { 0.0 });
+            }
+        }
+        let dev = self.model.device();
+        let b = examples.len();
+        Ok((
+            Tensor::from_vec(inp, (b, len - 1), dev)?,
+            Tensor::from_vec(tgt, (b, len - 1), dev)?,
+            Tensor::from_vec(w, (b, len - 1), dev)?,
+            tokens,
+        ))
+    }
+
+    /// Weighted mean cross-entropy over a batch, with gradients when `train`.
+    fn loss(
+        &self,
+        examples: &[&Example],
+        adapter: &LoraAdapter,
+        train: bool,
+    ) -> Result<(Tensor, usize)> {
+        let (inp, tgt, w, tokens) = self.batch_tensors(examples)?;
+        let logits = if train {
+            self.model.forward_train(&inp, Some(adapter))?
+        } else {
+            self.model
+                .forward(&inp, None, dramatis_llm::Logits::All, Some(adapter))?
+        };
+        let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+        let picked = logp
+            .gather(&tgt.unsqueeze(D::Minus1)?, D::Minus1)?
+            .squeeze(D::Minus1)?;
+        let total = w.sum_all()?;
+        let loss = ((picked * &w)?.sum_all()?.neg()? / total.to_scalar::<f32>()?.max(1.0) as f64)?;
+        Ok((loss, tokens))
+    }
+
+    /// Mean loss over the eval rows (no gradients).
+    pub fn eval_loss(&self) -> Result<Option<f64>> {
+        if self.data.eval.is_empty() {
+            return Ok(None);
+        }
+        let adapter = self.inference_adapter()?;
+        let mut sum = 0.0;
+        for e in &self.data.eval {
+            let (l, _) = self.loss(&[e], &adapter, false)?;
+            sum += f64::from(l.to_scalar::<f32>()?);
+        }
+        Ok(Some(sum / self.data.eval.len() as f64))
+    }
+
+    /// The next micro-batch, advancing the data position.
+    fn next_batch(&mut self) -> Vec<usize> {
+        let lengths: Vec<usize> = self.data.train.iter().map(|e| e.ids.len()).collect();
+        loop {
+            let batches = epoch_batches(
+                &lengths,
+                self.pos.config.batch_size,
+                self.pos.config.seed,
+                self.pos.epoch,
+            );
+            if let Some(b) = batches.get(self.pos.batch) {
+                self.pos.batch += 1;
+                return b.clone();
+            }
+            self.pos.epoch += 1;
+            self.pos.batch = 0;
+        }
+    }
+
+    /// Trains until the last step or until `cancel` is set (checked before
+    /// every step), reporting each step. Writes a checkpoint every
+    /// `checkpoint_every` steps, on cancel, and at the end.
+    pub fn run(
+        &mut self,
+        on_progress: &mut dyn FnMut(&TrainProgress),
+        cancel: &AtomicBool,
+    ) -> Result<Outcome> {
+        let total = self.total_steps();
+        let started = Instant::now();
+        let mut tokens_seen = 0usize;
+        let first_step = self.pos.step;
+        while self.pos.step < total {
+            if cancel.load(Ordering::SeqCst) {
+                self.checkpoint()?;
+                return Ok(Outcome::Cancelled);
+            }
+            let c = self.pos.config.clone();
+            let mut grads: Vec<Option<Tensor>> = vec![None; self.vars.len()];
+            let mut loss_sum = 0.0;
+            for micro in 0..c.grad_accum {
+                let idx = self.next_batch();
+                let examples: Vec<&Example> = idx.iter().map(|&i| &self.data.train[i]).collect();
+                let seed = c
+                    .seed
+                    .wrapping_mul(1_000_003)
+                    .wrapping_add((self.pos.step * c.grad_accum + micro) as u64 + 1);
+                let adapter = self.adapter(Some(seed));
+                let (loss, tokens) = self.loss(&examples, &adapter, true)?;
+                tokens_seen += tokens;
+                loss_sum += f64::from(loss.to_scalar::<f32>()?);
+                let g = loss.backward()?;
+                for (i, v) in self.vars.iter().enumerate() {
+                    if let Some(gi) = g.get(v.as_tensor()) {
+                        grads[i] = Some(match grads[i].take() {
+                            Some(acc) => (acc + gi)?,
+                            None => gi.clone(),
+                        });
+                    }
+                }
+            }
+            let grads: Vec<Tensor> = grads
+                .into_iter()
+                .zip(&self.vars)
+                .map(|(g, v)| match g {
+                    Some(g) => Ok((g / c.grad_accum as f64)?),
+                    None => Ok(v.zeros_like()?),
+                })
+                .collect::<Result<_>>()?;
+            let lr = c.schedule.lr(c.lr, self.pos.step, total);
+            let grad_norm = self.optimizer.step(&self.vars, &grads, lr, c.clip)?;
+            self.pos.step += 1;
+            let loss = loss_sum / c.grad_accum as f64;
+            self.pos.losses.push(loss);
+            let last = self.pos.step == total;
+            let eval_loss = if last || (c.eval_every > 0 && self.pos.step.is_multiple_of(c.eval_every)) {
+                let e = self.eval_loss()?;
+                if let Some(e) = e {
+                    self.pos.eval_losses.push((self.pos.step, e));
+                }
+                e
+            } else {
+                None
+            };
+            let checkpoint =
+                last || (c.checkpoint_every > 0 && self.pos.step.is_multiple_of(c.checkpoint_every));
+            if checkpoint {
+                self.checkpoint()?;
+            }
+            let secs = started.elapsed().as_secs_f64();
+            let done = (self.pos.step - first_step) as f64;
+            on_progress(&TrainProgress {
+                step: self.pos.step,
+                total_steps: total,
+                epoch: self.pos.epoch,
+                loss,
+                lr,
+                grad_norm,
+                tokens_per_sec: tokens_seen as f64 / secs.max(1e-9),
+                eta_secs: secs / done.max(1.0) * (total - self.pos.step) as f64,
+                eval_loss,
+                memory_bytes: rss_bytes(),
+                checkpoint,
+            });
+        }
+        Ok(Outcome::Finished)
+    }
+
+    fn checkpoint_dir(&self) -> PathBuf {
+        self.dir.join("checkpoint")
+    }
+
+    /// Writes the LoRA weights, optimizer moments and position: to a new
+    /// folder first, then swapped in, so a failure leaves the last one whole.
+    pub fn checkpoint(&self) -> Result<()> {
+        let fin = self.checkpoint_dir();
+        let tmp = self.dir.join("checkpoint.partial");
+        let old = self.dir.join("checkpoint.old");
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        let write = || -> Result<()> {
+            let lora = self.tensors()?;
+            candle_core::safetensors::save(&lora, tmp.join("lora.safetensors"))?;
+            let opt: HashMap<String, Tensor> = self
+                .optimizer
+                .state(&self.names)
+                .into_iter()
+                .map(|(k, v)| Ok((k, v.to_device(&Device::Cpu)?)))
+                .collect::<Result<_>>()?;
+            candle_core::safetensors::save(&opt, tmp.join("optimizer.safetensors"))?;
+            let state = serde_json::to_vec_pretty(&self.pos).expect("position serializes");
+            std::fs::write(tmp.join("state.json"), state)
+                .map_err(|e| Error::io(tmp.join("state.json"), e))?;
+            for f in ["lora.safetensors", "optimizer.safetensors", "state.json"] {
+                std::fs::File::open(tmp.join(f))
+                    .and_then(|f| f.sync_all())
+                    .map_err(|e| Error::io(tmp.join(f), e))?;
+            }
+            Ok(())
+        };
+        if let Err(e) = write() {
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(e);
+        }
+        let _ = std::fs::remove_dir_all(&old);
+        if fin.exists() {
+            std::fs::rename(&fin, &old).map_err(|e| Error::io(&fin, e))?;
+        }
+        std::fs::rename(&tmp, &fin).map_err(|e| Error::io(&fin, e))?;
+        let _ = std::fs::remove_dir_all(&old);
+        Ok(())
+    }
+
+    /// Loads the newest whole checkpoint in the run folder, if any.
+    fn resume(&mut self) -> Result<()> {
+        let dir = [self.checkpoint_dir(), self.dir.join("checkpoint.old")]
+            .into_iter()
+            .find(|d| d.join("state.json").is_file());
+        let Some(dir) = dir else { return Ok(()) };
+        let bad = |m: String| Error::Checkpoint {
+            path: dir.clone(),
+            message: m,
+        };
+        let bytes = std::fs::read(dir.join("state.json"))
+            .map_err(|e| Error::io(dir.join("state.json"), e))?;
+        let pos: Position =
+            serde_json::from_slice(&bytes).map_err(|e| bad(format!("unreadable state: {e}")))?;
+        if pos.config != self.pos.config {
+            return Err(bad(
+                "it was written with other settings; start a new run or use the same settings"
+                    .into(),
+            ));
+        }
+        let device = self.model.device().clone();
+        let lora = candle_core::safetensors::load(dir.join("lora.safetensors"), &device)
+            .map_err(|e| bad(format!("unreadable LoRA weights: {e}")))?;
+        for (n, v) in self.names.iter().zip(&self.vars) {
+            let t = lora
+                .get(n)
+                .ok_or_else(|| bad(format!("`{n}` is missing")))?;
+            if t.dims() != v.dims() {
+                return Err(bad(format!("`{n}` has the wrong shape")));
+            }
+            v.set(t)?;
+        }
+        let opt = candle_core::safetensors::load(dir.join("optimizer.safetensors"), &device)
+            .map_err(|e| bad(format!("unreadable optimizer state: {e}")))?;
+        self.optimizer
+            .load_state(&self.names, &opt, pos.step)
+            .ok_or_else(|| bad("the optimizer state is incomplete".into()))?;
+        tracing::info!(step = pos.step, "resuming from a checkpoint");
+        self.pos = pos;
+        Ok(())
+    }
+}
