@@ -3,6 +3,7 @@
 
 mod bench;
 mod models;
+mod train;
 
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
@@ -44,6 +45,10 @@ enum Cmd {
     Download(models::DownloadArgs),
     /// Check and register a local .gguf file or Hugging Face folder.
     Import(models::ImportArgs),
+    /// Fine-tune a LoRA adapter (resumable; Ctrl-C stops at a checkpoint).
+    Train(train::TrainArgs),
+    /// Write a training run's adapter as a PEFT folder.
+    Export(train::ExportArgs),
 }
 
 /// Which model to load and where to run it.
@@ -171,6 +176,8 @@ fn main() -> Result<()> {
         Cmd::Models(a) => models::list(a),
         Cmd::Download(a) => models::download(a, &cancel),
         Cmd::Import(a) => models::import(a),
+        Cmd::Train(a) => train::train(a, &cancel),
+        Cmd::Export(a) => train::export(a),
     }
 }
 

@@ -260,3 +260,119 @@ fn download_models_and_import_against_a_local_hub() {
         "{table}"
     );
 }
+
+#[test]
+fn train_then_generate_with_the_adapter_and_export() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("rows.jsonl");
+    let rows: Vec<String> = (0..16)
+        .map(|i| {
+            serde_json::json!({"text": format!("<|user|>Hi {i}</s>\n<|assistant|>Hello {i}!</s>")})
+                .to_string()
+        })
+        .chain(["{broken".to_owned()])
+        .collect();
+    std::fs::write(&data, rows.join("\n")).unwrap();
+    let run = dir.path().join("run");
+    let out = cli()
+        .args([
+            "train",
+            "--preset",
+            "quick",
+            "--device",
+            "cpu",
+            "--max-steps",
+            "6",
+            "--batch",
+            "4",
+            "--lr",
+            "0.005",
+            "--model",
+        ])
+        .arg(fixture())
+        .arg("--data")
+        .arg(&data)
+        .arg("--out")
+        .arg(&run)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("16 used") && err.contains("1 malformed") && err.contains("row 17"),
+        "{err}"
+    );
+    assert!(err.contains("done: 6 steps"), "{err}");
+    let adapter = run.join("adapter");
+    assert!(adapter.join("adapter_model.safetensors").is_file());
+    // The adapter loads in generate.
+    let out = cli()
+        .args([
+            "generate",
+            "--device",
+            "cpu",
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "4",
+            "--prompt",
+            "<|user|>Hi 3</s>\n<|assistant|>",
+            "--model",
+        ])
+        .arg(fixture())
+        .arg("--adapter")
+        .arg(&adapter)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Export from the checkpoint gives the same weights.
+    let peft = dir.path().join("peft");
+    let out = cli()
+        .args(["export", "--run"])
+        .arg(&run)
+        .arg("--out")
+        .arg(&peft)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        std::fs::read(peft.join("adapter_model.safetensors"))
+            .unwrap()
+            .len(),
+        std::fs::read(adapter.join("adapter_model.safetensors"))
+            .unwrap()
+            .len()
+    );
+    // Running the same command again finds the finished run and does no step.
+    let out = cli()
+        .args([
+            "train",
+            "--preset",
+            "quick",
+            "--device",
+            "cpu",
+            "--max-steps",
+            "6",
+            "--batch",
+            "4",
+            "--lr",
+            "0.005",
+            "--model",
+        ])
+        .arg(fixture())
+        .arg("--data")
+        .arg(&data)
+        .arg("--out")
+        .arg(&run)
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("resuming at step 6"));
+}

@@ -21,6 +21,6 @@ mod run;
 
 pub use data::{DataOptions, DataReport, LossOn, Prepared};
 pub use error::{Error, Result};
-pub use export::export_peft;
+pub use export::{export_checkpoint, export_peft};
 pub use optim::{AdamW, Schedule};
 pub use run::{Outcome, TrainConfig, TrainProgress, TrainingRun};

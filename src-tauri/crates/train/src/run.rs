@@ -500,17 +500,18 @@ impl TrainingRun {
             let loss = loss_sum / c.grad_accum as f64;
             self.pos.losses.push(loss);
             let last = self.pos.step == total;
-            let eval_loss = if last || (c.eval_every > 0 && self.pos.step.is_multiple_of(c.eval_every)) {
-                let e = self.eval_loss()?;
-                if let Some(e) = e {
-                    self.pos.eval_losses.push((self.pos.step, e));
-                }
-                e
-            } else {
-                None
-            };
-            let checkpoint =
-                last || (c.checkpoint_every > 0 && self.pos.step.is_multiple_of(c.checkpoint_every));
+            let eval_loss =
+                if last || (c.eval_every > 0 && self.pos.step.is_multiple_of(c.eval_every)) {
+                    let e = self.eval_loss()?;
+                    if let Some(e) = e {
+                        self.pos.eval_losses.push((self.pos.step, e));
+                    }
+                    e
+                } else {
+                    None
+                };
+            let checkpoint = last
+                || (c.checkpoint_every > 0 && self.pos.step.is_multiple_of(c.checkpoint_every));
             if checkpoint {
                 self.checkpoint()?;
             }
