@@ -274,8 +274,9 @@ fn train_then_generate_with_the_adapter_and_export() {
         .collect();
     std::fs::write(&data, rows.join("\n")).unwrap();
     let run = dir.path().join("run");
-    let out = cli()
-        .args([
+    let train = || {
+        let mut c = cli();
+        c.args([
             "train",
             "--preset",
             "quick",
@@ -283,19 +284,16 @@ fn train_then_generate_with_the_adapter_and_export() {
             "cpu",
             "--max-steps",
             "6",
-            "--batch",
-            "4",
-            "--lr",
-            "0.005",
-            "--model",
         ])
+        .args(["--batch", "4", "--lr", "0.005", "--model"])
         .arg(fixture())
         .arg("--data")
         .arg(&data)
         .arg("--out")
-        .arg(&run)
-        .output()
-        .unwrap();
+        .arg(&run);
+        c
+    };
+    let out = train().output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
     assert!(
@@ -352,27 +350,6 @@ fn train_then_generate_with_the_adapter_and_export() {
             .len()
     );
     // Running the same command again finds the finished run and does no step.
-    let out = cli()
-        .args([
-            "train",
-            "--preset",
-            "quick",
-            "--device",
-            "cpu",
-            "--max-steps",
-            "6",
-            "--batch",
-            "4",
-            "--lr",
-            "0.005",
-            "--model",
-        ])
-        .arg(fixture())
-        .arg("--data")
-        .arg(&data)
-        .arg("--out")
-        .arg(&run)
-        .output()
-        .unwrap();
+    let out = train().output().unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("resuming at step 6"));
 }
