@@ -330,3 +330,23 @@ fn a_failed_checkpoint_write_leaves_the_previous_one_usable() {
     let again = start(dir.path(), 10);
     assert_eq!(again.step(), 10);
 }
+
+/// Writes a trained adapter (PEFT) and this engine's logits with it, for
+/// tests/device/peft_check.py to compare against Python peft + transformers:
+/// `DRAMATIS_PEFT_CHECK=dir cargo test -p dramatis-train --test train -- --ignored write_peft_check`
+#[test]
+#[ignore]
+fn write_peft_check() {
+    let out = PathBuf::from(std::env::var("DRAMATIS_PEFT_CHECK").unwrap());
+    let mut run = start(&out.join("run"), 10);
+    run.run(&mut |_| {}, &AtomicBool::new(false)).unwrap();
+    export_peft(&run, &out.join("adapter")).unwrap();
+    let ids = tokenizer().encode("<|user|>Say hello to number 3.</s>\n<|assistant|>").unwrap();
+    let m = model();
+    let with = logits(&m, &run.inference_adapter().unwrap()).squeeze(0).unwrap();
+    let t = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap();
+    let mut map = std::collections::HashMap::new();
+    map.insert("ids".to_owned(), t.to_dtype(dramatis_llm::DType::I64).unwrap());
+    map.insert("logits".to_owned(), with);
+    candle_core::safetensors::save(&map, out.join("reference.safetensors")).unwrap();
+}
