@@ -47,8 +47,10 @@ enum Cmd {
     Import(models::ImportArgs),
     /// Fine-tune a LoRA adapter (resumable; Ctrl-C stops at a checkpoint).
     Train(train::TrainArgs),
-    /// Write a training run's adapter as a PEFT folder.
+    /// Write a training run's adapter: PEFT folder, llama.cpp GGUF LoRA, or merged model.
     Export(train::ExportArgs),
+    /// Merge a PEFT adapter into a base model and write GGUF.
+    Merge(train::MergeArgs),
 }
 
 /// Which model to load and where to run it.
@@ -177,7 +179,8 @@ fn main() -> Result<()> {
         Cmd::Download(a) => models::download(a, &cancel),
         Cmd::Import(a) => models::import(a),
         Cmd::Train(a) => train::train(a, &cancel),
-        Cmd::Export(a) => train::export(a),
+        Cmd::Export(a) => train::export(a, &cancel),
+        Cmd::Merge(a) => train::merge(a, &cancel),
     }
 }
 

@@ -7,7 +7,10 @@ use std::sync::atomic::AtomicBool;
 use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
 use dramatis_core::hub::dataset::read_text_column;
-use dramatis_core::llm::{DeviceChoice, PhiTokenizer, load_model};
+use dramatis_core::llm::{
+    Device, DeviceChoice, LoraAdapter, PhiTokenizer, QuantType, load_model, merge_to_gguf,
+    write_lora_gguf,
+};
 use dramatis_train::data::prepare;
 use dramatis_train::{
     DataOptions, LossOn, Outcome, Schedule, TrainConfig, TrainingRun, export_checkpoint,
@@ -80,15 +83,60 @@ pub struct TrainArgs {
     device: DeviceChoice,
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum ExportFormat {
+    /// A PEFT folder (adapter_config.json + adapter_model.safetensors).
+    Peft,
+    /// A llama.cpp GGUF LoRA file.
+    GgufLora,
+    /// The base with the adapter merged in, as one GGUF model.
+    Merged,
+}
+
 /// `dramatis-cli export`.
 #[derive(Args)]
 pub struct ExportArgs {
     /// A run folder written by `train`.
     #[arg(long)]
     run: PathBuf,
-    /// Where to write the PEFT adapter folder.
+    /// Where to write: a folder for peft, a .gguf file otherwise.
     #[arg(long)]
     out: PathBuf,
+    #[arg(long, value_enum, default_value = "peft")]
+    format: ExportFormat,
+    /// The base model (needed for gguf-lora and merged).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// tokenizer.json for a merged model's metadata (default: next to the base).
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// Quantization of a merged model: q4_k, q5_k, q8_0, f16, f32.
+    #[arg(long = "type", default_value = "q4_k")]
+    quant: QuantType,
+    /// GGUF LoRA with separate attn_q/attn_k/attn_v (for bases converted from
+    /// today's microsoft/phi-2) instead of one fused attn_qkv (TheBloke's files).
+    #[arg(long)]
+    split_qkv: bool,
+}
+
+/// `dramatis-cli merge`.
+#[derive(Args)]
+pub struct MergeArgs {
+    /// The base: a .gguf file or a Hugging Face folder.
+    #[arg(long)]
+    model: PathBuf,
+    /// A PEFT adapter folder.
+    #[arg(long)]
+    adapter: PathBuf,
+    /// The GGUF file to write.
+    #[arg(long)]
+    out: PathBuf,
+    /// tokenizer.json for the metadata (default: next to the base).
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// q4_k, q5_k, q8_0, f16 or f32.
+    #[arg(long = "type", default_value = "q4_k")]
+    quant: QuantType,
 }
 
 pub fn train(a: TrainArgs, cancel: &AtomicBool) -> Result<()> {
@@ -232,7 +280,46 @@ pub fn train(a: TrainArgs, cancel: &AtomicBool) -> Result<()> {
     Ok(())
 }
 
-pub fn export(a: ExportArgs) -> Result<()> {
+fn beside(model: &std::path::Path, file: &str) -> PathBuf {
+    let dir = if model.is_dir() {
+        model.to_path_buf()
+    } else {
+        model.parent().map(PathBuf::from).unwrap_or_default()
+    };
+    dir.join(file)
+}
+
+/// Merges `adapter` into `model` and writes a GGUF file, with a progress bar.
+fn merge_files(
+    model: &std::path::Path,
+    adapter: &std::path::Path,
+    tokenizer: Option<PathBuf>,
+    out: &std::path::Path,
+    quant: QuantType,
+    cancel: &AtomicBool,
+) -> Result<()> {
+    let base = load_model(model, &Device::Cpu)?;
+    let lora = LoraAdapter::load_peft(adapter, base.config(), &Device::Cpu)?;
+    let tok = tokenizer.unwrap_or_else(|| beside(model, "tokenizer.json"));
+    let bar = indicatif::ProgressBar::new(0);
+    merge_to_gguf(
+        &base,
+        Some(&lora),
+        tok.is_file().then_some(tok.as_path()),
+        out,
+        quant,
+        cancel,
+        |p| {
+            bar.set_length(p.total as u64);
+            bar.set_position(p.done as u64);
+        },
+    )?;
+    bar.finish_and_clear();
+    eprintln!("wrote {} ({}, adapter merged)", out.display(), quant.name());
+    Ok(())
+}
+
+pub fn export(a: ExportArgs, cancel: &AtomicBool) -> Result<()> {
     if !a.run.join("checkpoint").is_dir() {
         bail!(
             "{} holds no checkpoint: run `dramatis-cli train --out {}` first",
@@ -240,7 +327,38 @@ pub fn export(a: ExportArgs) -> Result<()> {
             a.run.display()
         );
     }
-    export_checkpoint(&a.run, &a.out)?;
-    eprintln!("wrote the PEFT adapter to {}", a.out.display());
-    Ok(())
+    if a.format == ExportFormat::Peft {
+        export_checkpoint(&a.run, &a.out)?;
+        eprintln!("wrote the PEFT adapter to {}", a.out.display());
+        return Ok(());
+    }
+    let Some(model) = &a.model else {
+        bail!("--format gguf-lora and merged need the base: pass --model");
+    };
+    let peft = tempfile_dir(&a.out)?;
+    export_checkpoint(&a.run, &peft)?;
+    let result = if a.format == ExportFormat::Merged {
+        merge_files(model, &peft, a.tokenizer.clone(), &a.out, a.quant, cancel)
+    } else {
+        (|| {
+            let base = load_model(model, &Device::Cpu)?;
+            let lora = LoraAdapter::load_peft(&peft, base.config(), &Device::Cpu)?;
+            write_lora_gguf(&lora, base.config(), &a.out, !a.split_qkv)?;
+            eprintln!("wrote the GGUF LoRA to {}", a.out.display());
+            Ok(())
+        })()
+    };
+    let _ = std::fs::remove_dir_all(&peft);
+    result
+}
+
+/// A scratch folder beside `out`, removed by the caller.
+fn tempfile_dir(out: &std::path::Path) -> Result<PathBuf> {
+    let dir = out.with_extension("peft.partial");
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    Ok(dir)
+}
+
+pub fn merge(a: MergeArgs, cancel: &AtomicBool) -> Result<()> {
+    merge_files(&a.model, &a.adapter, a.tokenizer, &a.out, a.quant, cancel)
 }

@@ -349,6 +349,59 @@ fn train_then_generate_with_the_adapter_and_export() {
             .unwrap()
             .len()
     );
+    // A llama.cpp GGUF LoRA and a merged model from the same run.
+    let lora = dir.path().join("lora.gguf");
+    let out = cli()
+        .args(["export", "--format", "gguf-lora", "--run"])
+        .arg(&run)
+        .arg("--out")
+        .arg(&lora)
+        .arg("--model")
+        .arg(fixture())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(std::fs::metadata(&lora).unwrap().len() > 0);
+    let merged = dir.path().join("merged.gguf");
+    let out = cli()
+        .args(["merge", "--type", "q8_0", "--model"])
+        .arg(fixture())
+        .arg("--adapter")
+        .arg(&adapter)
+        .arg("--out")
+        .arg(&merged)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = cli()
+        .args([
+            "generate",
+            "--device",
+            "cpu",
+            "--max-tokens",
+            "4",
+            "--prompt",
+            "Hi",
+            "--model",
+        ])
+        .arg(&merged)
+        .arg("--tokenizer")
+        .arg(fixture().join("tokenizer.json"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // Running the same command again finds the finished run and does no step.
     let out = train().output().unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("resuming at step 6"));

@@ -341,12 +341,142 @@ fn write_peft_check() {
     let mut run = start(&out.join("run"), 10);
     run.run(&mut |_| {}, &AtomicBool::new(false)).unwrap();
     export_peft(&run, &out.join("adapter")).unwrap();
-    let ids = tokenizer().encode("<|user|>Say hello to number 3.</s>\n<|assistant|>").unwrap();
+    let ids = tokenizer()
+        .encode("<|user|>Say hello to number 3.</s>\n<|assistant|>")
+        .unwrap();
     let m = model();
-    let with = logits(&m, &run.inference_adapter().unwrap()).squeeze(0).unwrap();
+    let with = logits(&m, &run.inference_adapter().unwrap())
+        .squeeze(0)
+        .unwrap();
     let t = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap();
     let mut map = std::collections::HashMap::new();
-    map.insert("ids".to_owned(), t.to_dtype(dramatis_llm::DType::I64).unwrap());
+    map.insert(
+        "ids".to_owned(),
+        t.to_dtype(dramatis_llm::DType::I64).unwrap(),
+    );
     map.insert("logits".to_owned(), with);
     candle_core::safetensors::save(&map, out.join("reference.safetensors")).unwrap();
+}
+
+#[test]
+fn the_gguf_lora_has_llama_cpp_names_and_the_same_deltas() {
+    use candle_core::quantized::gguf_file;
+    let dir = tempfile::tempdir().unwrap();
+    let mut run = start(dir.path(), 4);
+    run.run(&mut |_| {}, &AtomicBool::new(false)).unwrap();
+    let adapter = run.inference_adapter().unwrap();
+    let m = model();
+    let cfg = m.config().clone();
+    let (h, r) = (cfg.hidden_size, 8);
+    for fused in [true, false] {
+        let out = dir.path().join(format!("lora-{fused}.gguf"));
+        dramatis_llm::write_lora_gguf(&adapter, &cfg, &out, fused).unwrap();
+        let mut f = std::fs::File::open(&out).unwrap();
+        let c = gguf_file::Content::read(&mut f).unwrap();
+        let s = |k: &str| c.metadata[k].to_string().unwrap().clone();
+        assert_eq!(s("general.type"), "adapter");
+        assert_eq!(s("adapter.type"), "lora");
+        assert_eq!(s("general.architecture"), "phi2");
+        let alpha = c.metadata["adapter.lora.alpha"].to_f32().unwrap();
+        assert_eq!(alpha, r as f32);
+        let get = |name: &str| {
+            let mut f = std::fs::File::open(&out).unwrap();
+            c.tensor(&mut f, name, &Device::Cpu)
+                .unwrap()
+                .dequantize(&Device::Cpu)
+                .unwrap()
+        };
+        // llama.cpp's delta: (alpha / rank) · B · A, against ours: scale · B · A.
+        let theirs = |m: &str| {
+            let a = get(&format!("blk.1.{m}.weight.lora_a"));
+            let b = get(&format!("blk.1.{m}.weight.lora_b"));
+            let rank = a.dim(0).unwrap() as f64;
+            (b.matmul(&a).unwrap() * (f64::from(alpha) / rank)).unwrap()
+        };
+        let ours = |t: dramatis_llm::LoraTarget| {
+            let s = adapter.layers[1].slot(t).unwrap();
+            (s.b.matmul(&s.a).unwrap() * s.scale).unwrap()
+        };
+        let close = |a: &Tensor, b: &Tensor| {
+            let d = (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(d < 1e-6, "{d}");
+        };
+        use dramatis_llm::LoraTarget as T;
+        if fused {
+            let qkv = theirs("attn_qkv");
+            assert_eq!(qkv.dims(), [3 * h, h]);
+            assert_eq!(get("blk.0.attn_qkv.weight.lora_a").dims(), [3 * r, h]);
+            for (k, t) in [T::Q, T::K, T::V].into_iter().enumerate() {
+                close(&qkv.narrow(0, k * h, h).unwrap(), &ours(t));
+            }
+        } else {
+            assert_eq!(get("blk.0.attn_q.weight.lora_a").dims(), [r, h]);
+            close(&theirs("attn_k"), &ours(T::K));
+        }
+        assert_eq!(
+            get("blk.0.ffn_up.weight.lora_b").dims(),
+            [cfg.intermediate_size, r]
+        );
+        close(&theirs("ffn_down"), &ours(T::Fc2));
+        close(&theirs("attn_output"), &ours(T::Dense));
+    }
+}
+
+#[test]
+fn a_merged_model_gives_the_logits_of_base_plus_adapter() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut run = start(dir.path(), 4);
+    run.run(&mut |_| {}, &AtomicBool::new(false)).unwrap();
+    let adapter = run.inference_adapter().unwrap();
+    let m = model();
+    let want = logits(&m, &adapter);
+    let biggest = want
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    // Tolerances by type, as a share of the largest logit.
+    for (qt, tol) in [
+        (dramatis_llm::QuantType::F32, 1e-5),
+        (dramatis_llm::QuantType::Q8_0, 0.04),
+    ] {
+        let out = dir.path().join(format!("merged-{}.gguf", qt.name()));
+        dramatis_llm::merge_to_gguf(
+            &m,
+            Some(&adapter),
+            Some(&fixture().join("tokenizer.json")),
+            &out,
+            qt,
+            &AtomicBool::new(false),
+            |_| {},
+        )
+        .unwrap();
+        let merged = load_model(&out, &Device::Cpu).unwrap();
+        let ids = tokenizer()
+            .encode("<|user|>Say hello to number 3.</s>\n<|assistant|>")
+            .unwrap();
+        let t = Tensor::new(ids.as_slice(), &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let got = merged.forward(&t, None, Logits::All, None).unwrap();
+        let d = (got - &want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(d <= tol * biggest, "{}: {d} of {biggest}", qt.name());
+    }
 }
