@@ -213,11 +213,12 @@ pub struct MessageHit {
     pub on_visible_branch: bool,
 }
 
-/// A loaded model with its session (KV cache).
+/// A loaded model with its session (KV cache) and the adapter in use.
 pub(crate) struct Engine {
     model_id: i64,
     tokenizer: PhiTokenizer,
     session: Session,
+    adapter: Option<(i64, Arc<dramatis_llm::LoraAdapter>)>,
 }
 
 /// The engine and the running generation's stop flag.
@@ -293,7 +294,7 @@ impl Dramatis {
     }
 
     /// The persona a chat is played as: its own, else the default.
-    fn chat_persona(&self, persona_id: Option<i64>) -> Result<crate::Persona> {
+    pub(crate) fn chat_persona(&self, persona_id: Option<i64>) -> Result<crate::Persona> {
         let all = self.personas()?;
         persona_id
             .and_then(|id| all.iter().find(|p| p.id == id).cloned())
@@ -526,9 +527,46 @@ impl Dramatis {
                 model_id: model.id,
                 tokenizer,
                 session: Session::new(Arc::new(phi)),
+                adapter: None,
             });
         }
         Ok(slot.as_mut().expect("set above"))
+    }
+
+    /// Switches the session to the character's adapter (or none), loading
+    /// it once; the base stays loaded.
+    fn use_adapter(&self, engine: &mut Engine, adapter_id: Option<i64>) -> Result<()> {
+        let want = match adapter_id {
+            // An attachment to an adapter since deleted is ignored.
+            Some(id) => self.store().adapter(id).ok(),
+            None => None,
+        };
+        match want {
+            None => {
+                engine.adapter = None;
+                engine.session.set_adapter(None);
+            }
+            Some(a) if engine.adapter.as_ref().map(|x| x.0) != Some(a.id) => {
+                let lora = dramatis_llm::LoraAdapter::load_peft(
+                    std::path::Path::new(&a.path),
+                    engine.session.model().config(),
+                    engine.session.model().device(),
+                )?;
+                let lora = Arc::new(lora);
+                engine.session.set_adapter(Some(lora.clone()));
+                engine.adapter = Some((a.id, lora));
+            }
+            Some(_) => {}
+        }
+        Ok(())
+    }
+
+    /// The model the chat engine holds, if it is `model_id` and free.
+    pub(crate) fn loaded_model(&self, model_id: i64) -> Option<Arc<dramatis_llm::Phi>> {
+        let slot = self.chat_runtime.engine.try_lock().ok()?;
+        slot.as_ref()
+            .filter(|e| e.model_id == model_id)
+            .map(|e| e.session.model().clone())
     }
 
     /// The one place replies are generated: a new reply under `parent`, or
@@ -570,6 +608,7 @@ impl Dramatis {
         };
         let mut slot = self.chat_runtime.engine.lock().unwrap();
         let engine = self.ensure_engine(&mut slot, sink)?;
+        self.use_adapter(engine, crate::training::attached_adapter(&card))?;
         let ctx = engine.session.model().config().max_position_embeddings;
         // The reply gets what it asks for, up to half the context.
         let budget = ctx - settings.max_new_tokens.min(ctx / 2);

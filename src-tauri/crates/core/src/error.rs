@@ -33,6 +33,9 @@ pub enum Error {
     /// A download or a dataset failed.
     #[error(transparent)]
     Hub(#[from] dramatis_hub::Error),
+    /// Training refused its data or settings, or failed.
+    #[error(transparent)]
+    Train(dramatis_train::Error),
     /// An imported file had bad lines; nothing was imported.
     #[error("nothing was imported: {}", .0.join("; "))]
     Import(Vec<String>),
@@ -100,6 +103,10 @@ impl Error {
             }
             Self::NoModel(_) => ErrorKind::NoModel,
             Self::Import(_) => ErrorKind::BadFile,
+            Self::Train(dramatis_train::Error::Model(m)) => Self::Model(clone_kind(m)).kind(),
+            Self::Train(dramatis_train::Error::EmptyDataset(_)) => ErrorKind::BadFile,
+            Self::Train(dramatis_train::Error::Config(_)) => ErrorKind::Validation,
+            Self::Train(_) => ErrorKind::Storage,
             Self::Model(dramatis_llm::Error::Cancelled) => ErrorKind::Cancelled,
             Self::Model(e) if e.to_string().to_lowercase().contains("out of memory") => {
                 ErrorKind::OutOfMemory
@@ -110,6 +117,23 @@ impl Error {
                 ErrorKind::DiskFull
             }
             Self::Model(_) => ErrorKind::BadFile,
+        }
+    }
+}
+
+/// A stand-in with the same kind (engine errors are not `Clone`).
+fn clone_kind(e: &dramatis_llm::Error) -> dramatis_llm::Error {
+    match e {
+        dramatis_llm::Error::Cancelled => dramatis_llm::Error::Cancelled,
+        other => dramatis_llm::Error::Invalid(other.to_string()),
+    }
+}
+
+impl From<dramatis_train::Error> for Error {
+    fn from(e: dramatis_train::Error) -> Self {
+        match e {
+            dramatis_train::Error::Model(m) => Self::Model(m),
+            other => Self::Train(other),
         }
     }
 }

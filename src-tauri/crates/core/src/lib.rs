@@ -13,6 +13,7 @@ mod error;
 mod models;
 mod paths;
 mod personas;
+mod training;
 
 use std::path::{Path, PathBuf};
 
@@ -36,10 +37,16 @@ pub use dramatis_llm as llm;
 pub use dramatis_persona as persona;
 pub use dramatis_persona::{CharacterCard, FieldError, LIMITS, PersonaDraft, ValidationErrors};
 pub use dramatis_store::{CharacterFilter, TagCount};
+/// LoRA fine-tuning.
+pub use dramatis_train as train;
 pub use error::{Error, ErrorKind, Result};
 pub use models::{CatalogItem, DeviceInfo, Model, ModelsOverview};
 pub use paths::{DATA_DIR_ENV, default_data_dir, write_atomically};
 pub use personas::Persona;
+pub use training::{
+    Adapter, AdapterExport, DataPreview, DataSource, MetricPoint, RunView, SampleRow, TrainEvent,
+    TrainRequest,
+};
 
 /// The setting that records that first-start setup ran.
 const FIRST_START_DONE: &str = "first_start_done";

@@ -95,7 +95,7 @@ pub struct ModelsOverview {
 #[derive(Debug, Default)]
 pub(crate) struct Downloads(Mutex<HashMap<String, CancelToken>>);
 
-struct DownloadGuard<'a> {
+pub(crate) struct DownloadGuard<'a> {
     downloads: &'a Downloads,
     id: String,
 }
@@ -196,6 +196,21 @@ fn cuda_memory() -> Option<u64> {
 }
 
 impl Dramatis {
+    /// Registers a long job (download, quantizing, training) under `key`.
+    pub(crate) fn start_job(&self, key: &str) -> Result<(DownloadGuard<'_>, CancelToken)> {
+        self.downloads.start(key)
+    }
+
+    /// Whether a job runs under `key`.
+    pub(crate) fn jobs_running(&self, key: &str) -> bool {
+        self.downloads.running(key)
+    }
+
+    /// Asks the job under `key` to stop (keeping what it did).
+    pub(crate) fn stop_job(&self, key: &str) -> bool {
+        self.downloads.stop(key, false)
+    }
+
     /// The compute device models will run on.
     pub fn device_info(&self) -> DeviceInfo {
         let d = self.device();

@@ -229,6 +229,16 @@ impl PromptParts<'_> {
         }
     }
 
+    /// The whole conversation as training text: the system part, then every
+    /// turn, each closed with its end marker (no budget, no reply opening).
+    pub fn render_full(&self) -> String {
+        let mut text = self.render_system(&self.system_text());
+        for (s, t) in self.history {
+            text.push_str(&self.render_turn(*s, t));
+        }
+        text
+    }
+
     /// Assembles the prompt within `budget` tokens (`count` gives a text's
     /// token count): the system part and post-history instructions always,
     /// then as many of the newest turns as fit, oldest dropped first.

@@ -13,6 +13,7 @@ mod migrations;
 mod models;
 mod personas;
 mod settings;
+mod training;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
@@ -26,6 +27,7 @@ pub use error::{Error, Result};
 pub use migrations::SCHEMA_VERSION;
 pub use models::ModelRow;
 pub use personas::PersonaRow;
+pub use training::{AdapterRow, RunRow};
 
 /// `PRAGMA application_id` of a Dramatis database ("DRMA").
 const APPLICATION_ID: i64 = 0x4452_4d41;

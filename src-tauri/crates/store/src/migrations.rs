@@ -106,6 +106,35 @@ const STEPS: &[&str] = &[
     r#"
     ALTER TABLE chats ADD COLUMN settings TEXT;
     "#,
+    // 5: fine-tuning runs and the adapters they produce.
+    r#"
+    CREATE TABLE training_runs (
+        id           INTEGER PRIMARY KEY,
+        name         TEXT NOT NULL,
+        model_id     INTEGER REFERENCES models(id) ON DELETE SET NULL,
+        character_id INTEGER REFERENCES characters(id) ON DELETE SET NULL,
+        request      TEXT NOT NULL,            -- JSON: base, data source, every setting
+        dir          TEXT NOT NULL,            -- checkpoints
+        status       TEXT NOT NULL CHECK (status IN ('running', 'stopped', 'finished', 'failed')),
+        step         INTEGER NOT NULL DEFAULT 0,
+        total_steps  INTEGER NOT NULL DEFAULT 0,
+        metrics      TEXT NOT NULL DEFAULT '[]', -- JSON: [{step, loss, eval_loss}]
+        error        TEXT,
+        created_at   INTEGER NOT NULL,
+        updated_at   INTEGER NOT NULL
+    );
+    CREATE TABLE adapters (
+        id            INTEGER PRIMARY KEY,
+        name          TEXT NOT NULL,
+        run_id        INTEGER REFERENCES training_runs(id) ON DELETE SET NULL,
+        base_model_id INTEGER REFERENCES models(id) ON DELETE SET NULL,
+        base_sha256   TEXT,
+        path          TEXT NOT NULL,           -- the PEFT folder
+        recipe        TEXT NOT NULL,           -- JSON
+        metrics       TEXT NOT NULL,           -- JSON
+        created_at    INTEGER NOT NULL
+    );
+    "#,
 ];
 
 /// Brings the schema up to `target`, one transaction per step.
