@@ -139,6 +139,20 @@ pub struct MergeArgs {
     quant: QuantType,
 }
 
+/// The process's peak resident memory (Linux).
+fn peak_rss() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb: u64 = s
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kb * 1024)
+}
+
 pub fn train(a: TrainArgs, cancel: &AtomicBool) -> Result<()> {
     let (mut config, mut data_opts) = match a.preset {
         Preset::Seed => (
@@ -228,6 +242,30 @@ pub fn train(a: TrainArgs, cancel: &AtomicBool) -> Result<()> {
     }
     let model = Arc::new(load_model(&a.model, &device)?);
     tokenizer.check_fits(model.config().vocab_size)?;
+    let info = dramatis_core::llm::inspect_model(&a.model)?;
+    let weight_bytes = if info.format == dramatis_core::llm::ModelFormat::Safetensors {
+        info.parameters * 4 // loaded as f32
+    } else {
+        info.bytes
+    };
+    let est = dramatis_train::estimate(&dramatis_train::EstimateInput {
+        config: model.config().clone(),
+        weight_bytes,
+        r: config.r,
+        targets: config.targets.len(),
+        seq_len: prepared.report.longest,
+        batch: config.batch_size,
+        device_memory: None,
+        flops_per_sec: dramatis_train::estimate::measure_flops(&device),
+    });
+    eprintln!(
+        "estimate: peak memory {:.1} MB (activations {:.1} MB), {}",
+        est.peak_bytes as f64 / 1e6,
+        est.activation_bytes as f64 / 1e6,
+        est.tokens_per_sec
+            .map(|t| format!("{t:.0} tokens/s"))
+            .unwrap_or_default()
+    );
     let eos = tokenizer.eos_id().unwrap_or(0);
     let mut run = TrainingRun::new(model, prepared, config, &a.out, eos)?;
     if run.step() > 0 {
@@ -239,6 +277,7 @@ pub fn train(a: TrainArgs, cancel: &AtomicBool) -> Result<()> {
             .context("progress bar template")?,
     );
     bar.set_position(run.step() as u64);
+    let mut last_tps = 0.0;
     let outcome = run.run(
         &mut |p| {
             bar.set_position(p.step as u64);
@@ -250,6 +289,7 @@ pub fn train(a: TrainArgs, cancel: &AtomicBool) -> Result<()> {
                 "loss {:.3}{eval}  {:.0} tok/s",
                 p.loss, p.tokens_per_sec
             ));
+            last_tps = p.tokens_per_sec;
             if p.eval_loss.is_some() || p.checkpoint {
                 bar.println(format!(
                     "step {}: loss {:.4}{eval}{}",
@@ -262,6 +302,12 @@ pub fn train(a: TrainArgs, cancel: &AtomicBool) -> Result<()> {
         cancel,
     )?;
     bar.finish_and_clear();
+    if let Some(hwm) = peak_rss() {
+        eprintln!(
+            "measured: peak memory {:.1} MB, {last_tps:.0} tokens/s",
+            hwm as f64 / 1e6
+        );
+    }
     match outcome {
         Outcome::Cancelled => {
             eprintln!("stopped at step {}; the same command resumes", run.step());

@@ -15,12 +15,14 @@
 
 pub mod data;
 mod error;
+pub mod estimate;
 mod export;
 mod optim;
 mod run;
 
 pub use data::{DataOptions, DataReport, LossOn, Prepared};
 pub use error::{Error, Result};
+pub use estimate::{Estimate, EstimateInput, estimate};
 pub use export::{export_checkpoint, export_peft};
 pub use optim::{AdamW, Schedule};
 pub use run::{Outcome, TrainConfig, TrainProgress, TrainingRun};
