@@ -103,7 +103,7 @@ pub fn estimate(input: &EstimateInput) -> Estimate {
             );
         }
         let mut seq = input.seq_len;
-        while seq > 64 && activations(cfg, seq, input.batch.min(1).max(1)) > room {
+        while seq > 64 && activations(cfg, seq, 1) > room {
             seq /= 2;
         }
         if seq < input.seq_len && seq >= 64 {
