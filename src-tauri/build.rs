@@ -42,6 +42,20 @@ const COMMANDS: &[&str] = &[
     "export_chat",
     "import_chat",
     "stream_test",
+    "inspect_dataset",
+    "dataset_downloaded",
+    "preview_training_data",
+    "estimate_training",
+    "start_training",
+    "resume_training",
+    "stop_training",
+    "list_runs",
+    "delete_run",
+    "list_adapters",
+    "attach_adapter",
+    "delete_adapter",
+    "export_adapter",
+    "sample_replies",
 ];
 
 fn main() {

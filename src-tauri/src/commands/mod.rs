@@ -6,6 +6,7 @@ mod characters;
 mod chats;
 mod models;
 mod personas;
+mod training;
 
 use std::sync::Arc;
 
@@ -61,6 +62,20 @@ pub(crate) fn handler<R: Runtime>() -> impl Fn(Invoke<R>) -> bool + Send + Sync 
         chats::export_chat,
         chats::import_chat,
         chats::stream_test,
+        training::inspect_dataset,
+        training::dataset_downloaded,
+        training::preview_training_data,
+        training::estimate_training,
+        training::start_training,
+        training::resume_training,
+        training::stop_training,
+        training::list_runs,
+        training::delete_run,
+        training::list_adapters,
+        training::attach_adapter,
+        training::delete_adapter,
+        training::export_adapter,
+        training::sample_replies,
     ]
 }
 

@@ -17,6 +17,16 @@ import type {
   Persona,
   PersonaDraft,
   QuantizeProgress,
+  Adapter,
+  DataOptions,
+  DataPreview,
+  DataSource,
+  DatasetInfo,
+  Estimate,
+  RunView,
+  TrainConfig,
+  TrainEvent,
+  TrainRequest,
   TagCount,
 } from "./types";
 
@@ -96,6 +106,29 @@ export const api = {
       perSec,
       onEvent: channel(onEvent),
     }),
+  inspectDataset: (path: string) => call<DatasetInfo>("inspect_dataset", { path }),
+  datasetDownloaded: (datasetId: string) => call<boolean>("dataset_downloaded", { datasetId }),
+  downloadDataset: (datasetId: string, onProgress: (p: DownloadProgress) => void) =>
+    call<unknown>("download_dataset", { datasetId, onProgress: channel(onProgress) }),
+  previewTrainingData: (modelId: number, source: DataSource, data: DataOptions) =>
+    call<DataPreview>("preview_training_data", { modelId, source, data }),
+  estimateTraining: (modelId: number, config: TrainConfig, seqLen: number) =>
+    call<Estimate>("estimate_training", { modelId, config, seqLen }),
+  startTraining: (request: TrainRequest, onEvent: (e: TrainEvent) => void) =>
+    call<RunView>("start_training", { request, onEvent: channel(onEvent) }),
+  resumeTraining: (runId: number, onEvent: (e: TrainEvent) => void) =>
+    call<RunView>("resume_training", { runId, onEvent: channel(onEvent) }),
+  stopTraining: (runId: number) => call<boolean>("stop_training", { runId }),
+  listRuns: () => call<RunView[]>("list_runs"),
+  deleteRun: (runId: number) => call<null>("delete_run", { runId }),
+  listAdapters: () => call<Adapter[]>("list_adapters"),
+  attachAdapter: (characterId: number, adapterId: number | null) =>
+    call<Character>("attach_adapter", { characterId, adapterId }),
+  deleteAdapter: (adapterId: number) => call<null>("delete_adapter", { adapterId }),
+  exportAdapter: (adapterId: number, format: "peft" | "gguf_lora" | "merged", path: string) =>
+    call<null>("export_adapter", { adapterId, format, path }),
+  sampleReplies: (modelId: number, adapterId: number | null, characterId: number | null, prompts: string[]) =>
+    call<string[]>("sample_replies", { modelId, adapterId, characterId, prompts }),
 };
 
 function channel<T>(onMessage: (m: T) => void): Channel<T> {

@@ -276,3 +276,140 @@ export interface MessageHit {
   path: number[];
   on_visible_branch: boolean;
 }
+
+/** dramatis-train `TrainConfig`. */
+export interface TrainConfig {
+  r: number;
+  alpha: number;
+  dropout: number;
+  targets: string[];
+  lr: number;
+  batch_size: number;
+  grad_accum: number;
+  epochs: number;
+  max_steps: number | null;
+  schedule: { kind: "constant" } | { kind: "cosine"; warmup: number };
+  clip: number | null;
+  weight_decay: number;
+  eval_every: number;
+  checkpoint_every: number;
+  seed: number;
+}
+
+/** dramatis-train `DataOptions`. */
+export interface DataOptions {
+  max_len: number;
+  loss_on: "all" | "assistant_only";
+  eval_fraction: number;
+  limit: number | null;
+  seed: number;
+}
+
+/** dramatis-core `DataSource`. */
+export type DataSource =
+  | { kind: "catalog"; dataset_id: string }
+  | { kind: "file"; path: string; column: string }
+  | { kind: "chats"; character_id: number };
+
+/** dramatis-core `TrainRequest`. */
+export interface TrainRequest {
+  name: string;
+  model_id: number;
+  character_id: number | null;
+  source: DataSource;
+  config: TrainConfig;
+  data: DataOptions;
+}
+
+/** dramatis-train `DataReport`. */
+export interface DataReport {
+  rows: number;
+  used: number;
+  truncated: number;
+  empty: number;
+  malformed: number;
+  tokens: number;
+  longest: number;
+  train_rows: number;
+  eval_rows: number;
+}
+
+/** dramatis-core `DataPreview`. */
+export interface DataPreview {
+  report: DataReport;
+  samples: { row: number; text: string; tokens: number }[];
+  problems: { row: number; message: string }[];
+}
+
+/** dramatis-train `Estimate`. */
+export interface Estimate {
+  peak_bytes: number;
+  weight_bytes: number;
+  activation_bytes: number;
+  lora_bytes: number;
+  tokens_per_sec: number | null;
+  fits: boolean | null;
+  advice: string[];
+}
+
+/** dramatis-train `TrainProgress`. */
+export interface TrainProgress {
+  step: number;
+  total_steps: number;
+  epoch: number;
+  loss: number;
+  lr: number;
+  grad_norm: number;
+  tokens_per_sec: number;
+  eta_secs: number;
+  eval_loss: number | null;
+  memory_bytes: number | null;
+  checkpoint: boolean;
+}
+
+/** dramatis-core `TrainEvent`. */
+export type TrainEvent =
+  | { type: "started"; run_id: number; report: DataReport; total_steps: number; step: number }
+  | ({ type: "progress" } & TrainProgress);
+
+/** dramatis-core `MetricPoint`. */
+export interface MetricPoint {
+  step: number;
+  loss: number;
+  eval_loss: number | null;
+}
+
+/** dramatis-core `RunView`. */
+export interface RunView {
+  id: number;
+  name: string;
+  status: "running" | "stopped" | "finished" | "failed";
+  step: number;
+  total_steps: number;
+  metrics: MetricPoint[];
+  error: string | null;
+  request: TrainRequest | null;
+  adapter_id: number | null;
+  updated_at: number;
+}
+
+/** dramatis-core `Adapter`. */
+export interface Adapter {
+  id: number;
+  name: string;
+  run_id: number | null;
+  base_model_id: number | null;
+  path: string;
+  recipe: unknown;
+  metrics: { final_loss?: number; steps?: number };
+  characters: number[];
+  created_at: number;
+}
+
+/** dramatis-hub `DatasetInfo`. */
+export interface DatasetInfo {
+  path: string;
+  format: string;
+  columns: string[];
+  rows: number;
+}

@@ -607,3 +607,106 @@ impl Dramatis {
         Ok(())
     }
 }
+
+impl Dramatis {
+    /// Predicts a run's peak memory and speed on this device.
+    pub fn estimate_training(
+        &self,
+        model_id: i64,
+        config: &TrainConfig,
+        seq_len: usize,
+        batch: usize,
+    ) -> Result<dramatis_train::Estimate> {
+        let m = self.model(model_id)?;
+        let info = dramatis_llm::inspect_model(Path::new(&m.path))?;
+        let weight_bytes = if info.format == dramatis_llm::ModelFormat::Safetensors {
+            info.parameters * 4
+        } else {
+            info.bytes
+        };
+        static FLOPS: std::sync::OnceLock<Option<f64>> = std::sync::OnceLock::new();
+        let flops = *FLOPS.get_or_init(|| dramatis_train::estimate::measure_flops(self.device()));
+        Ok(dramatis_train::estimate(&dramatis_train::EstimateInput {
+            config: info.config,
+            weight_bytes,
+            r: config.r,
+            targets: config.targets.len(),
+            seq_len: seq_len.max(8),
+            batch: batch.max(1),
+            device_memory: self.device_info().memory_bytes,
+            flops_per_sec: flops,
+        }))
+    }
+
+    /// Greedy replies to `prompts` from a character (or a plain assistant),
+    /// with an adapter or the base alone: the wizard's side-by-side.
+    pub fn sample_replies(
+        &self,
+        model_id: i64,
+        adapter_id: Option<i64>,
+        character_id: Option<i64>,
+        prompts: &[String],
+        max_tokens: usize,
+    ) -> Result<Vec<String>> {
+        let (model, tokenizer) = self.model_and_tokenizer(model_id)?;
+        let mut session = dramatis_llm::Session::new(model.clone());
+        if let Some(a) = adapter_id {
+            let row = self.store().adapter(a)?;
+            let lora =
+                LoraAdapter::load_peft(Path::new(&row.path), model.config(), model.device())?;
+            session.set_adapter(Some(Arc::new(lora)));
+        }
+        let card = match character_id {
+            Some(c) => self.character(c)?.card,
+            None => crate::CharacterCard {
+                name: "Assistant".into(),
+                ..Default::default()
+            },
+        };
+        let persona = self.chat_persona(None)?;
+        let mut out = Vec::new();
+        for p in prompts {
+            let history = vec![(Speaker::User, p.clone())];
+            let prompt = PromptParts {
+                card: &card,
+                user_name: &persona.name,
+                user_description: &persona.description,
+                global_system_prompt: "",
+                history: &history,
+                continue_from: None,
+                format: PromptFormat::Roleplay,
+            }
+            .build(model.config().max_position_embeddings / 2, |t| {
+                tokenizer.count(t).unwrap_or(t.len())
+            });
+            let ids = tokenizer.encode(&prompt.text)?;
+            let g = session.generate(
+                &tokenizer,
+                &ids,
+                &dramatis_llm::GenerateParams {
+                    sampler: dramatis_llm::SamplerConfig {
+                        temperature: 0.0,
+                        ..Default::default()
+                    },
+                    max_new_tokens: max_tokens,
+                    stop: prompt.stop,
+                },
+                &AtomicBool::new(false),
+                |_| {},
+            )?;
+            out.push(g.text.trim().to_owned());
+        }
+        Ok(out)
+    }
+
+    /// Deletes a run's record and checkpoints (its adapter stays).
+    pub fn delete_run(&self, run_id: i64) -> Result<()> {
+        if self.jobs_running(&format!("train:{run_id}")) {
+            return Err(Error::Conflict("stop the run before deleting it".into()));
+        }
+        let r = self.store().run(run_id)?;
+        self.store().delete_run(run_id)?;
+        let _ = std::fs::remove_dir_all(&r.dir);
+        Ok(())
+    }
+}

@@ -1,0 +1,74 @@
+// Presets and helpers for the fine-tune wizard.
+import type { DataOptions, TrainConfig } from "./types";
+
+const ALL_TARGETS = ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"];
+
+/** The seed recipe: r 16, alpha 16, dropout 0.05, every projection, lr 2e-4, batch 2, one epoch. */
+export function seedRecipe(): { config: TrainConfig; data: DataOptions } {
+  return {
+    config: {
+      r: 16,
+      alpha: 16,
+      dropout: 0.05,
+      targets: [...ALL_TARGETS],
+      lr: 2e-4,
+      batch_size: 2,
+      grad_accum: 1,
+      epochs: 1,
+      max_steps: null,
+      schedule: { kind: "constant" },
+      clip: 1.0,
+      weight_decay: 0,
+      eval_every: 50,
+      checkpoint_every: 50,
+      seed: 42,
+    },
+    data: { max_len: 2048, loss_on: "all", eval_fraction: 0.05, limit: 1000, seed: 42 },
+  };
+}
+
+export type PresetName = "seed" | "quick" | "quality";
+
+export const presets: { id: PresetName; name: string; hint: string }[] = [
+  { id: "seed", name: "Seed recipe", hint: "r 16, α 16, lr 2e-4, batch 2, one epoch over the first 1000 rows" },
+  { id: "quick", name: "Quick test", hint: "a few steps on short rows, to check that everything works" },
+  { id: "quality", name: "Quality", hint: "r 32, two epochs, warmup and cosine decay, loss on the character's turns" },
+];
+
+/** A preset's settings. */
+export function preset(id: PresetName): { config: TrainConfig; data: DataOptions } {
+  const p = seedRecipe();
+  if (id === "quick") {
+    p.config.max_steps = 12;
+    p.config.eval_every = 4;
+    p.config.checkpoint_every = 4;
+    p.config.lr = 1e-3;
+    p.data.max_len = 256;
+    p.data.limit = 64;
+  } else if (id === "quality") {
+    p.config.r = 32;
+    p.config.alpha = 32;
+    p.config.epochs = 2;
+    p.config.grad_accum = 4;
+    p.config.schedule = { kind: "cosine", warmup: 20 };
+    p.data.loss_on = "assistant_only";
+    p.data.limit = null;
+  }
+  return p;
+}
+
+/** One line per setting, for the Advanced panel. */
+export const explain: Record<string, string> = {
+  r: "Rank of the adapter: more capacity, more memory.",
+  alpha: "Scales the adapter's effect (alpha / r).",
+  dropout: "Share of inputs the adapter ignores at random: fights overfitting.",
+  lr: "Learning rate: how big each update is.",
+  batch_size: "Rows per step: more is steadier but needs more memory.",
+  grad_accum: "Steps whose gradients are added before one update: a bigger batch for free memory.",
+  epochs: "Passes over the data.",
+  max_steps: "Stop after this many updates (blank: by epochs).",
+  max_len: "Longest row in tokens; longer rows are cut (activation memory grows with it).",
+  eval_fraction: "Share of rows held out to measure the eval loss.",
+  limit: "Use only the first N rows (blank: all).",
+  seed: "Same seed, same data order and initial weights.",
+};
