@@ -22,6 +22,7 @@ export function seedRecipe(): { config: TrainConfig; data: DataOptions } {
       eval_every: 50,
       checkpoint_every: 50,
       seed: 42,
+      gradient_checkpointing: false,
     },
     data: { max_len: 2048, loss_on: "all", eval_fraction: 0.05, limit: 1000, seed: 42 },
   };
@@ -71,4 +72,5 @@ export const explain: Record<string, string> = {
   eval_fraction: "Share of rows held out to measure the eval loss.",
   limit: "Use only the first N rows (blank: all).",
   seed: "Same seed, same data order and initial weights.",
+  gradient_checkpointing: "Recompute each block when going backward: far less memory, about a third more time.",
 };

@@ -294,6 +294,7 @@ export interface TrainConfig {
   eval_every: number;
   checkpoint_every: number;
   seed: number;
+  gradient_checkpointing: boolean;
 }
 
 /** dramatis-train `DataOptions`. */

@@ -635,6 +635,7 @@ impl Dramatis {
             batch: batch.max(1),
             device_memory: self.device_info().memory_bytes,
             flops_per_sec: flops,
+            gradient_checkpointing: config.gradient_checkpointing,
         }))
     }
 

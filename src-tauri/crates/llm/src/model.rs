@@ -185,6 +185,47 @@ impl Phi {
         self.run(tokens, None, Logits::All, lora, true)
     }
 
+    /// Gradient checkpointing, piece 1: the token embedding (`[b, seq, hidden]`).
+    pub fn train_embed(&self, tokens: &Tensor) -> Result<Tensor> {
+        self.embed.forward(tokens, &self.device)
+    }
+
+    /// Gradient checkpointing, piece 2: block `i` on hidden states `x`
+    /// (`[b, seq, hidden]`, from position 0), differentiable like
+    /// [`Phi::forward_train`]. Running the blocks in turn and then
+    /// [`Phi::train_head`] gives its logits.
+    pub fn train_block(&self, i: usize, x: &Tensor, lora: Option<&LoraLayer>) -> Result<Tensor> {
+        let block = self
+            .blocks
+            .get(i)
+            .ok_or_else(|| Error::Invalid(format!("no block {i}")))?;
+        let seq = x.dim(1)?;
+        let mask = if seq > 1 {
+            Some(causal_mask(seq, 0, &self.device)?)
+        } else {
+            None
+        };
+        let cos = self.cos.narrow(0, 0, seq)?;
+        let sin = self.sin.narrow(0, 0, seq)?;
+        let no_lora = LoraLayer::default();
+        let l = lora.unwrap_or(&no_lora);
+        let h = self.norm(&block.norm, x, true)?;
+        let attn = self.attention(block, &h, l, None, i, mask.as_ref(), &cos, &sin, true)?;
+        let mlp = self.mlp(block, &h, l, true)?;
+        Ok(((attn + mlp)? + x)?)
+    }
+
+    /// Gradient checkpointing, piece 3: final norm and logits for every position.
+    pub fn train_head(&self, x: &Tensor) -> Result<Tensor> {
+        let x = self.norm(&self.final_norm, x, true)?;
+        self.lm_head.forward_mode(&x, &[], true)
+    }
+
+    /// Transformer blocks.
+    pub fn num_blocks(&self) -> usize {
+        self.blocks.len()
+    }
+
     fn run(
         &self,
         tokens: &Tensor,

@@ -35,6 +35,9 @@ pub struct EstimateInput {
     pub device_memory: Option<u64>,
     /// The device's matmul rate (FLOP/s), when measured.
     pub flops_per_sec: Option<f64>,
+    /// Recompute blocks in the backward pass instead of keeping their activations.
+    #[serde(default)]
+    pub gradient_checkpointing: bool,
 }
 
 /// The prediction.
@@ -61,10 +64,15 @@ fn per_token_layer(cfg: &PhiConfig, seq: usize) -> f64 {
     101.0 * cfg.hidden_size as f64 + 10.0 * cfg.num_attention_heads as f64 * seq as f64
 }
 
-fn activations(cfg: &PhiConfig, seq: usize, batch: usize) -> f64 {
+fn activations(cfg: &PhiConfig, seq: usize, batch: usize, checkpointing: bool) -> f64 {
     let tokens = (seq * batch) as f64;
-    4.0 * tokens
-        * (cfg.num_hidden_layers as f64 * per_token_layer(cfg, seq) + 3.0 * cfg.vocab_size as f64)
+    let blocks = if checkpointing {
+        // One block's graph at a time, plus every block's input kept.
+        per_token_layer(cfg, seq) + cfg.num_hidden_layers as f64 * cfg.hidden_size as f64
+    } else {
+        cfg.num_hidden_layers as f64 * per_token_layer(cfg, seq)
+    };
+    4.0 * tokens * (blocks + 3.0 * cfg.vocab_size as f64)
 }
 
 /// The prediction for `input`.
@@ -77,14 +85,16 @@ pub fn estimate(input: &EstimateInput) -> Estimate {
     let lora_params = cfg.num_hidden_layers as f64 * per_target * input.targets as f64;
     let lora_bytes = (lora_params * 4.0 * 4.0) as u64;
     let dequant = (i * h * 4.0) as u64;
-    let activation_bytes = activations(cfg, input.seq_len, input.batch) as u64;
+    let ckpt = input.gradient_checkpointing;
+    let activation_bytes = activations(cfg, input.seq_len, input.batch, ckpt) as u64;
     // Allocator and runtime overhead beyond the tensors themselves.
     let overhead = 64u64 << 20;
     let peak = input.weight_bytes + dequant + lora_bytes + activation_bytes + overhead;
     let params =
         cfg.num_hidden_layers as f64 * (4.0 * h * h + 2.0 * h * i) + cfg.vocab_size as f64 * h;
     let attn = cfg.num_hidden_layers as f64 * 2.0 * 2.0 * input.seq_len as f64 * h;
-    let flops_per_token = 4.0 * params + 3.0 * attn;
+    // Checkpointing runs every block's forward pass twice.
+    let flops_per_token = (4.0 * params + 3.0 * attn) * if ckpt { 1.33 } else { 1.0 };
     // Training reaches about a fifth of the plain matmul rate: the many
     // elementwise ops of the differentiable forward and the backward pass
     // (fitted to CPU runs, measured/predicted 0.18-0.25; see BENCHMARKS.md).
@@ -97,13 +107,16 @@ pub fn estimate(input: &EstimateInput) -> Estimate {
     if fits == Some(false) {
         let m = input.device_memory.unwrap_or(0);
         let room = m.saturating_sub(input.weight_bytes + dequant + lora_bytes + overhead) as f64;
-        if input.batch > 1 && activations(cfg, input.seq_len, 1) <= room {
+        if !ckpt && activations(cfg, input.seq_len, input.batch, true) <= room {
+            advice.push("turn on gradient checkpointing".into());
+        }
+        if input.batch > 1 && activations(cfg, input.seq_len, 1, ckpt) <= room {
             advice.push(
                 "use batch size 1 (with gradient accumulation to keep the effective batch)".into(),
             );
         }
         let mut seq = input.seq_len;
-        while seq > 64 && activations(cfg, seq, 1) > room {
+        while seq > 64 && activations(cfg, seq, 1, ckpt) > room {
             seq /= 2;
         }
         if seq < input.seq_len && seq >= 64 {
@@ -160,6 +173,7 @@ mod tests {
             batch,
             device_memory: Some(memory),
             flops_per_sec: Some(1e12),
+            gradient_checkpointing: false,
         }
     }
 
@@ -183,5 +197,11 @@ mod tests {
             .unwrap();
         assert_eq!(estimate(&phi2(seq, 1, 80 << 30)).fits, Some(true));
         assert!(small.tokens_per_sec.unwrap() > big.tokens_per_sec.unwrap());
+        // Checkpointing is proposed, and it divides activation memory by about the layer count.
+        assert!(big.advice.iter().any(|a| a.contains("checkpointing")));
+        let mut ck = phi2(2048, 2, 80 << 30);
+        ck.gradient_checkpointing = true;
+        let ck = estimate(&ck);
+        assert!(ck.activation_bytes * 10 < big.activation_bytes);
     }
 }
