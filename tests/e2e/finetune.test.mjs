@@ -126,6 +126,7 @@ describe("fine-tune wizard", () => {
       await browser.keys(["Tab"]);
       await browser.$('[data-testid="ft-start"]').click();
       await browser.waitUntil(async () => (await points(browser)) >= 3, { timeout: 60000, timeoutMsg: "the chart did not update" });
+      await browser.$('[data-testid="ft-samples"]').waitForExist({ timeout: 30000 });
       await screenshot(browser, "finetune-training");
       await browser.$('[data-testid="ft-stop"]').click();
       await browser.$('[data-testid="ft-resume"]').waitForExist({ timeout: 30000 });

@@ -10,6 +10,8 @@ export interface LiveRun {
   total: number;
   result: RunView | null;
   error: CommandError | null;
+  /** The latest checkpoint's replies to the sample prompts. */
+  samples: string[];
 }
 
 export const live: LiveRun = $state({
@@ -20,6 +22,7 @@ export const live: LiveRun = $state({
   total: 0,
   result: null,
   error: null,
+  samples: [],
 });
 
 function onEvent(e: TrainEvent) {
@@ -29,6 +32,7 @@ function onEvent(e: TrainEvent) {
   } else {
     live.progress = e;
     live.metrics.push({ step: e.step, loss: e.loss, eval_loss: e.eval_loss });
+    if (e.samples.length) live.samples = e.samples;
   }
 }
 

@@ -366,6 +366,7 @@ export interface TrainProgress {
   eval_loss: number | null;
   memory_bytes: number | null;
   checkpoint: boolean;
+  samples: string[];
 }
 
 /** dramatis-core `TrainEvent`. */

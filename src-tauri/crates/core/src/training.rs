@@ -174,6 +174,13 @@ pub enum TrainEvent {
     Progress(TrainProgress),
 }
 
+/// What every run is asked at its checkpoints (and the wizard's comparison).
+pub const SAMPLE_PROMPTS: [&str; 3] = [
+    "Hello! Who are you?",
+    "Tell me about your day.",
+    "What do you want most?",
+];
+
 /// The card extension key for Dramatis's own data.
 const EXT: &str = "dramatis";
 
@@ -384,6 +391,7 @@ impl Dramatis {
             pad,
         )
         .map_err(|e| fail(e.into()))?;
+        run.set_sample_prompts(tokenizer, &self.sample_prompts(req.character_id)?)?;
         let total = run.total_steps();
         let mut metrics: Vec<MetricPoint> = serde_json::from_str(&row.metrics).unwrap_or_default();
         metrics.retain(|m| m.step <= run.step());
@@ -698,6 +706,36 @@ impl Dramatis {
             out.push(g.text.trim().to_owned());
         }
         Ok(out)
+    }
+
+    /// The fixed prompts a run answers at each checkpoint, in the chat format
+    /// of its character (or a plain assistant).
+    fn sample_prompts(&self, character_id: Option<i64>) -> Result<Vec<String>> {
+        let card = match character_id {
+            Some(c) => self.character(c)?.card,
+            None => crate::CharacterCard {
+                name: "Assistant".into(),
+                ..Default::default()
+            },
+        };
+        let persona = self.chat_persona(None)?;
+        Ok(SAMPLE_PROMPTS
+            .iter()
+            .map(|p| {
+                let history = vec![(Speaker::User, (*p).to_owned())];
+                PromptParts {
+                    card: &card,
+                    user_name: &persona.name,
+                    user_description: &persona.description,
+                    global_system_prompt: "",
+                    history: &history,
+                    continue_from: None,
+                    format: PromptFormat::Roleplay,
+                }
+                .build(usize::MAX, |t| t.len())
+                .text
+            })
+            .collect())
     }
 
     /// Deletes a run's record and checkpoints (its adapter stays).

@@ -128,15 +128,22 @@ fn a_run_trains_attaches_its_adapter_and_chat_uses_it() {
     let w = world();
     let before = reply(&w.app, w.character);
     let mut steps = Vec::new();
+    let mut samples = Vec::new();
     let run = w
         .app
         .train(request(&w, 8), &mut |e| {
             if let TrainEvent::Progress(p) = e {
                 steps.push(p.step);
+                if p.checkpoint {
+                    samples.push(p.samples.clone());
+                }
             }
         })
         .unwrap();
     assert_eq!(steps, (1..=8).collect::<Vec<_>>());
+    // Every checkpoint (every 2 steps) answered the three sample prompts.
+    assert_eq!(samples.len(), 4);
+    assert!(samples.iter().all(|s| s.len() == 3));
     assert_eq!(run.status, "finished");
     assert_eq!(run.metrics.len(), 8);
     assert!(run.metrics.iter().filter(|m| m.eval_loss.is_some()).count() >= 3);
@@ -247,6 +254,27 @@ fn a_characters_own_chats_are_training_data() {
     assert_eq!(p.report.used, 1);
     assert!(p.samples[0].text.starts_with("<|system|>"));
     assert!(p.samples[0].text.contains("<|user|>Tell me a story</s>"));
+    // Bytes that are not UTF-8, and a file that is not there: clear errors.
+    let bad = w._dir.path().join("latin1.jsonl");
+    std::fs::write(&bad, b"{\"text\": \"caf\xe9\"}\n").unwrap();
+    let src = DataSource::File {
+        path: bad,
+        column: "text".into(),
+    };
+    let err = w
+        .app
+        .preview_training_data(w.model, &src, &DataOptions::default())
+        .unwrap_err();
+    assert!(err.to_string().contains("not UTF-8"), "{err}");
+    let gone = DataSource::File {
+        path: w._dir.path().join("nope.jsonl"),
+        column: "text".into(),
+    };
+    let err = w
+        .app
+        .preview_training_data(w.model, &gone, &DataOptions::default())
+        .unwrap_err();
+    assert!(err.to_string().contains("nope.jsonl"), "{err}");
     // A dataset that is not downloaded is a clear error, and no run is recorded.
     let mut req = request(&w, 2);
     req.source = DataSource::Catalog {

@@ -153,6 +153,8 @@ pub struct TrainProgress {
     pub memory_bytes: Option<u64>,
     /// Set when a checkpoint was written at this step.
     pub checkpoint: bool,
+    /// At checkpoints: greedy replies to the sample prompts with the adapter so far.
+    pub samples: Vec<String>,
 }
 
 /// How a run ended.
@@ -202,6 +204,8 @@ pub struct TrainingRun {
     optimizer: AdamW,
     pos: Position,
     pad: u32,
+    sample_prompts: Vec<Vec<u32>>,
+    tokenizer: Option<dramatis_llm::PhiTokenizer>,
 }
 
 impl std::fmt::Debug for TrainingRun {
@@ -275,10 +279,50 @@ impl TrainingRun {
                 eval_losses: Vec::new(),
             },
             pad,
+            sample_prompts: Vec::new(),
+            tokenizer: None,
         };
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         run.resume()?;
         Ok(run)
+    }
+
+    /// Prompts (already in the chat format) answered at every checkpoint,
+    /// so progress can be read as well as plotted.
+    pub fn set_sample_prompts(
+        &mut self,
+        tokenizer: dramatis_llm::PhiTokenizer,
+        prompts: &[String],
+    ) -> Result<()> {
+        self.sample_prompts = prompts
+            .iter()
+            .map(|p| tokenizer.encode(p))
+            .collect::<dramatis_llm::Result<_>>()?;
+        self.tokenizer = Some(tokenizer);
+        Ok(())
+    }
+
+    /// Greedy replies (up to 40 tokens) to the sample prompts with the adapter so far.
+    fn samples(&self) -> Result<Vec<String>> {
+        let Some(tok) = &self.tokenizer else {
+            return Ok(Vec::new());
+        };
+        let mut session = dramatis_llm::Session::new(self.model.clone());
+        session.set_adapter(Some(Arc::new(self.inference_adapter()?)));
+        let params = dramatis_llm::GenerateParams {
+            sampler: dramatis_llm::SamplerConfig {
+                temperature: 0.0,
+                ..Default::default()
+            },
+            max_new_tokens: 40,
+            stop: vec!["</s>".into(), "<|user|>".into()],
+        };
+        let mut out = Vec::new();
+        for ids in &self.sample_prompts {
+            let g = session.generate(tok, ids, &params, &AtomicBool::new(false), |_| {})?;
+            out.push(g.text.trim().to_owned());
+        }
+        Ok(out)
     }
 
     /// Optimizer steps done.
@@ -584,8 +628,10 @@ impl TrainingRun {
                 };
             let checkpoint = last
                 || (c.checkpoint_every > 0 && self.pos.step.is_multiple_of(c.checkpoint_every));
+            let mut samples = Vec::new();
             if checkpoint {
                 self.checkpoint()?;
+                samples = self.samples()?;
             }
             let secs = started.elapsed().as_secs_f64();
             let done = (self.pos.step - first_step) as f64;
@@ -601,6 +647,7 @@ impl TrainingRun {
                 eval_loss,
                 memory_bytes: rss_bytes(),
                 checkpoint,
+                samples,
             });
         }
         Ok(Outcome::Finished)
