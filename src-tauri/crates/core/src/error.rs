@@ -106,6 +106,12 @@ impl Error {
             Self::Train(dramatis_train::Error::Model(m)) => Self::Model(clone_kind(m)).kind(),
             Self::Train(dramatis_train::Error::EmptyDataset(_)) => ErrorKind::BadFile,
             Self::Train(dramatis_train::Error::Config(_)) => ErrorKind::Validation,
+            Self::Train(dramatis_train::Error::Io { source, .. })
+                if source.kind() == std::io::ErrorKind::StorageFull
+                    || source.raw_os_error() == Some(28) =>
+            {
+                ErrorKind::DiskFull
+            }
             Self::Train(_) => ErrorKind::Storage,
             Self::Model(dramatis_llm::Error::Cancelled) => ErrorKind::Cancelled,
             Self::Model(e) if e.to_string().to_lowercase().contains("out of memory") => {
