@@ -142,20 +142,6 @@ pub struct MergeArgs {
     quant: QuantType,
 }
 
-/// The process's peak resident memory (Linux).
-fn peak_rss() -> Option<u64> {
-    let s = std::fs::read_to_string("/proc/self/status").ok()?;
-    let kb: u64 = s
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))?
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .ok()?;
-    Some(kb * 1024)
-}
-
 pub fn train(a: TrainArgs, cancel: &AtomicBool) -> Result<()> {
     let (mut config, mut data_opts) = match a.preset {
         Preset::Seed => (
@@ -307,7 +293,7 @@ pub fn train(a: TrainArgs, cancel: &AtomicBool) -> Result<()> {
         cancel,
     )?;
     bar.finish_and_clear();
-    if let Some(hwm) = peak_rss() {
+    if let Some(hwm) = dramatis_train::peak_rss_bytes() {
         eprintln!(
             "measured: peak memory {:.1} MB, {last_tps:.0} tokens/s",
             hwm as f64 / 1e6

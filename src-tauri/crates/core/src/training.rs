@@ -665,30 +665,10 @@ impl Dramatis {
                 LoraAdapter::load_peft(Path::new(&row.path), model.config(), model.device())?;
             session.set_adapter(Some(Arc::new(lora)));
         }
-        let card = match character_id {
-            Some(c) => self.character(c)?.card,
-            None => crate::CharacterCard {
-                name: "Assistant".into(),
-                ..Default::default()
-            },
-        };
-        let persona = self.chat_persona(None)?;
+        let texts = self.one_turn_prompts(character_id, prompts)?;
         let mut out = Vec::new();
-        for p in prompts {
-            let history = vec![(Speaker::User, p.clone())];
-            let prompt = PromptParts {
-                card: &card,
-                user_name: &persona.name,
-                user_description: &persona.description,
-                global_system_prompt: "",
-                history: &history,
-                continue_from: None,
-                format: PromptFormat::Roleplay,
-            }
-            .build(model.config().max_position_embeddings / 2, |t| {
-                tokenizer.count(t).unwrap_or(t.len())
-            });
-            let ids = tokenizer.encode(&prompt.text)?;
+        for text in texts {
+            let ids = tokenizer.encode(&text)?;
             let g = session.generate(
                 &tokenizer,
                 &ids,
@@ -698,7 +678,7 @@ impl Dramatis {
                         ..Default::default()
                     },
                     max_new_tokens: max_tokens,
-                    stop: prompt.stop,
+                    stop: dramatis_persona::prompt::stop_strings(),
                 },
                 &AtomicBool::new(false),
                 |_| {},
@@ -708,9 +688,15 @@ impl Dramatis {
         Ok(out)
     }
 
-    /// The fixed prompts a run answers at each checkpoint, in the chat format
-    /// of its character (or a plain assistant).
+    /// The fixed prompts a run answers at each checkpoint.
     fn sample_prompts(&self, character_id: Option<i64>) -> Result<Vec<String>> {
+        let prompts: Vec<String> = SAMPLE_PROMPTS.iter().map(|p| (*p).to_owned()).collect();
+        self.one_turn_prompts(character_id, &prompts)
+    }
+
+    /// Each text as the user's one turn to a character (or a plain
+    /// assistant), in the role-play format, ready for the reply.
+    fn one_turn_prompts(&self, character_id: Option<i64>, texts: &[String]) -> Result<Vec<String>> {
         let card = match character_id {
             Some(c) => self.character(c)?.card,
             None => crate::CharacterCard {
@@ -719,10 +705,10 @@ impl Dramatis {
             },
         };
         let persona = self.chat_persona(None)?;
-        Ok(SAMPLE_PROMPTS
+        Ok(texts
             .iter()
-            .map(|p| {
-                let history = vec![(Speaker::User, (*p).to_owned())];
+            .map(|t| {
+                let history = vec![(Speaker::User, t.clone())];
                 PromptParts {
                     card: &card,
                     user_name: &persona.name,

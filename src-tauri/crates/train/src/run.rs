@@ -179,17 +179,28 @@ struct Position {
     eval_losses: Vec<(usize, f64)>,
 }
 
-fn rss_bytes() -> Option<u64> {
+/// A field of `/proc/self/status` in bytes (Linux; `None` elsewhere).
+fn proc_status_bytes(field: &str) -> Option<u64> {
     let s = std::fs::read_to_string("/proc/self/status").ok()?;
     let kb: u64 = s
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))?
         .trim()
         .trim_end_matches("kB")
         .trim()
         .parse()
         .ok()?;
     Some(kb * 1024)
+}
+
+/// The process's resident memory now.
+fn rss_bytes() -> Option<u64> {
+    proc_status_bytes("VmRSS")
+}
+
+/// The process's peak resident memory so far (what a run's estimate is checked against).
+pub fn peak_rss_bytes() -> Option<u64> {
+    proc_status_bytes("VmHWM")
 }
 
 /// A LoRA training run on a frozen base.
