@@ -45,6 +45,13 @@ async function greedyReply(browser, characterId) {
   return r;
 }
 
+/** Clicks once the element can take a click (not covered, not moving). */
+async function clickWhenReady(browser, selector) {
+  const el = await browser.$(selector);
+  await el.waitForClickable({ timeout: 10000 });
+  await el.click();
+}
+
 async function pickFile(browser, file) {
   const input = await browser.$('[data-testid="ft-file"]');
   await input.setValue(file);
@@ -56,10 +63,12 @@ async function toSettings(browser, characterName) {
   const who = await browser.$('[data-testid="ft-character"]');
   await who.waitForExist({ timeout: 10000 });
   if (characterName) await who.selectByVisibleText(characterName);
+  // Enabled once the installed models have loaded.
+  await browser.$('[data-testid="ft-next-1"]').waitForEnabled({ timeout: 10000 });
   await browser.$('[data-testid="ft-next-1"]').click();
   await pickFile(browser, path.join(work, "rows.jsonl"));
   await browser.$('[data-testid="ft-column"]').waitForExist({ timeout: 10000 });
-  await browser.$('[data-testid="ft-check-data"]').click();
+  await clickWhenReady(browser, '[data-testid="ft-check-data"]');
   await browser.$('[data-testid="step-settings"]').waitForExist({ timeout: 20000 });
 }
 
@@ -81,9 +90,10 @@ describe("fine-tune wizard", () => {
     const browser = await driver.launch();
     try {
       await browser.$('[data-testid="nav-finetune"]').click();
+      await browser.$('[data-testid="ft-next-1"]').waitForEnabled({ timeout: 10000 });
       await browser.$('[data-testid="ft-next-1"]').click();
       await pickFile(browser, path.join(work, "bad.jsonl"));
-      await browser.$('[data-testid="ft-check-data"]').click();
+      await clickWhenReady(browser, '[data-testid="ft-check-data"]');
       const err = await browser.$('[data-testid="ft-data-error"]');
       await err.waitForExist({ timeout: 10000 });
       assert.match(await err.getText(), /no usable rows|no column/);
@@ -106,8 +116,8 @@ describe("fine-tune wizard", () => {
       assert.match(await browser.$('[data-testid="ft-report"]').getText(), /40 rows/);
 
       // A setting that cannot fit: the estimate says so and proposes a change.
-      await browser.$('[data-testid="preset-quick"]').click();
-      await browser.$("button=Advanced").click();
+      await clickWhenReady(browser, '[data-testid="preset-quick"]');
+      await clickWhenReady(browser, "button=Advanced");
       const batch = await browser.$('[data-testid="ft-batch_size"]');
       await clearField(browser, batch);
       await batch.addValue("100000");
@@ -119,12 +129,12 @@ describe("fine-tune wizard", () => {
       await screenshot(browser, "finetune-estimate");
 
       // Back to the quick preset, with more steps so there is time to stop it.
-      await browser.$('[data-testid="preset-quick"]').click();
+      await clickWhenReady(browser, '[data-testid="preset-quick"]');
       const steps = await browser.$('[data-testid="ft-max_steps"]');
       await clearField(browser, steps);
       await steps.addValue("60");
       await browser.keys(["Tab"]);
-      await browser.$('[data-testid="ft-start"]').click();
+      await clickWhenReady(browser, '[data-testid="ft-start"]');
       await browser.waitUntil(async () => (await points(browser)) >= 3, { timeout: 60000, timeoutMsg: "the chart did not update" });
       await browser.$('[data-testid="ft-samples"]').waitForExist({ timeout: 30000 });
       await screenshot(browser, "finetune-training");
@@ -159,13 +169,13 @@ describe("fine-tune wizard", () => {
     let browser = await driver.launch();
     try {
       await toSettings(browser, null);
-      await browser.$('[data-testid="preset-quick"]').click();
-      await browser.$("button=Advanced").click();
+      await clickWhenReady(browser, '[data-testid="preset-quick"]');
+      await clickWhenReady(browser, "button=Advanced");
       const steps = await browser.$('[data-testid="ft-max_steps"]');
       await clearField(browser, steps);
       await steps.addValue("2000");
       await browser.keys(["Tab"]);
-      await browser.$('[data-testid="ft-start"]').click();
+      await clickWhenReady(browser, '[data-testid="ft-start"]');
       // Past the first checkpoint (every 4 steps in the quick preset).
       await browser.waitUntil(async () => (await points(browser)) >= 6, { timeout: 60000 });
       browser = await driver.restart(browser);
