@@ -199,17 +199,10 @@ pub fn train(a: TrainArgs, cancel: &AtomicBool) -> Result<()> {
     }
 
     let device = a.device.open().context("cannot open the device")?;
-    let tok_path = match &a.tokenizer {
-        Some(t) => t.clone(),
-        None => {
-            let dir = if a.model.is_dir() {
-                a.model.clone()
-            } else {
-                a.model.parent().map(PathBuf::from).unwrap_or_default()
-            };
-            dir.join("tokenizer.json")
-        }
-    };
+    let tok_path = a
+        .tokenizer
+        .clone()
+        .unwrap_or_else(|| beside(&a.model, "tokenizer.json"));
     let tokenizer = PhiTokenizer::from_file(&tok_path)?;
     let column = read_text_column(&a.data, &a.column)?;
     let prepared = prepare(&column.texts, column.problems.len(), &tokenizer, &data_opts)?;

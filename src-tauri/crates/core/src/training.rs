@@ -283,11 +283,9 @@ impl Dramatis {
         })
     }
 
-    fn run_view(&self, r: RunRow) -> Result<RunView> {
-        let adapter_id = self
-            .store()
-            .list_adapters()?
-            .into_iter()
+    fn run_view(&self, r: RunRow, adapters: &[AdapterRow]) -> Result<RunView> {
+        let adapter_id = adapters
+            .iter()
             .find(|a| a.run_id == Some(r.id))
             .map(|a| a.id);
         Ok(RunView {
@@ -307,6 +305,7 @@ impl Dramatis {
     /// Every run, newest first. A run marked running that no job drives (the
     /// app was closed mid-run) shows as stopped, ready to resume.
     pub fn list_runs(&self) -> Result<Vec<RunView>> {
+        let adapters = self.store().list_adapters()?;
         self.store()
             .list_runs()?
             .into_iter()
@@ -314,7 +313,7 @@ impl Dramatis {
                 if r.status == "running" && !self.jobs_running(&format!("train:{}", r.id)) {
                     r.status = "stopped".into();
                 }
-                self.run_view(r)
+                self.run_view(r, &adapters)
             })
             .collect()
     }
@@ -488,7 +487,7 @@ impl Dramatis {
                 return Err(e);
             }
         }
-        self.run_view(self.store().run(id)?)
+        self.run_view(self.store().run(id)?, &self.store().list_adapters()?)
     }
 
     /// Every adapter, newest first, with the characters using it.

@@ -2,14 +2,16 @@
 //! model (base + LoRA) as GGUF at a chosen quantization.
 
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 
 use candle_core::quantized::{GgmlDType, QTensor, gguf_file};
 use candle_core::{DType, Device, Tensor};
 
 use crate::lora::{LoraAdapter, LoraSlot, LoraTarget};
 use crate::model::Embedding;
-use crate::quantize::{QuantizeProgress, phi2_metadata, quantize, tokenizer_metadata};
+use crate::quantize::{
+    QuantizeProgress, TensorList, phi2_metadata, quantize, quantize_matrix, tokenizer_metadata,
+};
 use crate::{Error, Phi, PhiConfig, QuantType, Result, write_gguf};
 
 /// The llama.cpp `phi2` tensor a target's delta lands on.
@@ -122,36 +124,15 @@ pub fn merge_to_gguf(
     out: &Path,
     qt: QuantType,
     cancel: &AtomicBool,
-    mut progress: impl FnMut(QuantizeProgress),
+    progress: impl FnMut(QuantizeProgress),
 ) -> Result<()> {
     let cfg = model.config().clone();
     let q = qt.ggml();
     let n = cfg.num_hidden_layers;
     let total = 1 + 10 * n + 4;
-    let mut tensors: Vec<(String, QTensor)> = Vec::with_capacity(total);
-    let mut push = |name: String, t: QTensor, tensors: &mut Vec<(String, QTensor)>| -> Result<()> {
-        if cancel.load(Ordering::Relaxed) {
-            return Err(Error::Cancelled);
-        }
-        tensors.push((name.clone(), t));
-        progress(QuantizeProgress {
-            done: tensors.len(),
-            total,
-            tensor: name,
-        });
-        Ok(())
-    };
+    let mut list = TensorList::new(total, cancel, progress);
     let matrix = |w: Tensor| -> Result<QTensor> {
-        let w = w.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
-        let cols = w.dim(1)?;
-        quantize(
-            &w,
-            if cols.is_multiple_of(q.block_size()) {
-                q
-            } else {
-                GgmlDType::F16
-            },
-        )
+        quantize_matrix(&w.to_device(&Device::Cpu)?.to_dtype(DType::F32)?, q)
     };
     // The embedding keeps its stored type when it is quantized already.
     let embed = match &model.embed {
@@ -169,20 +150,19 @@ pub fn merge_to_gguf(
             &Device::Cpu,
         )?,
     };
-    push("token_embd.weight".into(), embed, &mut tensors)?;
+    list.push("token_embd.weight".into(), embed)?;
     for (i, b) in model.blocks.iter().enumerate() {
         let p = format!("blk.{i}");
         let l = adapter.map(|a| &a.layers[i]);
-        push(
+        list.push(
             format!("{p}.attn_norm.weight"),
             f32_tensor(b.norm.weight())?,
-            &mut tensors,
         )?;
         let nb = b
             .norm
             .bias()
             .ok_or_else(|| Error::Invalid("LayerNorm without bias".into()))?;
-        push(format!("{p}.attn_norm.bias"), f32_tensor(nb)?, &mut tensors)?;
+        list.push(format!("{p}.attn_norm.bias"), f32_tensor(nb)?)?;
         for (name, lin, targets) in [
             (
                 "attn_qkv",
@@ -203,29 +183,27 @@ pub fn merge_to_gguf(
                     w = w.slice_assign(&[at..at + rows, 0..w.dim(1)?], &(cur + delta)?)?;
                 }
             }
-            push(format!("{p}.{name}.weight"), matrix(w)?, &mut tensors)?;
+            list.push(format!("{p}.{name}.weight"), matrix(w)?)?;
             if let Some(bias) = lin.bias() {
-                push(format!("{p}.{name}.bias"), f32_tensor(bias)?, &mut tensors)?;
+                list.push(format!("{p}.{name}.bias"), f32_tensor(bias)?)?;
             }
         }
     }
-    push(
+    list.push(
         "output_norm.weight".into(),
         f32_tensor(model.final_norm.weight())?,
-        &mut tensors,
     )?;
     let ob = model
         .final_norm
         .bias()
         .ok_or_else(|| Error::Invalid("LayerNorm without bias".into()))?;
-    push("output_norm.bias".into(), f32_tensor(ob)?, &mut tensors)?;
-    push(
+    list.push("output_norm.bias".into(), f32_tensor(ob)?)?;
+    list.push(
         "output.weight".into(),
         matrix(model.lm_head.dense_weight()?)?,
-        &mut tensors,
     )?;
     if let Some(b) = model.lm_head.bias() {
-        push("output.bias".into(), f32_tensor(b)?, &mut tensors)?;
+        list.push("output.bias".into(), f32_tensor(b)?)?;
     }
     let name = if adapter.is_some() {
         "Phi-2 + LoRA (merged by Dramatis)"
@@ -236,5 +214,5 @@ pub fn merge_to_gguf(
     if let Some(t) = tokenizer {
         meta.extend(tokenizer_metadata(t, cfg.vocab_size)?);
     }
-    write_gguf(out, &meta, &tensors)
+    write_gguf(out, &meta, &list.tensors)
 }

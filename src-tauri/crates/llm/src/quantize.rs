@@ -102,8 +102,41 @@ pub struct QuantizeProgress {
     pub tensor: String,
 }
 
+/// Tensors on their way into a GGUF file, with a progress report per tensor
+/// and the cancel flag checked before each one.
+pub(crate) struct TensorList<'a, P: FnMut(QuantizeProgress)> {
+    pub(crate) tensors: Vec<(String, QTensor)>,
+    total: usize,
+    cancel: &'a AtomicBool,
+    progress: P,
+}
+
+impl<'a, P: FnMut(QuantizeProgress)> TensorList<'a, P> {
+    pub(crate) fn new(total: usize, cancel: &'a AtomicBool, progress: P) -> Self {
+        Self {
+            tensors: Vec::with_capacity(total),
+            total,
+            cancel,
+            progress,
+        }
+    }
+
+    pub(crate) fn push(&mut self, name: String, t: QTensor) -> Result<()> {
+        if self.cancel.load(Ordering::Relaxed) {
+            return Err(Error::Cancelled);
+        }
+        self.tensors.push((name.clone(), t));
+        (self.progress)(QuantizeProgress {
+            done: self.tensors.len(),
+            total: self.total,
+            tensor: name,
+        });
+        Ok(())
+    }
+}
+
 /// Quantizes a matrix to `dtype` when its rows are whole blocks, else keeps it F16.
-fn quantize_matrix(t: &Tensor, dtype: GgmlDType) -> Result<QTensor> {
+pub(crate) fn quantize_matrix(t: &Tensor, dtype: GgmlDType) -> Result<QTensor> {
     let cols = t.dim(1)?;
     let dtype = if cols.is_multiple_of(dtype.block_size()) {
         dtype
@@ -132,7 +165,7 @@ pub fn quantize_safetensors(
     out: &Path,
     qt: QuantType,
     cancel: &AtomicBool,
-    mut progress: impl FnMut(QuantizeProgress),
+    progress: impl FnMut(QuantizeProgress),
 ) -> Result<()> {
     let cfg = PhiConfig::from_hf_file(&src_dir.join("config.json"))?;
     // Tensors are read one at a time from the memory-mapped shards, so peak
@@ -148,39 +181,22 @@ pub fn quantize_safetensors(
     let q = qt.ggml();
     let (h, inter, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
     let total = 1 + 10 * cfg.num_hidden_layers + 4;
-    let mut tensors: Vec<(String, QTensor)> = Vec::with_capacity(total);
-    let mut push = |name: String, t: QTensor, tensors: &mut Vec<(String, QTensor)>| -> Result<()> {
-        if cancel.load(Ordering::Relaxed) {
-            return Err(Error::Cancelled);
-        }
-        tensors.push((name.clone(), t));
-        progress(QuantizeProgress {
-            done: tensors.len(),
-            total,
-            tensor: name,
-        });
-        Ok(())
-    };
+    let mut list = TensorList::new(total, cancel, progress);
     let cpu = Device::Cpu;
     let vector = |name: &str, n: usize| -> Result<QTensor> {
         quantize(&st.get(name, &[n], &cpu)?, GgmlDType::F32)
     };
 
     let embed = st.get("model.embed_tokens.weight", &[v, h], &cpu)?;
-    push(
-        "token_embd.weight".into(),
-        quantize_matrix(&embed, q)?,
-        &mut tensors,
-    )?;
+    list.push("token_embd.weight".into(), quantize_matrix(&embed, q)?)?;
     drop(embed);
     for i in 0..cfg.num_hidden_layers {
         let hf = format!("model.layers.{i}");
         let p = format!("blk.{i}");
         for (ours, theirs) in [("weight", "weight"), ("bias", "bias")] {
-            push(
+            list.push(
                 format!("{p}.attn_norm.{ours}"),
                 vector(&format!("{hf}.input_layernorm.{theirs}"), h)?,
-                &mut tensors,
             )?;
         }
         let qkv = ["q_proj", "k_proj", "v_proj"];
@@ -188,19 +204,17 @@ pub fn quantize_safetensors(
             .iter()
             .map(|n| st.get(&format!("{hf}.self_attn.{n}.weight"), &[h, h], &cpu))
             .collect::<Result<Vec<_>>>()?;
-        push(
+        list.push(
             format!("{p}.attn_qkv.weight"),
             quantize_matrix(&Tensor::cat(&w, 0)?, q)?,
-            &mut tensors,
         )?;
         let b = qkv
             .iter()
             .map(|n| st.get(&format!("{hf}.self_attn.{n}.bias"), &[h], &cpu))
             .collect::<Result<Vec<_>>>()?;
-        push(
+        list.push(
             format!("{p}.attn_qkv.bias"),
             quantize(&Tensor::cat(&b, 0)?, GgmlDType::F32)?,
-            &mut tensors,
         )?;
         for (ours, theirs, out, inp) in [
             ("attn_output", "self_attn.dense", h, h),
@@ -208,42 +222,28 @@ pub fn quantize_safetensors(
             ("ffn_down", "mlp.fc2", h, inter),
         ] {
             let w = st.get(&format!("{hf}.{theirs}.weight"), &[out, inp], &cpu)?;
-            push(
-                format!("{p}.{ours}.weight"),
-                quantize_matrix(&w, q)?,
-                &mut tensors,
-            )?;
-            push(
+            list.push(format!("{p}.{ours}.weight"), quantize_matrix(&w, q)?)?;
+            list.push(
                 format!("{p}.{ours}.bias"),
                 vector(&format!("{hf}.{theirs}.bias"), out)?,
-                &mut tensors,
             )?;
         }
     }
     for part in ["weight", "bias"] {
-        push(
+        list.push(
             format!("output_norm.{part}"),
             vector(&format!("model.final_layernorm.{part}"), h)?,
-            &mut tensors,
         )?;
     }
     let head = st.get("lm_head.weight", &[v, h], &cpu)?;
-    push(
-        "output.weight".into(),
-        quantize_matrix(&head, q)?,
-        &mut tensors,
-    )?;
+    list.push("output.weight".into(), quantize_matrix(&head, q)?)?;
     drop(head);
-    push(
-        "output.bias".into(),
-        vector("lm_head.bias", v)?,
-        &mut tensors,
-    )?;
+    list.push("output.bias".into(), vector("lm_head.bias", v)?)?;
     drop(st);
 
     let mut meta = phi2_metadata(&cfg, qt.file_type(), "Phi-2 (quantized by Dramatis)");
     meta.extend(tok_meta);
-    write_gguf(out, &meta, &tensors)
+    write_gguf(out, &meta, &list.tensors)
 }
 
 /// The `general.*` and `phi2.*` metadata llama.cpp and this loader read.

@@ -217,6 +217,8 @@ pub struct TrainingRun {
     pad: u32,
     sample_prompts: Vec<Vec<u32>>,
     tokenizer: Option<dramatis_llm::PhiTokenizer>,
+    /// This epoch's micro-batches (derived from the seed and the epoch).
+    epoch_order: Option<(usize, Vec<Vec<usize>>)>,
 }
 
 impl std::fmt::Debug for TrainingRun {
@@ -292,6 +294,7 @@ impl TrainingRun {
             pad,
             sample_prompts: Vec::new(),
             tokenizer: None,
+            epoch_order: None,
         };
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         run.resume()?;
@@ -544,16 +547,17 @@ impl TrainingRun {
     }
 
     /// The next micro-batch, advancing the data position.
+    /// The order is computed once per epoch, not per micro-batch.
     fn next_batch(&mut self) -> Vec<usize> {
-        let lengths: Vec<usize> = self.data.train.iter().map(|e| e.ids.len()).collect();
         loop {
-            let batches = epoch_batches(
-                &lengths,
-                self.pos.config.batch_size,
-                self.pos.config.seed,
-                self.pos.epoch,
-            );
-            if let Some(b) = batches.get(self.pos.batch) {
+            if self.epoch_order.as_ref().map(|(e, _)| *e) != Some(self.pos.epoch) {
+                let lengths: Vec<usize> = self.data.train.iter().map(|e| e.ids.len()).collect();
+                let c = &self.pos.config;
+                let order = epoch_batches(&lengths, c.batch_size, c.seed, self.pos.epoch);
+                self.epoch_order = Some((self.pos.epoch, order));
+            }
+            let (_, order) = self.epoch_order.as_ref().expect("set above");
+            if let Some(b) = order.get(self.pos.batch) {
                 self.pos.batch += 1;
                 return b.clone();
             }
