@@ -3,6 +3,7 @@ Phi-2 of the real shapes (run on the GPU host; no download).
 
     python3 tests/device/train_bench.py setup /tmp/tb        # model (bf16 safetensors), tokenizer, data
     python3 tests/device/train_bench.py peft /tmp/tb         # transformers + peft, the seed recipe
+    python3 tests/device/train_bench.py watch /tmp/tb -- CMD  # CMD's peak GPU memory (nvidia-smi)
     dramatis-cli train --device cuda --model /tmp/tb/model --tokenizer /tmp/tb/tokenizer.json \
         --data /tmp/tb/rows.jsonl --out /tmp/tb/run --batch 2 --max-len 2048 --max-steps 6 \
         --gradient-checkpointing --eval-fraction 0
@@ -87,4 +88,26 @@ elif mode == "peft":
         "tokens_per_sec": n * 2 * 2048 / dt,
         "step_s": dt / n,
         "peak_allocated_bytes": torch.cuda.max_memory_allocated(),
+        "peak_reserved_bytes": torch.cuda.max_memory_reserved(),
     }))
+elif mode == "watch":
+    # python3 train_bench.py watch OUT.json -- COMMAND...: runs COMMAND and samples
+    # the GPU's used memory every 50 ms (the same measure for every runtime).
+    import subprocess
+
+    cmd = sys.argv[sys.argv.index("--") + 1:]
+
+    def used():
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True).stdout
+        return int(out.split()[0])
+
+    idle = used()
+    peak = idle
+    t = time.time()
+    p = subprocess.Popen(cmd)
+    while p.poll() is None:
+        peak = max(peak, used())
+        time.sleep(0.05)
+    print(json.dumps({"cmd": " ".join(cmd)[:120], "rc": p.returncode, "wall_s": time.time() - t,
+                      "idle_mib": idle, "peak_used_mib": peak, "peak_over_idle_mib": peak - idle}))

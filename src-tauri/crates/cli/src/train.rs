@@ -8,8 +8,8 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
 use dramatis_core::hub::dataset::read_text_column;
 use dramatis_core::llm::{
-    Device, DeviceChoice, LoraAdapter, PhiTokenizer, QuantType, load_model, merge_to_gguf,
-    write_lora_gguf,
+    Device, DeviceChoice, LoraAdapter, PhiTokenizer, QuantType, load_model, load_model_as,
+    merge_to_gguf, write_lora_gguf,
 };
 use dramatis_train::data::prepare;
 use dramatis_train::{
@@ -80,6 +80,10 @@ pub struct TrainArgs {
     /// Recompute blocks in the backward pass: far less activation memory, about a third more time.
     #[arg(long)]
     gradient_checkpointing: bool,
+    /// The dtype of the passes: auto (bf16 on CUDA, f32 elsewhere), f32 or bf16.
+    /// A safetensors base is loaded in it too.
+    #[arg(long, default_value = "auto")]
+    precision: String,
     #[arg(long)]
     seed: Option<u64>,
     #[arg(long, default_value = "best")]
@@ -194,6 +198,7 @@ pub fn train(a: TrainArgs, cancel: &AtomicBool) -> Result<()> {
     data_opts.eval_fraction = a.eval_fraction;
     data_opts.seed = config.seed;
     config.gradient_checkpointing |= a.gradient_checkpointing;
+    config.precision = dramatis_train::Precision::parse(&a.precision)?;
     if a.assistant_only {
         data_opts.loss_on = LossOn::AssistantOnly;
     }
@@ -223,11 +228,12 @@ pub fn train(a: TrainArgs, cancel: &AtomicBool) -> Result<()> {
     for p in column.problems.iter().take(5) {
         eprintln!("  row {}: {}", p.row, p.message);
     }
-    let model = Arc::new(load_model(&a.model, &device)?);
+    let dtype = config.precision.dtype(&device);
+    let model = Arc::new(load_model_as(&a.model, &device, dtype)?);
     tokenizer.check_fits(model.config().vocab_size)?;
     let info = dramatis_core::llm::inspect_model(&a.model)?;
     let weight_bytes = if info.format == dramatis_core::llm::ModelFormat::Safetensors {
-        info.parameters * 4 // loaded as f32
+        info.parameters * dtype.size_in_bytes() as u64
     } else {
         info.bytes
     };
@@ -286,6 +292,9 @@ pub fn train(a: TrainArgs, cancel: &AtomicBool) -> Result<()> {
         cancel,
     )?;
     bar.finish_and_clear();
+    for (name, secs, calls) in dramatis_core::llm::profile_report() {
+        eprintln!("profile: {name:<16} {secs:9.3} s  {calls} calls");
+    }
     if let Some(hwm) = dramatis_train::peak_rss_bytes() {
         eprintln!(
             "measured: peak memory {:.1} MB, {last_tps:.0} tokens/s",

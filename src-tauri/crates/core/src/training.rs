@@ -248,7 +248,13 @@ impl Dramatis {
         if let Some(phi) = self.loaded_model(model_id) {
             return Ok((phi, tokenizer));
         }
-        let phi = Arc::new(dramatis_llm::load_model(Path::new(&m.path), self.device())?);
+        // A dense base is kept in the dtype training computes in (bf16 on CUDA).
+        let dtype = dramatis_train::Precision::Auto.dtype(self.device());
+        let phi = Arc::new(dramatis_llm::load_model_as(
+            Path::new(&m.path),
+            self.device(),
+            dtype,
+        )?);
         tokenizer.check_fits(phi.config().vocab_size)?;
         Ok((phi, tokenizer))
     }

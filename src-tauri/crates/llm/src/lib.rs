@@ -12,6 +12,7 @@ mod config;
 mod device;
 mod error;
 mod export;
+mod grad;
 mod linear;
 mod lora;
 mod model;
@@ -27,6 +28,7 @@ pub use config::PhiConfig;
 pub use device::{DeviceChoice, default_device, device_name};
 pub use error::{Error, Result};
 pub use export::{merge_to_gguf, write_lora_gguf};
+pub use grad::{BlockActivations, LossGrads, SlotGrads, profile_report};
 pub use linear::Linear;
 pub use lora::{LoraAdapter, LoraLayer, LoraSlot, LoraTarget, dropout_mask};
 pub use model::{Logits, Phi};
@@ -35,7 +37,7 @@ pub use sampler::{Sampler, SamplerConfig};
 pub use session::{GenerateParams, Generation, Session, StopReason};
 pub use synthetic::write_synthetic_gguf;
 pub use tokenizer::{PhiTokenizer, TextStream};
-pub use weights::{ModelFormat, ModelInfo, inspect_model, load_model};
+pub use weights::{ModelFormat, ModelInfo, inspect_model, load_model, load_model_as};
 
 /// Re-exported so callers need not depend on candle directly.
 pub use candle_core::{DType, Device, Tensor};

@@ -1,5 +1,5 @@
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
-use candle_core::{Module, Tensor};
+use candle_core::{DType, Module, Tensor};
 
 use crate::Result;
 use crate::lora::LoraSlot;
@@ -64,6 +64,16 @@ impl Linear {
         })
     }
 
+    /// The weight as a dense `[out, in]` tensor in `dtype`: a quantized one
+    /// dequantized for this call (training multiplies by it), a dense one cast
+    /// (free when it is already in `dtype`).
+    pub(crate) fn weight_as(&self, dtype: DType) -> Result<Tensor> {
+        Ok(match &self.weight {
+            QMatMul::QTensor(q) => q.dequantize(&q.device())?.to_dtype(dtype)?,
+            QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.to_dtype(dtype)?,
+        })
+    }
+
     /// The bias, if any.
     pub fn bias(&self) -> Option<&Tensor> {
         self.bias.as_ref()
@@ -71,27 +81,18 @@ impl Linear {
 
     /// `x Wᵀ + b`, plus each LoRA slot's delta on its slice of the output.
     pub fn forward(&self, x: &Tensor, lora: &[&LoraSlot]) -> Result<Tensor> {
-        self.forward_mode(x, lora, false)
-    }
-
-    /// [`Linear::forward`]; with `diff`, a quantized weight is dequantized
-    /// for this call so the input gets a gradient (quantized matmuls have none).
-    pub(crate) fn forward_mode(
-        &self,
-        x: &Tensor,
-        lora: &[&LoraSlot],
-        diff: bool,
-    ) -> Result<Tensor> {
-        let mut y = match &self.weight {
-            QMatMul::QTensor(q) if diff => {
-                let w = q.dequantize(x.device())?;
-                x.broadcast_matmul(&w.t()?)?
+        let y = match &self.weight {
+            // Weights kept in bf16/f16 (for training on a GPU) serve f32 inputs too.
+            QMatMul::Tensor(w) if w.dtype() != x.dtype() => {
+                x.to_dtype(w.dtype())?.broadcast_matmul(&w.t()?)?
             }
             w => w.forward(x)?,
         };
-        if let Some(b) = &self.bias {
-            y = y.broadcast_add(b)?;
-        }
+        let y = match &self.bias {
+            Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?)?,
+            None => y,
+        };
+        let mut y = y.to_dtype(x.dtype())?;
         if lora.is_empty() {
             return Ok(y);
         }

@@ -102,13 +102,13 @@ pub(crate) struct Block {
 /// Phi-2 (Hugging Face `PhiForCausalLM`), frozen; see the crate docs.
 #[derive(Debug, Clone)]
 pub struct Phi {
-    cfg: PhiConfig,
+    pub(crate) cfg: PhiConfig,
     pub(crate) embed: Embedding,
     pub(crate) blocks: Vec<Block>,
     pub(crate) final_norm: LayerNorm,
     pub(crate) lm_head: Linear,
-    cos: Tensor,
-    sin: Tensor,
+    pub(crate) cos: Tensor,
+    pub(crate) sin: Tensor,
     device: Device,
 }
 
@@ -173,52 +173,25 @@ impl Phi {
         logits: Logits,
         lora: Option<&LoraAdapter>,
     ) -> Result<Tensor> {
-        self.run(tokens, cache, logits, lora, false)
+        self.run(tokens, cache, logits, lora)
     }
 
-    /// Logits for every position of `tokens` (`[b, seq]`), with no cache,
-    /// through operations that all have gradients: layer norm, rotary
-    /// embedding and softmax written with basic ops, and quantized weights
-    /// dequantized per call, so gradients reach every LoRA slot (QLoRA).
-    /// Slower than [`Phi::forward`]; the values agree to float rounding.
-    pub fn forward_train(&self, tokens: &Tensor, lora: Option<&LoraAdapter>) -> Result<Tensor> {
-        self.run(tokens, None, Logits::All, lora, true)
+    /// Training: the token embedding (`[b, seq, hidden]`) in `dtype`, the
+    /// dtype the training passes then run in (see [`Phi::lora_loss_and_grads`]).
+    pub fn train_embed(&self, tokens: &Tensor, dtype: DType) -> Result<Tensor> {
+        Ok(self.embed.forward(tokens, &self.device)?.to_dtype(dtype)?)
     }
 
-    /// Gradient checkpointing, piece 1: the token embedding (`[b, seq, hidden]`).
-    pub fn train_embed(&self, tokens: &Tensor) -> Result<Tensor> {
-        self.embed.forward(tokens, &self.device)
-    }
-
-    /// Gradient checkpointing, piece 2: block `i` on hidden states `x`
-    /// (`[b, seq, hidden]`, from position 0), differentiable like
-    /// [`Phi::forward_train`]. Running the blocks in turn and then
-    /// [`Phi::train_head`] gives its logits.
-    pub fn train_block(&self, i: usize, x: &Tensor, lora: Option<&LoraLayer>) -> Result<Tensor> {
-        let block = self
-            .blocks
-            .get(i)
-            .ok_or_else(|| Error::Invalid(format!("no block {i}")))?;
-        let seq = x.dim(1)?;
-        let mask = if seq > 1 {
-            Some(causal_mask(seq, 0, &self.device)?)
-        } else {
-            None
-        };
-        let cos = self.cos.narrow(0, 0, seq)?;
-        let sin = self.sin.narrow(0, 0, seq)?;
-        let no_lora = LoraLayer::default();
-        let l = lora.unwrap_or(&no_lora);
-        let h = self.norm(&block.norm, x, true)?;
-        let attn = self.attention(block, &h, l, None, i, mask.as_ref(), &cos, &sin, true)?;
-        let mlp = self.mlp(block, &h, l, true)?;
-        Ok(((attn + mlp)? + x)?)
-    }
-
-    /// Gradient checkpointing, piece 3: final norm and logits for every position.
-    pub fn train_head(&self, x: &Tensor) -> Result<Tensor> {
-        let x = self.norm(&self.final_norm, x, true)?;
-        self.lm_head.forward_mode(&x, &[], true)
+    /// The causal mask for training on `seq` tokens from position 0, built
+    /// on the device: 0 where a query may see a key, -inf in its future.
+    pub(crate) fn train_mask(&self, seq: usize, dtype: DType) -> Result<Tensor> {
+        let i = Tensor::arange(0u32, seq as u32, &self.device)?;
+        let future = i.unsqueeze(0)?.broadcast_gt(&i.unsqueeze(1)?)?;
+        let neg = Tensor::new(f32::NEG_INFINITY, &self.device)?
+            .to_dtype(dtype)?
+            .broadcast_as((seq, seq))?;
+        let zero = Tensor::zeros((seq, seq), dtype, &self.device)?;
+        Ok(future.where_cond(&neg, &zero)?)
     }
 
     /// Transformer blocks.
@@ -232,7 +205,6 @@ impl Phi {
         mut cache: Option<&mut KvCache>,
         logits: Logits,
         lora: Option<&LoraAdapter>,
-        diff: bool,
     ) -> Result<Tensor> {
         let (b, seq) = tokens.dims2()?;
         let offset = cache.as_ref().map_or(0, |c| c.len());
@@ -264,7 +236,7 @@ impl Phi {
         let no_lora = LoraLayer::default();
         for (i, block) in self.blocks.iter().enumerate() {
             let l = lora.map_or(&no_lora, |a| &a.layers[i]);
-            let h = self.norm(&block.norm, &x, diff)?;
+            let h = block.norm.forward(&x)?;
             let attn = self.attention(
                 block,
                 &h,
@@ -274,9 +246,8 @@ impl Phi {
                 mask.as_ref(),
                 &cos,
                 &sin,
-                diff,
             )?;
-            let mlp = self.mlp(block, &h, l, diff)?;
+            let mlp = self.mlp(block, &h, l)?;
             x = ((attn + mlp)? + x)?;
         }
         if let Some(c) = cache {
@@ -288,38 +259,19 @@ impl Phi {
                 .i((.., seq - 1, ..))?
                 .reshape((b, 1, self.cfg.hidden_size))?,
         };
-        let x = self.norm(&self.final_norm, &x, diff)?;
-        let out = self.lm_head.forward_mode(&x, &[], diff)?;
+        let x = self.final_norm.forward(&x)?;
+        let out = self.lm_head.forward(&x, &[])?;
         Ok(match logits {
             Logits::All => out,
             Logits::Last => out.squeeze(1)?,
         })
     }
 
-    /// LayerNorm: candle's fused kernel, or (for gradients) basic ops.
-    fn norm(&self, n: &LayerNorm, x: &Tensor, diff: bool) -> Result<Tensor> {
-        if !diff {
-            return Ok(n.forward(x)?);
-        }
-        let h = x.dim(D::Minus1)? as f64;
-        let mean = (x.sum_keepdim(D::Minus1)? / h)?;
-        let xc = x.broadcast_sub(&mean)?;
-        let var = (xc.sqr()?.sum_keepdim(D::Minus1)? / h)?;
-        let xn = xc.broadcast_div(&(var + self.cfg.layer_norm_eps)?.sqrt()?)?;
-        let y = xn.broadcast_mul(n.weight())?;
-        Ok(match n.bias() {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
-        })
-    }
-
-    fn mlp(&self, block: &Block, h: &Tensor, l: &LoraLayer, diff: bool) -> Result<Tensor> {
-        let up = block
-            .fc1
-            .forward_mode(h, &slots(l, &[LoraTarget::Fc1]), diff)?;
+    fn mlp(&self, block: &Block, h: &Tensor, l: &LoraLayer) -> Result<Tensor> {
+        let up = block.fc1.forward(h, &slots(l, &[LoraTarget::Fc1]))?;
         block
             .fc2
-            .forward_mode(&up.gelu()?, &slots(l, &[LoraTarget::Fc2]), diff)
+            .forward(&up.gelu()?, &slots(l, &[LoraTarget::Fc2]))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -333,22 +285,19 @@ impl Phi {
         mask: Option<&Tensor>,
         cos: &Tensor,
         sin: &Tensor,
-        diff: bool,
     ) -> Result<Tensor> {
         let (b, seq, hidden) = h.dims3()?;
         let heads = self.cfg.num_attention_heads;
         let hd = self.cfg.head_dim();
-        let qkv = block.qkv.forward_mode(
-            h,
-            &slots(l, &[LoraTarget::Q, LoraTarget::K, LoraTarget::V]),
-            diff,
-        )?;
+        let qkv = block
+            .qkv
+            .forward(h, &slots(l, &[LoraTarget::Q, LoraTarget::K, LoraTarget::V]))?;
         let qkv = qkv.reshape((b, seq, 3, heads, hd))?;
         let q = qkv.i((.., .., 0))?.transpose(1, 2)?;
         let k = qkv.i((.., .., 1))?.transpose(1, 2)?;
         let v = qkv.i((.., .., 2))?.transpose(1, 2)?.contiguous()?;
-        let q = self.rope(&q, cos, sin, diff)?;
-        let k = self.rope(&k, cos, sin, diff)?;
+        let q = self.rope(&q, cos, sin)?;
+        let k = self.rope(&k, cos, sin)?;
         let (k, v) = match cache {
             Some(c) => c.append(layer, &k, &v)?,
             None => (k, v),
@@ -359,28 +308,18 @@ impl Phi {
             Some(m) => scores.broadcast_add(m)?,
             None => scores,
         };
-        let probs = if diff {
-            candle_nn::ops::softmax(&scores, D::Minus1)?
-        } else {
-            candle_nn::ops::softmax_last_dim(&scores)?
-        };
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
         let y = probs.matmul(&v)?;
         let y = y.transpose(1, 2)?.reshape((b, seq, hidden))?;
-        block
-            .dense
-            .forward_mode(&y, &slots(l, &[LoraTarget::Dense]), diff)
+        block.dense.forward(&y, &slots(l, &[LoraTarget::Dense]))
     }
 
     /// Rotates the first `rotary_dim` dimensions of each head (GPT-NeoX style).
-    fn rope(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, diff: bool) -> Result<Tensor> {
+    fn rope(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
         let rd = self.cfg.rotary_dim();
         let hd = self.cfg.head_dim();
         let rot = x.narrow(D::Minus1, 0, rd)?.contiguous()?;
-        let rot = if diff {
-            candle_nn::rotary_emb::rope_slow(&rot, cos, sin)?
-        } else {
-            candle_nn::rotary_emb::rope(&rot, cos, sin)?
-        };
+        let rot = candle_nn::rotary_emb::rope(&rot, cos, sin)?;
         if rd == hd {
             return Ok(rot);
         }

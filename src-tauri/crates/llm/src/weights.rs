@@ -42,6 +42,13 @@ impl ModelFormat {
 
 /// Loads a model from a GGUF file or a Hugging Face folder onto `device`.
 pub fn load_model(path: &Path, device: &Device) -> Result<Phi> {
+    load_model_as(path, device, DType::F32)
+}
+
+/// [`load_model`], with the dense weights of a Hugging Face folder kept in
+/// `dtype` (bf16 halves the memory of a base trained on a GPU; layer norms
+/// stay f32). GGUF files keep their own types.
+pub fn load_model_as(path: &Path, device: &Device, dtype: DType) -> Result<Phi> {
     match ModelFormat::detect(path)? {
         ModelFormat::Gguf => load_gguf(path, device),
         ModelFormat::Safetensors => {
@@ -50,7 +57,7 @@ pub fn load_model(path: &Path, device: &Device) -> Result<Phi> {
             } else {
                 path.parent().unwrap_or(Path::new("."))
             };
-            load_safetensors(dir, device)
+            load_safetensors(dir, device, dtype)
         }
     }
 }
@@ -575,7 +582,11 @@ impl Shards {
     fn norm(&self, prefix: &str, width: usize, eps: f64, device: &Device) -> Result<LayerNorm> {
         let w = self.get(&format!("{prefix}.weight"), &[width], device)?;
         let b = self.get(&format!("{prefix}.bias"), &[width], device)?;
-        Ok(LayerNorm::new(w, b, eps))
+        Ok(LayerNorm::new(
+            w.to_dtype(DType::F32)?,
+            b.to_dtype(DType::F32)?,
+            eps,
+        ))
     }
 
     fn linear(
@@ -624,10 +635,9 @@ fn read_safetensors_header(path: &Path) -> Result<Vec<(String, u64)>> {
         .collect())
 }
 
-fn load_safetensors(dir: &Path, device: &Device) -> Result<Phi> {
+fn load_safetensors(dir: &Path, device: &Device, dtype: DType) -> Result<Phi> {
     let cfg = PhiConfig::from_hf_file(&dir.join("config.json"))?;
-    // f32 everywhere for now: exact on CPU, and the reference for the GPU.
-    let st = Shards::open(dir, DType::F32)?;
+    let st = Shards::open(dir, dtype)?;
     let (h, i, v, eps) = (
         cfg.hidden_size,
         cfg.intermediate_size,

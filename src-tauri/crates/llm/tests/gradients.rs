@@ -1,12 +1,13 @@
-//! The training forward: the same logits as inference, and LoRA gradients
-//! that match finite differences, through dense and Q8_0 base layers.
+//! The hand-written training passes: the loss of the inference forward, and
+//! LoRA gradients that match finite differences through dense and Q8_0 base
+//! layers, with dropout, with and without recomputation, in f32 and bf16.
 
 mod common;
 
 use std::sync::atomic::AtomicBool;
 
-use candle_core::Var;
-use common::{fixture, max_abs, max_diff, reference};
+use candle_core::{D, DType, Var};
+use common::{fixture, reference};
 use dramatis_llm::{
     Device, Logits, LoraAdapter, LoraLayer, LoraSlot, LoraTarget, Phi, QuantType, Tensor,
     load_model, quantize_safetensors,
@@ -14,7 +15,7 @@ use dramatis_llm::{
 
 /// A rank-2 adapter on every target of every layer, from Vars with small
 /// non-zero values (B non-zero too, so A gets a gradient).
-fn trainable(model: &Phi) -> (LoraAdapter, Vec<(String, Var)>) {
+fn trainable(model: &Phi, dropout: f32) -> (LoraAdapter, Vec<(String, Var)>) {
     let cfg = model.config();
     let mut vars = Vec::new();
     let mut layers = Vec::new();
@@ -39,8 +40,8 @@ fn trainable(model: &Phi) -> (LoraAdapter, Vec<(String, Var)>) {
                         LoraTarget::V => 2 * cfg.hidden_size,
                         _ => 0,
                     },
-                    dropout: 0.0,
-                    dropout_seed: 0,
+                    dropout,
+                    dropout_seed: l as u64 * 31 + t as u64,
                 },
             );
             vars.push((format!("{l}.{}.a", t.peft_name()), a));
@@ -57,37 +58,64 @@ fn trainable(model: &Phi) -> (LoraAdapter, Vec<(String, Var)>) {
     )
 }
 
-fn loss(model: &Phi, ids: &[u32], lora: &LoraAdapter) -> Tensor {
-    let n = ids.len() - 1;
-    let input = Tensor::new(&ids[..n], &Device::Cpu)
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap();
-    let target = Tensor::new(&ids[1..], &Device::Cpu).unwrap();
-    let logits = model
-        .forward_train(&input, Some(lora))
-        .unwrap()
-        .squeeze(0)
-        .unwrap();
-    candle_nn::loss::cross_entropy(&logits, &target).unwrap()
+/// Inputs, targets and weights of the reference prompt (two rows: the
+/// prompt and the prompt shifted by one, the second weighted half, so the
+/// weights and the batch dimension are exercised).
+fn batch(ids: &[u32]) -> (Tensor, Tensor, Tensor) {
+    let n = ids.len() - 2;
+    let rows = |off: usize| ids[off..off + n].to_vec();
+    let inp = [rows(0), rows(1)].concat();
+    let tgt = [rows(1), rows(2)].concat();
+    let w: Vec<f32> = (0..2 * n).map(|i| if i < n { 1.0 } else { 0.5 }).collect();
+    let dev = &Device::Cpu;
+    (
+        Tensor::from_vec(inp, (2, n), dev).unwrap(),
+        Tensor::from_vec(tgt, (2, n), dev).unwrap(),
+        Tensor::from_vec(w, (2, n), dev).unwrap(),
+    )
 }
 
-fn check_gradients(model: &Phi) {
-    let ids = &reference().prompt_ids;
-    let (lora, vars) = trainable(model);
-    let l = loss(model, ids, &lora);
-    let grads = l.backward().unwrap();
+fn train_loss(
+    model: &Phi,
+    lora: &LoraAdapter,
+    dtype: DType,
+    ckpt: bool,
+) -> dramatis_llm::LossGrads {
+    let (inp, tgt, w) = batch(&reference().prompt_ids);
+    model
+        .lora_loss_and_grads(&inp, &tgt, &w, lora, dtype, ckpt)
+        .unwrap()
+}
+
+/// The gradient of each var, in order, from the per-block slot gradients.
+fn flat_grads(out: &dramatis_llm::LossGrads, vars: &[(String, Var)]) -> Vec<(String, Vec<f32>)> {
+    vars.iter()
+        .map(|(name, _)| {
+            let (layer, rest) = name.split_once('.').unwrap();
+            let (module, which) = rest.rsplit_once('.').unwrap();
+            let g = out.grads[layer.parse::<usize>().unwrap()]
+                .iter()
+                .find(|g| g.target.peft_name() == module)
+                .unwrap_or_else(|| panic!("no gradient for {name}"));
+            let t = if which == "a" { &g.a } else { &g.b };
+            (
+                name.clone(),
+                t.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            )
+        })
+        .collect()
+}
+
+fn check_gradients(model: &Phi, dropout: f32) {
+    let (lora, vars) = trainable(model, dropout);
+    let grads = flat_grads(&train_loss(model, &lora, DType::F32, true), &vars);
     let eps = 1e-2f32;
     let mut checked = 0;
-    // A few elements of A and B in the first and last layer, every target.
-    for (name, var) in vars
-        .iter()
-        .filter(|(n, _)| n.starts_with("0.") || n.starts_with("1."))
-    {
-        let g = grads
-            .get(var.as_tensor())
-            .unwrap_or_else(|| panic!("no gradient for {name}"));
-        let g = g.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    // A few elements of A and B in the first two layers, every target.
+    for ((name, var), (_, g)) in vars.iter().zip(&grads) {
+        if !(name.starts_with("0.") || name.starts_with("1.")) {
+            continue;
+        }
         let base = var
             .as_tensor()
             .flatten_all()
@@ -100,7 +128,7 @@ fn check_gradients(model: &Phi) {
                 v[i] += delta;
                 var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap())
                     .unwrap();
-                let x = loss(model, ids, &lora).to_scalar::<f32>().unwrap();
+                let x = train_loss(model, &lora, DType::F32, true).loss as f32;
                 var.set(&Tensor::from_vec(base.clone(), var.shape(), &Device::Cpu).unwrap())
                     .unwrap();
                 x
@@ -118,29 +146,84 @@ fn check_gradients(model: &Phi) {
     assert!(checked >= 30);
 }
 
-#[test]
-fn the_training_forward_gives_the_inference_logits() {
-    let model = load_model(&fixture(), &Device::Cpu).unwrap();
-    let ids = &reference().prompt_ids;
-    let input = Tensor::new(ids.as_slice(), &Device::Cpu)
+/// The loss through the inference forward (the fused, cached path).
+fn inference_loss(model: &Phi, lora: &LoraAdapter) -> f64 {
+    let (inp, tgt, w) = batch(&reference().prompt_ids);
+    let logits = model.forward(&inp, None, Logits::All, Some(lora)).unwrap();
+    let logp = candle_nn::ops::log_softmax(&logits, D::Minus1).unwrap();
+    let picked = logp
+        .gather(&tgt.unsqueeze(D::Minus1).unwrap(), D::Minus1)
         .unwrap()
-        .unsqueeze(0)
+        .squeeze(D::Minus1)
         .unwrap();
-    let (lora, _) = trainable(&model);
-    let a = model
-        .forward(&input, None, Logits::All, Some(&lora))
-        .unwrap();
-    let b = model.forward_train(&input, Some(&lora)).unwrap();
-    assert!(
-        max_diff(&a, &b) < 1e-4 * max_abs(&a).max(1.0),
-        "{}",
-        max_diff(&a, &b)
-    );
+    let total = w.sum_all().unwrap().to_scalar::<f32>().unwrap();
+    -f64::from(
+        (picked * w)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            / total,
+    )
+}
+
+#[test]
+fn the_training_passes_give_the_inference_loss() {
+    let model = load_model(&fixture(), &Device::Cpu).unwrap();
+    let (lora, _) = trainable(&model, 0.0);
+    let a = inference_loss(&model, &lora);
+    for ckpt in [false, true] {
+        let b = train_loss(&model, &lora, DType::F32, ckpt).loss;
+        assert!((a - b).abs() < 1e-4 * a.abs(), "{a} vs {b}");
+    }
 }
 
 #[test]
 fn lora_gradients_match_finite_differences_on_a_dense_base() {
-    check_gradients(&load_model(&fixture(), &Device::Cpu).unwrap());
+    check_gradients(&load_model(&fixture(), &Device::Cpu).unwrap(), 0.0);
+}
+
+#[test]
+fn lora_gradients_match_finite_differences_with_dropout() {
+    check_gradients(&load_model(&fixture(), &Device::Cpu).unwrap(), 0.2);
+}
+
+#[test]
+fn kept_and_recomputed_activations_give_the_same_gradients() {
+    let model = load_model(&fixture(), &Device::Cpu).unwrap();
+    let (lora, vars) = trainable(&model, 0.1);
+    let a = flat_grads(&train_loss(&model, &lora, DType::F32, false), &vars);
+    let b = flat_grads(&train_loss(&model, &lora, DType::F32, true), &vars);
+    assert_eq!(a, b);
+}
+
+#[test]
+fn bf16_passes_agree_with_f32() {
+    let model = load_model(&fixture(), &Device::Cpu).unwrap();
+    let (lora, vars) = trainable(&model, 0.0);
+    let full = train_loss(&model, &lora, DType::F32, true);
+    let half = train_loss(&model, &lora, DType::BF16, true);
+    assert!(
+        (full.loss - half.loss).abs() < 0.02 * full.loss.abs(),
+        "{} vs {}",
+        full.loss,
+        half.loss
+    );
+    // bf16 keeps 8 bits of mantissa: compare each whole gradient by direction.
+    for ((name, a), (_, b)) in flat_grads(&full, &vars)
+        .iter()
+        .zip(&flat_grads(&half, &vars))
+    {
+        let dot: f64 = a.iter().zip(b).map(|(x, y)| f64::from(x * y)).sum();
+        let na: f64 = a.iter().map(|x| f64::from(x * x)).sum::<f64>().sqrt();
+        let nb: f64 = b.iter().map(|x| f64::from(x * x)).sum::<f64>().sqrt();
+        assert!(
+            dot / (na * nb).max(1e-30) > 0.98,
+            "{name}: cosine {}",
+            dot / (na * nb)
+        );
+    }
 }
 
 #[test]
@@ -156,19 +239,12 @@ fn lora_gradients_flow_through_a_quantized_base() {
     )
     .unwrap();
     let q8 = load_model(&out, &Device::Cpu).unwrap();
-    check_gradients(&q8);
+    check_gradients(&q8, 0.0);
     // The inference path also quantizes the activations to 8 bits (the
     // quantized dot product); the training path multiplies them in f32 by the
-    // dequantized weights. They agree within the Q8_0 tolerance of the
-    // reference tests (4% of the largest logit).
-    let ids = &reference().prompt_ids;
-    let (lora, _) = trainable(&q8);
-    let input = Tensor::new(ids.as_slice(), &Device::Cpu)
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap();
-    let a = q8.forward(&input, None, Logits::All, Some(&lora)).unwrap();
-    let b = q8.forward_train(&input, Some(&lora)).unwrap();
-    let d = max_diff(&a, &b);
-    assert!(d < 0.04 * max_abs(&a), "{d}");
+    // dequantized weights. Their losses agree within 1%.
+    let (lora, _) = trainable(&q8, 0.0);
+    let a = inference_loss(&q8, &lora);
+    let b = train_loss(&q8, &lora, DType::F32, false).loss;
+    assert!((a - b).abs() < 0.01 * a, "{a} vs {b}");
 }

@@ -56,6 +56,39 @@ pub struct TrainConfig {
     /// block in the backward pass: activation memory of one block instead of
     /// all of them, for about a third more compute.
     pub gradient_checkpointing: bool,
+    /// The dtype of the forward and backward passes (LoRA weights and the
+    /// optimizer stay f32).
+    pub precision: Precision,
+}
+
+/// The dtype training computes in.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// bf16 on a CUDA GPU, f32 elsewhere.
+    #[default]
+    Auto,
+    /// f32 throughout.
+    F32,
+    /// bf16 activations and weights (f32 layer-norm statistics and loss).
+    Bf16,
+}
+
+impl Precision {
+    /// The dtype on `device`.
+    pub fn dtype(self, device: &Device) -> DType {
+        match self {
+            Self::Auto if device.is_cuda() => DType::BF16,
+            Self::Auto | Self::F32 => DType::F32,
+            Self::Bf16 => DType::BF16,
+        }
+    }
+
+    /// By name (`auto`, `f32`, `bf16`).
+    pub fn parse(s: &str) -> Result<Self> {
+        serde_json::from_value(serde_json::Value::String(s.to_ascii_lowercase()))
+            .map_err(|_| Error::Config(format!("precision `{s}`: use auto, f32 or bf16")))
+    }
 }
 
 impl Default for TrainConfig {
@@ -88,6 +121,7 @@ impl TrainConfig {
             checkpoint_every: 50,
             seed: 42,
             gradient_checkpointing: false,
+            precision: Precision::Auto,
         }
     }
 
@@ -452,84 +486,53 @@ impl TrainingRun {
         ))
     }
 
-    /// Weighted mean cross-entropy over a batch, with gradients when `train`.
-    fn loss(
-        &self,
-        examples: &[&Example],
-        adapter: &LoraAdapter,
-        train: bool,
-    ) -> Result<(Tensor, usize)> {
-        let (inp, tgt, w, tokens) = self.batch_tensors(examples)?;
-        let logits = if train {
-            self.model.forward_train(&inp, Some(adapter))?
-        } else {
-            self.model
-                .forward(&inp, None, dramatis_llm::Logits::All, Some(adapter))?
-        };
-        Ok((Self::weighted_ce(&logits, &tgt, &w)?, tokens))
-    }
-
-    fn weighted_ce(logits: &Tensor, tgt: &Tensor, w: &Tensor) -> Result<Tensor> {
-        let logp = candle_nn::ops::log_softmax(logits, D::Minus1)?;
+    /// Weighted mean cross-entropy over a batch (no gradients).
+    fn loss(&self, examples: &[&Example], adapter: &LoraAdapter) -> Result<f64> {
+        let (inp, tgt, w, _) = self.batch_tensors(examples)?;
+        let logits = self
+            .model
+            .forward(&inp, None, dramatis_llm::Logits::All, Some(adapter))?;
+        let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
         let picked = logp
             .gather(&tgt.unsqueeze(D::Minus1)?, D::Minus1)?
             .squeeze(D::Minus1)?;
-        let total = w.sum_all()?;
-        Ok(((picked * w)?.sum_all()?.neg()? / total.to_scalar::<f32>()?.max(1.0) as f64)?)
+        let total = w.sum_all()?.to_scalar::<f32>()?.max(1.0);
+        Ok(f64::from(
+            (picked * w)?.sum_all()?.neg()?.to_scalar::<f32>()? / total,
+        ))
     }
 
-    /// Loss and LoRA gradients with gradient checkpointing: the forward pass
-    /// keeps only each block's input; the backward pass recomputes one block
-    /// at a time and chains the gradient of its input.
-    fn loss_and_grads_checkpointed(
+    /// Loss and LoRA gradients (in the order of `vars`) of a micro-batch.
+    fn loss_and_grads(
         &self,
         examples: &[&Example],
         adapter: &LoraAdapter,
     ) -> Result<(f64, usize, Vec<Option<Tensor>>)> {
         let (inp, tgt, w, tokens) = self.batch_tensors(examples)?;
-        let n = self.model.num_blocks();
-        let mut inputs = Vec::with_capacity(n);
-        let mut x = self.model.train_embed(&inp)?;
-        for i in 0..n {
-            inputs.push(x.detach());
-            x = self
-                .model
-                .train_block(i, &x.detach(), Some(&adapter.layers[i]))?
-                .detach();
-        }
-        let last = Var::from_tensor(&x)?;
-        let logits = self.model.train_head(last.as_tensor())?;
-        let loss = Self::weighted_ce(&logits, &tgt, &w)?;
-        let value = f64::from(loss.to_scalar::<f32>()?);
-        let mut g = loss
-            .backward()?
-            .get(last.as_tensor())
-            .ok_or_else(|| Error::Config("no gradient reached the last block".into()))?
-            .detach();
-        // The head's graph goes before any block is recomputed.
-        drop(loss);
-        drop(logits);
+        let c = &self.pos.config;
+        let out = self.model.lora_loss_and_grads(
+            &inp,
+            &tgt,
+            &w,
+            adapter,
+            c.precision.dtype(self.model.device()),
+            c.gradient_checkpointing,
+        )?;
         let mut grads: Vec<Option<Tensor>> = vec![None; self.vars.len()];
-        for i in (0..n).rev() {
-            let xi = Var::from_tensor(&inputs[i])?;
-            let y = self
-                .model
-                .train_block(i, xi.as_tensor(), Some(&adapter.layers[i]))?;
-            let gi = y.mul(&g)?.sum_all()?.backward()?;
-            for &(layer, _, v) in self.slots.iter().filter(|s| s.0 == i) {
-                let _ = layer;
-                for k in [v, v + 1] {
-                    grads[k] = gi.get(self.vars[k].as_tensor()).map(Tensor::detach);
-                }
-            }
-            if i > 0 {
-                g = gi
-                    .get(xi.as_tensor())
-                    .ok_or_else(|| Error::Config("no gradient reached a block's input".into()))?
-                    .detach();
+        for (layer, slot_grads) in out.grads.into_iter().enumerate() {
+            for g in slot_grads {
+                let &(_, _, v) = self
+                    .slots
+                    .iter()
+                    .find(|s| s.0 == layer && s.1 == g.target)
+                    .ok_or_else(|| {
+                        Error::Config("a gradient for a slot that is not trained".into())
+                    })?;
+                grads[v] = Some(g.a);
+                grads[v + 1] = Some(g.b);
             }
         }
-        Ok((value, tokens, grads))
+        Ok((out.loss, tokens, grads))
     }
 
     /// Mean loss over the eval rows (no gradients).
@@ -540,8 +543,7 @@ impl TrainingRun {
         let adapter = self.inference_adapter()?;
         let mut sum = 0.0;
         for e in &self.data.eval {
-            let (l, _) = self.loss(&[e], &adapter, false)?;
-            sum += f64::from(l.to_scalar::<f32>()?);
+            sum += self.loss(&[e], &adapter)?;
         }
         Ok(Some(sum / self.data.eval.len() as f64))
     }
@@ -594,18 +596,7 @@ impl TrainingRun {
                     .wrapping_mul(1_000_003)
                     .wrapping_add((self.pos.step * c.grad_accum + micro) as u64 + 1);
                 let adapter = self.adapter(Some(seed));
-                let (value, tokens, step_grads) = if c.gradient_checkpointing {
-                    self.loss_and_grads_checkpointed(&examples, &adapter)?
-                } else {
-                    let (loss, tokens) = self.loss(&examples, &adapter, true)?;
-                    let g = loss.backward()?;
-                    let grads = self
-                        .vars
-                        .iter()
-                        .map(|v| g.get(v.as_tensor()).cloned())
-                        .collect();
-                    (f64::from(loss.to_scalar::<f32>()?), tokens, grads)
-                };
+                let (value, tokens, step_grads) = self.loss_and_grads(&examples, &adapter)?;
                 tokens_seen += tokens;
                 loss_sum += value;
                 for (i, gi) in step_grads.into_iter().enumerate() {

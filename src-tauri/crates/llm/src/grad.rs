@@ -1,0 +1,570 @@
+//! Hand-written forward and backward passes of a block and of the head, for
+//! LoRA training.
+//!
+//! candle's autograd is general: its backward pass computes the gradient of
+//! every operand of a matmul (the frozen base weights too, which costs a
+//! third more matmul work), starts each gradient from zeros and adds to it,
+//! and keeps every intermediate of the graph alive until the end. A LoRA
+//! step needs none of that: these functions compute only the gradients that
+//! reach the LoRA slots and the block's input, with the fused kernels for
+//! layer norm, softmax and rotary embedding in the forward pass, in the
+//! dtype of the hidden states (bf16 on a GPU, f32 on the CPU; layer-norm
+//! statistics and the loss in f32). The autograd path
+//! ([`Phi::forward_train`]) stays as the reference they are tested against.
+
+use candle_core::{D, DType, Tensor};
+
+use crate::linear::Linear;
+use crate::lora::{LoraLayer, LoraSlot, LoraTarget, dropout_mask};
+use crate::model::Phi;
+use crate::{Error, Result};
+
+/// Rows of logits computed at once by [`Phi::head_loss_backward`] (the
+/// logits of a whole batch in f32 would be 0.8 GB for Phi-2 at 2×2048).
+const HEAD_CHUNK_ROWS: usize = 1024;
+
+/// Time spent per phase of the training passes, when the environment
+/// variable `DRAMATIS_PROFILE` is set (each phase then waits for the device
+/// before and after, which slows a GPU run a little): name, seconds, calls.
+pub fn profile_report() -> Vec<(&'static str, f64, u64)> {
+    let mut v: Vec<_> = PHASES
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .map(|(k, (s, n))| (*k, *s, *n))
+        .collect();
+    v.sort_by(|a, b| b.1.total_cmp(&a.1));
+    v
+}
+
+type PhaseTimes = std::collections::HashMap<&'static str, (f64, u64)>;
+static PHASES: std::sync::LazyLock<std::sync::Mutex<PhaseTimes>> =
+    std::sync::LazyLock::new(Default::default);
+static PROFILE: std::sync::LazyLock<bool> =
+    std::sync::LazyLock::new(|| std::env::var_os("DRAMATIS_PROFILE").is_some());
+
+/// Runs `f`, timing it as `name` when profiling.
+fn phase<T>(
+    device: &candle_core::Device,
+    name: &'static str,
+    f: impl FnOnce() -> Result<T>,
+) -> Result<T> {
+    if !*PROFILE {
+        return f();
+    }
+    device.synchronize()?;
+    let start = std::time::Instant::now();
+    let out = f()?;
+    device.synchronize()?;
+    let mut p = PHASES.lock().unwrap_or_else(|e| e.into_inner());
+    let e = p.entry(name).or_default();
+    e.0 += start.elapsed().as_secs_f64();
+    e.1 += 1;
+    Ok(out)
+}
+
+/// What a block's backward pass needs from its forward pass. Kept when the
+/// forward pass is asked to (no gradient checkpointing), recomputed from the
+/// block's input otherwise.
+#[derive(Debug)]
+pub struct BlockActivations {
+    /// Normed input, `[n, hidden]`.
+    h: Tensor,
+    /// Query (rotated, scaled), key (rotated) and value, `[b, heads, seq, head_dim]`.
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    /// Attention probabilities, `[b, heads, seq, seq]`.
+    p: Tensor,
+    /// Attention output before the dense projection, `[n, hidden]`.
+    o: Tensor,
+    /// fc1's output before and after the activation, `[n, intermediate]`.
+    u: Tensor,
+    a: Tensor,
+}
+
+/// The gradients of one LoRA slot (f32, shaped like the slot's A and B).
+#[derive(Debug, Clone)]
+pub struct SlotGrads {
+    /// Which module the slot adapts.
+    pub target: LoraTarget,
+    /// `[r, in]`.
+    pub a: Tensor,
+    /// `[out, r]`.
+    pub b: Tensor,
+}
+
+/// `x Wᵀ + b` on 2-D `x` (`[n, in]`), the weight in `x`'s dtype.
+fn linear(lin: &Linear, x: &Tensor) -> Result<(Tensor, Tensor)> {
+    let w = lin.weight_as(x.dtype())?;
+    let mut y = x.matmul(&w.t()?)?;
+    if let Some(b) = lin.bias() {
+        y = y.broadcast_add(&b.to_dtype(x.dtype())?)?;
+    }
+    Ok((y, w))
+}
+
+/// The LoRA input after dropout, and the mask (to apply to its gradient).
+fn dropped(slot: &LoraSlot, x: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
+    if slot.dropout <= 0.0 {
+        return Ok((x.clone(), None));
+    }
+    let m = dropout_mask(x.shape(), slot.dropout, slot.dropout_seed, x.device())?
+        .to_dtype(x.dtype())?;
+    Ok(((x * &m)?, Some(m)))
+}
+
+fn slot_weights(slot: &LoraSlot, dt: DType) -> Result<(Tensor, Tensor)> {
+    Ok((slot.a.to_dtype(dt)?, slot.b.to_dtype(dt)?))
+}
+
+/// `scale · (dropout(x) Aᵀ) Bᵀ` for 2-D `x`.
+fn lora_forward(slot: &LoraSlot, x: &Tensor) -> Result<Tensor> {
+    let (xd, _) = dropped(slot, x)?;
+    let (a, b) = slot_weights(slot, x.dtype())?;
+    Ok((xd.matmul(&a.t()?)?.matmul(&b.t()?)? * slot.scale)?)
+}
+
+/// The slot's gradients for output gradient `g` (`[n, out]`) and its
+/// contribution to the input's gradient.
+fn lora_backward(
+    slot: &LoraSlot,
+    target: LoraTarget,
+    x: &Tensor,
+    g: &Tensor,
+) -> Result<(SlotGrads, Tensor)> {
+    let (xd, mask) = dropped(slot, x)?;
+    let (a, b) = slot_weights(slot, x.dtype())?;
+    let z = xd.matmul(&a.t()?)?;
+    let gb = (g.t()?.matmul(&z)? * slot.scale)?.to_dtype(DType::F32)?;
+    let gz = (g.matmul(&b)? * slot.scale)?;
+    let ga = gz.t()?.matmul(&xd)?.to_dtype(DType::F32)?;
+    let gx = gz.matmul(&a)?;
+    let gx = match mask {
+        Some(m) => (gx * m)?,
+        None => gx,
+    };
+    Ok((
+        SlotGrads {
+            target,
+            a: ga,
+            b: gb,
+        },
+        gx,
+    ))
+}
+
+/// A linear layer with its LoRA slots (each on its slice of the output).
+fn adapted(lin: &Linear, x: &Tensor, slots: &[(LoraTarget, &LoraSlot)]) -> Result<Tensor> {
+    let (mut y, _) = linear(lin, x)?;
+    for (_, slot) in slots {
+        let d = lora_forward(slot, x)?;
+        let width = d.dim(1)?;
+        y = if width == y.dim(1)? {
+            (y + d)?
+        } else {
+            let pieces = [
+                y.narrow(1, 0, slot.out_offset)?,
+                (y.narrow(1, slot.out_offset, width)? + d)?,
+                y.narrow(
+                    1,
+                    slot.out_offset + width,
+                    y.dim(1)? - slot.out_offset - width,
+                )?,
+            ];
+            Tensor::cat(&pieces, 1)?
+        };
+    }
+    Ok(y)
+}
+
+/// The input gradient of [`adapted`] (frozen weight plus slots), and the
+/// slots' gradients appended to `grads`.
+fn adapted_backward(
+    lin: &Linear,
+    x: &Tensor,
+    g: &Tensor,
+    slots: &[(LoraTarget, &LoraSlot)],
+    grads: &mut Vec<SlotGrads>,
+) -> Result<Tensor> {
+    let w = lin.weight_as(g.dtype())?;
+    let mut gx = g.matmul(&w)?;
+    for &(t, slot) in slots {
+        let width = slot.b.dim(0)?;
+        let gs = if width == g.dim(1)? {
+            g.clone()
+        } else {
+            g.narrow(1, slot.out_offset, width)?.contiguous()?
+        };
+        let (sg, gxs) = lora_backward(slot, t, x, &gs)?;
+        grads.push(sg);
+        gx = (gx + gxs)?;
+    }
+    Ok(gx)
+}
+
+fn targets<'a>(l: &'a LoraLayer, ts: &[LoraTarget]) -> Vec<(LoraTarget, &'a LoraSlot)> {
+    ts.iter()
+        .filter_map(|&t| l.slot(t).map(|s| (t, s)))
+        .collect()
+}
+
+/// Layer norm's input gradient, statistics recomputed in f32 from `x` (`[n, h]`).
+fn layer_norm_backward(x: &Tensor, weight: &Tensor, eps: f64, g: &Tensor) -> Result<Tensor> {
+    let dt = g.dtype();
+    let x = x.to_dtype(DType::F32)?;
+    let h = x.dim(D::Minus1)? as f64;
+    let mean = (x.sum_keepdim(D::Minus1)? / h)?;
+    let xc = x.broadcast_sub(&mean)?;
+    let var = (xc.sqr()?.sum_keepdim(D::Minus1)? / h)?;
+    let rstd = (var + eps)?.sqrt()?.recip()?;
+    let xhat = xc.broadcast_mul(&rstd)?;
+    let gxhat = g
+        .to_dtype(DType::F32)?
+        .broadcast_mul(&weight.to_dtype(DType::F32)?)?;
+    let m1 = (gxhat.sum_keepdim(D::Minus1)? / h)?;
+    let m2 = ((&gxhat * &xhat)?.sum_keepdim(D::Minus1)? / h)?;
+    let gx = gxhat
+        .broadcast_sub(&m1)?
+        .sub(&xhat.broadcast_mul(&m2)?)?
+        .broadcast_mul(&rstd)?;
+    Ok(gx.to_dtype(dt)?)
+}
+
+fn layer_norm(n: &candle_nn::LayerNorm, x: &Tensor, eps: f64) -> Result<Tensor> {
+    let dt = x.dtype();
+    let w = n.weight().to_dtype(dt)?;
+    let b = match n.bias() {
+        Some(b) => b.to_dtype(dt)?,
+        None => w.zeros_like()?,
+    };
+    Ok(candle_nn::ops::layer_norm(x, &w, &b, eps as f32)?)
+}
+
+/// The derivative of the tanh approximation of GELU (Phi-2's `gelu_new`).
+fn gelu_derivative(u: &Tensor) -> Result<Tensor> {
+    const C: f64 = 0.797_884_560_802_865_4; // √(2/π)
+    const K: f64 = 0.044_715;
+    let u2 = u.sqr()?;
+    let t = (u * (u2.affine(K, 1.0)? * C)?)?.tanh()?;
+    let left = t.affine(0.5, 0.5)?;
+    let right = (((u * 0.5)? * t.sqr()?.affine(-1.0, 1.0)?)? * u2.affine(3.0 * K * C, C)?)?;
+    Ok((left + right)?)
+}
+
+impl Phi {
+    /// Gradient-free rotary embedding of the first `rotary_dim` dims of each
+    /// head; `inverse` rotates back (the backward pass of a rotation).
+    fn rotate(&self, x: &Tensor, seq: usize, inverse: bool) -> Result<Tensor> {
+        let rd = self.cfg.rotary_dim();
+        let hd = self.cfg.head_dim();
+        let dt = x.dtype();
+        let cos = self.cos.narrow(0, 0, seq)?.to_dtype(dt)?;
+        let sin = self.sin.narrow(0, 0, seq)?.to_dtype(dt)?;
+        let sin = if inverse { sin.neg()? } else { sin };
+        let rot = x.narrow(D::Minus1, 0, rd)?.contiguous()?;
+        let rot = candle_nn::rotary_emb::rope(&rot, &cos, &sin)?;
+        if rd == hd {
+            return Ok(rot);
+        }
+        let pass = x.narrow(D::Minus1, rd, hd - rd)?;
+        Ok(Tensor::cat(&[&rot, &pass], D::Minus1)?.contiguous()?)
+    }
+
+    fn block_at(&self, i: usize) -> Result<&crate::model::Block> {
+        self.blocks
+            .get(i)
+            .ok_or_else(|| Error::Invalid(format!("no block {i}")))
+    }
+
+    /// Block `i` on hidden states `x` (`[b, seq, hidden]` from position 0,
+    /// in the training dtype), without a graph. With `keep`, also returns
+    /// what [`Phi::block_backward`] needs, so it need not recompute it.
+    pub fn block_forward(
+        &self,
+        i: usize,
+        x: &Tensor,
+        lora: &LoraLayer,
+        keep: bool,
+    ) -> Result<(Tensor, Option<BlockActivations>)> {
+        let block = self.block_at(i)?;
+        let (b, seq, hidden) = x.dims3()?;
+        let n = b * seq;
+        let heads = self.cfg.num_attention_heads;
+        let hd = self.cfg.head_dim();
+        let eps = self.cfg.layer_norm_eps;
+        let dev = x.device();
+        let x2 = x.reshape((n, hidden))?;
+        let h = phase(dev, "fwd norm", || layer_norm(&block.norm, &x2, eps))?;
+
+        let qkv = phase(dev, "fwd qkv", || {
+            adapted(
+                &block.qkv,
+                &h,
+                &targets(lora, &[LoraTarget::Q, LoraTarget::K, LoraTarget::V]),
+            )
+        })?
+        .reshape((b, seq, 3, heads, hd))?;
+        let part = |j: usize| -> Result<Tensor> {
+            Ok(qkv
+                .narrow(2, j, 1)?
+                .squeeze(2)?
+                .transpose(1, 2)?
+                .contiguous()?)
+        };
+        let scale = 1.0 / (hd as f64).sqrt();
+        let (q, k, v) = phase(dev, "fwd rope", || {
+            Ok((
+                (self.rotate(&part(0)?, seq, false)? * scale)?,
+                self.rotate(&part(1)?, seq, false)?,
+                part(2)?,
+            ))
+        })?;
+        let (p, o) = phase(dev, "fwd attention", || {
+            let scores = q.matmul(&k.t()?)?;
+            let scores = if seq > 1 {
+                scores.broadcast_add(&self.train_mask(seq, x.dtype())?)?
+            } else {
+                scores
+            };
+            let p = candle_nn::ops::softmax_last_dim(&scores)?;
+            drop(scores);
+            let o = p.matmul(&v)?.transpose(1, 2)?.reshape((n, hidden))?;
+            Ok((p, o))
+        })?;
+        let attn = phase(dev, "fwd dense", || {
+            adapted(&block.dense, &o, &targets(lora, &[LoraTarget::Dense]))
+        })?;
+        let (u, a, mlp) = phase(dev, "fwd mlp", || {
+            let u = adapted(&block.fc1, &h, &targets(lora, &[LoraTarget::Fc1]))?;
+            let a = u.gelu()?;
+            let mlp = adapted(&block.fc2, &a, &targets(lora, &[LoraTarget::Fc2]))?;
+            Ok((u, a, mlp))
+        })?;
+        let y = ((attn + mlp)? + &x2)?.reshape((b, seq, hidden))?;
+        let acts = keep.then_some(BlockActivations {
+            h,
+            q,
+            k,
+            v,
+            p,
+            o,
+            u,
+            a,
+        });
+        Ok((y, acts))
+    }
+
+    /// The backward pass of block `i`: from the gradient `gy` of its output,
+    /// the gradient of its input `x` and of every LoRA slot in `lora`.
+    /// `acts` from [`Phi::block_forward`] with `keep`, or `None` to recompute
+    /// them (gradient checkpointing).
+    pub fn block_backward(
+        &self,
+        i: usize,
+        x: &Tensor,
+        lora: &LoraLayer,
+        acts: Option<BlockActivations>,
+        gy: &Tensor,
+    ) -> Result<(Tensor, Vec<SlotGrads>)> {
+        let acts = match acts {
+            Some(a) => a,
+            None => self
+                .block_forward(i, x, lora, true)?
+                .1
+                .expect("kept when asked"),
+        };
+        let block = self.block_at(i)?;
+        let (b, seq, hidden) = x.dims3()?;
+        let n = b * seq;
+        let heads = self.cfg.num_attention_heads;
+        let hd = self.cfg.head_dim();
+        let gy = gy.to_dtype(x.dtype())?.reshape((n, hidden))?;
+        let mut grads = Vec::new();
+
+        let dev = x.device();
+        let BlockActivations {
+            h,
+            q,
+            k,
+            v,
+            p,
+            o,
+            u,
+            a,
+        } = acts;
+
+        // MLP: fc2(gelu(fc1(h))).
+        let mut g_h = phase(dev, "bwd mlp", || {
+            let fc2 = targets(lora, &[LoraTarget::Fc2]);
+            let g_a = adapted_backward(&block.fc2, &a, &gy, &fc2, &mut grads)?;
+            drop(a);
+            let g_u = (g_a * gelu_derivative(&u)?)?;
+            drop(u);
+            let fc1 = targets(lora, &[LoraTarget::Fc1]);
+            adapted_backward(&block.fc1, &h, &g_u, &fc1, &mut grads)
+        })?;
+
+        // Attention: dense(softmax(q kᵀ + mask) v).
+        let g_o = phase(dev, "bwd dense", || {
+            let dense = targets(lora, &[LoraTarget::Dense]);
+            Ok(adapted_backward(&block.dense, &o, &gy, &dense, &mut grads)?
+                .reshape((b, seq, heads, hd))?
+                .transpose(1, 2)?
+                .contiguous()?)
+        })?;
+        let (g_q, g_k, g_v) = phase(dev, "bwd attention", || {
+            let g_v = p.t()?.matmul(&g_o)?;
+            let g_p = g_o.matmul(&v.t()?)?;
+            let row = (&g_p * &p)?.sum_keepdim(D::Minus1)?;
+            let g_s = (g_p.broadcast_sub(&row)? * &p)?;
+            drop(g_p);
+            let scale = 1.0 / (hd as f64).sqrt();
+            let g_q = (g_s.matmul(&k)? * scale)?;
+            let g_k = g_s.t()?.matmul(&q)?;
+            Ok((g_q, g_k, g_v))
+        })?;
+        drop((p, g_o));
+        let g_qkv = phase(dev, "bwd rope", || {
+            let g_q = self.rotate(&g_q, seq, true)?;
+            let g_k = self.rotate(&g_k, seq, true)?;
+            Ok(Tensor::stack(
+                &[
+                    g_q.transpose(1, 2)?,
+                    g_k.transpose(1, 2)?,
+                    g_v.transpose(1, 2)?,
+                ],
+                2,
+            )?
+            .reshape((n, 3 * hidden))?)
+        })?;
+        g_h = phase(dev, "bwd qkv", || {
+            let qkv = targets(lora, &[LoraTarget::Q, LoraTarget::K, LoraTarget::V]);
+            Ok((g_h + adapted_backward(&block.qkv, &h, &g_qkv, &qkv, &mut grads)?)?)
+        })?;
+
+        let x2 = x.reshape((n, hidden))?;
+        let gx = phase(dev, "bwd norm", || {
+            Ok(
+                (layer_norm_backward(&x2, block.norm.weight(), self.cfg.layer_norm_eps, &g_h)?
+                    + &gy)?,
+            )
+        })?;
+        Ok((gx.reshape((b, seq, hidden))?, grads))
+    }
+
+    /// The head and the loss: weighted cross-entropy of the logits of the
+    /// last hidden states `x` (`[b, seq, hidden]`) against `targets` (u32)
+    /// with per-position `weights` (f32, both `[b, seq]`), divided by
+    /// `denom`. Returns the loss and its gradient with respect to `x`, the
+    /// logits computed a chunk of rows at a time.
+    pub fn head_loss_backward(
+        &self,
+        x: &Tensor,
+        targets: &Tensor,
+        weights: &Tensor,
+        denom: f64,
+    ) -> Result<(f64, Tensor)> {
+        let (b, seq, hidden) = x.dims3()?;
+        let n = b * seq;
+        let dt = x.dtype();
+        let x2 = x.reshape((n, hidden))?;
+        let tgt = targets.flatten_all()?.unsqueeze(1)?;
+        let w = (weights.flatten_all()?.to_dtype(DType::F32)? / denom)?.unsqueeze(1)?;
+        let eps = self.cfg.layer_norm_eps;
+        let mut loss = 0.0;
+        let mut parts = Vec::new();
+        let mut start = 0;
+        while start < n {
+            let rows = HEAD_CHUNK_ROWS.min(n - start);
+            let xc = x2.narrow(0, start, rows)?;
+            let tc = tgt.narrow(0, start, rows)?;
+            let wc = w.narrow(0, start, rows)?;
+            let hf = layer_norm(&self.final_norm, &xc, eps)?;
+            let (logits, w_head) = linear(&self.lm_head, &hf)?;
+            let logp = candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?;
+            drop(logits);
+            let picked = logp.gather(&tc, 1)?;
+            loss -= (picked * &wc)?.sum_all()?.to_scalar::<f32>()? as f64;
+            // d loss / d logits = w · (softmax − one-hot(target)).
+            let g = logp.exp()?.broadcast_mul(&wc)?;
+            drop(logp);
+            g.scatter_add_set(&tc, &wc.neg()?, 1)?;
+            let g_hf = g.to_dtype(dt)?.matmul(&w_head)?;
+            drop(g);
+            parts.push(layer_norm_backward(
+                &xc,
+                self.final_norm.weight(),
+                eps,
+                &g_hf,
+            )?);
+            start += rows;
+        }
+        let gx = Tensor::cat(&parts, 0)?.reshape((b, seq, hidden))?;
+        Ok((loss, gx))
+    }
+}
+
+/// The loss of a batch and the gradients of every LoRA slot.
+#[derive(Debug)]
+pub struct LossGrads {
+    /// Weighted mean cross-entropy.
+    pub loss: f64,
+    /// Per block, the gradients of its slots.
+    pub grads: Vec<Vec<SlotGrads>>,
+}
+
+impl Phi {
+    /// One training pass: the weighted cross-entropy of `tokens` (`[b, seq]`,
+    /// u32) predicting `targets` with per-position `weights` (divided by their
+    /// sum, at least 1), and the gradients of `lora`'s slots. The passes run
+    /// in `dtype`; with `checkpointing`, only each block's input is kept and
+    /// the block is recomputed in the backward pass (the activation memory of
+    /// one block instead of all, for a third more compute).
+    pub fn lora_loss_and_grads(
+        &self,
+        tokens: &Tensor,
+        targets: &Tensor,
+        weights: &Tensor,
+        lora: &crate::LoraAdapter,
+        dtype: DType,
+        checkpointing: bool,
+    ) -> Result<LossGrads> {
+        let n = self.num_blocks();
+        if lora.layers.len() != n {
+            return Err(Error::Invalid(format!(
+                "the adapter has {} layers, the model {n}",
+                lora.layers.len()
+            )));
+        }
+        let mut inputs = Vec::with_capacity(n);
+        let mut kept = Vec::with_capacity(n);
+        let mut x = self.train_embed(tokens, dtype)?;
+        for (i, layer) in lora.layers.iter().enumerate() {
+            let (y, acts) = self.block_forward(i, &x, layer, !checkpointing)?;
+            inputs.push(x);
+            kept.push(acts);
+            x = y;
+        }
+        let denom = f64::from(
+            weights
+                .sum_all()?
+                .to_dtype(DType::F32)?
+                .to_scalar::<f32>()?,
+        )
+        .max(1.0);
+        let (loss, mut g) = phase(x.device(), "head and loss", || {
+            self.head_loss_backward(&x, targets, weights, denom)
+        })?;
+        drop(x);
+        let mut grads = vec![Vec::new(); n];
+        for i in (0..n).rev() {
+            let x = inputs.pop().expect("one input per block");
+            let acts = kept.pop().expect("one entry per block");
+            let (gx, slot_grads) = self.block_backward(i, &x, &lora.layers[i], acts, &g)?;
+            grads[i] = slot_grads;
+            g = gx;
+        }
+        Ok(LossGrads { loss, grads })
+    }
+}
