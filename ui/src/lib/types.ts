@@ -362,6 +362,7 @@ export interface TrainProgress {
   lr: number;
   grad_norm: number;
   tokens_per_sec: number;
+  tokens: number;
   eta_secs: number;
   eval_loss: number | null;
   memory_bytes: number | null;

@@ -245,8 +245,9 @@ pub fn train(a: TrainArgs, cancel: &AtomicBool) -> Result<()> {
         seq_len: prepared.report.longest,
         batch: config.batch_size,
         device_memory: None,
-        flops_per_sec: dramatis_train::estimate::measure_flops(&device),
+        flops_per_sec: dramatis_train::estimate::measure_flops(&device, dtype),
         gradient_checkpointing: config.gradient_checkpointing,
+        dtype_bytes: dtype.size_in_bytes(),
     });
     eprintln!(
         "estimate: peak memory {:.1} MB (activations {:.1} MB), {}",
@@ -268,8 +269,17 @@ pub fn train(a: TrainArgs, cancel: &AtomicBool) -> Result<()> {
     );
     bar.set_position(run.step() as u64);
     let mut last_tps = 0.0;
+    // The rate after the first step, which also loads kernels and warms caches.
+    let mut after_first: Option<(std::time::Instant, usize)> = None;
+    let mut steady = None;
     let outcome = run.run(
         &mut |p| {
+            match after_first {
+                None => after_first = Some((std::time::Instant::now(), p.tokens)),
+                Some((t, n)) => {
+                    steady = Some((p.tokens - n) as f64 / t.elapsed().as_secs_f64().max(1e-9));
+                }
+            }
             bar.set_position(p.step as u64);
             let eval = p
                 .eval_loss
@@ -297,8 +307,11 @@ pub fn train(a: TrainArgs, cancel: &AtomicBool) -> Result<()> {
     }
     if let Some(hwm) = dramatis_train::peak_rss_bytes() {
         eprintln!(
-            "measured: peak memory {:.1} MB, {last_tps:.0} tokens/s",
-            hwm as f64 / 1e6
+            "measured: peak memory {:.1} MB, {last_tps:.0} tokens/s{}",
+            hwm as f64 / 1e6,
+            steady
+                .map(|s| format!(" ({s:.0} tokens/s after the first step)"))
+                .unwrap_or_default()
         );
     }
     match outcome {

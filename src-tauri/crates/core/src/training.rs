@@ -632,13 +632,15 @@ impl Dramatis {
     ) -> Result<dramatis_train::Estimate> {
         let m = self.model(model_id)?;
         let info = dramatis_llm::inspect_model(Path::new(&m.path))?;
+        let dtype = config.precision.dtype(self.device());
         let weight_bytes = if info.format == dramatis_llm::ModelFormat::Safetensors {
-            info.parameters * 4
+            info.parameters * dtype.size_in_bytes() as u64
         } else {
             info.bytes
         };
         static FLOPS: std::sync::OnceLock<Option<f64>> = std::sync::OnceLock::new();
-        let flops = *FLOPS.get_or_init(|| dramatis_train::estimate::measure_flops(self.device()));
+        let flops =
+            *FLOPS.get_or_init(|| dramatis_train::estimate::measure_flops(self.device(), dtype));
         Ok(dramatis_train::estimate(&dramatis_train::EstimateInput {
             config: info.config,
             weight_bytes,
@@ -649,6 +651,7 @@ impl Dramatis {
             device_memory: self.device_info().memory_bytes,
             flops_per_sec: flops,
             gradient_checkpointing: config.gradient_checkpointing,
+            dtype_bytes: dtype.size_in_bytes(),
         }))
     }
 

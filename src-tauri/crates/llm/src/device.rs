@@ -22,7 +22,7 @@ impl DeviceChoice {
         Ok(match self {
             Self::Best => default_device(),
             Self::Cpu => Device::Cpu,
-            Self::Cuda(i) => Device::new_cuda(i)?,
+            Self::Cuda(i) => single_stream(Device::new_cuda(i)?),
             Self::Metal => Device::new_metal(0)?,
         })
     }
@@ -51,7 +51,7 @@ impl std::str::FromStr for DeviceChoice {
 pub fn default_device() -> Device {
     let cuda = || {
         candle_core::utils::cuda_is_available()
-            .then(|| Device::new_cuda(0).ok())
+            .then(|| Device::new_cuda(0).ok().map(single_stream))
             .flatten()
     };
     let metal = || {
@@ -60,6 +60,21 @@ pub fn default_device() -> Device {
             .flatten()
     };
     cuda().or_else(metal).unwrap_or(Device::Cpu)
+}
+
+/// cudarc creates two CUDA events with every allocation to order uses
+/// across streams; candle runs everything on one stream per thread and never
+/// enters cudarc's multi-stream mode, so the events are never recorded, only
+/// created and destroyed: thousands per training step. Turn that off.
+#[allow(unsafe_code)]
+fn single_stream(d: Device) -> Device {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(c) = &d {
+        // SAFETY: candle creates no extra streams, so no allocation is ever
+        // used on a stream other than its own.
+        unsafe { c.disable_event_tracking() };
+    }
+    d
 }
 
 /// A short name for logs and the UI.

@@ -14,8 +14,9 @@
 
 use candle_core::{D, DType, Tensor};
 
+use crate::kernels;
 use crate::linear::Linear;
-use crate::lora::{LoraLayer, LoraSlot, LoraTarget, dropout_mask};
+use crate::lora::{LoraLayer, LoraSlot, LoraTarget};
 use crate::model::Phi;
 use crate::{Error, Result};
 
@@ -99,28 +100,32 @@ fn linear(lin: &Linear, x: &Tensor) -> Result<(Tensor, Tensor)> {
     let w = lin.weight_as(x.dtype())?;
     let mut y = x.matmul(&w.t()?)?;
     if let Some(b) = lin.bias() {
-        y = y.broadcast_add(&b.to_dtype(x.dtype())?)?;
+        y = kernels::bias_add(&y, b)?;
     }
     Ok((y, w))
 }
 
-/// The LoRA input after dropout, and the mask (to apply to its gradient).
-fn dropped(slot: &LoraSlot, x: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
+/// The slot's dropout applied to `x` (its input, or the gradient of its
+/// input: the mask depends only on the shape and the seed).
+fn dropped(slot: &LoraSlot, x: &Tensor) -> Result<Tensor> {
     if slot.dropout <= 0.0 {
-        return Ok((x.clone(), None));
+        return Ok(x.clone());
     }
-    let m = dropout_mask(x.shape(), slot.dropout, slot.dropout_seed, x.device())?
-        .to_dtype(x.dtype())?;
-    Ok(((x * &m)?, Some(m)))
+    phase(x.device(), "  dropout", || {
+        kernels::dropout(x, slot.dropout, slot.dropout_seed)
+    })
 }
 
+/// The slot's A and B in `dt`, detached: the slots of a training run are
+/// candle `Var`s, and anything computed from a `Var` records its graph,
+/// which would keep every intermediate of every block alive.
 fn slot_weights(slot: &LoraSlot, dt: DType) -> Result<(Tensor, Tensor)> {
-    Ok((slot.a.to_dtype(dt)?, slot.b.to_dtype(dt)?))
+    Ok((slot.a.detach().to_dtype(dt)?, slot.b.detach().to_dtype(dt)?))
 }
 
 /// `scale · (dropout(x) Aᵀ) Bᵀ` for 2-D `x`.
 fn lora_forward(slot: &LoraSlot, x: &Tensor) -> Result<Tensor> {
-    let (xd, _) = dropped(slot, x)?;
+    let xd = dropped(slot, x)?;
     let (a, b) = slot_weights(slot, x.dtype())?;
     Ok((xd.matmul(&a.t()?)?.matmul(&b.t()?)? * slot.scale)?)
 }
@@ -133,17 +138,13 @@ fn lora_backward(
     x: &Tensor,
     g: &Tensor,
 ) -> Result<(SlotGrads, Tensor)> {
-    let (xd, mask) = dropped(slot, x)?;
+    let xd = dropped(slot, x)?;
     let (a, b) = slot_weights(slot, x.dtype())?;
     let z = xd.matmul(&a.t()?)?;
     let gb = (g.t()?.matmul(&z)? * slot.scale)?.to_dtype(DType::F32)?;
     let gz = (g.matmul(&b)? * slot.scale)?;
     let ga = gz.t()?.matmul(&xd)?.to_dtype(DType::F32)?;
-    let gx = gz.matmul(&a)?;
-    let gx = match mask {
-        Some(m) => (gx * m)?,
-        None => gx,
-    };
+    let gx = dropped(slot, &gz.matmul(&a)?)?;
     Ok((
         SlotGrads {
             target,
@@ -154,28 +155,38 @@ fn lora_backward(
     ))
 }
 
-/// A linear layer with its LoRA slots (each on its slice of the output).
+/// A linear layer with its LoRA slots (each on its slice of the output: q,
+/// k and v of the fused projection are assembled into one delta first).
 fn adapted(lin: &Linear, x: &Tensor, slots: &[(LoraTarget, &LoraSlot)]) -> Result<Tensor> {
-    let (mut y, _) = linear(lin, x)?;
+    let (y, _) = linear(lin, x)?;
+    let out = y.dim(1)?;
+    let mut pieces = Vec::with_capacity(2 * slots.len() + 1);
+    let mut at = 0;
     for (_, slot) in slots {
         let d = lora_forward(slot, x)?;
-        let width = d.dim(1)?;
-        y = if width == y.dim(1)? {
-            (y + d)?
-        } else {
-            let pieces = [
-                y.narrow(1, 0, slot.out_offset)?,
-                (y.narrow(1, slot.out_offset, width)? + d)?,
-                y.narrow(
-                    1,
-                    slot.out_offset + width,
-                    y.dim(1)? - slot.out_offset - width,
-                )?,
-            ];
-            Tensor::cat(&pieces, 1)?
-        };
+        if slot.out_offset > at {
+            pieces.push(Tensor::zeros(
+                (d.dim(0)?, slot.out_offset - at),
+                d.dtype(),
+                d.device(),
+            )?);
+        }
+        at = slot.out_offset + d.dim(1)?;
+        pieces.push(d);
     }
-    Ok(y)
+    if pieces.is_empty() {
+        return Ok(y);
+    }
+    if at < out {
+        let rows = pieces[0].dim(0)?;
+        pieces.push(Tensor::zeros((rows, out - at), y.dtype(), y.device())?);
+    }
+    let delta = if pieces.len() == 1 {
+        pieces.pop().expect("one piece")
+    } else {
+        Tensor::cat(&pieces, 1)?
+    };
+    Ok((y + delta)?)
 }
 
 /// The input gradient of [`adapted`] (frozen weight plus slots), and the
@@ -209,28 +220,6 @@ fn targets<'a>(l: &'a LoraLayer, ts: &[LoraTarget]) -> Vec<(LoraTarget, &'a Lora
         .collect()
 }
 
-/// Layer norm's input gradient, statistics recomputed in f32 from `x` (`[n, h]`).
-fn layer_norm_backward(x: &Tensor, weight: &Tensor, eps: f64, g: &Tensor) -> Result<Tensor> {
-    let dt = g.dtype();
-    let x = x.to_dtype(DType::F32)?;
-    let h = x.dim(D::Minus1)? as f64;
-    let mean = (x.sum_keepdim(D::Minus1)? / h)?;
-    let xc = x.broadcast_sub(&mean)?;
-    let var = (xc.sqr()?.sum_keepdim(D::Minus1)? / h)?;
-    let rstd = (var + eps)?.sqrt()?.recip()?;
-    let xhat = xc.broadcast_mul(&rstd)?;
-    let gxhat = g
-        .to_dtype(DType::F32)?
-        .broadcast_mul(&weight.to_dtype(DType::F32)?)?;
-    let m1 = (gxhat.sum_keepdim(D::Minus1)? / h)?;
-    let m2 = ((&gxhat * &xhat)?.sum_keepdim(D::Minus1)? / h)?;
-    let gx = gxhat
-        .broadcast_sub(&m1)?
-        .sub(&xhat.broadcast_mul(&m2)?)?
-        .broadcast_mul(&rstd)?;
-    Ok(gx.to_dtype(dt)?)
-}
-
 fn layer_norm(n: &candle_nn::LayerNorm, x: &Tensor, eps: f64) -> Result<Tensor> {
     let dt = x.dtype();
     let w = n.weight().to_dtype(dt)?;
@@ -239,17 +228,6 @@ fn layer_norm(n: &candle_nn::LayerNorm, x: &Tensor, eps: f64) -> Result<Tensor> 
         None => w.zeros_like()?,
     };
     Ok(candle_nn::ops::layer_norm(x, &w, &b, eps as f32)?)
-}
-
-/// The derivative of the tanh approximation of GELU (Phi-2's `gelu_new`).
-fn gelu_derivative(u: &Tensor) -> Result<Tensor> {
-    const C: f64 = 0.797_884_560_802_865_4; // √(2/π)
-    const K: f64 = 0.044_715;
-    let u2 = u.sqr()?;
-    let t = (u * (u2.affine(K, 1.0)? * C)?)?.tanh()?;
-    let left = t.affine(0.5, 0.5)?;
-    let right = (((u * 0.5)? * t.sqr()?.affine(-1.0, 1.0)?)? * u2.affine(3.0 * K * C, C)?)?;
-    Ok((left + right)?)
 }
 
 impl Phi {
@@ -321,15 +299,12 @@ impl Phi {
             ))
         })?;
         let (p, o) = phase(dev, "fwd attention", || {
-            let scores = q.matmul(&k.t()?)?;
-            let scores = if seq > 1 {
-                scores.broadcast_add(&self.train_mask(seq, x.dtype())?)?
-            } else {
-                scores
-            };
-            let p = candle_nn::ops::softmax_last_dim(&scores)?;
+            let scores = phase(dev, "  fwd q·k", || Ok(q.matmul(&k.t()?)?))?;
+            let p = phase(dev, "  fwd softmax", || kernels::causal_softmax(&scores))?;
             drop(scores);
-            let o = p.matmul(&v)?.transpose(1, 2)?.reshape((n, hidden))?;
+            let o = phase(dev, "  fwd p·v", || {
+                Ok(p.matmul(&v)?.transpose(1, 2)?.reshape((n, hidden))?)
+            })?;
             Ok((p, o))
         })?;
         let attn = phase(dev, "fwd dense", || {
@@ -399,7 +374,7 @@ impl Phi {
             let fc2 = targets(lora, &[LoraTarget::Fc2]);
             let g_a = adapted_backward(&block.fc2, &a, &gy, &fc2, &mut grads)?;
             drop(a);
-            let g_u = (g_a * gelu_derivative(&u)?)?;
+            let g_u = kernels::gelu_backward(&u, &g_a)?;
             drop(u);
             let fc1 = targets(lora, &[LoraTarget::Fc1]);
             adapted_backward(&block.fc1, &h, &g_u, &fc1, &mut grads)
@@ -414,14 +389,13 @@ impl Phi {
                 .contiguous()?)
         })?;
         let (g_q, g_k, g_v) = phase(dev, "bwd attention", || {
-            let g_v = p.t()?.matmul(&g_o)?;
-            let g_p = g_o.matmul(&v.t()?)?;
-            let row = (&g_p * &p)?.sum_keepdim(D::Minus1)?;
-            let g_s = (g_p.broadcast_sub(&row)? * &p)?;
+            let g_v = phase(dev, "  bwd pᵀ·g", || Ok(p.t()?.matmul(&g_o)?))?;
+            let g_p = phase(dev, "  bwd g·vᵀ", || Ok(g_o.matmul(&v.t()?)?))?;
+            let g_s = phase(dev, "  bwd softmax", || kernels::softmax_backward(&p, &g_p))?;
             drop(g_p);
             let scale = 1.0 / (hd as f64).sqrt();
-            let g_q = (g_s.matmul(&k)? * scale)?;
-            let g_k = g_s.t()?.matmul(&q)?;
+            let g_q = phase(dev, "  bwd g·k", || Ok((g_s.matmul(&k)? * scale)?))?;
+            let g_k = phase(dev, "  bwd gᵀ·q", || Ok(g_s.t()?.matmul(&q)?))?;
             Ok((g_q, g_k, g_v))
         })?;
         drop((p, g_o));
@@ -445,10 +419,12 @@ impl Phi {
 
         let x2 = x.reshape((n, hidden))?;
         let gx = phase(dev, "bwd norm", || {
-            Ok(
-                (layer_norm_backward(&x2, block.norm.weight(), self.cfg.layer_norm_eps, &g_h)?
-                    + &gy)?,
-            )
+            Ok((kernels::layer_norm_backward(
+                &x2,
+                block.norm.weight(),
+                self.cfg.layer_norm_eps,
+                &g_h,
+            )? + &gy)?)
         })?;
         Ok((gx.reshape((b, seq, hidden))?, grads))
     }
@@ -492,7 +468,7 @@ impl Phi {
             g.scatter_add_set(&tc, &wc.neg()?, 1)?;
             let g_hf = g.to_dtype(dt)?.matmul(&w_head)?;
             drop(g);
-            parts.push(layer_norm_backward(
+            parts.push(kernels::layer_norm_backward(
                 &xc,
                 self.final_norm.weight(),
                 eps,
@@ -542,6 +518,7 @@ impl Phi {
         let mut x = self.train_embed(tokens, dtype)?;
         for (i, layer) in lora.layers.iter().enumerate() {
             let (y, acts) = self.block_forward(i, &x, layer, !checkpointing)?;
+            debug_assert!(!y.track_op(), "the training passes record no graph");
             inputs.push(x);
             kept.push(acts);
             x = y;

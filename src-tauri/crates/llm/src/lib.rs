@@ -13,6 +13,7 @@ mod device;
 mod error;
 mod export;
 mod grad;
+mod kernels;
 mod linear;
 mod lora;
 mod model;

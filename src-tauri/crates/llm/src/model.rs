@@ -182,18 +182,6 @@ impl Phi {
         Ok(self.embed.forward(tokens, &self.device)?.to_dtype(dtype)?)
     }
 
-    /// The causal mask for training on `seq` tokens from position 0, built
-    /// on the device: 0 where a query may see a key, -inf in its future.
-    pub(crate) fn train_mask(&self, seq: usize, dtype: DType) -> Result<Tensor> {
-        let i = Tensor::arange(0u32, seq as u32, &self.device)?;
-        let future = i.unsqueeze(0)?.broadcast_gt(&i.unsqueeze(1)?)?;
-        let neg = Tensor::new(f32::NEG_INFINITY, &self.device)?
-            .to_dtype(dtype)?
-            .broadcast_as((seq, seq))?;
-        let zero = Tensor::zeros((seq, seq), dtype, &self.device)?;
-        Ok(future.where_cond(&neg, &zero)?)
-    }
-
     /// Transformer blocks.
     pub fn num_blocks(&self) -> usize {
         self.blocks.len()

@@ -1,13 +1,15 @@
 //! The hand-written training passes: the loss of the inference forward, and
 //! LoRA gradients that match finite differences through dense and Q8_0 base
-//! layers, with dropout, with and without recomputation, in f32 and bf16.
+//! layers, with dropout, with and without recomputation, in f32 and bf16;
+//! on the CPU, and on the GPU too in a CUDA build (its fused kernels checked
+//! the same way).
 
 mod common;
 
 use std::sync::atomic::AtomicBool;
 
 use candle_core::{D, DType, Var};
-use common::{fixture, reference};
+use common::{devices, fixture, reference};
 use dramatis_llm::{
     Device, Logits, LoraAdapter, LoraLayer, LoraSlot, LoraTarget, Phi, QuantType, Tensor,
     load_model, quantize_safetensors,
@@ -23,12 +25,18 @@ fn trainable(model: &Phi, dropout: f32) -> (LoraAdapter, Vec<(String, Var)>) {
         let mut layer = LoraLayer::default();
         for t in LoraTarget::ALL {
             let (fan_in, fan_out) = t.shape(cfg);
-            let a =
-                Var::from_tensor(&(Tensor::randn(0f32, 0.05, (2, fan_in), &Device::Cpu).unwrap()))
-                    .unwrap();
-            let b =
-                Var::from_tensor(&(Tensor::randn(0f32, 0.05, (fan_out, 2), &Device::Cpu).unwrap()))
-                    .unwrap();
+            let a = Var::from_tensor(
+                &(Tensor::randn(0f32, 0.05, (2, fan_in), &Device::Cpu).unwrap())
+                    .to_device(model.device())
+                    .unwrap(),
+            )
+            .unwrap();
+            let b = Var::from_tensor(
+                &(Tensor::randn(0f32, 0.05, (fan_out, 2), &Device::Cpu).unwrap())
+                    .to_device(model.device())
+                    .unwrap(),
+            )
+            .unwrap();
             layer.set(
                 t,
                 LoraSlot {
@@ -61,13 +69,12 @@ fn trainable(model: &Phi, dropout: f32) -> (LoraAdapter, Vec<(String, Var)>) {
 /// Inputs, targets and weights of the reference prompt (two rows: the
 /// prompt and the prompt shifted by one, the second weighted half, so the
 /// weights and the batch dimension are exercised).
-fn batch(ids: &[u32]) -> (Tensor, Tensor, Tensor) {
+fn batch(ids: &[u32], dev: &Device) -> (Tensor, Tensor, Tensor) {
     let n = ids.len() - 2;
     let rows = |off: usize| ids[off..off + n].to_vec();
     let inp = [rows(0), rows(1)].concat();
     let tgt = [rows(1), rows(2)].concat();
     let w: Vec<f32> = (0..2 * n).map(|i| if i < n { 1.0 } else { 0.5 }).collect();
-    let dev = &Device::Cpu;
     (
         Tensor::from_vec(inp, (2, n), dev).unwrap(),
         Tensor::from_vec(tgt, (2, n), dev).unwrap(),
@@ -81,7 +88,7 @@ fn train_loss(
     dtype: DType,
     ckpt: bool,
 ) -> dramatis_llm::LossGrads {
-    let (inp, tgt, w) = batch(&reference().prompt_ids);
+    let (inp, tgt, w) = batch(&reference().prompt_ids, model.device());
     model
         .lora_loss_and_grads(&inp, &tgt, &w, lora, dtype, ckpt)
         .unwrap()
@@ -126,10 +133,10 @@ fn check_gradients(model: &Phi, dropout: f32) {
             let at = |delta: f32| {
                 let mut v = base.clone();
                 v[i] += delta;
-                var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap())
+                var.set(&Tensor::from_vec(v, var.shape(), model.device()).unwrap())
                     .unwrap();
                 let x = train_loss(model, &lora, DType::F32, true).loss as f32;
-                var.set(&Tensor::from_vec(base.clone(), var.shape(), &Device::Cpu).unwrap())
+                var.set(&Tensor::from_vec(base.clone(), var.shape(), model.device()).unwrap())
                     .unwrap();
                 x
             };
@@ -148,7 +155,7 @@ fn check_gradients(model: &Phi, dropout: f32) {
 
 /// The loss through the inference forward (the fused, cached path).
 fn inference_loss(model: &Phi, lora: &LoraAdapter) -> f64 {
-    let (inp, tgt, w) = batch(&reference().prompt_ids);
+    let (inp, tgt, w) = batch(&reference().prompt_ids, model.device());
     let logits = model.forward(&inp, None, Logits::All, Some(lora)).unwrap();
     let logp = candle_nn::ops::log_softmax(&logits, D::Minus1).unwrap();
     let picked = logp
@@ -170,37 +177,51 @@ fn inference_loss(model: &Phi, lora: &LoraAdapter) -> f64 {
 
 #[test]
 fn the_training_passes_give_the_inference_loss() {
-    let model = load_model(&fixture(), &Device::Cpu).unwrap();
-    let (lora, _) = trainable(&model, 0.0);
-    let a = inference_loss(&model, &lora);
-    for ckpt in [false, true] {
-        let b = train_loss(&model, &lora, DType::F32, ckpt).loss;
-        assert!((a - b).abs() < 1e-4 * a.abs(), "{a} vs {b}");
+    for dev in devices() {
+        let model = load_model(&fixture(), &dev).unwrap();
+        let (lora, _) = trainable(&model, 0.0);
+        let a = inference_loss(&model, &lora);
+        for ckpt in [false, true] {
+            let b = train_loss(&model, &lora, DType::F32, ckpt).loss;
+            assert!((a - b).abs() < 1e-4 * a.abs(), "{dev:?}: {a} vs {b}");
+        }
     }
 }
 
 #[test]
 fn lora_gradients_match_finite_differences_on_a_dense_base() {
-    check_gradients(&load_model(&fixture(), &Device::Cpu).unwrap(), 0.0);
+    for dev in devices() {
+        check_gradients(&load_model(&fixture(), &dev).unwrap(), 0.0);
+    }
 }
 
 #[test]
 fn lora_gradients_match_finite_differences_with_dropout() {
-    check_gradients(&load_model(&fixture(), &Device::Cpu).unwrap(), 0.2);
+    for dev in devices() {
+        check_gradients(&load_model(&fixture(), &dev).unwrap(), 0.2);
+    }
 }
 
 #[test]
 fn kept_and_recomputed_activations_give_the_same_gradients() {
-    let model = load_model(&fixture(), &Device::Cpu).unwrap();
-    let (lora, vars) = trainable(&model, 0.1);
-    let a = flat_grads(&train_loss(&model, &lora, DType::F32, false), &vars);
-    let b = flat_grads(&train_loss(&model, &lora, DType::F32, true), &vars);
-    assert_eq!(a, b);
+    for dev in devices() {
+        let model = load_model(&fixture(), &dev).unwrap();
+        let (lora, vars) = trainable(&model, 0.1);
+        let a = flat_grads(&train_loss(&model, &lora, DType::F32, false), &vars);
+        let b = flat_grads(&train_loss(&model, &lora, DType::F32, true), &vars);
+        assert_eq!(a, b, "{dev:?}");
+    }
 }
 
 #[test]
 fn bf16_passes_agree_with_f32() {
-    let model = load_model(&fixture(), &Device::Cpu).unwrap();
+    for dev in devices() {
+        bf16_agrees_with_f32(&dev);
+    }
+}
+
+fn bf16_agrees_with_f32(dev: &Device) {
+    let model = load_model(&fixture(), dev).unwrap();
     let (lora, vars) = trainable(&model, 0.0);
     let full = train_loss(&model, &lora, DType::F32, true);
     let half = train_loss(&model, &lora, DType::BF16, true);

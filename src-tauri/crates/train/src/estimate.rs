@@ -3,15 +3,17 @@
 //!
 //! Memory: the base as loaded, one dequantized matrix at a time, the LoRA
 //! weights with their gradients and two AdamW moments (all f32), and the
-//! activations autograd keeps for the backward pass. The activation
-//! coefficients count the tensors this crate's training forward creates per
-//! token and layer: about 101 × hidden floats (norms, projections, LoRA
-//! deltas with dropout masks, GELU's intermediates) plus 10 × heads × length
-//! for attention (scores, scale, mask, softmax's intermediates, the copies for
-//! the value product; 10 rather than the 6 counted, fitted to measured runs), and 3 × vocabulary for the
-//! logits and their log-softmax. Speed: about 4 × parameters FLOPs per token
-//! (forward, and backward to the inputs; the frozen base needs no weight
-//! gradients) plus attention, at the device's measured matmul rate.
+//! activations of the hand-written training passes (dramatis-llm's `grad`),
+//! counted per token in the training dtype: every block's input; per block
+//! kept for its backward pass the normed input, q, k, v and the attention
+//! output (5 × hidden), fc1's output before and after GELU (2 ×
+//! intermediate) and the attention probabilities (heads × length); while a
+//! block runs backward, two more probability-sized tensors and a few
+//! hidden-sized ones; the logits of at most 1024 rows at a time, with their
+//! f32 log-softmax and gradient. With gradient checkpointing only one block's
+//! activations exist at a time. Speed: the matmul FLOPs of the passes (the
+//! frozen base needs no weight gradients; checkpointing runs each block's
+//! forward pass twice) at a fraction of the device's measured matmul rate.
 
 use dramatis_llm::PhiConfig;
 use serde::{Deserialize, Serialize};
@@ -38,6 +40,13 @@ pub struct EstimateInput {
     /// Recompute blocks in the backward pass instead of keeping their activations.
     #[serde(default)]
     pub gradient_checkpointing: bool,
+    /// Bytes per activation element (2 in bf16, 4 in f32).
+    #[serde(default = "four")]
+    pub dtype_bytes: usize,
+}
+
+fn four() -> usize {
+    4
 }
 
 /// The prediction.
@@ -59,20 +68,20 @@ pub struct Estimate {
     pub advice: Vec<String>,
 }
 
-/// Floats of activations per token, per layer.
-fn per_token_layer(cfg: &PhiConfig, seq: usize) -> f64 {
-    101.0 * cfg.hidden_size as f64 + 10.0 * cfg.num_attention_heads as f64 * seq as f64
-}
+/// Rows of logits computed at once (dramatis-llm's head chunk).
+const HEAD_ROWS: f64 = 1024.0;
 
-fn activations(cfg: &PhiConfig, seq: usize, batch: usize, checkpointing: bool) -> f64 {
+/// Activation bytes at the peak of a step.
+fn activations(cfg: &PhiConfig, seq: usize, batch: usize, checkpointing: bool, e: usize) -> f64 {
+    let (h, i) = (cfg.hidden_size as f64, cfg.intermediate_size as f64);
+    let probs = cfg.num_attention_heads as f64 * seq as f64;
+    let layers = cfg.num_hidden_layers as f64;
     let tokens = (seq * batch) as f64;
-    let blocks = if checkpointing {
-        // One block's graph at a time, plus every block's input kept.
-        per_token_layer(cfg, seq) + cfg.num_hidden_layers as f64 * cfg.hidden_size as f64
-    } else {
-        cfg.num_hidden_layers as f64 * per_token_layer(cfg, seq)
-    };
-    4.0 * tokens * (blocks + 3.0 * cfg.vocab_size as f64)
+    let kept = 5.0 * h + 2.0 * i + probs;
+    let transient = 2.0 * probs + 4.0 * h + 2.0 * i;
+    let blocks = layers * h + transient + if checkpointing { kept } else { layers * kept };
+    let head = HEAD_ROWS.min(tokens) * cfg.vocab_size as f64 * (e as f64 + 20.0);
+    e as f64 * tokens * blocks + head
 }
 
 /// The prediction for `input`.
@@ -86,18 +95,22 @@ pub fn estimate(input: &EstimateInput) -> Estimate {
     let lora_bytes = (lora_params * 4.0 * 4.0) as u64;
     let dequant = (i * h * 4.0) as u64;
     let ckpt = input.gradient_checkpointing;
-    let activation_bytes = activations(cfg, input.seq_len, input.batch, ckpt) as u64;
+    let e = input.dtype_bytes.max(1);
+    let activation_bytes = activations(cfg, input.seq_len, input.batch, ckpt, e) as u64;
     // Allocator and runtime overhead beyond the tensors themselves.
     let overhead = 64u64 << 20;
     let peak = input.weight_bytes + dequant + lora_bytes + activation_bytes + overhead;
-    let params =
-        cfg.num_hidden_layers as f64 * (4.0 * h * h + 2.0 * h * i) + cfg.vocab_size as f64 * h;
-    let attn = cfg.num_hidden_layers as f64 * 2.0 * 2.0 * input.seq_len as f64 * h;
-    // Checkpointing runs every block's forward pass twice.
-    let flops_per_token = (4.0 * params + 3.0 * attn) * if ckpt { 1.33 } else { 1.0 };
-    // Training reaches about a fifth of the plain matmul rate: the many
-    // elementwise ops of the differentiable forward and the backward pass
-    // (fitted to CPU runs, measured/predicted 0.18-0.25; see BENCHMARKS.md).
+    // Matmul FLOPs per token: the blocks' projections (2 per weight) and
+    // attention (q·kᵀ and p·v: 4 · length · hidden per layer) forward, twice
+    // that backward (input gradients only), the head forward and backward;
+    // checkpointing runs the blocks' forward pass twice.
+    let blocks = cfg.num_hidden_layers as f64 * 2.0 * (4.0 * h * h + 2.0 * h * i);
+    let attn = cfg.num_hidden_layers as f64 * 4.0 * input.seq_len as f64 * h;
+    let head = 2.0 * cfg.vocab_size as f64 * h;
+    let forwards = if ckpt { 2.0 } else { 1.0 };
+    let flops_per_token = (blocks + attn) * forwards + blocks + 2.0 * attn + 2.0 * head;
+    // Training reaches this fraction of the plain matmul rate (elementwise
+    // work, LoRA's thin matmuls, launches; see BENCHMARKS.md).
     const EFFICIENCY: f64 = 0.21;
     let tokens_per_sec = input
         .flops_per_sec
@@ -107,16 +120,16 @@ pub fn estimate(input: &EstimateInput) -> Estimate {
     if fits == Some(false) {
         let m = input.device_memory.unwrap_or(0);
         let room = m.saturating_sub(input.weight_bytes + dequant + lora_bytes + overhead) as f64;
-        if !ckpt && activations(cfg, input.seq_len, input.batch, true) <= room {
+        if !ckpt && activations(cfg, input.seq_len, input.batch, true, e) <= room {
             advice.push("turn on gradient checkpointing".into());
         }
-        if input.batch > 1 && activations(cfg, input.seq_len, 1, ckpt) <= room {
+        if input.batch > 1 && activations(cfg, input.seq_len, 1, ckpt, e) <= room {
             advice.push(
                 "use batch size 1 (with gradient accumulation to keep the effective batch)".into(),
             );
         }
         let mut seq = input.seq_len;
-        while seq > 64 && activations(cfg, seq, 1, ckpt) > room {
+        while seq > 64 && activations(cfg, seq, 1, ckpt, e) > room {
             seq /= 2;
         }
         if seq < input.seq_len && seq >= 64 {
@@ -145,16 +158,36 @@ pub fn estimate(input: &EstimateInput) -> Estimate {
     }
 }
 
-/// Measures this device's f32 matmul rate with a short product (about 50 ms).
-pub fn measure_flops(device: &candle_core::Device) -> Option<f64> {
-    let n = 512usize;
-    let a = candle_core::Tensor::ones((n, n), candle_core::DType::F32, device).ok()?;
-    a.matmul(&a).ok()?.sum_all().ok()?.to_scalar::<f32>().ok()?;
+/// Measures this device's matmul rate in `dtype` (about 50 ms): 512² on
+/// the CPU; 4096², eight at a time, on a GPU, where a small product measures
+/// the launch, not the arithmetic.
+pub fn measure_flops(device: &candle_core::Device, dtype: candle_core::DType) -> Option<f64> {
+    let (n, per_sync) = if device.is_cpu() {
+        (512usize, 1)
+    } else {
+        (4096, 8)
+    };
+    let a = candle_core::Tensor::ones((n, n), dtype, device).ok()?;
+    let round = || -> Option<()> {
+        let mut last = None;
+        for _ in 0..per_sync {
+            last = Some(a.matmul(&a).ok()?);
+        }
+        last?
+            .sum_all()
+            .ok()?
+            .to_dtype(candle_core::DType::F32)
+            .ok()?
+            .to_scalar::<f32>()
+            .ok()?;
+        Some(())
+    };
+    round()?;
     let start = std::time::Instant::now();
     let mut reps = 0;
     while start.elapsed().as_secs_f64() < 0.05 {
-        a.matmul(&a).ok()?.sum_all().ok()?.to_scalar::<f32>().ok()?;
-        reps += 1;
+        round()?;
+        reps += per_sync;
     }
     Some(2.0 * (n * n * n) as f64 * reps as f64 / start.elapsed().as_secs_f64())
 }
@@ -174,14 +207,15 @@ mod tests {
             device_memory: Some(memory),
             flops_per_sec: Some(1e12),
             gradient_checkpointing: false,
+            dtype_bytes: 4,
         }
     }
 
     #[test]
     fn memory_grows_with_length_and_batch_and_advice_fixes_it() {
-        let small = estimate(&phi2(256, 1, 80 << 30));
+        let small = estimate(&phi2(256, 1, 24 << 30));
         assert_eq!(small.fits, Some(true));
-        let big = estimate(&phi2(2048, 2, 80 << 30));
+        let big = estimate(&phi2(2048, 2, 24 << 30));
         assert!(big.activation_bytes > 8 * small.activation_bytes);
         assert_eq!(big.fits, Some(false));
         assert!(
@@ -195,13 +229,14 @@ mod tests {
             .iter()
             .find_map(|a| a.split_whitespace().find_map(|w| w.parse().ok()))
             .unwrap();
-        assert_eq!(estimate(&phi2(seq, 1, 80 << 30)).fits, Some(true));
+        assert_eq!(estimate(&phi2(seq, 1, 24 << 30)).fits, Some(true));
         assert!(small.tokens_per_sec.unwrap() > big.tokens_per_sec.unwrap());
-        // Checkpointing is proposed, and it divides activation memory by about the layer count.
+        // Checkpointing is proposed, and it divides activation memory by
+        // about the layer count (less the one block and the head it keeps).
         assert!(big.advice.iter().any(|a| a.contains("checkpointing")));
-        let mut ck = phi2(2048, 2, 80 << 30);
+        let mut ck = phi2(2048, 2, 24 << 30);
         ck.gradient_checkpointing = true;
         let ck = estimate(&ck);
-        assert!(ck.activation_bytes * 10 < big.activation_bytes);
+        assert!(ck.activation_bytes * 8 < big.activation_bytes);
     }
 }

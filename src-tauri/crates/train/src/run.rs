@@ -179,6 +179,8 @@ pub struct TrainProgress {
     pub grad_norm: f64,
     /// Tokens per second over this session.
     pub tokens_per_sec: f64,
+    /// Tokens trained on in this session.
+    pub tokens: usize,
     /// Seconds left at that pace.
     pub eta_secs: f64,
     /// Eval loss, on the steps it is measured.
@@ -649,6 +651,7 @@ impl TrainingRun {
                 lr,
                 grad_norm,
                 tokens_per_sec: tokens_seen as f64 / secs.max(1e-9),
+                tokens: tokens_seen,
                 eta_secs: secs / done.max(1.0) * (total - self.pos.step) as f64,
                 eval_loss,
                 memory_bytes: rss_bytes(),

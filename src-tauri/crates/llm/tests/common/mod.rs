@@ -7,7 +7,22 @@ use std::path::PathBuf;
 use dramatis_llm::{Device, Tensor};
 
 pub fn fixture() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny")
+    // At run time first: a test binary carried to the GPU machine runs from
+    // another checkout.
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+        .join("tests/fixtures/tiny")
+}
+
+/// The devices to test on: the CPU, and the GPU when the build has CUDA and
+/// the machine a GPU.
+pub fn devices() -> Vec<Device> {
+    let mut v = vec![Device::Cpu];
+    if let Ok(d) = dramatis_llm::DeviceChoice::Cuda(0).open() {
+        v.push(d);
+    }
+    v
 }
 
 pub struct Reference {
