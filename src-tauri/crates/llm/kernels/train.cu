@@ -152,6 +152,50 @@ __device__ void layer_norm_backward(const T* x, const T* g, const float* w, T* g
     }
 }
 
+// Splits a fused projection qkv [b·seq, 3, heads, hd] into q, k, v, each
+// [b, heads, seq, hd] (out is [3, b, heads, seq, hd]), rotating the first rd
+// dims of q and k (GPT-NeoX halves: cos/sin [seq, rd/2], f32) and scaling q.
+// With `inverse`, the backward pass: from the gradients of q, k, v (laid out
+// as out) back to the gradient of qkv, rotating the other way.
+template <typename T>
+__device__ void qkv_rope(const T* src, T* dst, const float* cos, const float* sin, int b, int seq,
+                         int heads, int hd, int rd, float scale, int inverse) {
+    uint64_t per_part = (uint64_t)b * seq * heads * hd;
+    uint64_t n = 3 * per_part;
+    int half = rd / 2;
+    for (uint64_t i = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (uint64_t)gridDim.x * blockDim.x) {
+        // i indexes the split layout [part, bi, head, t, d].
+        int d = (int)(i % hd);
+        uint64_t r = i / hd;
+        int t = (int)(r % seq);
+        r /= seq;
+        int head = (int)(r % heads);
+        r /= heads;
+        int bi = (int)(r % b);
+        int part = (int)(r / b);
+        // The same element in the fused layout [bi, t, part, head, d].
+        uint64_t base = ((((uint64_t)bi * seq + t) * 3 + part) * heads + head) * hd;
+        uint64_t split = i - d;
+        const T* in = inverse ? src + split : src + base;
+        float v;
+        if (part < 2 && d < rd) {
+            int j = d < half ? d : d - half;
+            float c = cos[t * half + j];
+            float s = inverse ? -sin[t * half + j] : sin[t * half + j];
+            float x1 = to_f(in[j]), x2 = to_f(in[j + half]);
+            v = d < half ? x1 * c - x2 * s : x2 * c + x1 * s;
+        } else {
+            v = to_f(in[d]);
+        }
+        if (part == 0) v *= scale;
+        if (inverse)
+            store(dst + base + d, v);
+        else
+            store(dst + i, v);
+    }
+}
+
 #define INSTANCES(T, SUFFIX)                                                                       \
     extern "C" __global__ void causal_softmax_##SUFFIX(const T* s, T* p, int seq) {               \
         causal_softmax(s, p, seq);                                                                 \
@@ -173,6 +217,11 @@ __device__ void layer_norm_backward(const T* x, const T* g, const float* w, T* g
     extern "C" __global__ void layer_norm_backward_##SUFFIX(const T* x, const T* g, const float* w,\
                                                             T* gx, int h, float eps) {             \
         layer_norm_backward(x, g, w, gx, h, eps);                                                  \
+    }                                                                                              \
+    extern "C" __global__ void qkv_rope_##SUFFIX(const T* src, T* dst, const float* cos,           \
+                                                 const float* sin, int b, int seq, int heads,      \
+                                                 int hd, int rd, float scale, int inverse) {       \
+        qkv_rope(src, dst, cos, sin, b, seq, heads, hd, rd, scale, inverse);                       \
     }
 
 INSTANCES(float, f32)

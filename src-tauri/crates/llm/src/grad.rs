@@ -249,6 +249,79 @@ impl Phi {
         Ok(Tensor::cat(&[&rot, &pass], D::Minus1)?.contiguous()?)
     }
 
+    #[cfg(feature = "cuda")]
+    fn qkv_shape(&self, batch: usize, seq: usize) -> kernels::QkvShape {
+        kernels::QkvShape {
+            batch,
+            seq,
+            heads: self.cfg.num_attention_heads,
+            head_dim: self.cfg.head_dim(),
+            rotary_dim: self.cfg.rotary_dim(),
+            scale: 1.0 / (self.cfg.head_dim() as f32).sqrt(),
+        }
+    }
+
+    /// The fused projection `[b·seq, 3·hidden]` split into q (rotated and
+    /// scaled by 1/√head_dim), k (rotated) and v, each `[b, heads, seq, head_dim]`.
+    fn split_rotate(&self, qkv: &Tensor, b: usize, seq: usize) -> Result<(Tensor, Tensor, Tensor)> {
+        if qkv.device().is_cuda() {
+            #[cfg(feature = "cuda")]
+            {
+                let s = self.qkv_shape(b, seq);
+                let out = kernels::qkv_rope(qkv, &self.cos, &self.sin, s, false)?;
+                return Ok((out.get(0)?, out.get(1)?, out.get(2)?));
+            }
+        }
+        let (heads, hd) = (self.cfg.num_attention_heads, self.cfg.head_dim());
+        let qkv = qkv.reshape((b, seq, 3, heads, hd))?;
+        let part = |j: usize| -> Result<Tensor> {
+            Ok(qkv
+                .narrow(2, j, 1)?
+                .squeeze(2)?
+                .transpose(1, 2)?
+                .contiguous()?)
+        };
+        let scale = 1.0 / (hd as f64).sqrt();
+        Ok((
+            (self.rotate(&part(0)?, seq, false)? * scale)?,
+            self.rotate(&part(1)?, seq, false)?,
+            part(2)?,
+        ))
+    }
+
+    /// The backward pass of [`Phi::split_rotate`]: the gradient of the fused
+    /// projection from those of q, k and v.
+    fn rotate_back(
+        &self,
+        g_q: &Tensor,
+        g_k: &Tensor,
+        g_v: &Tensor,
+        b: usize,
+        seq: usize,
+    ) -> Result<Tensor> {
+        let hidden = self.cfg.hidden_size;
+        if g_q.device().is_cuda() {
+            #[cfg(feature = "cuda")]
+            {
+                let s = self.qkv_shape(b, seq);
+                let stacked = Tensor::stack(&[g_q, g_k, g_v], 0)?;
+                return kernels::qkv_rope(&stacked, &self.cos, &self.sin, s, true);
+            }
+        }
+        let scale = 1.0 / (self.cfg.head_dim() as f64).sqrt();
+        let g_q = self.rotate(&(g_q * scale)?, seq, true)?;
+        let g_k = self.rotate(g_k, seq, true)?;
+        Ok(Tensor::stack(
+            &[
+                g_q.transpose(1, 2)?,
+                g_k.transpose(1, 2)?,
+                g_v.transpose(1, 2)?,
+            ],
+            2,
+        )?
+        .reshape((b * seq, 3 * hidden))?)
+    }
+
     fn block_at(&self, i: usize) -> Result<&crate::model::Block> {
         self.blocks
             .get(i)
@@ -268,8 +341,6 @@ impl Phi {
         let block = self.block_at(i)?;
         let (b, seq, hidden) = x.dims3()?;
         let n = b * seq;
-        let heads = self.cfg.num_attention_heads;
-        let hd = self.cfg.head_dim();
         let eps = self.cfg.layer_norm_eps;
         let dev = x.device();
         let x2 = x.reshape((n, hidden))?;
@@ -281,23 +352,8 @@ impl Phi {
                 &h,
                 &targets(lora, &[LoraTarget::Q, LoraTarget::K, LoraTarget::V]),
             )
-        })?
-        .reshape((b, seq, 3, heads, hd))?;
-        let part = |j: usize| -> Result<Tensor> {
-            Ok(qkv
-                .narrow(2, j, 1)?
-                .squeeze(2)?
-                .transpose(1, 2)?
-                .contiguous()?)
-        };
-        let scale = 1.0 / (hd as f64).sqrt();
-        let (q, k, v) = phase(dev, "fwd rope", || {
-            Ok((
-                (self.rotate(&part(0)?, seq, false)? * scale)?,
-                self.rotate(&part(1)?, seq, false)?,
-                part(2)?,
-            ))
         })?;
+        let (q, k, v) = phase(dev, "fwd rope", || self.split_rotate(&qkv, b, seq))?;
         let (p, o) = phase(dev, "fwd attention", || {
             let scores = phase(dev, "  fwd q·k", || Ok(q.matmul(&k.t()?)?))?;
             let p = phase(dev, "  fwd softmax", || kernels::causal_softmax(&scores))?;
@@ -393,24 +449,13 @@ impl Phi {
             let g_p = phase(dev, "  bwd g·vᵀ", || Ok(g_o.matmul(&v.t()?)?))?;
             let g_s = phase(dev, "  bwd softmax", || kernels::softmax_backward(&p, &g_p))?;
             drop(g_p);
-            let scale = 1.0 / (hd as f64).sqrt();
-            let g_q = phase(dev, "  bwd g·k", || Ok((g_s.matmul(&k)? * scale)?))?;
+            let g_q = phase(dev, "  bwd g·k", || Ok(g_s.matmul(&k)?))?;
             let g_k = phase(dev, "  bwd gᵀ·q", || Ok(g_s.t()?.matmul(&q)?))?;
             Ok((g_q, g_k, g_v))
         })?;
         drop((p, g_o));
         let g_qkv = phase(dev, "bwd rope", || {
-            let g_q = self.rotate(&g_q, seq, true)?;
-            let g_k = self.rotate(&g_k, seq, true)?;
-            Ok(Tensor::stack(
-                &[
-                    g_q.transpose(1, 2)?,
-                    g_k.transpose(1, 2)?,
-                    g_v.transpose(1, 2)?,
-                ],
-                2,
-            )?
-            .reshape((n, 3 * hidden))?)
+            self.rotate_back(&g_q, &g_k, &g_v, b, seq)
         })?;
         g_h = phase(dev, "bwd qkv", || {
             let qkv = targets(lora, &[LoraTarget::Q, LoraTarget::K, LoraTarget::V]);

@@ -106,6 +106,48 @@ pub(crate) fn layer_norm_backward(
     Ok(gx.to_dtype(dt)?)
 }
 
+/// The shape of a fused projection for [`qkv_rope`].
+#[cfg(feature = "cuda")]
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct QkvShape {
+    pub(crate) batch: usize,
+    pub(crate) seq: usize,
+    pub(crate) heads: usize,
+    pub(crate) head_dim: usize,
+    pub(crate) rotary_dim: usize,
+    /// Applied to q (attention's 1/√head_dim).
+    pub(crate) scale: f32,
+}
+
+/// CUDA only. Forward: `qkv` `[b·seq, 3·hidden]` → `[3, b, heads, seq,
+/// head_dim]` (q rotated and scaled, k rotated, v). Inverse: the gradients
+/// in that layout → the gradient of `qkv`, `[b·seq, 3·hidden]`. `cos`/`sin`
+/// are `[≥ seq, rotary_dim / 2]`.
+#[cfg(feature = "cuda")]
+pub(crate) fn qkv_rope(
+    x: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    shape: QkvShape,
+    inverse: bool,
+) -> Result<Tensor> {
+    let QkvShape {
+        batch,
+        seq,
+        heads,
+        head_dim,
+        ..
+    } = shape;
+    let cos = cos.narrow(0, 0, seq)?.to_dtype(DType::F32)?.contiguous()?;
+    let sin = sin.narrow(0, 0, seq)?.to_dtype(DType::F32)?.contiguous()?;
+    let out = x.apply_op3_no_bwd(&cos, &sin, &cuda::QkvRope { shape, inverse })?;
+    Ok(if inverse {
+        out.reshape((batch * seq, 3 * heads * head_dim))?
+    } else {
+        out.reshape((3, batch, heads, seq, head_dim))?
+    })
+}
+
 /// `[seq, seq]` in `like`'s dtype on its device: 0 where query `i` may see
 /// key `j` (`j ≤ i`), −∞ elsewhere.
 fn causal_mask(seq: usize, like: &Tensor) -> Result<Tensor> {
@@ -474,6 +516,89 @@ mod cuda {
             let out = match x.dtype() {
                 DType::F32 => run::<f32>(x, lx, g, lg, w, lw, &name, self.eps)?,
                 _ => run::<half::bf16>(x, lx, g, lg, w, lw, &name, self.eps)?,
+            };
+            Ok((out, lx.shape().clone()))
+        }
+    }
+
+    pub(super) struct QkvRope {
+        pub(super) shape: super::QkvShape,
+        pub(super) inverse: bool,
+    }
+
+    impl candle_core::CustomOp3 for QkvRope {
+        fn name(&self) -> &'static str {
+            "qkv-rope"
+        }
+
+        fn cpu_fwd(
+            &self,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> candle_core::Result<(CpuStorage, Shape)> {
+            bail!("qkv-rope runs on CUDA only")
+        }
+
+        fn cuda_fwd(
+            &self,
+            x: &CudaStorage,
+            lx: &Layout,
+            cos: &CudaStorage,
+            lc: &Layout,
+            sin: &CudaStorage,
+            ls: &Layout,
+        ) -> candle_core::Result<(CudaStorage, Shape)> {
+            fn run<T: CudaDType + DeviceRepr>(
+                op: &QkvRope,
+                x: &CudaStorage,
+                lx: &Layout,
+                cos: &CudaStorage,
+                lc: &Layout,
+                sin: &CudaStorage,
+                ls: &Layout,
+                name: &str,
+            ) -> candle_core::Result<CudaStorage> {
+                let dev = x.device();
+                let sx = contiguous::<T>(x, lx)?;
+                let (sc, ss) = (contiguous::<f32>(cos, lc)?, contiguous::<f32>(sin, ls)?);
+                let n = lx.shape().elem_count();
+                let out = unsafe { dev.alloc::<T>(n)? };
+                let func = dev.get_or_load_custom_func(name, MODULE, PTX)?;
+                let s = op.shape;
+                let ints = [s.batch, s.seq, s.heads, s.head_dim, s.rotary_dim].map(|v| v as i32);
+                let inverse = i32::from(op.inverse);
+                let mut b = func.builder();
+                b.arg(&sx);
+                b.arg(&out);
+                b.arg(&sc);
+                b.arg(&ss);
+                for v in &ints {
+                    b.arg(v);
+                }
+                b.arg(&s.scale);
+                b.arg(&inverse);
+                // SAFETY: input and output hold 3 · b · seq · heads · head_dim
+                // elements (checked by the caller), cos and sin seq · rotary_dim / 2.
+                unsafe { b.launch(elementwise_cfg(n)) }.w()?;
+                Ok(wrap(out, dev))
+            }
+            let s = self.shape;
+            ensure(
+                lx.shape().elem_count() == 3 * s.batch * s.seq * s.heads * s.head_dim
+                    && lc.shape().elem_count() == s.seq * s.rotary_dim / 2
+                    && ls.shape() == lc.shape()
+                    && cos.dtype() == DType::F32
+                    && sin.dtype() == DType::F32,
+                "qkv-rope",
+            )?;
+            let name = format!("qkv_rope_{}", suffix(x.dtype())?);
+            let out = match x.dtype() {
+                DType::F32 => run::<f32>(self, x, lx, cos, lc, sin, ls, &name)?,
+                _ => run::<half::bf16>(self, x, lx, cos, lc, sin, ls, &name)?,
             };
             Ok((out, lx.shape().clone()))
         }
