@@ -51,20 +51,49 @@ __device__ float block_max(float v) {
 
 // One block per row of scores [rows, seq]; row r is query r % seq, which sees
 // keys 0..=r % seq. Masked keys get probability 0 and are never read.
+// Rows of up to CACHED · blockDim.x keys are read once into registers.
+#define CACHED 16
 template <typename T>
 __device__ void causal_softmax(const T* s, T* p, int seq) {
     size_t row = blockIdx.x;
     int q = (int)(row % seq);
     const T* x = s + row * seq;
     T* y = p + row * seq;
+    float v[CACHED];
+    bool cached = seq <= CACHED * (int)blockDim.x;
     float m = -INFINITY;
-    for (int j = threadIdx.x; j <= q; j += blockDim.x) m = fmaxf(m, to_f(x[j]));
+    if (cached) {
+#pragma unroll
+        for (int k = 0; k < CACHED; k++) {
+            int j = threadIdx.x + k * blockDim.x;
+            v[k] = j <= q ? to_f(x[j]) : -INFINITY;
+            m = fmaxf(m, v[k]);
+        }
+    } else {
+        for (int j = threadIdx.x; j <= q; j += blockDim.x) m = fmaxf(m, to_f(x[j]));
+    }
     m = block_max(m);
     float sum = 0.f;
-    for (int j = threadIdx.x; j <= q; j += blockDim.x) sum += __expf(to_f(x[j]) - m);
+    if (cached) {
+#pragma unroll
+        for (int k = 0; k < CACHED; k++) {
+            v[k] = __expf(v[k] - m);
+            sum += v[k];
+        }
+    } else {
+        for (int j = threadIdx.x; j <= q; j += blockDim.x) sum += __expf(to_f(x[j]) - m);
+    }
     float inv = 1.f / block_sum(sum);
-    for (int j = threadIdx.x; j < seq; j += blockDim.x)
-        store(y + j, j <= q ? __expf(to_f(x[j]) - m) * inv : 0.f);
+    if (cached) {
+#pragma unroll
+        for (int k = 0; k < CACHED; k++) {
+            int j = threadIdx.x + k * blockDim.x;
+            if (j < seq) store(y + j, v[k] * inv);
+        }
+    } else {
+        for (int j = threadIdx.x; j < seq; j += blockDim.x)
+            store(y + j, j <= q ? __expf(to_f(x[j]) - m) * inv : 0.f);
+    }
 }
 
 // gs = p * (gp - Σ gp·p), per row of length n.
@@ -99,12 +128,16 @@ __device__ void dropout(const T* x, T* y, uint64_t n, uint64_t seed, float prob)
     }
 }
 
-// out[r, c] = y[r, c] + b[c] over a contiguous [rows, cols] y.
+// out[r, c] = y[r, c] + b[c] over a contiguous [rows, cols] y: one block
+// column of threads per row range, so no thread divides.
 template <typename T>
-__device__ void bias_add(const T* y, const T* b, T* out, uint64_t n, int cols) {
-    for (uint64_t i = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
-         i += (uint64_t)gridDim.x * blockDim.x) {
-        store(out + i, to_f(y[i]) + to_f(b[i % cols]));
+__device__ void bias_add(const T* y, const T* b, T* out, int rows, int cols) {
+    for (int c = blockIdx.x * blockDim.x + threadIdx.x; c < cols; c += gridDim.x * blockDim.x) {
+        float bc = to_f(b[c]);
+        for (int r = blockIdx.y; r < rows; r += gridDim.y) {
+            size_t i = (size_t)r * cols + c;
+            store(out + i, to_f(y[i]) + bc);
+        }
     }
 }
 
@@ -160,23 +193,22 @@ __device__ void layer_norm_backward(const T* x, const T* g, const float* w, T* g
 template <typename T>
 __device__ void qkv_rope(const T* src, T* dst, const float* cos, const float* sin, int b, int seq,
                          int heads, int hd, int rd, float scale, int inverse) {
-    uint64_t per_part = (uint64_t)b * seq * heads * hd;
-    uint64_t n = 3 * per_part;
+    // One block row per (part, bi, head, t) vector of hd elements (the
+    // caller keeps 3 · b · heads · seq below 2³¹); 32-bit index arithmetic.
+    int vectors = 3 * b * heads * seq;
     int half = rd / 2;
-    for (uint64_t i = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
-         i += (uint64_t)gridDim.x * blockDim.x) {
-        // i indexes the split layout [part, bi, head, t, d].
-        int d = (int)(i % hd);
-        uint64_t r = i / hd;
-        int t = (int)(r % seq);
-        r /= seq;
-        int head = (int)(r % heads);
+    for (int r0 = blockIdx.x * blockDim.y + threadIdx.y; r0 < vectors; r0 += gridDim.x * blockDim.y) {
+        // r0 indexes the split layout [part, bi, head, t]; d is threadIdx.x.
+        int t = r0 % seq;
+        int r = r0 / seq;
+        int head = r % heads;
         r /= heads;
-        int bi = (int)(r % b);
-        int part = (int)(r / b);
-        // The same element in the fused layout [bi, t, part, head, d].
-        uint64_t base = ((((uint64_t)bi * seq + t) * 3 + part) * heads + head) * hd;
-        uint64_t split = i - d;
+        int bi = r % b;
+        int part = r / b;
+        // The same vector in the fused layout [bi, t, part, head, :].
+        size_t base = (((size_t)bi * seq + t) * 3 + part) * heads * hd + (size_t)head * hd;
+        size_t split = (size_t)r0 * hd;
+      for (int d = threadIdx.x; d < hd; d += blockDim.x) {
         const T* in = inverse ? src + split : src + base;
         float v;
         if (part < 2 && d < rd) {
@@ -192,7 +224,8 @@ __device__ void qkv_rope(const T* src, T* dst, const float* cos, const float* si
         if (inverse)
             store(dst + base + d, v);
         else
-            store(dst + i, v);
+            store(dst + split + d, v);
+      }
     }
 }
 
@@ -207,9 +240,9 @@ __device__ void qkv_rope(const T* src, T* dst, const float* cos, const float* si
                                                 float prob) {                                      \
         dropout(x, y, n, seed, prob);                                                              \
     }                                                                                              \
-    extern "C" __global__ void bias_add_##SUFFIX(const T* y, const T* b, T* out, uint64_t n,     \
+    extern "C" __global__ void bias_add_##SUFFIX(const T* y, const T* b, T* out, int rows,       \
                                                  int cols) {                                       \
-        bias_add(y, b, out, n, cols);                                                              \
+        bias_add(y, b, out, rows, cols);                                                           \
     }                                                                                              \
     extern "C" __global__ void gelu_backward_##SUFFIX(const T* u, const T* g, T* out, uint64_t n) {\
         gelu_backward(u, g, out, n);                                                               \

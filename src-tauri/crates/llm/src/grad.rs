@@ -21,8 +21,9 @@ use crate::model::Phi;
 use crate::{Error, Result};
 
 /// Rows of logits computed at once by [`Phi::head_loss_backward`] (the
-/// logits of a whole batch in f32 would be 0.8 GB for Phi-2 at 2×2048).
-const HEAD_CHUNK_ROWS: usize = 1024;
+/// logits of a whole batch in f32 would be 0.8 GB for Phi-2 at 2×2048, and
+/// its log-softmax and gradient as much again each).
+const HEAD_CHUNK_ROWS: usize = 512;
 
 /// Time spent per phase of the training passes, when the environment
 /// variable `DRAMATIS_PROFILE` is set (each phase then waits for the device
@@ -97,10 +98,11 @@ pub struct SlotGrads {
 
 /// `x Wᵀ + b` on 2-D `x` (`[n, in]`), the weight in `x`'s dtype.
 fn linear(lin: &Linear, x: &Tensor) -> Result<(Tensor, Tensor)> {
+    let dev = x.device();
     let w = lin.weight_as(x.dtype())?;
-    let mut y = x.matmul(&w.t()?)?;
+    let mut y = phase(dev, "  matmul", || Ok(x.matmul(&w.t()?)?))?;
     if let Some(b) = lin.bias() {
-        y = kernels::bias_add(&y, b)?;
+        y = phase(dev, "  bias", || kernels::bias_add(&y, b))?;
     }
     Ok((y, w))
 }
@@ -127,7 +129,8 @@ fn slot_weights(slot: &LoraSlot, dt: DType) -> Result<(Tensor, Tensor)> {
 fn lora_forward(slot: &LoraSlot, x: &Tensor) -> Result<Tensor> {
     let xd = dropped(slot, x)?;
     let (a, b) = slot_weights(slot, x.dtype())?;
-    Ok((xd.matmul(&a.t()?)?.matmul(&b.t()?)? * slot.scale)?)
+    // Scaled while `r` wide, not once the output is.
+    Ok((xd.matmul(&a.t()?)? * slot.scale)?.matmul(&b.t()?)?)
 }
 
 /// The slot's gradients for output gradient `g` (`[n, out]`) and its
@@ -163,7 +166,7 @@ fn adapted(lin: &Linear, x: &Tensor, slots: &[(LoraTarget, &LoraSlot)]) -> Resul
     let mut pieces = Vec::with_capacity(2 * slots.len() + 1);
     let mut at = 0;
     for (_, slot) in slots {
-        let d = lora_forward(slot, x)?;
+        let d = phase(x.device(), "  lora", || lora_forward(slot, x))?;
         if slot.out_offset > at {
             pieces.push(Tensor::zeros(
                 (d.dim(0)?, slot.out_offset - at),
@@ -181,12 +184,14 @@ fn adapted(lin: &Linear, x: &Tensor, slots: &[(LoraTarget, &LoraSlot)]) -> Resul
         let rows = pieces[0].dim(0)?;
         pieces.push(Tensor::zeros((rows, out - at), y.dtype(), y.device())?);
     }
-    let delta = if pieces.len() == 1 {
-        pieces.pop().expect("one piece")
-    } else {
-        Tensor::cat(&pieces, 1)?
-    };
-    Ok((y + delta)?)
+    phase(x.device(), "  lora add", || {
+        let delta = if pieces.len() == 1 {
+            pieces.pop().expect("one piece")
+        } else {
+            Tensor::cat(&pieces, 1)?
+        };
+        Ok((y + delta)?)
+    })
 }
 
 /// The input gradient of [`adapted`] (frozen weight plus slots), and the
@@ -199,7 +204,7 @@ fn adapted_backward(
     grads: &mut Vec<SlotGrads>,
 ) -> Result<Tensor> {
     let w = lin.weight_as(g.dtype())?;
-    let mut gx = g.matmul(&w)?;
+    let mut gx = phase(g.device(), "  matmul back", || Ok(g.matmul(&w)?))?;
     for &(t, slot) in slots {
         let width = slot.b.dim(0)?;
         let gs = if width == g.dim(1)? {
@@ -207,7 +212,7 @@ fn adapted_backward(
         } else {
             g.narrow(1, slot.out_offset, width)?.contiguous()?
         };
-        let (sg, gxs) = lora_backward(slot, t, x, &gs)?;
+        let (sg, gxs) = phase(g.device(), "  lora back", || lora_backward(slot, t, x, &gs))?;
         grads.push(sg);
         gx = (gx + gxs)?;
     }
@@ -368,7 +373,7 @@ impl Phi {
         })?;
         let (u, a, mlp) = phase(dev, "fwd mlp", || {
             let u = adapted(&block.fc1, &h, &targets(lora, &[LoraTarget::Fc1]))?;
-            let a = u.gelu()?;
+            let a = phase(dev, "  gelu", || Ok(u.gelu()?))?;
             let mlp = adapted(&block.fc2, &a, &targets(lora, &[LoraTarget::Fc2]))?;
             Ok((u, a, mlp))
         })?;

@@ -367,16 +367,28 @@ mod cuda {
                 bld.arg(&sy);
                 bld.arg(&sb);
                 bld.arg(&out);
-                let n = (rows * cols) as u64;
-                bld.arg(&n);
-                let c = cols as i32;
+                let (r, c) = (rows as i32, cols as i32);
+                bld.arg(&r);
                 bld.arg(&c);
+                let launch = LaunchConfig {
+                    grid_dim: (
+                        cols.div_ceil(THREADS as usize).min(65_535) as u32,
+                        rows.clamp(1, 65_535) as u32,
+                        1,
+                    ),
+                    block_dim: (THREADS, 1, 1),
+                    shared_mem_bytes: 0,
+                };
                 // SAFETY: y and the output hold `rows · cols` elements, b `cols`.
-                unsafe { bld.launch(elementwise_cfg(rows * cols)) }.w()?;
+                unsafe { bld.launch(launch) }.w()?;
                 Ok(wrap(out, dev))
             }
+            let (r, c) = rows(ly);
             ensure(
-                lb.shape().elem_count() == rows(ly).1 && y.dtype() == b.dtype(),
+                lb.shape().elem_count() == c
+                    && y.dtype() == b.dtype()
+                    && r < i32::MAX as usize
+                    && c < i32::MAX as usize,
                 "bias-add",
             )?;
             let name = format!("bias_add_{}", suffix(y.dtype())?);
@@ -581,14 +593,21 @@ mod cuda {
                 }
                 b.arg(&s.scale);
                 b.arg(&inverse);
+                let vectors = n / s.head_dim;
+                let launch = LaunchConfig {
+                    grid_dim: (vectors.div_ceil(8).clamp(1, 65_535) as u32, 1, 1),
+                    block_dim: (32, 8, 1),
+                    shared_mem_bytes: 0,
+                };
                 // SAFETY: input and output hold 3 · b · seq · heads · head_dim
-                // elements (checked by the caller), cos and sin seq · rotary_dim / 2.
-                unsafe { b.launch(elementwise_cfg(n)) }.w()?;
+                // elements (checked below), cos and sin seq · rotary_dim / 2.
+                unsafe { b.launch(launch) }.w()?;
                 Ok(wrap(out, dev))
             }
             let s = self.shape;
             ensure(
                 lx.shape().elem_count() == 3 * s.batch * s.seq * s.heads * s.head_dim
+                    && 3 * s.batch * s.seq * s.heads < i32::MAX as usize
                     && lc.shape().elem_count() == s.seq * s.rotary_dim / 2
                     && ls.shape() == lc.shape()
                     && cos.dtype() == DType::F32

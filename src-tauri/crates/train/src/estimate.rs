@@ -9,7 +9,7 @@
 //! output (5 × hidden), fc1's output before and after GELU (2 ×
 //! intermediate) and the attention probabilities (heads × length); while a
 //! block runs backward, two more probability-sized tensors and a few
-//! hidden-sized ones; the logits of at most 1024 rows at a time, with their
+//! hidden-sized ones; the logits of at most 512 rows at a time, with their
 //! f32 log-softmax and gradient. With gradient checkpointing only one block's
 //! activations exist at a time. Speed: the matmul FLOPs of the passes (the
 //! frozen base needs no weight gradients; checkpointing runs each block's
@@ -69,7 +69,7 @@ pub struct Estimate {
 }
 
 /// Rows of logits computed at once (dramatis-llm's head chunk).
-const HEAD_ROWS: f64 = 1024.0;
+const HEAD_ROWS: f64 = 512.0;
 
 /// Activation bytes at the peak of a step.
 fn activations(cfg: &PhiConfig, seq: usize, batch: usize, checkpointing: bool, e: usize) -> f64 {
