@@ -305,6 +305,12 @@ pub fn train(a: TrainArgs, cancel: &AtomicBool) -> Result<()> {
     for (name, secs, calls) in dramatis_core::llm::profile_report() {
         eprintln!("profile: {name:<16} {secs:9.3} s  {calls} calls");
     }
+    if let Some(gpu) = dramatis_core::llm::gpu_memory_peak(&device) {
+        eprintln!(
+            "measured: peak GPU memory {:.1} MB (tensors)",
+            gpu as f64 / 1e6
+        );
+    }
     if let Some(hwm) = dramatis_train::peak_rss_bytes() {
         eprintln!(
             "measured: peak memory {:.1} MB, {last_tps:.0} tokens/s{}",

@@ -62,19 +62,68 @@ pub fn default_device() -> Device {
     cuda().or_else(metal).unwrap_or(Device::Cpu)
 }
 
-/// cudarc creates two CUDA events with every allocation to order uses
-/// across streams; candle runs everything on one stream per thread and never
-/// enters cudarc's multi-stream mode, so the events are never recorded, only
-/// created and destroyed: thousands per training step. Turn that off.
+/// Two settings for a CUDA device. cudarc creates two CUDA events with
+/// every allocation to order uses across streams; candle runs everything on
+/// one stream per thread and never enters cudarc's multi-stream mode, so the
+/// events are never recorded, only created and destroyed: thousands per
+/// training step. Turn that off. And the stream-ordered allocator's pool
+/// returns freed memory to the driver at every synchronization by default,
+/// so a training step that reads its loss maps its memory again each time:
+/// keep it (as PyTorch's caching allocator does).
 #[allow(unsafe_code)]
 fn single_stream(d: Device) -> Device {
     #[cfg(feature = "cuda")]
     if let Device::Cuda(c) = &d {
+        use candle_core::cuda_backend::cudarc::driver::{result, sys};
         // SAFETY: candle creates no extra streams, so no allocation is ever
         // used on a stream other than its own.
         unsafe { c.disable_event_tracking() };
+        let ctx = c.cuda_stream().context().clone();
+        if ctx.bind_to_thread().is_ok() {
+            let mut keep = u64::MAX;
+            // SAFETY: the device comes from a live context; the attribute
+            // takes a u64.
+            let set = unsafe {
+                result::device::get_default_mem_pool(ctx.cu_device()).and_then(|pool| {
+                    result::mem_pool::set_attribute(
+                        pool,
+                        sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                        (&mut keep as *mut u64).cast(),
+                    )
+                })
+            };
+            if let Err(e) = set {
+                tracing::warn!("cannot keep freed GPU memory pooled: {e}");
+            }
+        }
     }
     d
+}
+
+/// The most GPU memory this process's tensors have held at once (the CUDA
+/// allocator pool's high-water mark), for a CUDA device; `None` elsewhere.
+#[allow(unsafe_code)]
+pub fn gpu_memory_peak(d: &Device) -> Option<u64> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(c) = d {
+        use candle_core::cuda_backend::cudarc::driver::{result, sys};
+        let ctx = c.cuda_stream().context().clone();
+        ctx.bind_to_thread().ok()?;
+        let mut high = 0u64;
+        // SAFETY: as in `single_stream`; the attribute is a u64.
+        unsafe {
+            let pool = result::device::get_default_mem_pool(ctx.cu_device()).ok()?;
+            result::mem_pool::get_attribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+                (&mut high as *mut u64).cast(),
+            )
+            .ok()?;
+        }
+        return Some(high);
+    }
+    let _ = d;
+    None
 }
 
 /// A short name for logs and the UI.

@@ -482,15 +482,16 @@ impl Phi {
     /// The head and the loss: weighted cross-entropy of the logits of the
     /// last hidden states `x` (`[b, seq, hidden]`) against `targets` (u32)
     /// with per-position `weights` (f32, both `[b, seq]`), divided by
-    /// `denom`. Returns the loss and its gradient with respect to `x`, the
-    /// logits computed a chunk of rows at a time.
+    /// `denom`. Returns the loss (a scalar on the device: reading it waits
+    /// for the GPU) and its gradient with respect to `x`, the logits computed
+    /// a chunk of rows at a time.
     pub fn head_loss_backward(
         &self,
         x: &Tensor,
         targets: &Tensor,
         weights: &Tensor,
         denom: f64,
-    ) -> Result<(f64, Tensor)> {
+    ) -> Result<(Tensor, Tensor)> {
         let (b, seq, hidden) = x.dims3()?;
         let n = b * seq;
         let dt = x.dtype();
@@ -498,7 +499,7 @@ impl Phi {
         let tgt = targets.flatten_all()?.unsqueeze(1)?;
         let w = (weights.flatten_all()?.to_dtype(DType::F32)? / denom)?.unsqueeze(1)?;
         let eps = self.cfg.layer_norm_eps;
-        let mut loss = 0.0;
+        let mut loss: Option<Tensor> = None;
         let mut parts = Vec::new();
         let mut start = 0;
         while start < n {
@@ -511,7 +512,12 @@ impl Phi {
             let logp = candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?;
             drop(logits);
             let picked = logp.gather(&tc, 1)?;
-            loss -= (picked * &wc)?.sum_all()?.to_scalar::<f32>()? as f64;
+            // Summed on the device: reading it back would wait for the GPU.
+            let l = (picked * &wc)?.sum_all()?;
+            loss = Some(match loss {
+                Some(acc) => (acc + l)?,
+                None => l,
+            });
             // d loss / d logits = w · (softmax − one-hot(target)).
             let g = logp.exp()?.broadcast_mul(&wc)?;
             drop(logp);
@@ -527,6 +533,10 @@ impl Phi {
             start += rows;
         }
         let gx = Tensor::cat(&parts, 0)?.reshape((b, seq, hidden))?;
+        let loss = match loss {
+            Some(l) => l.neg()?,
+            None => Tensor::zeros((), DType::F32, x.device())?,
+        };
         Ok((loss, gx))
     }
 }
@@ -592,6 +602,7 @@ impl Phi {
             grads[i] = slot_grads;
             g = gx;
         }
+        let loss = f64::from(loss.to_scalar::<f32>()?);
         Ok(LossGrads { loss, grads })
     }
 }

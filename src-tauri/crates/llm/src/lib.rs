@@ -26,7 +26,7 @@ mod weights;
 
 pub use cache::KvCache;
 pub use config::PhiConfig;
-pub use device::{DeviceChoice, default_device, device_name};
+pub use device::{DeviceChoice, default_device, device_name, gpu_memory_peak};
 pub use error::{Error, Result};
 pub use export::{merge_to_gguf, write_lora_gguf};
 pub use grad::{BlockActivations, LossGrads, SlotGrads, profile_report};
