@@ -248,6 +248,7 @@ pub fn train(a: TrainArgs, cancel: &AtomicBool) -> Result<()> {
         flops_per_sec: dramatis_train::estimate::measure_flops(&device, dtype),
         gradient_checkpointing: config.gradient_checkpointing,
         dtype_bytes: dtype.size_in_bytes(),
+        on_gpu: !device.is_cpu(),
     });
     eprintln!(
         "estimate: peak memory {:.1} MB (activations {:.1} MB), {}",

@@ -652,6 +652,7 @@ impl Dramatis {
             flops_per_sec: flops,
             gradient_checkpointing: config.gradient_checkpointing,
             dtype_bytes: dtype.size_in_bytes(),
+            on_gpu: !self.device().is_cpu(),
         }))
     }
 

@@ -269,3 +269,28 @@ fn lora_gradients_flow_through_a_quantized_base() {
     let b = train_loss(&q8, &lora, DType::F32, false).loss;
     assert!((a - b).abs() < 0.01 * a, "{a} vs {b}");
 }
+
+/// A dense base kept in bf16 for training also serves inference (eval loss,
+/// sample replies): f32 activations meet bf16 weights in every projection.
+#[test]
+fn a_base_kept_in_bf16_serves_inference() {
+    for dev in devices() {
+        let full = load_model(&fixture(), &dev).unwrap();
+        let half = dramatis_llm::load_model_as(&fixture(), &dev, DType::BF16).unwrap();
+        let (lora, _) = trainable(&full, 0.0);
+        let ids = &reference().prompt_ids;
+        let input = Tensor::new(ids.as_slice(), &dev)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let a = full
+            .forward(&input, None, Logits::All, Some(&lora))
+            .unwrap();
+        let b = half
+            .forward(&input, None, Logits::All, Some(&lora))
+            .unwrap();
+        assert_eq!(b.dtype(), DType::F32);
+        let d = common::max_diff(&a, &b);
+        assert!(d < 0.05 * common::max_abs(&a), "{dev:?}: {d}");
+    }
+}

@@ -43,6 +43,10 @@ pub struct EstimateInput {
     /// Bytes per activation element (2 in bf16, 4 in f32).
     #[serde(default = "four")]
     pub dtype_bytes: usize,
+    /// Whether it trains on a GPU (which reaches a different fraction of its
+    /// matmul rate).
+    #[serde(default)]
+    pub on_gpu: bool,
 }
 
 fn four() -> usize {
@@ -110,11 +114,12 @@ pub fn estimate(input: &EstimateInput) -> Estimate {
     let forwards = if ckpt { 2.0 } else { 1.0 };
     let flops_per_token = (blocks + attn) * forwards + blocks + 2.0 * attn + 2.0 * head;
     // Training reaches this fraction of the plain matmul rate (elementwise
-    // work, LoRA's thin matmuls, launches; see BENCHMARKS.md).
-    const EFFICIENCY: f64 = 0.21;
+    // work, LoRA's thin matmuls, launches): fitted to measured runs, on this
+    // machine's CPU and on an H200 (BENCHMARKS.md).
+    let efficiency = if input.on_gpu { 0.25 } else { 0.32 };
     let tokens_per_sec = input
         .flops_per_sec
-        .map(|f| EFFICIENCY * f / flops_per_token);
+        .map(|f| efficiency * f / flops_per_token);
     let fits = input.device_memory.map(|m| peak <= m);
     let mut advice = Vec::new();
     if fits == Some(false) {
@@ -208,6 +213,7 @@ mod tests {
             flops_per_sec: Some(1e12),
             gradient_checkpointing: false,
             dtype_bytes: 4,
+            on_gpu: false,
         }
     }
 
