@@ -1,6 +1,8 @@
 // Fused kernels for the training passes (see src/kernels.rs): a causal
-// softmax, its backward pass, and LoRA dropout. Each exists for f32 and bf16;
-// arithmetic is in f32.
+// softmax and its backward pass, LoRA dropout, bias add, GELU and layer-norm
+// backward passes, and the qkv split with the rotary embedding. Each exists
+// for f32 and bf16; arithmetic is in f32. Parameters: inputs in the op's
+// dtype, then f32 inputs, then the output, then scalars.
 #include <cuda_bf16.h>
 #include <stdint.h>
 
@@ -191,7 +193,7 @@ __device__ void layer_norm_backward(const T* x, const T* g, const float* w, T* g
 // With `inverse`, the backward pass: from the gradients of q, k, v (laid out
 // as out) back to the gradient of qkv, rotating the other way.
 template <typename T>
-__device__ void qkv_rope(const T* src, T* dst, const float* cos, const float* sin, int b, int seq,
+__device__ void qkv_rope(const T* src, const float* cos, const float* sin, T* dst, int b, int seq,
                          int heads, int hd, int rd, float scale, int inverse) {
     // One block row per (part, bi, head, t) vector of hd elements (the
     // caller keeps 3 · b · heads · seq below 2³¹); 32-bit index arithmetic.
@@ -251,10 +253,10 @@ __device__ void qkv_rope(const T* src, T* dst, const float* cos, const float* si
                                                             T* gx, int h, float eps) {             \
         layer_norm_backward(x, g, w, gx, h, eps);                                                  \
     }                                                                                              \
-    extern "C" __global__ void qkv_rope_##SUFFIX(const T* src, T* dst, const float* cos,           \
-                                                 const float* sin, int b, int seq, int heads,      \
-                                                 int hd, int rd, float scale, int inverse) {       \
-        qkv_rope(src, dst, cos, sin, b, seq, heads, hd, rd, scale, inverse);                       \
+    extern "C" __global__ void qkv_rope_##SUFFIX(const T* src, const float* cos, const float* sin, \
+                                                 T* dst, int b, int seq, int heads, int hd,        \
+                                                 int rd, float scale, int inverse) {               \
+        qkv_rope(src, cos, sin, dst, b, seq, heads, hd, rd, scale, inverse);                       \
     }
 
 INSTANCES(float, f32)

@@ -164,94 +164,174 @@ fn causal_mask(seq: usize, like: &Tensor) -> Result<Tensor> {
 #[cfg(feature = "cuda")]
 #[allow(unsafe_code)]
 mod cuda {
+    //! Each op: check shapes, pick the kernel for the dtype, launch it on
+    //! contiguous views of its inputs. Kernel parameters are always: the
+    //! inputs in the op's dtype, then f32 inputs, then the output, then scalars.
     use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::driver::{
-        CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg,
+        CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
     };
     use candle_core::cuda_backend::{CudaDType, WrapErr};
-    use candle_core::{CpuStorage, CudaDevice, CudaStorage, DType, Layout, Shape, bail};
+    use candle_core::{CpuStorage, CudaStorage, DType, Layout, Shape, bail};
 
     const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/train.ptx"));
     const MODULE: &str = "dramatis_train";
     const THREADS: u32 = 256;
 
-    fn suffix(dt: DType) -> candle_core::Result<&'static str> {
-        match dt {
-            DType::F32 => Ok("f32"),
-            DType::BF16 => Ok("bf16"),
-            other => bail!("the training kernels take f32 or bf16, not {other:?}"),
-        }
+    type Input<'a> = (&'a CudaStorage, &'a Layout);
+
+    enum Scalar {
+        I32(i32),
+        U64(u64),
+        F32(f32),
     }
 
-    /// The contiguous part of `s` that `l` covers.
     fn contiguous<'a, T: CudaDType + DeviceRepr>(
-        s: &'a CudaStorage,
-        l: &Layout,
-    ) -> candle_core::Result<candle_core::cuda_backend::cudarc::driver::CudaView<'a, T>> {
+        (s, l): Input<'a>,
+    ) -> candle_core::Result<CudaView<'a, T>> {
         let (a, b) = l.contiguous_offsets().ok_or_else(|| {
             candle_core::Error::Msg("the training kernels need contiguous inputs".into())
         })?;
         Ok(s.as_cuda_slice::<T>()?.slice(a..b))
     }
 
+    /// `[rows, cols]` of a layout, by its last dimension.
     fn rows(l: &Layout) -> (usize, usize) {
         let n = l.shape().elem_count();
         let cols = l.dims().last().copied().unwrap_or(1).max(1);
         (n / cols, cols)
     }
 
-    fn cfg(blocks: usize) -> LaunchConfig {
+    /// One block per row.
+    fn per_row(rows: usize) -> LaunchConfig {
         LaunchConfig {
-            grid_dim: (blocks as u32, 1, 1),
+            grid_dim: (rows as u32, 1, 1),
             block_dim: (THREADS, 1, 1),
             shared_mem_bytes: 0,
         }
     }
 
-    fn wrap<T: CudaDType>(out: CudaSlice<T>, dev: &CudaDevice) -> CudaStorage {
-        CudaStorage::wrap_cuda_slice(out, dev.clone())
+    /// A grid-stride loop over `n` elements.
+    fn elementwise(n: usize) -> LaunchConfig {
+        per_row(n.div_ceil(THREADS as usize).clamp(1, 65_535))
+    }
+
+    fn ensure(ok: bool, what: &str) -> candle_core::Result<()> {
+        if ok {
+            Ok(())
+        } else {
+            bail!("{what}: the inputs differ in shape or dtype")
+        }
+    }
+
+    fn launch_as<T: CudaDType + DeviceRepr>(
+        name: &str,
+        inputs: &[Input<'_>],
+        f32_inputs: &[Input<'_>],
+        out_len: usize,
+        scalars: &[Scalar],
+        cfg: LaunchConfig,
+    ) -> candle_core::Result<CudaStorage> {
+        let dev = inputs[0].0.device();
+        let views = inputs
+            .iter()
+            .map(|&i| contiguous::<T>(i))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let f32_views = f32_inputs
+            .iter()
+            .map(|&i| contiguous::<f32>(i))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        // SAFETY: the kernel writes every element of the output.
+        let out = unsafe { dev.alloc::<T>(out_len)? };
+        let func = dev.get_or_load_custom_func(name, MODULE, PTX)?;
+        let mut b = func.builder();
+        for v in &views {
+            b.arg(v);
+        }
+        for v in &f32_views {
+            b.arg(v);
+        }
+        b.arg(&out);
+        for s in scalars {
+            match s {
+                Scalar::I32(v) => b.arg(v),
+                Scalar::U64(v) => b.arg(v),
+                Scalar::F32(v) => b.arg(v),
+            };
+        }
+        // SAFETY: each op checks its inputs' sizes against the scalars that
+        // bound the kernel's indexing before calling this.
+        unsafe { b.launch(cfg) }.w()?;
+        Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+    }
+
+    /// Launches `kernel` for the dtype of the first input (f32 or bf16).
+    fn launch(
+        kernel: &str,
+        inputs: &[Input<'_>],
+        f32_inputs: &[Input<'_>],
+        out_len: usize,
+        scalars: &[Scalar],
+        cfg: LaunchConfig,
+    ) -> candle_core::Result<CudaStorage> {
+        let dt = inputs[0].0.dtype();
+        ensure(inputs.iter().all(|i| i.0.dtype() == dt), kernel)?;
+        ensure(f32_inputs.iter().all(|i| i.0.dtype() == DType::F32), kernel)?;
+        match dt {
+            DType::F32 => launch_as::<f32>(
+                &format!("{kernel}_f32"),
+                inputs,
+                f32_inputs,
+                out_len,
+                scalars,
+                cfg,
+            ),
+            DType::BF16 => launch_as::<half::bf16>(
+                &format!("{kernel}_bf16"),
+                inputs,
+                f32_inputs,
+                out_len,
+                scalars,
+                cfg,
+            ),
+            other => bail!("{kernel}: the training kernels take f32 or bf16, not {other:?}"),
+        }
+    }
+
+    /// The CPU side of a CUDA-only op (callers dispatch on the device).
+    macro_rules! cuda_only {
+        ($name:literal, $($arg:ident),+) => {
+            fn name(&self) -> &'static str {
+                $name
+            }
+
+            fn cpu_fwd(&self, $($arg: &CpuStorage, _: &Layout),+) -> candle_core::Result<(CpuStorage, Shape)> {
+                let _ = ($($arg),+);
+                bail!("{} runs on CUDA only", $name)
+            }
+        };
     }
 
     pub(super) struct CausalSoftmax;
 
     impl candle_core::CustomOp1 for CausalSoftmax {
-        fn name(&self) -> &'static str {
-            "causal-softmax"
-        }
-
-        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-            bail!("causal-softmax runs on CUDA only")
-        }
+        cuda_only!("causal-softmax", s1);
 
         fn cuda_fwd(
             &self,
             s: &CudaStorage,
             l: &Layout,
         ) -> candle_core::Result<(CudaStorage, Shape)> {
-            fn run<T: CudaDType + DeviceRepr>(
-                s: &CudaStorage,
-                l: &Layout,
-                name: &str,
-            ) -> candle_core::Result<CudaStorage> {
-                let dev = s.device();
-                let src = contiguous::<T>(s, l)?;
-                let (rows, seq) = rows(l);
-                let out = unsafe { dev.alloc::<T>(rows * seq)? };
-                let func = dev.get_or_load_custom_func(name, MODULE, PTX)?;
-                let mut b = func.builder();
-                b.arg(&src);
-                b.arg(&out);
-                let seq = seq as i32;
-                b.arg(&seq);
-                // SAFETY: the kernel reads `rows · seq` inputs and writes as many outputs.
-                unsafe { b.launch(cfg(rows)) }.w()?;
-                Ok(wrap(out, dev))
-            }
-            let name = format!("causal_softmax_{}", suffix(s.dtype())?);
-            let out = match s.dtype() {
-                DType::F32 => run::<f32>(s, l, &name)?,
-                _ => run::<half::bf16>(s, l, &name)?,
-            };
+            let (rows, seq) = rows(l);
+            let scalars = [Scalar::I32(seq as i32)];
+            let out = launch(
+                "causal_softmax",
+                &[(s, l)],
+                &[],
+                rows * seq,
+                &scalars,
+                per_row(rows),
+            )?;
             Ok((out, l.shape().clone()))
         }
     }
@@ -259,19 +339,7 @@ mod cuda {
     pub(super) struct SoftmaxBackward;
 
     impl candle_core::CustomOp2 for SoftmaxBackward {
-        fn name(&self) -> &'static str {
-            "softmax-backward"
-        }
-
-        fn cpu_fwd(
-            &self,
-            _: &CpuStorage,
-            _: &Layout,
-            _: &CpuStorage,
-            _: &Layout,
-        ) -> candle_core::Result<(CpuStorage, Shape)> {
-            bail!("softmax-backward runs on CUDA only")
-        }
+        cuda_only!("softmax-backward", s1, s2);
 
         fn cuda_fwd(
             &self,
@@ -280,69 +348,25 @@ mod cuda {
             g: &CudaStorage,
             lg: &Layout,
         ) -> candle_core::Result<(CudaStorage, Shape)> {
-            fn run<T: CudaDType + DeviceRepr>(
-                p: &CudaStorage,
-                lp: &Layout,
-                g: &CudaStorage,
-                lg: &Layout,
-                name: &str,
-            ) -> candle_core::Result<CudaStorage> {
-                let dev = p.device();
-                let (sp, sg) = (contiguous::<T>(p, lp)?, contiguous::<T>(g, lg)?);
-                let (rows, n) = rows(lp);
-                let out = unsafe { dev.alloc::<T>(rows * n)? };
-                let func = dev.get_or_load_custom_func(name, MODULE, PTX)?;
-                let mut b = func.builder();
-                b.arg(&sp);
-                b.arg(&sg);
-                b.arg(&out);
-                let n = n as i32;
-                b.arg(&n);
-                // SAFETY: both inputs hold `rows · n` elements, as does the output.
-                unsafe { b.launch(cfg(rows)) }.w()?;
-                Ok(wrap(out, dev))
-            }
-            if lp.shape() != lg.shape() || p.dtype() != g.dtype() {
-                bail!("softmax-backward: the output and its gradient differ in shape or dtype");
-            }
-            let name = format!("softmax_backward_{}", suffix(p.dtype())?);
-            let out = match p.dtype() {
-                DType::F32 => run::<f32>(p, lp, g, lg, &name)?,
-                _ => run::<half::bf16>(p, lp, g, lg, &name)?,
-            };
+            ensure(lp.shape() == lg.shape(), "softmax-backward")?;
+            let (rows, n) = rows(lp);
+            let scalars = [Scalar::I32(n as i32)];
+            let out = launch(
+                "softmax_backward",
+                &[(p, lp), (g, lg)],
+                &[],
+                rows * n,
+                &scalars,
+                per_row(rows),
+            )?;
             Ok((out, lp.shape().clone()))
         }
-    }
-
-    fn ensure(same: bool, what: &str) -> candle_core::Result<()> {
-        if same {
-            Ok(())
-        } else {
-            bail!("{what}: the inputs differ in shape or dtype")
-        }
-    }
-
-    /// Elementwise kernels run a grid-stride loop over `n` elements.
-    fn elementwise_cfg(n: usize) -> LaunchConfig {
-        cfg(n.div_ceil(THREADS as usize).clamp(1, 65_535))
     }
 
     pub(super) struct BiasAdd;
 
     impl candle_core::CustomOp2 for BiasAdd {
-        fn name(&self) -> &'static str {
-            "bias-add"
-        }
-
-        fn cpu_fwd(
-            &self,
-            _: &CpuStorage,
-            _: &Layout,
-            _: &CpuStorage,
-            _: &Layout,
-        ) -> candle_core::Result<(CpuStorage, Shape)> {
-            bail!("bias-add runs on CUDA only")
-        }
+        cuda_only!("bias-add", s1, s2);
 
         fn cuda_fwd(
             &self,
@@ -351,51 +375,23 @@ mod cuda {
             b: &CudaStorage,
             lb: &Layout,
         ) -> candle_core::Result<(CudaStorage, Shape)> {
-            fn run<T: CudaDType + DeviceRepr>(
-                y: &CudaStorage,
-                ly: &Layout,
-                b: &CudaStorage,
-                lb: &Layout,
-                name: &str,
-            ) -> candle_core::Result<CudaStorage> {
-                let dev = y.device();
-                let (sy, sb) = (contiguous::<T>(y, ly)?, contiguous::<T>(b, lb)?);
-                let (rows, cols) = rows(ly);
-                let out = unsafe { dev.alloc::<T>(rows * cols)? };
-                let func = dev.get_or_load_custom_func(name, MODULE, PTX)?;
-                let mut bld = func.builder();
-                bld.arg(&sy);
-                bld.arg(&sb);
-                bld.arg(&out);
-                let (r, c) = (rows as i32, cols as i32);
-                bld.arg(&r);
-                bld.arg(&c);
-                let launch = LaunchConfig {
-                    grid_dim: (
-                        cols.div_ceil(THREADS as usize).min(65_535) as u32,
-                        rows.clamp(1, 65_535) as u32,
-                        1,
-                    ),
-                    block_dim: (THREADS, 1, 1),
-                    shared_mem_bytes: 0,
-                };
-                // SAFETY: y and the output hold `rows · cols` elements, b `cols`.
-                unsafe { bld.launch(launch) }.w()?;
-                Ok(wrap(out, dev))
-            }
             let (r, c) = rows(ly);
             ensure(
-                lb.shape().elem_count() == c
-                    && y.dtype() == b.dtype()
-                    && r < i32::MAX as usize
-                    && c < i32::MAX as usize,
+                lb.shape().elem_count() == c && r < i32::MAX as usize && c < i32::MAX as usize,
                 "bias-add",
             )?;
-            let name = format!("bias_add_{}", suffix(y.dtype())?);
-            let out = match y.dtype() {
-                DType::F32 => run::<f32>(y, ly, b, lb, &name)?,
-                _ => run::<half::bf16>(y, ly, b, lb, &name)?,
+            // A column of blocks per row range: no thread divides.
+            let cfg = LaunchConfig {
+                grid_dim: (
+                    c.div_ceil(THREADS as usize).min(65_535) as u32,
+                    r.clamp(1, 65_535) as u32,
+                    1,
+                ),
+                block_dim: (THREADS, 1, 1),
+                shared_mem_bytes: 0,
             };
+            let scalars = [Scalar::I32(r as i32), Scalar::I32(c as i32)];
+            let out = launch("bias_add", &[(y, ly), (b, lb)], &[], r * c, &scalars, cfg)?;
             Ok((out, ly.shape().clone()))
         }
     }
@@ -403,19 +399,7 @@ mod cuda {
     pub(super) struct GeluBackward;
 
     impl candle_core::CustomOp2 for GeluBackward {
-        fn name(&self) -> &'static str {
-            "gelu-backward"
-        }
-
-        fn cpu_fwd(
-            &self,
-            _: &CpuStorage,
-            _: &Layout,
-            _: &CpuStorage,
-            _: &Layout,
-        ) -> candle_core::Result<(CpuStorage, Shape)> {
-            bail!("gelu-backward runs on CUDA only")
-        }
+        cuda_only!("gelu-backward", s1, s2);
 
         fn cuda_fwd(
             &self,
@@ -424,37 +408,17 @@ mod cuda {
             g: &CudaStorage,
             lg: &Layout,
         ) -> candle_core::Result<(CudaStorage, Shape)> {
-            fn run<T: CudaDType + DeviceRepr>(
-                u: &CudaStorage,
-                lu: &Layout,
-                g: &CudaStorage,
-                lg: &Layout,
-                name: &str,
-            ) -> candle_core::Result<CudaStorage> {
-                let dev = u.device();
-                let (su, sg) = (contiguous::<T>(u, lu)?, contiguous::<T>(g, lg)?);
-                let n = lu.shape().elem_count();
-                let out = unsafe { dev.alloc::<T>(n)? };
-                let func = dev.get_or_load_custom_func(name, MODULE, PTX)?;
-                let mut b = func.builder();
-                b.arg(&su);
-                b.arg(&sg);
-                b.arg(&out);
-                let n64 = n as u64;
-                b.arg(&n64);
-                // SAFETY: all three hold `n` elements.
-                unsafe { b.launch(elementwise_cfg(n)) }.w()?;
-                Ok(wrap(out, dev))
-            }
-            ensure(
-                lu.shape() == lg.shape() && u.dtype() == g.dtype(),
-                "gelu-backward",
+            ensure(lu.shape() == lg.shape(), "gelu-backward")?;
+            let n = lu.shape().elem_count();
+            let scalars = [Scalar::U64(n as u64)];
+            let out = launch(
+                "gelu_backward",
+                &[(u, lu), (g, lg)],
+                &[],
+                n,
+                &scalars,
+                elementwise(n),
             )?;
-            let name = format!("gelu_backward_{}", suffix(u.dtype())?);
-            let out = match u.dtype() {
-                DType::F32 => run::<f32>(u, lu, g, lg, &name)?,
-                _ => run::<half::bf16>(u, lu, g, lg, &name)?,
-            };
             Ok((out, lu.shape().clone()))
         }
     }
@@ -464,21 +428,7 @@ mod cuda {
     }
 
     impl candle_core::CustomOp3 for LayerNormBackward {
-        fn name(&self) -> &'static str {
-            "layer-norm-backward"
-        }
-
-        fn cpu_fwd(
-            &self,
-            _: &CpuStorage,
-            _: &Layout,
-            _: &CpuStorage,
-            _: &Layout,
-            _: &CpuStorage,
-            _: &Layout,
-        ) -> candle_core::Result<(CpuStorage, Shape)> {
-            bail!("layer-norm-backward runs on CUDA only")
-        }
+        cuda_only!("layer-norm-backward", s1, s2, s3);
 
         fn cuda_fwd(
             &self,
@@ -489,46 +439,20 @@ mod cuda {
             w: &CudaStorage,
             lw: &Layout,
         ) -> candle_core::Result<(CudaStorage, Shape)> {
-            fn run<T: CudaDType + DeviceRepr>(
-                x: &CudaStorage,
-                lx: &Layout,
-                g: &CudaStorage,
-                lg: &Layout,
-                w: &CudaStorage,
-                lw: &Layout,
-                name: &str,
-                eps: f32,
-            ) -> candle_core::Result<CudaStorage> {
-                let dev = x.device();
-                let (sx, sg) = (contiguous::<T>(x, lx)?, contiguous::<T>(g, lg)?);
-                let sw = contiguous::<f32>(w, lw)?;
-                let (rows, h) = rows(lx);
-                let out = unsafe { dev.alloc::<T>(rows * h)? };
-                let func = dev.get_or_load_custom_func(name, MODULE, PTX)?;
-                let mut b = func.builder();
-                b.arg(&sx);
-                b.arg(&sg);
-                b.arg(&sw);
-                b.arg(&out);
-                let h32 = h as i32;
-                b.arg(&h32);
-                b.arg(&eps);
-                // SAFETY: x, g and the output hold `rows · h` elements, w `h`.
-                unsafe { b.launch(cfg(rows)) }.w()?;
-                Ok(wrap(out, dev))
-            }
+            let (rows, h) = rows(lx);
             ensure(
-                lx.shape() == lg.shape()
-                    && x.dtype() == g.dtype()
-                    && w.dtype() == DType::F32
-                    && lw.shape().elem_count() == rows(lx).1,
+                lx.shape() == lg.shape() && lw.shape().elem_count() == h,
                 "layer-norm-backward",
             )?;
-            let name = format!("layer_norm_backward_{}", suffix(x.dtype())?);
-            let out = match x.dtype() {
-                DType::F32 => run::<f32>(x, lx, g, lg, w, lw, &name, self.eps)?,
-                _ => run::<half::bf16>(x, lx, g, lg, w, lw, &name, self.eps)?,
-            };
+            let scalars = [Scalar::I32(h as i32), Scalar::F32(self.eps)];
+            let out = launch(
+                "layer_norm_backward",
+                &[(x, lx), (g, lg)],
+                &[(w, lw)],
+                rows * h,
+                &scalars,
+                per_row(rows),
+            )?;
             Ok((out, lx.shape().clone()))
         }
     }
@@ -539,21 +463,7 @@ mod cuda {
     }
 
     impl candle_core::CustomOp3 for QkvRope {
-        fn name(&self) -> &'static str {
-            "qkv-rope"
-        }
-
-        fn cpu_fwd(
-            &self,
-            _: &CpuStorage,
-            _: &Layout,
-            _: &CpuStorage,
-            _: &Layout,
-            _: &CpuStorage,
-            _: &Layout,
-        ) -> candle_core::Result<(CpuStorage, Shape)> {
-            bail!("qkv-rope runs on CUDA only")
-        }
+        cuda_only!("qkv-rope", s1, s2, s3);
 
         fn cuda_fwd(
             &self,
@@ -564,61 +474,36 @@ mod cuda {
             sin: &CudaStorage,
             ls: &Layout,
         ) -> candle_core::Result<(CudaStorage, Shape)> {
-            fn run<T: CudaDType + DeviceRepr>(
-                op: &QkvRope,
-                x: &CudaStorage,
-                lx: &Layout,
-                cos: &CudaStorage,
-                lc: &Layout,
-                sin: &CudaStorage,
-                ls: &Layout,
-                name: &str,
-            ) -> candle_core::Result<CudaStorage> {
-                let dev = x.device();
-                let sx = contiguous::<T>(x, lx)?;
-                let (sc, ss) = (contiguous::<f32>(cos, lc)?, contiguous::<f32>(sin, ls)?);
-                let n = lx.shape().elem_count();
-                let out = unsafe { dev.alloc::<T>(n)? };
-                let func = dev.get_or_load_custom_func(name, MODULE, PTX)?;
-                let s = op.shape;
-                let ints = [s.batch, s.seq, s.heads, s.head_dim, s.rotary_dim].map(|v| v as i32);
-                let inverse = i32::from(op.inverse);
-                let mut b = func.builder();
-                b.arg(&sx);
-                b.arg(&out);
-                b.arg(&sc);
-                b.arg(&ss);
-                for v in &ints {
-                    b.arg(v);
-                }
-                b.arg(&s.scale);
-                b.arg(&inverse);
-                let vectors = n / s.head_dim;
-                let launch = LaunchConfig {
-                    grid_dim: (vectors.div_ceil(8).clamp(1, 65_535) as u32, 1, 1),
-                    block_dim: (32, 8, 1),
-                    shared_mem_bytes: 0,
-                };
-                // SAFETY: input and output hold 3 · b · seq · heads · head_dim
-                // elements (checked below), cos and sin seq · rotary_dim / 2.
-                unsafe { b.launch(launch) }.w()?;
-                Ok(wrap(out, dev))
-            }
             let s = self.shape;
+            let vectors = 3 * s.batch * s.seq * s.heads;
             ensure(
-                lx.shape().elem_count() == 3 * s.batch * s.seq * s.heads * s.head_dim
-                    && 3 * s.batch * s.seq * s.heads < i32::MAX as usize
+                lx.shape().elem_count() == vectors * s.head_dim
+                    && vectors < i32::MAX as usize
                     && lc.shape().elem_count() == s.seq * s.rotary_dim / 2
-                    && ls.shape() == lc.shape()
-                    && cos.dtype() == DType::F32
-                    && sin.dtype() == DType::F32,
+                    && ls.shape() == lc.shape(),
                 "qkv-rope",
             )?;
-            let name = format!("qkv_rope_{}", suffix(x.dtype())?);
-            let out = match x.dtype() {
-                DType::F32 => run::<f32>(self, x, lx, cos, lc, sin, ls, &name)?,
-                _ => run::<half::bf16>(self, x, lx, cos, lc, sin, ls, &name)?,
+            // A block row of threads per head vector, eight vectors a block.
+            let cfg = LaunchConfig {
+                grid_dim: (vectors.div_ceil(8).clamp(1, 65_535) as u32, 1, 1),
+                block_dim: (32, 8, 1),
+                shared_mem_bytes: 0,
             };
+            let mut scalars: Vec<Scalar> = [s.batch, s.seq, s.heads, s.head_dim, s.rotary_dim]
+                .into_iter()
+                .map(|v| Scalar::I32(v as i32))
+                .collect();
+            scalars.push(Scalar::F32(s.scale));
+            scalars.push(Scalar::I32(i32::from(self.inverse)));
+            let n = lx.shape().elem_count();
+            let out = launch(
+                "qkv_rope",
+                &[(x, lx)],
+                &[(cos, lc), (sin, ls)],
+                n,
+                &scalars,
+                cfg,
+            )?;
             Ok((out, lx.shape().clone()))
         }
     }
@@ -629,48 +514,20 @@ mod cuda {
     }
 
     impl candle_core::CustomOp1 for Dropout {
-        fn name(&self) -> &'static str {
-            "lora-dropout"
-        }
-
-        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-            bail!("lora-dropout runs on CUDA only")
-        }
+        cuda_only!("lora-dropout", s1);
 
         fn cuda_fwd(
             &self,
             s: &CudaStorage,
             l: &Layout,
         ) -> candle_core::Result<(CudaStorage, Shape)> {
-            fn run<T: CudaDType + DeviceRepr>(
-                s: &CudaStorage,
-                l: &Layout,
-                name: &str,
-                p: f32,
-                seed: u64,
-            ) -> candle_core::Result<CudaStorage> {
-                let dev = s.device();
-                let src = contiguous::<T>(s, l)?;
-                let n = l.shape().elem_count();
-                let out = unsafe { dev.alloc::<T>(n)? };
-                let func = dev.get_or_load_custom_func(name, MODULE, PTX)?;
-                let mut b = func.builder();
-                b.arg(&src);
-                b.arg(&out);
-                let n64 = n as u64;
-                b.arg(&n64);
-                b.arg(&seed);
-                b.arg(&p);
-                let blocks = n.div_ceil(THREADS as usize).clamp(1, 65_535);
-                // SAFETY: the kernel's grid-stride loop stays below `n`.
-                unsafe { b.launch(cfg(blocks)) }.w()?;
-                Ok(wrap(out, dev))
-            }
-            let name = format!("dropout_{}", suffix(s.dtype())?);
-            let out = match s.dtype() {
-                DType::F32 => run::<f32>(s, l, &name, self.p, self.seed)?,
-                _ => run::<half::bf16>(s, l, &name, self.p, self.seed)?,
-            };
+            let n = l.shape().elem_count();
+            let scalars = [
+                Scalar::U64(n as u64),
+                Scalar::U64(self.seed),
+                Scalar::F32(self.p),
+            ];
+            let out = launch("dropout", &[(s, l)], &[], n, &scalars, elementwise(n))?;
             Ok((out, l.shape().clone()))
         }
     }
