@@ -13,6 +13,23 @@ fn cli() -> Command {
     c
 }
 
+/// Runs a command that must succeed (its stderr in the failure message).
+trait RunOk {
+    fn run_ok(&mut self) -> std::process::Output;
+}
+
+impl RunOk for Command {
+    fn run_ok(&mut self) -> std::process::Output {
+        let out = self.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+}
+
 fn reference() -> serde_json::Value {
     serde_json::from_slice(&std::fs::read(fixture().join("reference.json")).unwrap()).unwrap()
 }
@@ -43,13 +60,7 @@ fn greedy_json(extra: &[&std::ffi::OsStr]) -> serde_json::Value {
         .arg("--model")
         .arg(fixture())
         .args(extra)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+        .run_ok();
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
@@ -91,20 +102,14 @@ fn generate_streams_only_text_on_stdout() {
 fn quantize_then_generate_and_bench_from_the_gguf() {
     let dir = tempfile::tempdir().unwrap();
     let gguf = dir.path().join("tiny-q8.gguf");
-    let out = cli()
+    cli()
         .args(["quantize", "--type", "q8_0", "--input"])
         .arg(fixture())
         .arg("--output")
         .arg(&gguf)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+        .run_ok();
     assert!(gguf.exists());
-    let out = cli()
+    cli()
         .args([
             "generate",
             "--device",
@@ -120,13 +125,7 @@ fn quantize_then_generate_and_bench_from_the_gguf() {
         .arg(fixture().join("tokenizer.json"))
         .arg("--model")
         .arg(&gguf)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+        .run_ok();
     let out = cli()
         .args([
             "bench",
@@ -142,13 +141,7 @@ fn quantize_then_generate_and_bench_from_the_gguf() {
             "--model",
         ])
         .arg(&gguf)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+        .run_ok();
     let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     for key in [
         "prefill_tok_s",
@@ -231,13 +224,8 @@ fn download_models_and_import_against_a_local_hub() {
 
     let mut c = cli();
     env(&mut c);
-    let out = c.args(["import"]).arg(&gguf).output().unwrap();
     // tokenizer.json is not beside it, but the download above put Phi-2's in the cache.
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    c.args(["import"]).arg(&gguf).run_ok();
 
     let mut c = cli();
     env(&mut c);
@@ -304,7 +292,7 @@ fn train_then_generate_with_the_adapter_and_export() {
     let adapter = run.join("adapter");
     assert!(adapter.join("adapter_model.safetensors").is_file());
     // The adapter loads in generate.
-    let out = cli()
+    cli()
         .args([
             "generate",
             "--device",
@@ -320,27 +308,15 @@ fn train_then_generate_with_the_adapter_and_export() {
         .arg(fixture())
         .arg("--adapter")
         .arg(&adapter)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+        .run_ok();
     // Export from the checkpoint gives the same weights.
     let peft = dir.path().join("peft");
-    let out = cli()
+    cli()
         .args(["export", "--run"])
         .arg(&run)
         .arg("--out")
         .arg(&peft)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+        .run_ok();
     assert_eq!(
         std::fs::read(peft.join("adapter_model.safetensors"))
             .unwrap()
@@ -351,37 +327,25 @@ fn train_then_generate_with_the_adapter_and_export() {
     );
     // A llama.cpp GGUF LoRA and a merged model from the same run.
     let lora = dir.path().join("lora.gguf");
-    let out = cli()
+    cli()
         .args(["export", "--format", "gguf-lora", "--run"])
         .arg(&run)
         .arg("--out")
         .arg(&lora)
         .arg("--model")
         .arg(fixture())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+        .run_ok();
     assert!(std::fs::metadata(&lora).unwrap().len() > 0);
     let merged = dir.path().join("merged.gguf");
-    let out = cli()
+    cli()
         .args(["merge", "--type", "q8_0", "--model"])
         .arg(fixture())
         .arg("--adapter")
         .arg(&adapter)
         .arg("--out")
         .arg(&merged)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let out = cli()
+        .run_ok();
+    cli()
         .args([
             "generate",
             "--device",
@@ -395,13 +359,7 @@ fn train_then_generate_with_the_adapter_and_export() {
         .arg(&merged)
         .arg("--tokenizer")
         .arg(fixture().join("tokenizer.json"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+        .run_ok();
     // Running the same command again finds the finished run and does no step.
     let out = train().output().unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("resuming at step 6"));

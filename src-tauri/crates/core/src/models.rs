@@ -157,16 +157,7 @@ fn path_string(p: &Path) -> String {
 fn system_memory() -> Option<u64> {
     #[cfg(target_os = "linux")]
     {
-        let info = std::fs::read_to_string("/proc/meminfo").ok()?;
-        let kb: u64 = info
-            .lines()
-            .find_map(|l| l.strip_prefix("MemTotal:"))?
-            .trim()
-            .trim_end_matches("kB")
-            .trim()
-            .parse()
-            .ok()?;
-        Some(kb * 1024)
+        dramatis_train::proc_bytes("/proc/meminfo", "MemTotal")
     }
     #[cfg(target_os = "macos")]
     {

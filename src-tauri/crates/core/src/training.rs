@@ -189,6 +189,24 @@ pub(crate) fn attached_adapter(card: &crate::CharacterCard) -> Option<i64> {
     card.extensions.get(EXT)?.get("adapter_id")?.as_i64()
 }
 
+/// The role-play rendering of a conversation with `card` as `persona`, the
+/// template training text and sample prompts share (no global system prompt).
+fn roleplay<'a>(
+    card: &'a crate::CharacterCard,
+    persona: &'a crate::Persona,
+    history: &'a [(Speaker, String)],
+) -> PromptParts<'a> {
+    PromptParts {
+        card,
+        user_name: &persona.name,
+        user_description: &persona.description,
+        global_system_prompt: "",
+        history,
+        continue_from: None,
+        format: PromptFormat::Roleplay,
+    }
+}
+
 impl Dramatis {
     fn training_texts(&self, source: &DataSource) -> Result<TextColumn> {
         match source {
@@ -220,17 +238,7 @@ impl Dramatis {
                         })
                         .collect();
                     if history.iter().any(|(s, _)| *s == Speaker::User) {
-                        let text = PromptParts {
-                            card: &card,
-                            user_name: &persona.name,
-                            user_description: &persona.description,
-                            global_system_prompt: "",
-                            history: &history,
-                            continue_from: None,
-                            format: PromptFormat::Roleplay,
-                        }
-                        .render_full();
-                        out.push((i + 1, text));
+                        out.push((i + 1, roleplay(&card, &persona, &history).render_full()));
                     }
                 }
                 Ok(TextColumn {
@@ -718,17 +726,9 @@ impl Dramatis {
             .iter()
             .map(|t| {
                 let history = vec![(Speaker::User, t.clone())];
-                PromptParts {
-                    card: &card,
-                    user_name: &persona.name,
-                    user_description: &persona.description,
-                    global_system_prompt: "",
-                    history: &history,
-                    continue_from: None,
-                    format: PromptFormat::Roleplay,
-                }
-                .build(usize::MAX, |t| t.len())
-                .text
+                roleplay(&card, &persona, &history)
+                    .build(usize::MAX, |t| t.len())
+                    .text
             })
             .collect())
     }

@@ -108,6 +108,15 @@ fn the_preview_reports_rows_tokens_and_problems() {
 }
 
 fn reply(app: &Dramatis, character: i64) -> String {
+    reply_with_events(app, character, &mut |_| {})
+}
+
+/// A greedy reply to "Hi 3" in a new chat, its events passed to `on_event`.
+fn reply_with_events(
+    app: &Dramatis,
+    character: i64,
+    on_event: &mut (dyn FnMut(ChatEvent) + Send),
+) -> String {
     let chat = app.start_chat(character).unwrap().chat.id;
     app.set_chat_settings(
         chat,
@@ -119,7 +128,7 @@ fn reply(app: &Dramatis, character: i64) -> String {
         },
     )
     .unwrap();
-    let v = app.send_message(chat, "Hi 3", &mut |_| {}).unwrap();
+    let v = app.send_message(chat, "Hi 3", on_event).unwrap();
     v.messages.last().unwrap().content.clone()
 }
 
@@ -153,28 +162,12 @@ fn a_run_trains_attaches_its_adapter_and_chat_uses_it() {
     // Chat now speaks through the adapter: the same greedy settings give another reply,
     // and the base is not loaded again.
     let mut events = Vec::new();
-    let chat = w.app.start_chat(w.character).unwrap().chat.id;
-    w.app
-        .set_chat_settings(
-            chat,
-            &ChatSettings {
-                temperature: 0.0,
-                max_new_tokens: 12,
-                seed: Some(1),
-                ..ChatSettings::default()
-            },
-        )
-        .unwrap();
-    let v = w
-        .app
-        .send_message(chat, "Hi 3", &mut |e| events.push(e))
-        .unwrap();
+    let after = reply_with_events(&w.app, w.character, &mut |e| events.push(e));
     assert!(
         !events
             .iter()
             .any(|e| matches!(e, ChatEvent::Loading { .. }))
     );
-    let after = v.messages.last().unwrap().content.clone();
     assert_ne!(before, after, "the adapter changed nothing");
     // Detached, the base speaks again.
     w.app.attach_adapter(w.character, None).unwrap();

@@ -12,44 +12,37 @@ __device__ __forceinline__ void store(float* p, float v) { *p = v; }
 __device__ __forceinline__ void store(__nv_bfloat16* p, float v) { *p = __float2bfloat16(v); }
 
 // Reductions over a block whose size is a multiple of 32 (at most 1024).
-__device__ __forceinline__ float warp_sum(float v) {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
+struct Sum {
+    static __device__ __forceinline__ float identity() { return 0.f; }
+    static __device__ __forceinline__ float apply(float a, float b) { return a + b; }
+};
+struct Max {
+    static __device__ __forceinline__ float identity() { return -INFINITY; }
+    static __device__ __forceinline__ float apply(float a, float b) { return fmaxf(a, b); }
+};
+template <typename Op>
+__device__ __forceinline__ float warp_reduce(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = Op::apply(v, __shfl_xor_sync(0xffffffff, v, o));
     return v;
 }
-__device__ __forceinline__ float warp_max(float v) {
-    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, o));
-    return v;
-}
-__device__ float block_sum(float v) {
+template <typename Op>
+__device__ float block_reduce(float v) {
     __shared__ float part[32];
     __shared__ float total;
-    v = warp_sum(v);
+    v = warp_reduce<Op>(v);
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     if (lane == 0) part[warp] = v;
     __syncthreads();
     if (warp == 0) {
-        float w = lane < (blockDim.x >> 5) ? part[lane] : 0.f;
-        w = warp_sum(w);
+        float w = lane < (blockDim.x >> 5) ? part[lane] : Op::identity();
+        w = warp_reduce<Op>(w);
         if (lane == 0) total = w;
     }
     __syncthreads();
     return total;
 }
-__device__ float block_max(float v) {
-    __shared__ float part[32];
-    __shared__ float total;
-    v = warp_max(v);
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    if (lane == 0) part[warp] = v;
-    __syncthreads();
-    if (warp == 0) {
-        float w = lane < (blockDim.x >> 5) ? part[lane] : -INFINITY;
-        w = warp_max(w);
-        if (lane == 0) total = w;
-    }
-    __syncthreads();
-    return total;
-}
+__device__ float block_sum(float v) { return block_reduce<Sum>(v); }
+__device__ float block_max(float v) { return block_reduce<Max>(v); }
 
 // One block per row of scores [rows, seq]; row r is query r % seq, which sees
 // keys 0..=r % seq. Masked keys get probability 0 and are never read.

@@ -74,53 +74,61 @@ pub fn default_device() -> Device {
 fn single_stream(d: Device) -> Device {
     #[cfg(feature = "cuda")]
     if let Device::Cuda(c) = &d {
-        use candle_core::cuda_backend::cudarc::driver::{result, sys};
         // SAFETY: candle creates no extra streams, so no allocation is ever
         // used on a stream other than its own.
         unsafe { c.disable_event_tracking() };
-        let ctx = c.cuda_stream().context().clone();
-        if ctx.bind_to_thread().is_ok() {
-            let mut keep = u64::MAX;
-            // SAFETY: the device comes from a live context; the attribute
-            // takes a u64.
-            let set = unsafe {
-                result::device::get_default_mem_pool(ctx.cu_device()).and_then(|pool| {
-                    result::mem_pool::set_attribute(
-                        pool,
-                        sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
-                        (&mut keep as *mut u64).cast(),
-                    )
-                })
-            };
-            if let Err(e) = set {
-                tracing::warn!("cannot keep freed GPU memory pooled: {e}");
-            }
+        let keep = pool_attribute(
+            c,
+            cuda_sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            Some(u64::MAX),
+        );
+        if keep.is_none() {
+            tracing::warn!("cannot keep freed GPU memory pooled");
         }
     }
     d
 }
 
+#[cfg(feature = "cuda")]
+use candle_core::cuda_backend::cudarc::driver::sys as cuda_sys;
+
+/// Sets (with `set`) or reads a u64 attribute of the device's default
+/// memory pool; the attribute's value after the call.
+#[cfg(feature = "cuda")]
+#[allow(unsafe_code)]
+fn pool_attribute(
+    c: &candle_core::CudaDevice,
+    attr: cuda_sys::CUmemPool_attribute,
+    set: Option<u64>,
+) -> Option<u64> {
+    use candle_core::cuda_backend::cudarc::driver::result::{device, mem_pool};
+    let ctx = c.cuda_stream().context().clone();
+    ctx.bind_to_thread().ok()?;
+    let mut value = set.unwrap_or(0);
+    // SAFETY: the device comes from a live context bound to this thread; the
+    // pool attributes used here are u64.
+    unsafe {
+        let pool = device::get_default_mem_pool(ctx.cu_device()).ok()?;
+        let ptr = (&mut value as *mut u64).cast();
+        match set {
+            Some(_) => mem_pool::set_attribute(pool, attr, ptr),
+            None => mem_pool::get_attribute(pool, attr, ptr),
+        }
+        .ok()?;
+    }
+    Some(value)
+}
+
 /// The most GPU memory this process's tensors have held at once (the CUDA
 /// allocator pool's high-water mark), for a CUDA device; `None` elsewhere.
-#[allow(unsafe_code)]
 pub fn gpu_memory_peak(d: &Device) -> Option<u64> {
     #[cfg(feature = "cuda")]
     if let Device::Cuda(c) = d {
-        use candle_core::cuda_backend::cudarc::driver::{result, sys};
-        let ctx = c.cuda_stream().context().clone();
-        ctx.bind_to_thread().ok()?;
-        let mut high = 0u64;
-        // SAFETY: as in `single_stream`; the attribute is a u64.
-        unsafe {
-            let pool = result::device::get_default_mem_pool(ctx.cu_device()).ok()?;
-            result::mem_pool::get_attribute(
-                pool,
-                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
-                (&mut high as *mut u64).cast(),
-            )
-            .ok()?;
-        }
-        return Some(high);
+        return pool_attribute(
+            c,
+            cuda_sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+            None,
+        );
     }
     let _ = d;
     None

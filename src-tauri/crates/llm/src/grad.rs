@@ -96,15 +96,20 @@ pub struct SlotGrads {
     pub b: Tensor,
 }
 
-/// `x Wᵀ + b` on 2-D `x` (`[n, in]`), the weight in `x`'s dtype.
-fn linear(lin: &Linear, x: &Tensor) -> Result<(Tensor, Tensor)> {
+/// `x Wᵀ + b` on 2-D `x`, the weight in `x`'s dtype (dequantized for this
+/// call when the layer is quantized).
+fn linear(lin: &Linear, x: &Tensor) -> Result<Tensor> {
+    project(x, &lin.weight_as(x.dtype())?, lin.bias())
+}
+
+/// `x Wᵀ + b` with the weight at hand.
+fn project(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     let dev = x.device();
-    let w = lin.weight_as(x.dtype())?;
-    let mut y = phase(dev, "  matmul", || Ok(x.matmul(&w.t()?)?))?;
-    if let Some(b) = lin.bias() {
-        y = phase(dev, "  bias", || kernels::bias_add(&y, b))?;
+    let y = phase(dev, "  matmul", || Ok(x.matmul(&w.t()?)?))?;
+    match bias {
+        Some(b) => phase(dev, "  bias", || kernels::bias_add(&y, b)),
+        None => Ok(y),
     }
-    Ok((y, w))
 }
 
 /// The slot's dropout applied to `x` (its input, or the gradient of its
@@ -161,7 +166,7 @@ fn lora_backward(
 /// A linear layer with its LoRA slots (each on its slice of the output: q,
 /// k and v of the fused projection are assembled into one delta first).
 fn adapted(lin: &Linear, x: &Tensor, slots: &[(LoraTarget, &LoraSlot)]) -> Result<Tensor> {
-    let (y, _) = linear(lin, x)?;
+    let y = linear(lin, x)?;
     let out = y.dim(1)?;
     let mut pieces = Vec::with_capacity(2 * slots.len() + 1);
     let mut at = 0;
@@ -499,6 +504,8 @@ impl Phi {
         let tgt = targets.flatten_all()?.unsqueeze(1)?;
         let w = (weights.flatten_all()?.to_dtype(DType::F32)? / denom)?.unsqueeze(1)?;
         let eps = self.cfg.layer_norm_eps;
+        // Once for every chunk (a quantized head is dequantized here).
+        let w_head = self.lm_head.weight_as(dt)?;
         let mut loss: Option<Tensor> = None;
         let mut parts = Vec::new();
         let mut start = 0;
@@ -508,7 +515,7 @@ impl Phi {
             let tc = tgt.narrow(0, start, rows)?;
             let wc = w.narrow(0, start, rows)?;
             let hf = layer_norm(&self.final_norm, &xc, eps)?;
-            let (logits, w_head) = linear(&self.lm_head, &hf)?;
+            let logits = project(&hf, &w_head, self.lm_head.bias())?;
             let logp = candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?;
             drop(logits);
             let picked = logp.gather(&tc, 1)?;

@@ -25,4 +25,6 @@ pub use error::{Error, Result};
 pub use estimate::{Estimate, EstimateInput, estimate};
 pub use export::{export_checkpoint, export_peft};
 pub use optim::{AdamW, Schedule};
-pub use run::{Outcome, Precision, TrainConfig, TrainProgress, TrainingRun, peak_rss_bytes};
+pub use run::{
+    Outcome, Precision, TrainConfig, TrainProgress, TrainingRun, peak_rss_bytes, proc_bytes,
+};

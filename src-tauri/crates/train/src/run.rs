@@ -215,9 +215,10 @@ struct Position {
     eval_losses: Vec<(usize, f64)>,
 }
 
-/// A field of `/proc/self/status` in bytes (Linux; `None` elsewhere).
-fn proc_status_bytes(field: &str) -> Option<u64> {
-    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+/// A `Field:  N kB` line of a Linux /proc file (`/proc/self/status`,
+/// `/proc/meminfo`) in bytes; `None` where there is no such file or field.
+pub fn proc_bytes(file: &str, field: &str) -> Option<u64> {
+    let s = std::fs::read_to_string(file).ok()?;
     let kb: u64 = s
         .lines()
         .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))?
@@ -231,12 +232,12 @@ fn proc_status_bytes(field: &str) -> Option<u64> {
 
 /// The process's resident memory now.
 fn rss_bytes() -> Option<u64> {
-    proc_status_bytes("VmRSS")
+    proc_bytes("/proc/self/status", "VmRSS")
 }
 
 /// The process's peak resident memory so far (what a run's estimate is checked against).
 pub fn peak_rss_bytes() -> Option<u64> {
-    proc_status_bytes("VmHWM")
+    proc_bytes("/proc/self/status", "VmHWM")
 }
 
 /// A LoRA training run on a frozen base.

@@ -207,7 +207,8 @@ fn cancel_checkpoints_and_a_resume_finishes() {
     assert!(matches!(err, Error::Checkpoint { .. }), "{err}");
 }
 
-fn logits(model: &Phi, lora: &LoraAdapter) -> Tensor {
+/// Logits of a fixed prompt, with an adapter or without.
+fn logits(model: &Phi, lora: Option<&LoraAdapter>) -> Tensor {
     let ids = tokenizer()
         .encode("<|user|>Say hello to number 3.</s>\n<|assistant|>")
         .unwrap();
@@ -215,7 +216,17 @@ fn logits(model: &Phi, lora: &LoraAdapter) -> Tensor {
         .unwrap()
         .unsqueeze(0)
         .unwrap();
-    model.forward(&t, None, Logits::All, Some(lora)).unwrap()
+    model.forward(&t, None, Logits::All, lora).unwrap()
+}
+
+/// The largest absolute element.
+fn max_abs(t: &Tensor) -> f32 {
+    t.abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
 
 #[test]
@@ -232,43 +243,12 @@ fn a_peft_export_loads_back_with_the_same_logits() {
     assert_eq!(cfg["target_modules"].as_array().unwrap().len(), 6);
     let m = model();
     let loaded = LoraAdapter::load_peft(&out, m.config(), &Device::Cpu).unwrap();
-    let a = logits(&m, &run.inference_adapter().unwrap());
-    let b = logits(&m, &loaded);
-    let d = (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let a = logits(&m, Some(&run.inference_adapter().unwrap()));
+    let b = logits(&m, Some(&loaded));
+    let d = max_abs(&(a - b).unwrap());
     assert!(d < 1e-5, "{d}");
     // And the adapter changed the model.
-    let base = m
-        .forward(
-            &Tensor::new(
-                tokenizer()
-                    .encode("<|user|>Say hello to number 3.</s>\n<|assistant|>")
-                    .unwrap()
-                    .as_slice(),
-                &Device::Cpu,
-            )
-            .unwrap()
-            .unsqueeze(0)
-            .unwrap(),
-            None,
-            Logits::All,
-            None,
-        )
-        .unwrap();
-    let moved = (logits(&m, &loaded) - base)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let moved = max_abs(&(logits(&m, Some(&loaded)) - logits(&m, None)).unwrap());
     assert!(moved > 1e-3);
 }
 
@@ -345,7 +325,7 @@ fn write_peft_check() {
         .encode("<|user|>Say hello to number 3.</s>\n<|assistant|>")
         .unwrap();
     let m = model();
-    let with = logits(&m, &run.inference_adapter().unwrap())
+    let with = logits(&m, Some(&run.inference_adapter().unwrap()))
         .squeeze(0)
         .unwrap();
     let t = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap();
@@ -398,14 +378,7 @@ fn the_gguf_lora_has_llama_cpp_names_and_the_same_deltas() {
             (s.b.matmul(&s.a).unwrap() * s.scale).unwrap()
         };
         let close = |a: &Tensor, b: &Tensor| {
-            let d = (a - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let d = max_abs(&(a - b).unwrap());
             assert!(d < 1e-6, "{d}");
         };
         use dramatis_llm::LoraTarget as T;
@@ -436,14 +409,8 @@ fn a_merged_model_gives_the_logits_of_base_plus_adapter() {
     run.run(&mut |_| {}, &AtomicBool::new(false)).unwrap();
     let adapter = run.inference_adapter().unwrap();
     let m = model();
-    let want = logits(&m, &adapter);
-    let biggest = want
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let want = logits(&m, Some(&adapter));
+    let biggest = max_abs(&want);
     // Tolerances by type, as a share of the largest logit.
     for (qt, tol) in [
         (dramatis_llm::QuantType::F32, 1e-5),
@@ -461,22 +428,7 @@ fn a_merged_model_gives_the_logits_of_base_plus_adapter() {
         )
         .unwrap();
         let merged = load_model(&out, &Device::Cpu).unwrap();
-        let ids = tokenizer()
-            .encode("<|user|>Say hello to number 3.</s>\n<|assistant|>")
-            .unwrap();
-        let t = Tensor::new(ids.as_slice(), &Device::Cpu)
-            .unwrap()
-            .unsqueeze(0)
-            .unwrap();
-        let got = merged.forward(&t, None, Logits::All, None).unwrap();
-        let d = (got - &want)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let d = max_abs(&(logits(&merged, None) - &want).unwrap());
         assert!(d <= tol * biggest, "{}: {d} of {biggest}", qt.name());
     }
 }
