@@ -244,6 +244,7 @@ fn generate(a: GenerateArgs, cancel: &AtomicBool) -> Result<()> {
         sampler: a.sampling.config(),
         max_new_tokens: a.max_tokens,
         stop: a.stop.clone(),
+        ..Default::default()
     };
     let mut session = Session::new(l.model.clone());
     session.set_adapter(l.adapter.clone());
@@ -292,6 +293,7 @@ fn chat(a: ChatArgs, cancel: &AtomicBool) -> Result<()> {
         sampler: a.sampling.config(),
         max_new_tokens: a.max_tokens,
         stop: prompt::stop_strings(),
+        ..Default::default()
     };
     let mut history = prompt::turn(Speaker::System, &a.system);
     eprintln!(

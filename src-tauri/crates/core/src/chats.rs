@@ -12,8 +12,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use dramatis_llm::{GenerateParams, PhiTokenizer, SamplerConfig, Session, StopReason};
-use dramatis_persona::prompt::{PromptFormat, PromptParts, Speaker, replace_macros};
+use dramatis_llm::{
+    GenerateParams, PhiTokenizer, PrefillCounts, Reuse, SamplerConfig, Session, StopReason,
+};
+use dramatis_persona::prompt::{
+    AuthorNote, PromptFormat, PromptParts, SectionKind, Speaker, Window, replace_macros,
+};
 use dramatis_store::{MessageRow, Role};
 use serde::{Deserialize, Serialize};
 
@@ -45,6 +49,45 @@ pub struct ChatSettings {
     pub max_new_tokens: usize,
     /// A fixed seed makes replies reproducible; `None` draws a new one each time.
     pub seed: Option<u64>,
+    /// What happens at the window's edge.
+    pub context: ContextMode,
+    /// The author's note.
+    pub author_note: AuthorNote,
+    /// Whether the model keeps a summary of what left the window.
+    pub memory: bool,
+    /// The most tokens the summary takes in the prompt.
+    pub memory_budget: usize,
+}
+
+/// How a chat longer than the window is fed to the model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ContextMode {
+    /// Old turns leave the cached keys and values in place and the rest move
+    /// up (re-rotated): a turn computes only its new tokens. Approximate.
+    #[default]
+    Shift,
+    /// Every prompt is what a fresh start would compute; history leaves in
+    /// quarter-window steps, so the full re-read comes once every few turns.
+    Exact,
+}
+
+impl ContextMode {
+    fn window(self, budget: usize) -> Window {
+        Window {
+            step: match self {
+                Self::Shift => budget / 8,
+                Self::Exact => budget / 4,
+            },
+        }
+    }
+
+    fn reuse(self) -> Reuse {
+        match self {
+            Self::Shift => Reuse::Shift,
+            Self::Exact => Reuse::Prefix,
+        }
+    }
 }
 
 impl Default for ChatSettings {
@@ -58,6 +101,10 @@ impl Default for ChatSettings {
             repetition_penalty: 1.0,
             max_new_tokens: 300,
             seed: None,
+            context: ContextMode::Shift,
+            author_note: AuthorNote::default(),
+            memory: true,
+            memory_budget: 200,
         }
     }
 }
@@ -76,6 +123,12 @@ impl ChatSettings {
         }
         if !(1..=1536).contains(&self.max_new_tokens) {
             return bad("the reply length must be between 1 and 1536 tokens");
+        }
+        if self.memory_budget > 1024 {
+            return bad("the summary may take at most 1024 tokens");
+        }
+        if self.author_note.text.len() > 8_000 || self.author_note.depth > 1000 {
+            return bad("the author's note is limited to 8,000 characters and a depth of 1000");
         }
         Ok(())
     }
@@ -147,6 +200,48 @@ pub struct ChatView {
     pub messages: Vec<ChatMessage>,
     /// Its settings.
     pub settings: ChatSettings,
+    /// The first message the last reply's prompt held: the character
+    /// remembers only the summary of what comes before it.
+    pub window_start_id: Option<i64>,
+    /// The summary this branch uses, if any.
+    pub memory: Option<dramatis_store::MemoryRow>,
+}
+
+/// One part of a reply's prompt, as the inspector shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PromptSection {
+    /// What it is.
+    pub kind: SectionKind,
+    /// Its tokens.
+    pub tokens: usize,
+    /// Its text.
+    pub text: String,
+}
+
+/// What went into a reply: the exact prompt, by section, and what the window
+/// and the cache did.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PromptReport {
+    /// The prompt's tokens.
+    pub tokens: usize,
+    /// Its budget.
+    pub budget: usize,
+    /// The model's context window.
+    pub context: usize,
+    /// The parts in order; their text joined is the prompt.
+    pub sections: Vec<PromptSection>,
+    /// Turns of history left out (the oldest).
+    pub turns_dropped: usize,
+    /// Turns of history in all.
+    pub turns_total: usize,
+    /// The first message in the window.
+    pub first_message_id: Option<i64>,
+    /// The summary's message coverage, when a summary was in.
+    pub memory_up_to_id: Option<i64>,
+    /// How the window was handled.
+    pub mode: ContextMode,
+    /// Reused, shifted and computed tokens (absent until the prefill ran).
+    pub counts: Option<PrefillCounts>,
 }
 
 /// What a streaming generation reports, in order: `loading` (only when the
@@ -173,6 +268,10 @@ pub enum ChatEvent {
         turns_included: usize,
         /// Turns of history in all.
         turns_total: usize,
+        /// The first message in the window.
+        first_message_id: Option<i64>,
+        /// Tokens per section, in order.
+        sections: Vec<(SectionKind, usize)>,
     },
     /// A piece of the reply (whole characters).
     Text {
@@ -189,6 +288,8 @@ pub enum ChatEvent {
         tokens: usize,
         /// Decode speed.
         tokens_per_sec: f64,
+        /// What the prompt reused, shifted and computed.
+        counts: PrefillCounts,
     },
 }
 
@@ -321,19 +422,87 @@ impl Dramatis {
         let c = self.store().chat(chat_id)?;
         let character = self.character(c.character_id)?;
         let persona = self.chat_persona(c.persona_id)?;
-        let messages = self
-            .store()
-            .selected_path(chat_id)?
+        let rows = self.store().selected_path(chat_id)?;
+        let path: Vec<i64> = rows.iter().map(|m| m.id).collect();
+        let messages: Vec<ChatMessage> = rows
             .iter()
             .map(|m| self.chat_message(m))
             .collect::<Result<_>>()?;
+        let window_start_id = self.window_start(&path)?;
         Ok(ChatView {
             chat: self.summary(&c)?,
             character_name: character.card.name,
             user_name: persona.name,
             messages,
             settings: self.chat_settings(chat_id)?,
+            window_start_id,
+            memory: self.store().memory_on_path(&path)?,
         })
+    }
+
+    /// Where the window of the branch's last generated reply began.
+    fn window_start(&self, path: &[i64]) -> Result<Option<i64>> {
+        for id in path.iter().rev() {
+            if let Some(r) = self.prompt_report(*id)? {
+                return Ok(r.first_message_id);
+            }
+        }
+        Ok(None)
+    }
+
+    /// The prompt that produced a reply (`None` for messages not generated here).
+    pub fn prompt_report(&self, message_id: i64) -> Result<Option<PromptReport>> {
+        let Some((text, info)) = self.store().reply_prompt(message_id)? else {
+            return Ok(None);
+        };
+        let mut r: PromptReport = serde_json::from_str(&info)
+            .map_err(|e| Error::Conflict(format!("the stored prompt report is unreadable: {e}")))?;
+        // The text is stored once; sections are cut from it by their byte ranges.
+        let ranges: Vec<(usize, usize)> = serde_json::from_str::<serde_json::Value>(&info)
+            .ok()
+            .and_then(|v| serde_json::from_value(v["ranges"].clone()).ok())
+            .unwrap_or_default();
+        for (sec, (a, b)) in r.sections.iter_mut().zip(ranges) {
+            sec.text = text.get(a..b).unwrap_or_default().to_owned();
+        }
+        Ok(Some(r))
+    }
+
+    /// Writes (or rewrites) the summary the chat's visible branch uses, by
+    /// hand: it covers the messages before the window (or the first message
+    /// when nothing has left it yet) and the model never overwrites it.
+    pub fn set_chat_memory(&self, chat_id: i64, text: &str) -> Result<ChatView> {
+        if text.len() > 16_000 {
+            return Err(Error::Conflict(
+                "a summary is limited to 16,000 characters".into(),
+            ));
+        }
+        let path: Vec<i64> = self
+            .store()
+            .selected_path(chat_id)?
+            .iter()
+            .map(|m| m.id)
+            .collect();
+        let up_to = match self.store().memory_on_path(&path)? {
+            Some(m) => m.up_to_id,
+            None => {
+                let start = self.window_start(&path)?;
+                let at = start
+                    .and_then(|s| path.iter().position(|&id| id == s))
+                    .unwrap_or(1);
+                *path.get(at.saturating_sub(1)).ok_or_else(|| {
+                    Error::Conflict("an empty chat has nothing to summarize".into())
+                })?
+            }
+        };
+        if text.trim().is_empty() {
+            if let Some(m) = self.store().memory_on_path(&path)? {
+                self.store().delete_memory(m.id)?;
+            }
+        } else {
+            self.store().put_memory(up_to, text.trim(), true)?;
+        }
+        self.chat_view(chat_id)
     }
 
     /// Starts a chat: the card's greeting and alternate greetings become the
@@ -597,14 +766,19 @@ impl Dramatis {
             .store()
             .setting(GLOBAL_SYSTEM_PROMPT)?
             .unwrap_or_default();
-        let history: Vec<(Speaker, String)> = match parent {
-            Some(p) => self
-                .store()
-                .path_to(p)?
-                .into_iter()
-                .map(|m| (speaker(m.role), m.content))
-                .collect(),
+        let rows = match parent {
+            Some(p) => self.store().path_to(p)?,
             None => Vec::new(),
+        };
+        let path: Vec<i64> = rows.iter().map(|m| m.id).collect();
+        let history: Vec<(Speaker, String)> = rows
+            .into_iter()
+            .map(|m| (speaker(m.role), m.content))
+            .collect();
+        let memory = if settings.memory {
+            self.store().memory_on_path(&path)?
+        } else {
+            None
         };
         let mut slot = self.chat_runtime.engine.lock().unwrap();
         let engine = self.ensure_engine(&mut slot, sink)?;
@@ -613,17 +787,60 @@ impl Dramatis {
         // The reply gets what it asks for, up to half the context.
         let budget = ctx - settings.max_new_tokens.min(ctx / 2);
         let tokenizer = &engine.tokenizer;
+        // The summary replaces what it covers: history starts after it.
+        let skip = memory
+            .as_ref()
+            .and_then(|m| path.iter().position(|&id| id == m.up_to_id))
+            .map_or(0, |i| i + 1);
         let prompt = PromptParts {
             card: &card,
             user_name: &persona.name,
             user_description: &persona.description,
             global_system_prompt: &global,
-            history: &history,
+            history: &history[skip..],
             continue_from: continuing.as_ref().map(|m| m.content.as_str()),
             format: settings.format,
+            memory: memory.as_ref().map_or("", |m| m.text.as_str()),
+            memory_budget: settings.memory_budget,
+            author_note: Some(&settings.author_note),
+            window: settings.context.window(budget),
         }
         .build(budget, |t| tokenizer.count(t).unwrap_or(t.len()));
+        let first_message_id = path.get(skip + prompt.first_turn()).copied();
+        let mut report = PromptReport {
+            tokens: 0,
+            budget,
+            context: ctx,
+            sections: prompt
+                .sections
+                .iter()
+                .map(|s| PromptSection {
+                    kind: s.kind,
+                    tokens: s.tokens,
+                    text: String::new(),
+                })
+                .collect(),
+            turns_dropped: skip + prompt.first_turn(),
+            turns_total: history.len(),
+            first_message_id,
+            memory_up_to_id: memory.as_ref().map(|m| m.up_to_id),
+            mode: settings.context,
+            counts: None,
+        };
+        let ranges: Vec<(usize, usize)> =
+            prompt.sections.iter().map(|s| (s.start, s.end)).collect();
         let ids = tokenizer.encode(&prompt.text)?;
+        report.tokens = ids.len();
+        let save_report = |report: &PromptReport, reply_id: i64| {
+            let mut info = serde_json::to_value(report).expect("report serializes");
+            info["ranges"] = serde_json::json!(ranges);
+            if let Err(e) = self
+                .store()
+                .set_reply_prompt(reply_id, &prompt.text, &info.to_string())
+            {
+                tracing::warn!(error = %e, "the reply's prompt was not kept");
+            }
+        };
         let (reply_id, base) = match &continuing {
             Some(m) => (m.id, m.content.clone()),
             None => (
@@ -639,11 +856,14 @@ impl Dramatis {
             budget,
             turns_included: prompt.turns_included,
             turns_total: prompt.turns_total,
+            first_message_id,
+            sections: prompt.sections.iter().map(|s| (s.kind, s.tokens)).collect(),
         });
         let params = GenerateParams {
             sampler: settings.sampler(),
             max_new_tokens: settings.max_new_tokens,
             stop: prompt.stop.clone(),
+            reuse: settings.context.reuse(),
         };
         let mut text = String::new();
         let mut last_flush = Instant::now();
@@ -679,6 +899,8 @@ impl Dramatis {
             }
             Ok(g) => {
                 self.store().set_message_content(reply_id, &final_text)?;
+                report.counts = Some(g.counts);
+                save_report(&report, reply_id);
                 if let Some(e) = flush_error {
                     return Err(e.into());
                 }
@@ -692,6 +914,7 @@ impl Dramatis {
                     } else {
                         0.0
                     },
+                    counts: g.counts,
                 });
                 self.chat_view(chat_id)
             }
@@ -701,6 +924,7 @@ impl Dramatis {
                     let _ = self.store().delete_message(reply_id);
                 } else {
                     let _ = self.store().set_message_content(reply_id, &final_text);
+                    save_report(&report, reply_id);
                 }
                 Err(e.into())
             }

@@ -25,8 +25,8 @@ use dramatis_store::Store;
 pub use builtins::BUILTINS;
 pub use characters::{AvatarEdit, Character, CharacterDraft, CharacterSummary};
 pub use chats::{
-    ChatEvent, ChatMessage, ChatSettings, ChatSummary, ChatView, ExportFormat, FLUSH_EVERY,
-    MessageHit,
+    ChatEvent, ChatMessage, ChatSettings, ChatSummary, ChatView, ContextMode, ExportFormat,
+    FLUSH_EVERY, MessageHit, PromptReport, PromptSection,
 };
 pub use diagnostics::StreamReport;
 /// Downloads, the catalog and datasets.

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use dramatis_hub::dataset::{RowProblem, TextColumn, read_text_column};
 use dramatis_llm::{LoraAdapter, Phi, PhiTokenizer, QuantType};
-use dramatis_persona::prompt::{PromptFormat, PromptParts, Speaker};
+use dramatis_persona::prompt::{PromptParts, Speaker};
 use dramatis_store::{AdapterRow, Role, RunRow};
 use dramatis_train::data::prepare;
 use dramatis_train::{DataOptions, DataReport, Outcome, TrainConfig, TrainProgress, TrainingRun};
@@ -196,15 +196,7 @@ fn roleplay<'a>(
     persona: &'a crate::Persona,
     history: &'a [(Speaker, String)],
 ) -> PromptParts<'a> {
-    PromptParts {
-        card,
-        user_name: &persona.name,
-        user_description: &persona.description,
-        global_system_prompt: "",
-        history,
-        continue_from: None,
-        format: PromptFormat::Roleplay,
-    }
+    PromptParts::new(card, &persona.name, &persona.description, history)
 }
 
 impl Dramatis {
@@ -696,6 +688,7 @@ impl Dramatis {
                     },
                     max_new_tokens: max_tokens,
                     stop: dramatis_persona::prompt::stop_strings(),
+                    ..Default::default()
                 },
                 &AtomicBool::new(false),
                 |_| {},

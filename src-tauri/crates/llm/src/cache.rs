@@ -113,6 +113,67 @@ impl KvCache {
         Ok((k_all, v_all))
     }
 
+    /// Moves the `len` tokens held at `from` to start at `to` in every layer,
+    /// keys passed through `keys` (the rotary re-rotation), values as they
+    /// are, and makes sure the buffers hold `to + len` tokens. What lies at
+    /// other positions is untouched, the held length too: the caller sets it
+    /// (see [`KvCache::set_len`]).
+    pub(crate) fn move_block(
+        &mut self,
+        from: usize,
+        to: usize,
+        len: usize,
+        keys: impl Fn(&Tensor) -> Result<Tensor>,
+    ) -> Result<()> {
+        if from + len > self.len || to + len > self.max_len {
+            return Err(crate::Error::Invalid(format!(
+                "cannot move {len} cached tokens from {from} to {to}: {} held, {} at most",
+                self.len, self.max_len
+            )));
+        }
+        let held = self.len;
+        for lc in &mut self.layers {
+            for (slot, is_key) in [(&mut lc.k, true), (&mut lc.v, false)] {
+                let Some(buf) = slot.as_ref() else { continue };
+                let block = buf.narrow(2, from, len)?.contiguous()?;
+                let block = if is_key { keys(&block)? } else { block };
+                let cap = buf.dim(2)?;
+                if to + len > cap {
+                    let (b, h, _, d) = buf.dims4()?;
+                    let new_cap = (to + len)
+                        .div_ceil(GROW)
+                        .saturating_mul(GROW)
+                        .min(self.max_len);
+                    let grown = Tensor::zeros((b, h, new_cap, d), buf.dtype(), buf.device())?;
+                    grown.slice_set(&buf.narrow(2, 0, held)?.contiguous()?, 2, 0)?;
+                    *slot = Some(grown);
+                }
+                slot.as_ref().expect("set").slice_set(&block, 2, to)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Declares the first `len` positions held: after [`KvCache::move_block`]
+    /// and the tokens computed before the moved block. `len` must not pass
+    /// what the buffers hold.
+    pub(crate) fn set_len(&mut self, len: usize) -> Result<()> {
+        let cap = self
+            .layers
+            .iter()
+            .filter_map(|l| l.k.as_ref())
+            .map(|t| t.dim(2).unwrap_or(0))
+            .min()
+            .unwrap_or(0);
+        if len > cap.min(self.max_len) {
+            return Err(crate::Error::Invalid(format!(
+                "the cache holds {cap} positions, not {len}"
+            )));
+        }
+        self.len = len;
+        Ok(())
+    }
+
     /// Commits `new` appended tokens.
     pub(crate) fn advance(&mut self, new: usize) {
         self.len += new;

@@ -35,7 +35,7 @@ pub use lora::{LoraAdapter, LoraLayer, LoraSlot, LoraTarget, dropout_mask};
 pub use model::{Logits, Phi};
 pub use quantize::{QuantType, QuantizeProgress, quantize_safetensors, write_gguf};
 pub use sampler::{Sampler, SamplerConfig};
-pub use session::{GenerateParams, Generation, Session, StopReason};
+pub use session::{GenerateParams, Generation, PrefillCounts, Reuse, Session, StopReason};
 pub use synthetic::write_synthetic_gguf;
 pub use tokenizer::{PhiTokenizer, TextStream};
 pub use weights::{ModelFormat, ModelInfo, inspect_model, load_model, load_model_as};

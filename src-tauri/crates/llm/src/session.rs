@@ -20,6 +20,37 @@ pub struct GenerateParams {
     pub max_new_tokens: usize,
     /// Stop (and cut the text) where one of these appears. `<|endoftext|>` always stops.
     pub stop: Vec<String>,
+    /// How the cache is reused for the prompt.
+    pub reuse: Reuse,
+}
+
+/// How [`Session::prefill_with`] reuses the cached keys and values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reuse {
+    /// Only the longest common prefix: the result is exactly a fresh prefill's.
+    #[default]
+    Prefix,
+    /// The common prefix, and a later run of cached tokens found again further
+    /// on in the prompt (turns dropped or text replaced before it), moved to
+    /// its new positions with its keys re-rotated. Approximate: the moved
+    /// tokens' states saw what was dropped. See BENCHMARKS.md for how far.
+    Shift,
+}
+
+/// What a prefill reused and computed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, serde::Deserialize)]
+pub struct PrefillCounts {
+    /// Tokens in the prompt.
+    pub prompt: usize,
+    /// Leading tokens reused in place (the common prefix).
+    pub reused: usize,
+    /// Tokens reused from the cache at new positions (keys re-rotated).
+    pub shifted: usize,
+    /// Tokens run through the model.
+    pub computed: usize,
+    /// Cached tokens thrown away (dropped turns, replaced text, an old tail).
+    pub discarded: usize,
 }
 
 impl Default for GenerateParams {
@@ -28,6 +59,7 @@ impl Default for GenerateParams {
             sampler: SamplerConfig::default(),
             max_new_tokens: 300,
             stop: Vec::new(),
+            reuse: Reuse::Prefix,
         }
     }
 }
@@ -59,8 +91,11 @@ pub struct Generation {
     pub stop_reason: StopReason,
     /// Tokens in the prompt.
     pub prompt_tokens: usize,
-    /// Prompt tokens whose keys and values were reused from the last turn.
+    /// Prompt tokens whose keys and values were reused from the last turn
+    /// (in place and shifted).
     pub reused_tokens: usize,
+    /// What the prompt reused, shifted and computed.
+    pub counts: PrefillCounts,
     /// Time to compute the new prompt tokens and the first token's logits.
     #[serde(with = "secs")]
     pub prefill: Duration,
@@ -153,6 +188,17 @@ impl Session {
     /// Computes `prompt` (reusing the cached prefix) and returns the logits
     /// that follow it, and how many tokens were reused.
     pub fn prefill(&mut self, prompt: &[u32]) -> Result<(Vec<f32>, usize)> {
+        let (logits, counts) = self.prefill_with(prompt, Reuse::Prefix)?;
+        Ok((logits, counts.reused))
+    }
+
+    /// Computes `prompt`, reusing what `reuse` allows of the cache, and
+    /// returns the logits that follow it with what was reused and computed.
+    pub fn prefill_with(
+        &mut self,
+        prompt: &[u32],
+        reuse: Reuse,
+    ) -> Result<(Vec<f32>, PrefillCounts)> {
         if prompt.is_empty() {
             return Err(Error::Invalid("the prompt is empty".into()));
         }
@@ -163,6 +209,7 @@ impl Session {
                 prompt.len()
             )));
         }
+        let held = self.tokens.len();
         let common = self
             .tokens
             .iter()
@@ -170,14 +217,56 @@ impl Session {
             .take_while(|(a, b)| a == b)
             .count();
         // At least one token must run to get the next logits.
-        let reuse = common.min(prompt.len() - 1);
-        self.cache.truncate(reuse);
-        self.tokens.truncate(reuse);
+        let reuse_len = common.min(prompt.len() - 1);
+        let splice = match reuse {
+            Reuse::Shift => find_splice(&self.tokens, prompt, reuse_len),
+            Reuse::Prefix => None,
+        };
         let mut logits = None;
-        for chunk in prompt[reuse..].chunks(self.prefill_chunk) {
+        let shifted = match splice {
+            Some(sp) => {
+                let delta = sp.to as i64 - sp.from as i64;
+                let model = self.model.clone();
+                if let Err(e) = self
+                    .cache
+                    .move_block(sp.from, sp.to, sp.len, |k| model.shift_keys(k, delta))
+                {
+                    self.reset();
+                    return Err(e);
+                }
+                // The text before the moved block (a new summary, say) runs
+                // after the prefix and writes only below `to`.
+                self.cache.truncate(reuse_len);
+                self.tokens.truncate(reuse_len);
+                for chunk in prompt[reuse_len..sp.to].chunks(self.prefill_chunk) {
+                    if let Err(e) = self.step(chunk) {
+                        self.reset();
+                        return Err(e);
+                    }
+                }
+                self.cache.set_len(sp.to + sp.len)?;
+                self.tokens
+                    .extend_from_slice(&prompt[sp.to..sp.to + sp.len]);
+                sp.len
+            }
+            None => {
+                self.cache.truncate(reuse_len);
+                self.tokens.truncate(reuse_len);
+                0
+            }
+        };
+        let start = self.tokens.len();
+        for chunk in prompt[start..].chunks(self.prefill_chunk) {
             logits = Some(self.step(chunk)?);
         }
-        Ok((logits.expect("at least one token ran"), reuse))
+        let counts = PrefillCounts {
+            prompt: prompt.len(),
+            reused: reuse_len,
+            shifted,
+            computed: prompt.len() - reuse_len - shifted,
+            discarded: held - reuse_len - shifted,
+        };
+        Ok((logits.expect("at least one token ran"), counts))
     }
 
     /// Runs `tokens` after the cache and returns the last position's logits.
@@ -213,7 +302,7 @@ impl Session {
         mut on_text: impl FnMut(&str),
     ) -> Result<Generation> {
         let started = Instant::now();
-        let (mut logits, reused) = self.prefill(prompt)?;
+        let (mut logits, counts) = self.prefill_with(prompt, params.reuse)?;
         let prefill = started.elapsed();
         let decode_start = Instant::now();
         let mut sampler = Sampler::new(params.sampler.clone());
@@ -256,7 +345,8 @@ impl Session {
             token_ids: generated,
             stop_reason: reason,
             prompt_tokens: prompt.len(),
-            reused_tokens: reused,
+            reused_tokens: counts.reused + counts.shifted,
+            counts,
             prefill,
             decode: decode_start.elapsed(),
         })
@@ -278,6 +368,62 @@ impl Session {
         self.cache.clear();
         self.tokens.clear();
     }
+}
+
+/// A run of cached tokens found again later in a prompt: `len` tokens at
+/// `from` in the cache belong at `to`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Splice {
+    from: usize,
+    to: usize,
+    len: usize,
+}
+
+/// Tokens a moved run must have to be worth it (and to be no coincidence).
+const MIN_SPLICE: usize = 16;
+/// Tokens matched to find a run's candidates.
+const GRAM: usize = 8;
+/// Candidate positions kept per gram (repetitive text must not go quadratic).
+const MAX_CANDIDATES: usize = 8;
+
+/// The longest run of `cached[common..]` that reappears in `prompt[common..]`
+/// (at least [`MIN_SPLICE`] tokens, the prompt's last token excluded so one
+/// token runs), earliest in the prompt on a tie.
+fn find_splice(cached: &[u32], prompt: &[u32], common: usize) -> Option<Splice> {
+    let usable = prompt.len().checked_sub(1)?;
+    if cached.len() < common + MIN_SPLICE || usable < common + MIN_SPLICE {
+        return None;
+    }
+    let mut index: std::collections::HashMap<&[u32], Vec<usize>> = Default::default();
+    for j in common..=cached.len() - GRAM {
+        let c = index.entry(&cached[j..j + GRAM]).or_default();
+        if c.len() < MAX_CANDIDATES {
+            c.push(j);
+        }
+    }
+    let mut best: Option<Splice> = None;
+    let mut q = common;
+    while q + GRAM <= usable {
+        let mut found = 0;
+        for &j in index.get(&prompt[q..q + GRAM]).into_iter().flatten() {
+            let len = cached[j..]
+                .iter()
+                .zip(&prompt[q..usable])
+                .take_while(|(a, b)| a == b)
+                .count();
+            if len >= MIN_SPLICE && best.is_none_or(|b| len > b.len) {
+                best = Some(Splice {
+                    from: j,
+                    to: q,
+                    len,
+                });
+            }
+            found = found.max(len);
+        }
+        // Inside a run just measured, later starts only find its tails.
+        q += found.max(1);
+    }
+    best
 }
 
 /// Finds stop strings in streamed text, holding back any tail that could be
@@ -388,5 +534,152 @@ mod tests {
         let (_, text, stopped) = scan(&["END", "</s>"], &["café 🌙</s>x END"]);
         assert!(stopped);
         assert_eq!(text, "café 🌙");
+    }
+}
+
+#[cfg(test)]
+mod shift_tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn tiny() -> Phi {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny");
+        crate::load_model(&dir, &Device::Cpu).unwrap()
+    }
+
+    /// Deterministic pseudo-random token ids below `vocab`.
+    fn ids(n: usize, seed: u64, vocab: u32) -> Vec<u32> {
+        let mut x = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (0..n)
+            .map(|_| {
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((x >> 33) % vocab as u64) as u32
+            })
+            .collect()
+    }
+
+    fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max)
+    }
+
+    #[test]
+    fn keys_rotated_there_and_back_are_unchanged() {
+        let phi = tiny();
+        let (h, d) = (phi.cfg.num_attention_heads, phi.cfg.head_dim());
+        let k = Tensor::randn(0f32, 1.0, (1, h, 37, d), &Device::Cpu).unwrap();
+        for a in [1i64, 17, 255, 2047] {
+            let there = phi.shift_keys(&k, a).unwrap();
+            let back = phi.shift_keys(&there, -a).unwrap();
+            let err: f32 = (back - &k)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar()
+                .unwrap();
+            assert!(err < 1e-5, "shift {a}: {err}");
+            // The part outside the rotary dims never moves.
+            let rd = phi.cfg.rotary_dim();
+            let pass = |t: &Tensor| t.narrow(3, rd, d - rd).unwrap().flatten_all().unwrap();
+            let (p0, p1): (Vec<f32>, Vec<f32>) =
+                (pass(&k).to_vec1().unwrap(), pass(&there).to_vec1().unwrap());
+            assert_eq!(p0, p1);
+        }
+    }
+
+    #[test]
+    fn a_shifted_one_layer_cache_equals_a_fresh_one() {
+        // With one block, a token's keys and values depend on itself alone, so
+        // moving them is exact: what remains is rounding.
+        let mut phi = tiny();
+        phi.blocks.truncate(1);
+        phi.cfg.num_hidden_layers = 1;
+        let phi = Arc::new(phi);
+        let v = phi.cfg.vocab_size as u32;
+        let (sys, dropped, kept, new) = (ids(12, 1, v), ids(40, 2, v), ids(90, 3, v), ids(9, 4, v));
+        let first: Vec<u32> = [&sys[..], &dropped, &kept].concat();
+        let second: Vec<u32> = [&sys[..], &kept, &new].concat();
+        let mut s = Session::new(phi.clone());
+        s.prefill(&first).unwrap();
+        let (shifted, c) = s.prefill_with(&second, Reuse::Shift).unwrap();
+        assert_eq!(
+            (c.reused, c.shifted, c.computed, c.discarded),
+            (12, 90, 9, 40)
+        );
+        let (fresh, _) = Session::new(phi).prefill(&second).unwrap();
+        let d = max_diff(&shifted, &fresh);
+        assert!(d < 1e-4, "one-layer shift differs from fresh by {d}");
+    }
+
+    #[test]
+    fn text_replaced_before_a_kept_run_is_computed_and_the_run_moved() {
+        // A summary rewritten after the system part: longer and shorter than
+        // what it replaces, so the kept run moves right and left.
+        let mut phi = tiny();
+        phi.blocks.truncate(1);
+        phi.cfg.num_hidden_layers = 1;
+        let phi = Arc::new(phi);
+        let v = phi.cfg.vocab_size as u32;
+        let (sys, old, kept, new) = (ids(10, 5, v), ids(20, 6, v), ids(60, 7, v), ids(5, 8, v));
+        for replacement in [ids(45, 9, v), ids(3, 10, v)] {
+            let mut s = Session::new(phi.clone());
+            s.prefill(&[&sys[..], &old, &kept].concat()).unwrap();
+            let prompt: Vec<u32> = [&sys[..], &replacement, &kept, &new].concat();
+            let (got, c) = s.prefill_with(&prompt, Reuse::Shift).unwrap();
+            assert_eq!((c.reused, c.shifted), (10, 60));
+            assert_eq!(c.computed, replacement.len() + new.len());
+            assert_eq!(s.cached_tokens(), prompt.len());
+            let (fresh, _) = Session::new(phi.clone()).prefill(&prompt).unwrap();
+            assert!(max_diff(&got, &fresh) < 1e-4);
+        }
+    }
+
+    #[test]
+    fn prefix_mode_never_shifts_and_matches_a_fresh_prefill_exactly() {
+        let phi = Arc::new(tiny());
+        let v = phi.cfg.vocab_size as u32;
+        let (sys, dropped, kept) = (ids(12, 1, v), ids(40, 2, v), ids(90, 3, v));
+        let mut s = Session::new(phi.clone());
+        s.prefill(&[&sys[..], &dropped, &kept].concat()).unwrap();
+        let second: Vec<u32> = [&sys[..], &kept].concat();
+        let (got, c) = s.prefill_with(&second, Reuse::Prefix).unwrap();
+        assert_eq!((c.reused, c.shifted, c.computed), (12, 0, 90));
+        let (fresh, _) = Session::new(phi).prefill(&second).unwrap();
+        assert_eq!(got, fresh);
+    }
+
+    #[test]
+    fn splices_are_found_only_for_long_runs() {
+        let a: Vec<u32> = (0..100).collect();
+        // Drop 10..30: the run 30..100 is found at 10.
+        let p: Vec<u32> = (0..10).chain(30..100).chain([500]).collect();
+        assert_eq!(
+            find_splice(&a, &p, 10),
+            Some(Splice {
+                from: 30,
+                to: 10,
+                len: 70
+            })
+        );
+        // A run shorter than MIN_SPLICE is a coincidence, not a splice.
+        let p: Vec<u32> = (0..10).chain(40..50).chain(900..950).collect();
+        assert_eq!(find_splice(&a, &p, 10), None);
+        // The prompt's last token always runs.
+        let p: Vec<u32> = (0..10).chain(30..100).collect();
+        assert_eq!(find_splice(&a, &p, 10).map(|s| s.len), Some(69));
+        // Repetitive text stays cheap and still finds a run.
+        let a = vec![7u32; 2000];
+        let p = vec![7u32; 1500];
+        assert!(find_splice(&a, &p, 0).is_some());
     }
 }

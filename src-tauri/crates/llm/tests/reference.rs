@@ -178,6 +178,7 @@ fn session_generates_the_reference_and_reuses_the_prefix() {
         sampler: SamplerConfig::greedy(),
         max_new_tokens: 32,
         stop: vec![],
+        ..Default::default()
     };
     let mut session = Session::new(model.clone());
     let mut pieces = Vec::new();

@@ -96,6 +96,36 @@ pub fn replace_macros(text: &str, char_name: &str, user_name: &str) -> String {
     out
 }
 
+/// SillyTavern's author's note: text placed as a system part `depth` turns
+/// from the end of the history, on every `interval`th user turn.
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct AuthorNote {
+    /// The note (macros allowed); empty is off.
+    pub text: String,
+    /// Turns from the end it goes before (0: right before the reply).
+    pub depth: usize,
+    /// Inserted when the user's turns so far are a multiple of this (1: always; 0: never).
+    pub interval: usize,
+}
+
+impl AuthorNote {
+    /// Whether the note goes into a prompt whose history has `user_turns` user turns.
+    pub fn applies(&self, user_turns: usize) -> bool {
+        !self.text.trim().is_empty() && self.interval > 0 && user_turns % self.interval == 0
+    }
+}
+
+/// How history leaves the window once it no longer fits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Window {
+    /// Turns are dropped so the first kept turn starts at a multiple of this
+    /// many tokens of history (counted from the chat's first turn), so the
+    /// cut stays put for several turns and the kept history is a stable
+    /// block a cache can reuse. 0 drops only what must go, turn by turn.
+    pub step: usize,
+}
+
 /// Everything a prompt is made from.
 #[derive(Debug, Clone)]
 pub struct PromptParts<'a> {
@@ -113,6 +143,76 @@ pub struct PromptParts<'a> {
     pub continue_from: Option<&'a str>,
     /// The layout.
     pub format: PromptFormat,
+    /// What the story held before the window (a summary); empty for none.
+    pub memory: &'a str,
+    /// The most tokens the memory may take; a longer one keeps its end.
+    pub memory_budget: usize,
+    /// The author's note (off when its text is empty).
+    pub author_note: Option<&'a AuthorNote>,
+    /// How history is dropped.
+    pub window: Window,
+}
+
+impl<'a> PromptParts<'a> {
+    /// The parts of a plain role-play prompt: no memory, no note, turn-by-turn dropping.
+    pub fn new(
+        card: &'a crate::CharacterCard,
+        user_name: &'a str,
+        user_description: &'a str,
+        history: &'a [(Speaker, String)],
+    ) -> Self {
+        Self {
+            card,
+            user_name,
+            user_description,
+            global_system_prompt: "",
+            history,
+            continue_from: None,
+            format: PromptFormat::Roleplay,
+            memory: "",
+            memory_budget: 0,
+            author_note: None,
+            window: Window::default(),
+        }
+    }
+}
+
+/// What a part of the prompt is, for the inspector.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SectionKind {
+    /// The system prompt (the card's or the global one).
+    SystemPrompt,
+    /// Description, personality and scenario.
+    Definition,
+    /// The user persona.
+    Persona,
+    /// Example dialogues.
+    Examples,
+    /// The memory of what left the window.
+    Memory,
+    /// The turns of the chat that fit.
+    History,
+    /// The author's note.
+    AuthorNote,
+    /// The card's post-history instructions.
+    PostHistory,
+    /// The opening of the reply (and the text being continued).
+    Reply,
+}
+
+/// One part of an assembled prompt: `text[start..end]`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Section {
+    /// What it is.
+    pub kind: SectionKind,
+    /// Byte range in [`Prompt::text`].
+    pub start: usize,
+    /// End of the byte range.
+    pub end: usize,
+    /// Its token count (counted alone; the parts sum to the whole within a
+    /// token or two where a join tokenizes differently).
+    pub tokens: usize,
 }
 
 /// An assembled prompt and what the budget let in.
@@ -128,18 +228,51 @@ pub struct Prompt {
     pub turns_included: usize,
     /// Turns of history there are.
     pub turns_total: usize,
+    /// The parts in order.
+    pub sections: Vec<Section>,
+    /// Whether the author's note is in.
+    pub author_note_included: bool,
     /// Extra stop strings for this format.
     #[serde(skip)]
     pub stop: Vec<String>,
 }
 
+impl Prompt {
+    /// Index in the history of the first turn in the window (`turns_total` when none is).
+    pub fn first_turn(&self) -> usize {
+        self.turns_total - self.turns_included
+    }
+}
+
 /// The default system prompt when neither the card nor the settings give one.
 pub const DEFAULT_SYSTEM_PROMPT: &str = "You are {{char}}. Stay in character and write {{char}}'s next reply in a role-play with {{user}}. Be vivid, keep replies to a few paragraphs, and never speak for {{user}}.";
 
+/// Text with its sections' byte ranges, built piece by piece.
+#[derive(Default)]
+struct Layout {
+    text: String,
+    spans: Vec<(SectionKind, usize, usize)>,
+}
+
+impl Layout {
+    fn push(&mut self, kind: SectionKind, piece: &str) {
+        if piece.is_empty() {
+            return;
+        }
+        let start = self.text.len();
+        self.text.push_str(piece);
+        match self.spans.last_mut() {
+            // Consecutive pieces of one kind are one section.
+            Some((k, _, end)) if *k == kind && *end == start => *end = self.text.len(),
+            _ => self.spans.push((kind, start, self.text.len())),
+        }
+    }
+}
+
 impl PromptParts<'_> {
-    /// The system part: system prompt, description, personality, scenario,
-    /// the user persona, and example dialogues (each `<START>` block).
-    fn system_text(&self) -> String {
+    /// The system part's pieces: system prompt, description, personality,
+    /// scenario, the user persona, and example dialogues (each `<START>` block).
+    fn system_pieces(&self) -> Vec<(SectionKind, String)> {
         let c = self.card;
         let sys = if c.system_prompt.trim().is_empty() {
             if self.global_system_prompt.trim().is_empty() {
@@ -152,23 +285,26 @@ impl PromptParts<'_> {
             &c.system_prompt
                 .replace("{{original}}", self.global_system_prompt)
         };
-        let mut parts = vec![sys.trim().to_owned()];
+        let mut parts = vec![(SectionKind::SystemPrompt, sys.trim().to_owned())];
         if !c.description.trim().is_empty() {
-            parts.push(c.description.trim().to_owned());
+            parts.push((SectionKind::Definition, c.description.trim().to_owned()));
         }
         if !c.personality.trim().is_empty() {
-            parts.push(format!(
-                "{{{{char}}}}'s personality: {}",
-                c.personality.trim()
+            parts.push((
+                SectionKind::Definition,
+                format!("{{{{char}}}}'s personality: {}", c.personality.trim()),
             ));
         }
         if !c.scenario.trim().is_empty() {
-            parts.push(format!("Scenario: {}", c.scenario.trim()));
+            parts.push((
+                SectionKind::Definition,
+                format!("Scenario: {}", c.scenario.trim()),
+            ));
         }
         if !self.user_description.trim().is_empty() {
-            parts.push(format!(
-                "About {{{{user}}}}: {}",
-                self.user_description.trim()
+            parts.push((
+                SectionKind::Persona,
+                format!("About {{{{user}}}}: {}", self.user_description.trim()),
             ));
         }
         for example in c
@@ -177,9 +313,16 @@ impl PromptParts<'_> {
             .map(str::trim)
             .filter(|e| !e.is_empty())
         {
-            parts.push(format!("Example of how {{{{char}}}} speaks:\n{example}"));
+            parts.push((
+                SectionKind::Examples,
+                format!("Example of how {{{{char}}}} speaks:\n{example}"),
+            ));
         }
-        self.fill(&parts.join("\n\n"))
+        parts
+            .into_iter()
+            .map(|(k, t)| (k, self.fill(&t)))
+            .filter(|(_, t)| !t.trim().is_empty())
+            .collect()
     }
 
     fn fill(&self, text: &str) -> String {
@@ -202,11 +345,31 @@ impl PromptParts<'_> {
         }
     }
 
-    fn render_system(&self, text: &str) -> String {
-        match self.format {
-            PromptFormat::Roleplay => turn(Speaker::System, text),
-            PromptFormat::Transcript => format!("{}\n\n", text.trim()),
+    /// A system part made of `pieces`, laid out into `out`.
+    fn render_system_into(&self, out: &mut Layout, pieces: &[(SectionKind, String)]) {
+        let last = pieces.len().saturating_sub(1);
+        for (i, (kind, t)) in pieces.iter().enumerate() {
+            let mut piece = String::new();
+            if i == 0 && self.format == PromptFormat::Roleplay {
+                piece.push_str(SYSTEM);
+            }
+            piece.push_str(t.trim());
+            if i < last {
+                piece.push_str("\n\n");
+            } else {
+                piece.push_str(match self.format {
+                    PromptFormat::Roleplay => "</s>\n",
+                    PromptFormat::Transcript => "\n\n",
+                });
+            }
+            out.push(*kind, &piece);
         }
+    }
+
+    fn render_system(&self, text: &str) -> String {
+        let mut l = Layout::default();
+        self.render_system_into(&mut l, &[(SectionKind::SystemPrompt, text.to_owned())]);
+        l.text
     }
 
     fn opening(&self) -> String {
@@ -232,18 +395,45 @@ impl PromptParts<'_> {
     /// The whole conversation as training text: the system part, then every
     /// turn, each closed with its end marker (no budget, no reply opening).
     pub fn render_full(&self) -> String {
-        let mut text = self.render_system(&self.system_text());
+        let mut l = Layout::default();
+        self.render_system_into(&mut l, &self.system_pieces());
+        let mut text = l.text;
         for (s, t) in self.history {
             text.push_str(&self.render_turn(*s, t));
         }
         text
     }
 
+    /// The memory as a system part, its start cut until it fits its budget.
+    fn memory_part(&self, count: &impl Fn(&str) -> usize) -> String {
+        let memory = self.memory.trim();
+        if memory.is_empty() || self.memory_budget == 0 {
+            return String::new();
+        }
+        let render = |m: &str| self.render_system(&format!("Story so far: {m}"));
+        let mut text = render(memory);
+        let mut words: Vec<&str> = memory.split_whitespace().collect();
+        while count(&text) > self.memory_budget && !words.is_empty() {
+            // Drop an eighth of what is left (at least a word) from the front.
+            let cut = (words.len() / 8).max(1);
+            words.drain(..cut);
+            text = if words.is_empty() {
+                String::new()
+            } else {
+                render(&format!("… {}", words.join(" ")))
+            };
+        }
+        text
+    }
+
     /// Assembles the prompt within `budget` tokens (`count` gives a text's
-    /// token count): the system part and post-history instructions always,
-    /// then as many of the newest turns as fit, oldest dropped first.
+    /// token count): the system part, memory and post-history instructions
+    /// always, then as many of the newest turns as fit, oldest dropped first
+    /// (in [`Window::step`] steps), with the author's note at its depth.
     pub fn build(&self, budget: usize, count: impl Fn(&str) -> usize) -> Prompt {
-        let head = self.render_system(&self.system_text());
+        let mut head = Layout::default();
+        self.render_system_into(&mut head, &self.system_pieces());
+        head.push(SectionKind::Memory, &self.memory_part(&count));
         let post = self.card.post_history_instructions.trim();
         let tail = if post.is_empty() {
             String::new()
@@ -256,37 +446,93 @@ impl PromptParts<'_> {
             .iter()
             .map(|(s, t)| self.render_turn(*s, t))
             .collect();
-        let fixed = count(&head) + count(&tail) + count(&opening);
-        // Newest first, while the sum fits; then check the whole text, since
-        // token counts of pieces need not add up exactly.
+        let user_turns = self
+            .history
+            .iter()
+            .filter(|(s, _)| *s == Speaker::User)
+            .count();
+        let note = self
+            .author_note
+            .filter(|n| n.applies(user_turns))
+            .map(|n| (n.depth, self.render_system(&self.fill(&n.text))));
+        let note_tokens = note.as_ref().map_or(0, |(_, t)| count(t));
+        let fixed = count(&head.text) + count(&tail) + count(&opening) + note_tokens;
+        let sizes: Vec<usize> = turns.iter().map(|t| count(t)).collect();
+        // Newest first, while the sum fits.
         let mut used = fixed;
         let mut first = turns.len();
-        while first > 0 {
-            let n = count(&turns[first - 1]);
-            if used + n > budget {
-                break;
-            }
-            used += n;
+        while first > 0 && used + sizes[first - 1] <= budget {
+            used += sizes[first - 1];
             first -= 1;
         }
+        if first > 0 && first < turns.len() && self.window.step > 0 {
+            // Move the cut on to the next step boundary of the history's
+            // running token count, unless that would leave no turn.
+            let starts: Vec<usize> = sizes
+                .iter()
+                .scan(0, |acc, n| {
+                    let s = *acc;
+                    *acc += n;
+                    Some(s)
+                })
+                .collect();
+            let target = starts[first].div_ceil(self.window.step) * self.window.step;
+            if let Some(i) = (first..turns.len()).find(|&i| starts[i] >= target)
+                && i + 1 < turns.len()
+            {
+                first = i;
+            }
+        }
+        let stop = match self.format {
+            PromptFormat::Roleplay => stop_strings(),
+            PromptFormat::Transcript => {
+                let mut s = stop_strings();
+                s.push(format!("\n{}:", self.user_name));
+                s
+            }
+        };
+        // Token counts of pieces need not add up exactly: check the whole.
         loop {
-            let text = format!("{head}{}{tail}{opening}", turns[first..].concat());
-            let tokens = count(&text);
+            let mut l = Layout {
+                text: head.text.clone(),
+                spans: head.spans.clone(),
+            };
+            let kept = &turns[first..];
+            let note_at = note
+                .as_ref()
+                .map(|(depth, _)| kept.len().saturating_sub(*depth));
+            for (i, t) in kept.iter().enumerate() {
+                if note_at == Some(i) {
+                    l.push(SectionKind::AuthorNote, &note.as_ref().expect("set").1);
+                }
+                l.push(SectionKind::History, t);
+            }
+            if note_at == Some(kept.len()) {
+                l.push(SectionKind::AuthorNote, &note.as_ref().expect("set").1);
+            }
+            l.push(SectionKind::PostHistory, &tail);
+            l.push(SectionKind::Reply, &opening);
+            let tokens = count(&l.text);
             if tokens <= budget || first == turns.len() {
+                let sections = l
+                    .spans
+                    .iter()
+                    .map(|&(kind, start, end)| Section {
+                        kind,
+                        start,
+                        end,
+                        tokens: count(&l.text[start..end]),
+                    })
+                    .collect();
                 return Prompt {
-                    text,
+                    text: l.text,
                     tokens,
                     budget,
                     turns_included: turns.len() - first,
                     turns_total: turns.len(),
-                    stop: match self.format {
-                        PromptFormat::Roleplay => stop_strings(),
-                        PromptFormat::Transcript => {
-                            let mut s = stop_strings();
-                            s.push(format!("\n{}:", self.user_name));
-                            s
-                        }
-                    },
+                    sections,
+                    author_note_included: note.is_some(),
+                    stop,
                 };
             }
             first += 1;
@@ -349,15 +595,7 @@ mod build_tests {
     }
 
     fn parts<'a>(c: &'a CharacterCard, h: &'a [(Speaker, String)]) -> PromptParts<'a> {
-        PromptParts {
-            card: c,
-            user_name: "Ava",
-            user_description: "",
-            global_system_prompt: "",
-            history: h,
-            continue_from: None,
-            format: PromptFormat::Roleplay,
-        }
+        PromptParts::new(c, "Ava", "", h)
     }
 
     #[test]
@@ -444,5 +682,259 @@ mod build_tests {
         assert!(p.text.contains("Ava: turn number 1"));
         assert!(p.text.ends_with("Kestrel: I was saying"));
         assert!(p.stop.contains(&"\nAva:".to_owned()));
+    }
+}
+
+#[cfg(test)]
+mod window_tests {
+    use super::*;
+    use crate::CharacterCard;
+
+    fn words(s: &str) -> usize {
+        s.split_whitespace().count()
+    }
+
+    fn card() -> CharacterCard {
+        CharacterCard {
+            name: "Kestrel".into(),
+            description: "{{char}} is the ship's AI.".into(),
+            scenario: "Deep space.".into(),
+            mes_example: "<START>\n{{user}}: Status?\n{{char}}: Nominal.".into(),
+            post_history_instructions: "Stay terse.".into(),
+            ..Default::default()
+        }
+    }
+
+    fn history(n: usize) -> Vec<(Speaker, String)> {
+        (0..n)
+            .map(|i| {
+                let s = if i % 2 == 0 {
+                    Speaker::Assistant
+                } else {
+                    Speaker::User
+                };
+                // Turns of uneven length, as in a real chat.
+                let filler = "word ".repeat(3 + (i * 7) % 11);
+                (s, format!("turn {i} {filler}"))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn stepped_cuts_stay_put_for_several_turns_and_always_fit() {
+        let c = card();
+        let budget = 200;
+        let step = budget / 4;
+        let mut last_first = 0;
+        let mut last_text = String::new();
+        let mut moves = 0;
+        let mut turns_seen = 0;
+        for n in 1..300 {
+            let h = history(n);
+            let mut p = PromptParts::new(&c, "Ava", "", &h);
+            p.window = Window { step };
+            let pr = p.build(budget, words);
+            assert!(pr.tokens <= budget, "{n} turns: {} > {budget}", pr.tokens);
+            assert!(pr.turns_included >= 1);
+            let first = pr.first_turn();
+            assert!(first >= last_first, "the cut never moves back");
+            let hist = |t: &str| {
+                let s = pr.sections.iter().find(|s| s.kind == SectionKind::History);
+                s.map(|s| t[s.start..].to_owned()).unwrap_or_default()
+            };
+            if first == last_first && n > 1 {
+                // The kept history grew only at its end: a cache reuses all of it.
+                let before = &last_text;
+                let now = hist(&pr.text);
+                let common = before
+                    .chars()
+                    .zip(now.chars())
+                    .take_while(|(a, b)| a == b)
+                    .count();
+                assert!(
+                    common >= before.find("<|system|>Stay").unwrap_or(before.len()),
+                    "{n}"
+                );
+            } else if first != last_first {
+                moves += 1;
+                if last_first > 0 {
+                    // Every move after the first drops a whole step's worth of turns.
+                    let dropped: usize = (last_first..first)
+                        .map(|i| words(&p.render_turn(h[i].0, &h[i].1)))
+                        .sum();
+                    assert!(dropped >= step / 2, "a move dropped only {dropped} tokens");
+                }
+            }
+            if first > 0 {
+                turns_seen += 1;
+            }
+            last_first = first;
+            last_text = hist(&pr.text);
+        }
+        // Turn by turn, the cut would move on nearly every turn once full.
+        assert!(turns_seen > 250);
+        assert!(
+            moves * 3 < turns_seen,
+            "{moves} moves in {turns_seen} full turns"
+        );
+        // A budget too small for any turn keeps the system part alone.
+        let h = history(20);
+        let mut p = PromptParts::new(&c, "Ava", "", &h);
+        p.window = Window { step: 10 };
+        assert_eq!(p.build(5, words).turns_included, 0);
+    }
+
+    #[test]
+    fn without_a_step_the_fewest_turns_are_dropped() {
+        let c = card();
+        let h = history(100);
+        let p = PromptParts::new(&c, "Ava", "", &h);
+        let pr = p.build(200, words);
+        let mut p2 = p.clone();
+        p2.window = Window { step: 50 };
+        let pr2 = p2.build(200, words);
+        assert!(pr.turns_included >= pr2.turns_included);
+        // One more turn would not fit.
+        let first = pr.first_turn();
+        let more: usize = words(&p.render_turn(h[first - 1].0, &h[first - 1].1));
+        assert!(pr.tokens + more > 200);
+    }
+
+    #[test]
+    fn the_author_note_goes_at_its_depth_on_its_interval() {
+        let c = card();
+        let h = history(10); // 5 user turns
+        let note = AuthorNote {
+            text: "Remember the storm, {{user}}.".into(),
+            depth: 2,
+            interval: 1,
+        };
+        let mut p = PromptParts::new(&c, "Ava", "", &h);
+        p.author_note = Some(&note);
+        let pr = p.build(10_000, words);
+        assert!(pr.author_note_included);
+        let at = pr
+            .text
+            .find("<|system|>Remember the storm, Ava.</s>\n")
+            .unwrap();
+        let t8 = pr.text.find("turn 8 ").unwrap();
+        let t7 = pr.text.find("turn 7 ").unwrap();
+        assert!(
+            t7 < at && at < t8,
+            "depth 2 sits before the second-last turn"
+        );
+        let kinds: Vec<SectionKind> = pr.sections.iter().map(|s| s.kind).collect();
+        assert!(kinds.contains(&SectionKind::AuthorNote));
+        // Every second user turn: 5 is odd, so not now; at depth 0, last before the reply.
+        let odd = AuthorNote {
+            interval: 2,
+            ..note.clone()
+        };
+        p.author_note = Some(&odd);
+        assert!(!p.build(10_000, words).author_note_included);
+        let h4 = history(8);
+        let deep = AuthorNote {
+            depth: 0,
+            interval: 2,
+            ..note.clone()
+        };
+        let mut p = PromptParts::new(&c, "Ava", "", &h4);
+        p.author_note = Some(&deep);
+        let pr = p.build(10_000, words);
+        assert!(
+            pr.text.ends_with(
+                "Remember the storm, Ava.</s>\n<|system|>Stay terse.</s>\n<|assistant|>"
+            ),
+            "{}",
+            pr.text
+        );
+        // A depth beyond the history puts it first; an empty note is off.
+        let far = AuthorNote {
+            depth: 99,
+            ..note.clone()
+        };
+        p.author_note = Some(&far);
+        let pr = p.build(10_000, words);
+        assert!(pr.text.find("Remember").unwrap() < pr.text.find("turn 0 ").unwrap());
+        let empty = AuthorNote {
+            text: " ".into(),
+            ..note
+        };
+        p.author_note = Some(&empty);
+        assert!(!p.build(10_000, words).author_note_included);
+    }
+
+    #[test]
+    fn memory_sits_after_the_system_part_within_its_budget() {
+        let c = card();
+        let h = history(6);
+        let long: String = (0..100).map(|i| format!("event{i} ")).collect();
+        let mut p = PromptParts::new(&c, "Ava", "", &h);
+        p.memory = &long;
+        p.memory_budget = 30;
+        let pr = p.build(10_000, words);
+        let m = pr
+            .sections
+            .iter()
+            .find(|s| s.kind == SectionKind::Memory)
+            .unwrap();
+        assert!(m.tokens <= 30, "{}", m.tokens);
+        let text = &pr.text[m.start..m.end];
+        // The newest events are kept, the oldest cut.
+        assert!(
+            text.contains("event99") && !text.contains("event0 "),
+            "{text}"
+        );
+        assert!(m.start < pr.text.find("turn 0 ").unwrap());
+        assert!(pr.text[..m.start].contains("Scenario: Deep space."));
+    }
+
+    #[test]
+    fn sections_tile_the_text_in_order() {
+        let c = CharacterCard {
+            personality: "dry".into(),
+            ..card()
+        };
+        let h = history(12);
+        let note = AuthorNote {
+            text: "Note.".into(),
+            depth: 3,
+            interval: 1,
+        };
+        let mut p = PromptParts::new(&c, "Ava", "Captain of the Wren.", &h);
+        p.memory = "They left port.";
+        p.memory_budget = 50;
+        p.author_note = Some(&note);
+        let pr = p.build(10_000, words);
+        let mut at = 0;
+        for s in &pr.sections {
+            assert_eq!(s.start, at, "{:?} starts where the last ended", s.kind);
+            assert!(s.end > s.start);
+            at = s.end;
+        }
+        assert_eq!(at, pr.text.len());
+        let kinds: Vec<SectionKind> = pr.sections.iter().map(|s| s.kind).collect();
+        use SectionKind as K;
+        assert_eq!(
+            kinds,
+            vec![
+                K::SystemPrompt,
+                K::Definition,
+                K::Persona,
+                K::Examples,
+                K::Memory,
+                K::History,
+                K::AuthorNote,
+                K::History,
+                K::PostHistory,
+                K::Reply
+            ]
+        );
+        let sum: usize = pr.sections.iter().map(|s| s.tokens).sum();
+        assert!(
+            sum.abs_diff(pr.tokens) <= pr.sections.len(),
+            "{sum} vs {}",
+            pr.tokens
+        );
     }
 }

@@ -135,6 +135,26 @@ const STEPS: &[&str] = &[
         created_at    INTEGER NOT NULL
     );
     "#,
+    // 6: the prompt behind each reply (the inspector), and the memory of
+    // what left a chat's window: one summary per covered message, so a
+    // branch uses only summaries of messages on its own path.
+    r#"
+    CREATE TABLE reply_prompts (
+        message_id INTEGER PRIMARY KEY REFERENCES messages(id) ON DELETE CASCADE,
+        prompt     TEXT NOT NULL,
+        info       TEXT NOT NULL            -- JSON: sections, window, reuse counts
+    );
+    CREATE TABLE chat_memories (
+        id          INTEGER PRIMARY KEY,
+        chat_id     INTEGER NOT NULL REFERENCES chats(id) ON DELETE CASCADE,
+        up_to_id    INTEGER NOT NULL UNIQUE REFERENCES messages(id) ON DELETE CASCADE,
+        text        TEXT NOT NULL,
+        edited      INTEGER NOT NULL DEFAULT 0 CHECK (edited IN (0, 1)),
+        created_at  INTEGER NOT NULL,
+        updated_at  INTEGER NOT NULL
+    );
+    CREATE INDEX chat_memories_by_chat ON chat_memories(chat_id);
+    "#,
 ];
 
 /// Brings the schema up to `target`, one transaction per step.

@@ -367,6 +367,7 @@ impl TrainingRun {
             },
             max_new_tokens: 40,
             stop: vec!["</s>".into(), "<|user|>".into()],
+            ..Default::default()
         };
         let mut out = Vec::new();
         for ids in &self.sample_prompts {
