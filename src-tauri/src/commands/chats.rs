@@ -2,7 +2,8 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use dramatis_core::{
-    ChatEvent, ChatSettings, ChatSummary, ChatView, ExportFormat, MessageHit, StreamReport,
+    ChatEvent, ChatSettings, ChatSummary, ChatView, ExportFormat, MemoryUpdate, MessageHit,
+    PromptReport, StreamReport,
 };
 use tauri::ipc::Channel;
 use tauri::{AppHandle, Runtime};
@@ -194,6 +195,42 @@ pub async fn set_chat_settings<R: Runtime>(
     settings: ChatSettings,
 ) -> Result<ChatView, CommandError> {
     blocking(&app, move |d| d.set_chat_settings(chat_id, &settings)).await
+}
+
+/// The exact prompt behind a reply, by section, with the window's and the
+/// cache's counts (`None` for messages not generated here).
+#[tauri::command]
+pub async fn prompt_report<R: Runtime>(
+    app: AppHandle<R>,
+    message_id: i64,
+) -> Result<Option<PromptReport>, CommandError> {
+    blocking(&app, move |d| d.prompt_report(message_id)).await
+}
+
+/// Writes the summary the chat's visible branch uses (empty text removes it).
+#[tauri::command]
+pub async fn set_chat_memory<R: Runtime>(
+    app: AppHandle<R>,
+    chat_id: i64,
+    text: String,
+) -> Result<ChatView, CommandError> {
+    blocking(&app, move |d| d.set_chat_memory(chat_id, &text)).await
+}
+
+/// Folds what left the chat's window into its summary, in the background
+/// (a reply started meanwhile stops it).
+#[tauri::command]
+pub async fn update_memory<R: Runtime>(
+    app: AppHandle<R>,
+    chat_id: i64,
+) -> Result<MemoryUpdate, CommandError> {
+    blocking(&app, move |d| d.update_memory(chat_id)).await
+}
+
+/// Stops a running summary.
+#[tauri::command]
+pub async fn stop_memory_update<R: Runtime>(app: AppHandle<R>) -> Result<bool, CommandError> {
+    blocking(&app, move |d| Ok(d.stop_memory_update())).await
 }
 
 /// Full-text search over all messages.

@@ -212,6 +212,72 @@ export interface ChatSettings {
   repetition_penalty: number;
   max_new_tokens: number;
   seed: number | null;
+  context: ContextMode;
+  author_note: AuthorNote;
+  memory: boolean;
+  memory_budget: number;
+}
+
+/** dramatis-core `ContextMode`: what happens at the window's edge. */
+export type ContextMode = "shift" | "exact";
+
+/** dramatis-persona `AuthorNote`. */
+export interface AuthorNote {
+  text: string;
+  depth: number;
+  interval: number;
+}
+
+/** dramatis-persona `SectionKind`. */
+export type SectionKind =
+  | "system_prompt"
+  | "definition"
+  | "persona"
+  | "examples"
+  | "memory"
+  | "history"
+  | "author_note"
+  | "post_history"
+  | "reply";
+
+/** dramatis-llm `PrefillCounts`. */
+export interface PrefillCounts {
+  prompt: number;
+  reused: number;
+  shifted: number;
+  computed: number;
+  discarded: number;
+}
+
+/** dramatis-core `PromptReport`. */
+export interface PromptReport {
+  tokens: number;
+  budget: number;
+  context: number;
+  sections: { kind: SectionKind; tokens: number; text: string }[];
+  turns_dropped: number;
+  turns_total: number;
+  first_message_id: number | null;
+  memory_up_to_id: number | null;
+  mode: ContextMode;
+  counts: PrefillCounts | null;
+}
+
+/** dramatis-core `MemoryUpdate`. */
+export type MemoryUpdate =
+  | { status: "up_to_date" }
+  | { status: "busy" }
+  | { status: "stopped" }
+  | { status: "written"; memory: ChatMemory; messages: number };
+
+/** dramatis-store `MemoryRow`. */
+export interface ChatMemory {
+  id: number;
+  chat_id: number;
+  up_to_id: number;
+  text: string;
+  edited: boolean;
+  updated_at: number;
 }
 
 /** dramatis-core `ChatMessage`. */
@@ -242,6 +308,8 @@ export interface ChatView {
   user_name: string;
   messages: ChatMessage[];
   settings: ChatSettings;
+  window_start_id: number | null;
+  memory: ChatMemory | null;
 }
 
 /** dramatis-core `ChatEvent`. */
@@ -255,6 +323,8 @@ export type ChatEvent =
       budget: number;
       turns_included: number;
       turns_total: number;
+      first_message_id: number | null;
+      sections: [SectionKind, number][];
     }
   | { type: "text"; text: string }
   | {
@@ -263,6 +333,7 @@ export type ChatEvent =
       stop_reason: string;
       tokens: number;
       tokens_per_sec: number;
+      counts: PrefillCounts;
     };
 
 /** dramatis-core `MessageHit`. */

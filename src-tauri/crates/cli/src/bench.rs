@@ -43,6 +43,13 @@ pub struct BenchArgs {
     /// Print JSON only.
     #[arg(long)]
     json: bool,
+    /// Measure a chat at the window's edge instead: turns past a full window
+    /// with the cache shifted and with prefix reuse only, side by side.
+    #[arg(long)]
+    window_edge: bool,
+    /// Turns measured past the window's edge (with --window-edge).
+    #[arg(long, default_value_t = 6)]
+    edge_turns: usize,
 }
 
 #[derive(Serialize)]
@@ -131,6 +138,9 @@ pub fn run(a: BenchArgs, cancel: &AtomicBool) -> Result<()> {
         x ^= x << 17;
         (x % u64::from(vocab - 300)) as u32
     };
+    if a.window_edge {
+        return window_edge(&a, &model, &mut token, cancel);
+    }
     let prompt: Vec<u32> = (0..a.prompt_tokens).map(|_| token()).collect();
 
     let mut session = Session::new(model.clone());
@@ -260,5 +270,181 @@ pub fn run(a: BenchArgs, cancel: &AtomicBool) -> Result<()> {
         );
     }
     println!("{}", serde_json::to_string(&r)?);
+    Ok(())
+}
+
+/// One turn at the window's edge, as measured.
+#[derive(Serialize)]
+struct EdgeTurn {
+    mode: &'static str,
+    prompt_tokens: usize,
+    reused: usize,
+    shifted: usize,
+    computed: usize,
+    ttft_s: f64,
+    /// The time the same new tokens take alone on a cache holding the rest.
+    new_alone_s: f64,
+    ratio: f64,
+}
+
+#[derive(Serialize)]
+struct EdgeReport {
+    model: String,
+    device: String,
+    turns: Vec<EdgeTurn>,
+    /// Logits after the first shift against a fresh prefill of the same tokens.
+    shift_max_abs_logit_diff: Option<f32>,
+    shift_max_abs_logit: Option<f32>,
+    /// Greedy tokens, teacher-forced on the fresh session's: positions that agree, of 64.
+    shift_greedy_agreement: Option<usize>,
+}
+
+/// A chat that has filled the window: each turn adds a reply and a user
+/// message; the prompt keeps the system part and as many turns as fit,
+/// dropping in steps of 1/8 of the budget (shift) or the fewest turns
+/// (prefix reuse, what a turn cost before shifting).
+fn window_edge(
+    a: &BenchArgs,
+    model: &Arc<dramatis_core::llm::Phi>,
+    token: &mut impl FnMut() -> u32,
+    cancel: &AtomicBool,
+) -> Result<()> {
+    use dramatis_core::llm::Reuse;
+    use dramatis_core::persona::prompt::{Window, window_start};
+    let ctx = model.config().max_position_embeddings;
+    let budget = ctx - 300.min(ctx / 4);
+    let system: Vec<u32> = (0..150).map(|_| token()).collect();
+    let opening: Vec<u32> = (0..4).map(|_| token()).collect();
+    let fixed = system.len() + opening.len();
+    // Enough history to fill the window twice, turns of 40–80 tokens.
+    let mut turns: Vec<Vec<u32>> = Vec::new();
+    while turns.iter().map(Vec::len).sum::<usize>() < 2 * ctx {
+        let n = 40 + (token() % 41) as usize;
+        turns.push((0..n).map(|_| token()).collect());
+    }
+    let prompt_of = |turns: &[Vec<u32>], window: Window| -> Vec<u32> {
+        let sizes: Vec<usize> = turns.iter().map(Vec::len).collect();
+        let first = window_start(&sizes, fixed, budget, window);
+        let mut p = system.clone();
+        for t in &turns[first..] {
+            p.extend(t);
+        }
+        p.extend(&opening);
+        p
+    };
+    let mut report = EdgeReport {
+        model: a
+            .model
+            .as_ref()
+            .map_or("synthetic".into(), |p| p.display().to_string()),
+        device: device_name(model.device()),
+        turns: Vec::new(),
+        shift_max_abs_logit_diff: None,
+        shift_max_abs_logit: None,
+        shift_greedy_agreement: None,
+    };
+    for (mode, reuse, window) in [
+        ("shift", Reuse::Shift, Window { step: budget / 8 }),
+        ("prefix", Reuse::Prefix, Window { step: 0 }),
+    ] {
+        let mut turns = turns.clone();
+        let mut session = Session::new(model.clone());
+        // The window is full before the first measured turn.
+        session.prefill_with(&prompt_of(&turns, window), reuse)?;
+        for _ in 0..a.edge_turns {
+            if cancel.load(Ordering::Relaxed) {
+                bail!("cancelled");
+            }
+            // The last reply (16 tokens) and a new user message (32 tokens).
+            turns.push((0..16).map(|_| token()).collect());
+            turns.push((0..a.turn_tokens).map(|_| token()).collect());
+            let prompt = prompt_of(&turns, window);
+            let t = Instant::now();
+            let (logits, c) = session.prefill_with(&prompt, reuse)?;
+            let _ = argmax(&logits);
+            let ttft_s = t.elapsed().as_secs_f64();
+            if reuse == Reuse::Shift && c.shifted > 0 && report.shift_max_abs_logit_diff.is_none() {
+                divergence(model, &mut session, &prompt, &logits, &mut report)?;
+            }
+            // The ideal: the tokens that were new this turn, after a cache of the rest.
+            let new = 16 + a.turn_tokens + opening.len();
+            session.truncate(prompt.len() - new);
+            let t = Instant::now();
+            let _ = argmax(&session.prefill(&prompt)?.0);
+            let new_alone_s = t.elapsed().as_secs_f64();
+            let turn = EdgeTurn {
+                mode,
+                prompt_tokens: prompt.len(),
+                reused: c.reused,
+                shifted: c.shifted,
+                computed: c.computed,
+                ttft_s,
+                new_alone_s,
+                ratio: ttft_s / new_alone_s,
+            };
+            if !a.json {
+                println!(
+                    "{mode:>6}  prompt {:>4}  reused {:>4}  shifted {:>4}  computed {:>4}  first token {:>7.3} s  new tokens alone {:>6.3} s  ({:.2}×)",
+                    turn.prompt_tokens,
+                    turn.reused,
+                    turn.shifted,
+                    turn.computed,
+                    turn.ttft_s,
+                    turn.new_alone_s,
+                    turn.ratio
+                );
+            }
+            report.turns.push(turn);
+        }
+    }
+    if !a.json
+        && let (Some(d), Some(m), Some(g)) = (
+            report.shift_max_abs_logit_diff,
+            report.shift_max_abs_logit,
+            report.shift_greedy_agreement,
+        )
+    {
+        println!(
+            "after the first shift: max |Δlogit| {d:.4} (largest logit {m:.2}); greedy agreement {g}/64"
+        );
+    }
+    println!("{}", serde_json::to_string(&report)?);
+    Ok(())
+}
+
+/// Compares a shifted session's logits with a fresh prefill of `prompt`, and
+/// their greedy choices over 64 tokens fed from the fresh one.
+fn divergence(
+    model: &Arc<dramatis_core::llm::Phi>,
+    shifted: &mut Session,
+    prompt: &[u32],
+    logits: &[f32],
+    report: &mut EdgeReport,
+) -> Result<()> {
+    let mut fresh = Session::new(model.clone());
+    let (f, _) = fresh.prefill(prompt)?;
+    let diff = |a: &[f32], b: &[f32]| {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max)
+    };
+    let mut max_d = diff(logits, &f);
+    let max_abs = f.iter().fold(0f32, |m, x| m.max(x.abs()));
+    let (mut s_l, mut f_l) = (logits.to_vec(), f);
+    let mut agree = 0;
+    let len = shifted.cached_tokens();
+    for _ in 0..64 {
+        let next = argmax(&f_l);
+        agree += usize::from(argmax(&s_l) == next);
+        s_l = shifted.push(next)?;
+        f_l = fresh.push(next)?;
+        max_d = max_d.max(diff(&s_l, &f_l));
+    }
+    // Leave the measured session as the turn left it.
+    shifted.truncate(len);
+    report.shift_max_abs_logit_diff = Some(max_d);
+    report.shift_max_abs_logit = Some(max_abs);
+    report.shift_greedy_agreement = Some(agree);
     Ok(())
 }

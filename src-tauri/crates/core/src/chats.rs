@@ -317,16 +317,18 @@ pub struct MessageHit {
 /// A loaded model with its session (KV cache) and the adapter in use.
 pub(crate) struct Engine {
     model_id: i64,
-    tokenizer: PhiTokenizer,
-    session: Session,
-    adapter: Option<(i64, Arc<dramatis_llm::LoraAdapter>)>,
+    pub(crate) tokenizer: PhiTokenizer,
+    pub(crate) session: Session,
+    pub(crate) adapter: Option<(i64, Arc<dramatis_llm::LoraAdapter>)>,
 }
 
 /// The engine and the running generation's stop flag.
 #[derive(Default)]
 pub(crate) struct ChatRuntime {
-    engine: Mutex<Option<Engine>>,
-    generating: Mutex<Option<Arc<AtomicBool>>>,
+    pub(crate) engine: Mutex<Option<Engine>>,
+    pub(crate) generating: Mutex<Option<Arc<AtomicBool>>>,
+    /// The running summary's stop flag: a reply sets it and goes first.
+    pub(crate) summarizing: Mutex<Option<Arc<AtomicBool>>>,
 }
 
 impl std::fmt::Debug for ChatRuntime {
@@ -336,7 +338,7 @@ impl std::fmt::Debug for ChatRuntime {
 }
 
 /// Clears the running flag when a generation ends, however it ends.
-struct Running<'a>(&'a Mutex<Option<Arc<AtomicBool>>>);
+pub(crate) struct Running<'a>(pub(crate) &'a Mutex<Option<Arc<AtomicBool>>>);
 impl Drop for Running<'_> {
     fn drop(&mut self) {
         *self.0.lock().unwrap() = None;
@@ -441,7 +443,7 @@ impl Dramatis {
     }
 
     /// Where the window of the branch's last generated reply began.
-    fn window_start(&self, path: &[i64]) -> Result<Option<i64>> {
+    pub(crate) fn window_start(&self, path: &[i64]) -> Result<Option<i64>> {
         for id in path.iter().rev() {
             if let Some(r) = self.prompt_report(*id)? {
                 return Ok(r.first_message_id);
@@ -672,7 +674,7 @@ impl Dramatis {
     }
 
     /// Loads the default model into the engine if another (or none) is loaded.
-    fn ensure_engine<'a>(
+    pub(crate) fn ensure_engine<'a>(
         &self,
         slot: &'a mut Option<Engine>,
         sink: &mut (dyn FnMut(ChatEvent) + Send),
@@ -704,7 +706,7 @@ impl Dramatis {
 
     /// Switches the session to the character's adapter (or none), loading
     /// it once; the base stays loaded.
-    fn use_adapter(&self, engine: &mut Engine, adapter_id: Option<i64>) -> Result<()> {
+    pub(crate) fn use_adapter(&self, engine: &mut Engine, adapter_id: Option<i64>) -> Result<()> {
         let want = match adapter_id {
             // An attachment to an adapter since deleted is ignored.
             Some(id) => self.store().adapter(id).ok(),
@@ -758,6 +760,11 @@ impl Dramatis {
             flag
         };
         let _running = Running(&self.chat_runtime.generating);
+        // A summary in the background never delays a reply: it stops, and is
+        // written again after this reply.
+        if let Some(f) = self.chat_runtime.summarizing.lock().unwrap().as_ref() {
+            f.store(true, Ordering::SeqCst);
+        }
         let chat = self.store().chat(chat_id)?;
         let card = self.character(chat.character_id)?.card;
         let persona = self.chat_persona(chat.persona_id)?;
@@ -961,6 +968,44 @@ struct StMessage {
     extra: serde_json::Value,
 }
 
+/// SillyTavern's author's note keys in `chat_metadata` (position 1: in the
+/// chat at a depth, the only placement Dramatis has; role 0: system).
+fn note_metadata(note: &AuthorNote) -> serde_json::Value {
+    if note.text.trim().is_empty() {
+        return serde_json::json!({});
+    }
+    serde_json::json!({
+        "note_prompt": note.text,
+        "note_interval": note.interval,
+        "note_depth": note.depth,
+        "note_position": 1,
+        "note_role": 0,
+    })
+}
+
+/// The author's note a SillyTavern chat carries, if any: every placement
+/// becomes "in the chat at its depth"; a note over the limits is cut to them.
+fn note_from_metadata(meta: &serde_json::Value) -> Option<AuthorNote> {
+    let text = meta.get("note_prompt")?.as_str()?.trim();
+    if text.is_empty() {
+        return None;
+    }
+    let num = |k: &str, default: u64| {
+        meta.get(k)
+            .and_then(serde_json::Value::as_u64)
+            .unwrap_or(default)
+    };
+    let mut end = text.len().min(8_000);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    Some(AuthorNote {
+        text: text[..end].to_owned(),
+        depth: num("note_depth", 4).min(1000) as usize,
+        interval: num("note_interval", 1).min(10_000) as usize,
+    })
+}
+
 /// Export formats.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -1044,7 +1089,7 @@ impl Dramatis {
                         user_name: view.user_name.clone(),
                         character_name: view.character_name.clone(),
                         create_date: iso_date(created).into(),
-                        chat_metadata: serde_json::json!({}),
+                        chat_metadata: note_metadata(&view.settings.author_note),
                     })
                     .expect("serializes"),
                 ];
@@ -1164,13 +1209,24 @@ impl Dramatis {
         let title = format!(
             "Imported: {}",
             header
-                .map(|h| h.character_name)
+                .as_ref()
+                .map(|h| h.character_name.clone())
                 .filter(|n| !n.is_empty())
                 .unwrap_or(character.card.name)
         );
+        let note = header
+            .as_ref()
+            .and_then(|h| note_from_metadata(&h.chat_metadata));
         let id = self
             .store()
             .insert_chat_tree(character_id, Some(persona.id), &title, &path)?;
+        if let Some(author_note) = note {
+            let settings = ChatSettings {
+                author_note,
+                ..ChatSettings::default()
+            };
+            return self.set_chat_settings(id, &settings);
+        }
         self.chat_view(id)
     }
 }

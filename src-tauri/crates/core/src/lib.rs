@@ -10,6 +10,7 @@ mod characters;
 mod chats;
 mod diagnostics;
 mod error;
+mod memory;
 mod models;
 mod paths;
 mod personas;
@@ -40,6 +41,7 @@ pub use dramatis_store::{CharacterFilter, TagCount};
 /// LoRA fine-tuning.
 pub use dramatis_train as train;
 pub use error::{Error, ErrorKind, Result};
+pub use memory::MemoryUpdate;
 pub use models::{CatalogItem, DeviceInfo, Model, ModelsOverview};
 pub use paths::{DATA_DIR_ENV, default_data_dir, write_atomically};
 pub use personas::Persona;

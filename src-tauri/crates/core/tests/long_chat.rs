@@ -7,7 +7,8 @@ use std::path::Path;
 use dramatis_core::llm::PhiTokenizer;
 use dramatis_core::persona::prompt::SectionKind;
 use dramatis_core::{
-    CharacterCard, CharacterDraft, ChatEvent, ChatSettings, ContextMode, Dramatis, PromptReport,
+    CharacterCard, CharacterDraft, ChatEvent, ChatSettings, ContextMode, Dramatis, MemoryUpdate,
+    PromptReport,
 };
 
 fn fixture() -> std::path::PathBuf {
@@ -271,4 +272,206 @@ fn the_inspector_shows_the_exact_prompt_by_section() {
         app.chat_view(chat).unwrap().memory.unwrap().text,
         "They fled the storm."
     );
+}
+
+/// A 300-turn chat with one reply sent, summaries on.
+fn full_chat(app: &Dramatis) -> i64 {
+    let c = character(app);
+    let chat = app.import_chat(c, &long_chat(300)).unwrap().chat.id;
+    let mut s = settings(ContextMode::Shift);
+    s.memory = true;
+    s.memory_budget = 48;
+    app.set_chat_settings(chat, &s).unwrap();
+    send(app, chat, "Where are we?");
+    chat
+}
+
+#[test]
+fn a_summary_covers_what_left_the_window_and_enters_the_prompt_within_its_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = app(dir.path());
+    let chat = full_chat(&app);
+    let before = app.chat_view(chat).unwrap();
+    assert!(before.memory.is_none());
+    let start = before.window_start_id.unwrap();
+    let up_to = match app.update_memory(chat).unwrap() {
+        MemoryUpdate::Written { memory, messages } => {
+            assert!(messages > 250, "{messages} messages summarized");
+            memory.up_to_id
+        }
+        other => panic!("{other:?}"),
+    };
+    // It covers exactly the messages before the window.
+    let ids: Vec<i64> = before.messages.iter().map(|m| m.id).collect();
+    let at = ids.iter().position(|&i| i == start).unwrap();
+    assert_eq!(up_to, ids[at - 1]);
+    assert_eq!(app.update_memory(chat).unwrap(), MemoryUpdate::UpToDate);
+    // The next prompt holds it within its budget, after the character's definition.
+    let t = send(&app, chat, "And then?");
+    let m = t
+        .report
+        .sections
+        .iter()
+        .find(|s| s.kind == SectionKind::Memory)
+        .unwrap();
+    assert!(m.tokens <= 48, "{} tokens", m.tokens);
+    assert_eq!(t.report.memory_up_to_id, Some(up_to));
+    // No message was touched.
+    let after = app.chat_view(chat).unwrap();
+    assert_eq!(after.messages.len(), before.messages.len() + 2);
+}
+
+#[test]
+fn a_reply_stops_a_running_summary_which_resumes_later() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = std::sync::Arc::new(app(dir.path()));
+    let chat = full_chat(&app);
+    let bg = {
+        let app = app.clone();
+        std::thread::spawn(move || app.update_memory(chat).unwrap())
+    };
+    // Wait until it runs, then send: the reply goes first.
+    while !app.is_summarizing() {
+        std::thread::yield_now();
+    }
+    send(&app, chat, "Quick, a reply!");
+    let r = bg.join().unwrap();
+    assert!(
+        matches!(r, MemoryUpdate::Stopped | MemoryUpdate::Written { .. }),
+        "{r:?}"
+    );
+    // While a reply runs, a summary does not start.
+    drop(app);
+    let app = self::app(dir.path());
+    let v = app.chat_view(chat).unwrap();
+    let first_window = v.window_start_id.unwrap();
+    // After a restart, it picks up where it stopped and covers the rest.
+    loop {
+        match app.update_memory(chat).unwrap() {
+            MemoryUpdate::UpToDate => break,
+            MemoryUpdate::Written { .. } => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    let v = app.chat_view(chat).unwrap();
+    let ids: Vec<i64> = v.messages.iter().map(|m| m.id).collect();
+    let m = v.memory.unwrap();
+    let covered = ids.iter().position(|&i| i == m.up_to_id).unwrap();
+    let window = ids.iter().position(|&i| i == first_window).unwrap();
+    assert_eq!(covered + 1, window);
+}
+
+#[test]
+fn summaries_stay_on_their_branch() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = app(dir.path());
+    let chat = full_chat(&app);
+    assert!(matches!(
+        app.update_memory(chat).unwrap(),
+        MemoryUpdate::Written { .. }
+    ));
+    let v = app.chat_view(chat).unwrap();
+    let m = v.memory.clone().unwrap();
+    // Fork before the summary's last message: the new branch has no summary of the old one.
+    let pos = v.messages.iter().position(|x| x.id == m.up_to_id).unwrap();
+    let earlier = &v.messages[pos - 3];
+    let forked = app.edit_message(earlier.id, "A different turn.").unwrap();
+    // It has at most a summary of what both branches share.
+    if let Some(f) = &forked.memory {
+        assert_ne!(f.id, m.id);
+        assert!(forked.messages.iter().any(|x| x.id == f.up_to_id));
+    }
+    // Back on the old branch, its summary is there again.
+    let back = app.select_swipe(forked.messages[pos - 3].id, 0).unwrap();
+    assert_eq!(back.memory.unwrap().id, m.id);
+}
+
+#[test]
+fn a_killed_summary_loses_no_message() {
+    if let Ok(dir) = std::env::var("DRAMATIS_MEMORY_CHILD") {
+        let app = app(Path::new(&dir));
+        let chat = app.list_characters(&Default::default()).unwrap();
+        let _ = chat;
+        let id: i64 = std::env::var("DRAMATIS_MEMORY_CHAT")
+            .unwrap()
+            .parse()
+            .unwrap();
+        println!("started");
+        let _ = app.update_memory(id);
+        println!("done");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (chat, count) = {
+        let app = app(dir.path());
+        let chat = full_chat(&app);
+        (chat, app.chat_view(chat).unwrap().messages.len())
+    };
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "a_killed_summary_loses_no_message",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("DRAMATIS_MEMORY_CHILD", dir.path())
+        .env("DRAMATIS_MEMORY_CHAT", chat.to_string())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    use std::io::BufRead;
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    while let Some(Ok(l)) = lines.next() {
+        if l == "started" {
+            break;
+        }
+    }
+    // Mid-summary: the model loads and the first round runs for a while.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let app = app(dir.path());
+    app.store().integrity_check().unwrap();
+    let v = app.chat_view(chat).unwrap();
+    assert_eq!(v.messages.len(), count);
+    for m in app.store().memories(chat).unwrap() {
+        assert!(!m.text.trim().is_empty(), "no half summary");
+    }
+}
+
+#[test]
+fn the_author_note_travels_in_sillytavern_chat_metadata() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = app(dir.path());
+    let c = character(&app);
+    let mut lines: Vec<String> = long_chat(6).lines().map(str::to_owned).collect();
+    lines[0] = serde_json::json!({
+        "user_name": "You", "character_name": "Kestrel",
+        "chat_metadata": {"note_prompt": "The hull is breached.", "note_interval": 2, "note_depth": 3, "note_position": 1, "note_role": 0}
+    })
+    .to_string();
+    let v = app.import_chat(c, &lines.join("\n")).unwrap();
+    let n = &v.settings.author_note;
+    assert_eq!(
+        (n.text.as_str(), n.depth, n.interval),
+        ("The hull is breached.", 3, 2)
+    );
+    let out = app
+        .export_chat(v.chat.id, dramatis_core::ExportFormat::Jsonl)
+        .unwrap();
+    let header: serde_json::Value = serde_json::from_str(out.lines().next().unwrap()).unwrap();
+    let meta = &header["chat_metadata"];
+    assert_eq!(meta["note_prompt"], "The hull is breached.");
+    assert_eq!(
+        (meta["note_depth"].as_u64(), meta["note_interval"].as_u64()),
+        (Some(3), Some(2))
+    );
+    // A chat without a note exports none, and imports with the note off.
+    let plain = app.import_chat(c, &long_chat(4)).unwrap();
+    assert!(plain.settings.author_note.text.is_empty());
+    let out = app
+        .export_chat(plain.chat.id, dramatis_core::ExportFormat::Jsonl)
+        .unwrap();
+    assert!(!out.lines().next().unwrap().contains("note_prompt"));
 }

@@ -1,4 +1,4 @@
-use candle_core::Tensor;
+use candle_core::{CpuStorage, D, DType, Layout, Tensor};
 
 use crate::Result;
 
@@ -114,16 +114,16 @@ impl KvCache {
     }
 
     /// Moves the `len` tokens held at `from` to start at `to` in every layer,
-    /// keys passed through `keys` (the rotary re-rotation), values as they
-    /// are, and makes sure the buffers hold `to + len` tokens. What lies at
-    /// other positions is untouched, the held length too: the caller sets it
-    /// (see [`KvCache::set_len`]).
+    /// keys turned by `rotation`, values as they are, and makes sure the
+    /// buffers hold `to + len` tokens. What lies at other positions is
+    /// untouched, the held length too: the caller sets it (see
+    /// [`KvCache::set_len`]).
     pub(crate) fn move_block(
         &mut self,
         from: usize,
         to: usize,
         len: usize,
-        keys: impl Fn(&Tensor) -> Result<Tensor>,
+        rotation: &KeyRotation,
     ) -> Result<()> {
         if from + len > self.len || to + len > self.max_len {
             return Err(crate::Error::Invalid(format!(
@@ -135,10 +135,7 @@ impl KvCache {
         for lc in &mut self.layers {
             for (slot, is_key) in [(&mut lc.k, true), (&mut lc.v, false)] {
                 let Some(buf) = slot.as_ref() else { continue };
-                let block = buf.narrow(2, from, len)?.contiguous()?;
-                let block = if is_key { keys(&block)? } else { block };
-                let cap = buf.dim(2)?;
-                if to + len > cap {
+                if to + len > buf.dim(2)? {
                     let (b, h, _, d) = buf.dims4()?;
                     let new_cap = (to + len)
                         .div_ceil(GROW)
@@ -148,7 +145,24 @@ impl KvCache {
                     grown.slice_set(&buf.narrow(2, 0, held)?.contiguous()?, 2, 0)?;
                     *slot = Some(grown);
                 }
-                slot.as_ref().expect("set").slice_set(&block, 2, to)?;
+                let buf = slot.as_ref().expect("set");
+                let rotate = is_key.then_some(rotation);
+                if buf.device().is_cpu() {
+                    // One pass in place: no copy of the block, no temporaries.
+                    buf.inplace_op1(&MoveRows {
+                        from,
+                        to,
+                        len,
+                        rotate,
+                    })?;
+                } else {
+                    let block = buf.narrow(2, from, len)?.contiguous()?;
+                    let block = match rotate {
+                        Some(r) => r.apply(&block)?,
+                        None => block,
+                    };
+                    buf.slice_set(&block, 2, to)?;
+                }
             }
         }
         Ok(())
@@ -177,5 +191,205 @@ impl KvCache {
     /// Commits `new` appended tokens.
     pub(crate) fn advance(&mut self, new: usize) {
         self.len += new;
+    }
+}
+
+/// A turn of the rotary part of cached keys by a whole number of positions:
+/// per pair `i` of the first `2·cos.len()` dimensions (GPT-NeoX halves),
+/// `(x₁, x₂) → (x₁ cos − x₂ sin, x₂ cos + x₁ sin)`.
+#[derive(Debug, Clone)]
+pub(crate) struct KeyRotation {
+    pub(crate) cos: Vec<f32>,
+    pub(crate) sin: Vec<f32>,
+}
+
+impl KeyRotation {
+    /// The rotated copy of keys `[b, heads, n, head_dim]` (any device), in their dtype.
+    pub(crate) fn apply(&self, k: &Tensor) -> Result<Tensor> {
+        let half = self.cos.len();
+        let rd = 2 * half;
+        let hd = k.dim(D::Minus1)?;
+        let n = k.dim(2)?;
+        if n == 0 {
+            return Ok(k.clone());
+        }
+        let row = |v: &[f32]| -> Result<Tensor> {
+            Ok(Tensor::from_slice(v, (1, half), k.device())?
+                .broadcast_as((n, half))?
+                .contiguous()?)
+        };
+        let (cos, sin) = (row(&self.cos)?, row(&self.sin)?);
+        let k32 = k.to_dtype(DType::F32)?;
+        let rot = k32.narrow(D::Minus1, 0, rd)?.contiguous()?;
+        let rot = candle_nn::rotary_emb::rope(&rot, &cos, &sin)?;
+        let out = if rd == hd {
+            rot
+        } else {
+            Tensor::cat(&[&rot, &k32.narrow(D::Minus1, rd, hd - rd)?], D::Minus1)?
+        };
+        Ok(out.to_dtype(k.dtype())?.contiguous()?)
+    }
+
+    fn turn(&self, row: &mut [f32]) {
+        let half = self.cos.len();
+        for i in 0..half {
+            let (x1, x2) = (row[i], row[i + half]);
+            row[i] = x1 * self.cos[i] - x2 * self.sin[i];
+            row[i + half] = x2 * self.cos[i] + x1 * self.sin[i];
+        }
+    }
+}
+
+/// Moves rows `from..from+len` of every `[capacity, head_dim]` plane of a
+/// contiguous `[b, heads, capacity, head_dim]` buffer to start at `to`, in
+/// place, turning each moved row by `rotate` when given.
+struct MoveRows<'a> {
+    from: usize,
+    to: usize,
+    len: usize,
+    rotate: Option<&'a KeyRotation>,
+}
+
+impl MoveRows<'_> {
+    fn run<T: Copy>(
+        &self,
+        data: &mut [T],
+        layout: &Layout,
+        to_f32: impl Fn(T) -> f32,
+        from_f32: impl Fn(f32) -> T,
+    ) -> candle_core::Result<()> {
+        let (b, h, cap, hd) = layout.shape().dims4()?;
+        if !layout.is_contiguous() {
+            candle_core::bail!("the KV cache buffer is not contiguous");
+        }
+        let data = &mut data[layout.start_offset()..layout.start_offset() + b * h * cap * hd];
+        let mut row = vec![0f32; hd];
+        for plane in data.chunks_exact_mut(cap * hd) {
+            let src = self.from * hd..(self.from + self.len) * hd;
+            plane.copy_within(src, self.to * hd);
+            let Some(r) = self.rotate else { continue };
+            for dst in plane[self.to * hd..(self.to + self.len) * hd].chunks_exact_mut(hd) {
+                for (x, y) in row.iter_mut().zip(dst.iter()) {
+                    *x = to_f32(*y);
+                }
+                r.turn(&mut row);
+                for (y, x) in dst.iter_mut().zip(&row) {
+                    *y = from_f32(*x);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl candle_core::InplaceOp1 for MoveRows<'_> {
+    fn name(&self) -> &'static str {
+        "kv-move-rows"
+    }
+
+    fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> candle_core::Result<()> {
+        match storage {
+            CpuStorage::F32(v) => self.run(v, layout, |x| x, |x| x),
+            CpuStorage::F16(v) => self.run(v, layout, |x| x.to_f32(), half::f16::from_f32),
+            CpuStorage::BF16(v) => self.run(v, layout, |x| x.to_f32(), half::bf16::from_f32),
+            _ => candle_core::bail!("a KV cache must be f32, f16 or bf16 to move"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn rotation() -> KeyRotation {
+        let (cos, sin) = (0..8)
+            .map(|i| ((i as f32 * 0.7).cos(), (i as f32 * 0.7).sin()))
+            .unzip();
+        KeyRotation { cos, sin }
+    }
+
+    /// A cache of one layer holding `n` random tokens, and its K and V as vectors.
+    fn filled(n: usize) -> KvCache {
+        let mut c = KvCache::new(1, 64);
+        let k = Tensor::randn(0f32, 1.0, (1, 3, n, 20), &Device::Cpu).unwrap();
+        let v = Tensor::randn(0f32, 1.0, (1, 3, n, 20), &Device::Cpu).unwrap();
+        c.append(0, &k, &v).unwrap();
+        c.advance(n);
+        c
+    }
+
+    fn held(c: &KvCache, n: usize) -> (Tensor, Tensor) {
+        let l = &c.layers[0];
+        (
+            l.k.as_ref().unwrap().narrow(2, 0, n).unwrap(),
+            l.v.as_ref().unwrap().narrow(2, 0, n).unwrap(),
+        )
+    }
+
+    #[test]
+    fn moving_in_place_equals_the_generic_ops_for_overlapping_moves() {
+        for (from, to, len) in [(10, 4, 20), (2, 9, 25), (30, 0, 10), (5, 5, 7)] {
+            let mut c = filled(40);
+            let (k0, v0) = held(&c, 40);
+            let r = rotation();
+            // The expectation, with the generic tensor ops (what a GPU runs).
+            let k_block = r
+                .apply(&k0.narrow(2, from, len).unwrap().contiguous().unwrap())
+                .unwrap();
+            let v_block = v0.narrow(2, from, len).unwrap().contiguous().unwrap();
+            let (k_block, v_block) = (
+                k_block.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                v_block.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            );
+            c.move_block(from, to, len, &r).unwrap();
+            c.set_len(to + len).unwrap();
+            let (k1, v1) = held(&c, to + len);
+            let got_k = k1
+                .narrow(2, to, len)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            let got_v = v1
+                .narrow(2, to, len)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            assert_eq!(got_v, v_block, "values move unchanged ({from}->{to})");
+            let err = got_k
+                .iter()
+                .zip(&k_block)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(err < 1e-6, "keys ({from}->{to}): {err}");
+            // What lies before the destination is untouched.
+            let before = |t: &Tensor| {
+                t.narrow(2, 0, to.min(from))
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+            };
+            assert_eq!(before(&k1), before(&k0));
+        }
+    }
+
+    #[test]
+    fn a_move_past_the_limit_is_refused_and_changes_nothing() {
+        let mut c = filled(40);
+        let (k0, _) = held(&c, 40);
+        assert!(c.move_block(30, 0, 20, &rotation()).is_err());
+        assert!(c.move_block(0, 50, 20, &rotation()).is_err());
+        assert_eq!(c.len(), 40);
+        let (k1, _) = held(&c, 40);
+        assert_eq!(
+            k0.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            k1.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        );
     }
 }

@@ -302,20 +302,15 @@ impl Phi {
         block.dense.forward(&y, &slots(l, &[LoraTarget::Dense]))
     }
 
-    /// Moves cached keys (`[b, heads, n, head_dim]`, rotated for their old
-    /// positions) `delta` positions along: the rotary part is rotated by
-    /// `delta`·θ, the rest and the values need nothing. A rotation composes
-    /// additively, so this equals rotating the unrotated keys at the new
-    /// positions (up to rounding).
-    pub(crate) fn shift_keys(&self, k: &Tensor, delta: i64) -> Result<Tensor> {
+    /// The rotation that moves cached keys (rotated for their old positions)
+    /// `delta` positions along: the rotary part turns by `delta`·θ, the rest
+    /// of the keys and all values need nothing. Rotations compose additively,
+    /// so this equals rotating the keys afresh at the new positions (up to
+    /// rounding).
+    pub(crate) fn key_rotation(&self, delta: i64) -> crate::cache::KeyRotation {
         let rd = self.cfg.rotary_dim();
-        let hd = self.cfg.head_dim();
-        let n = k.dim(2)?;
-        if delta == 0 || n == 0 {
-            return Ok(k.clone());
-        }
         // Angles in f64: Δ·θ for Δ near 2048 loses digits in f32.
-        let (cos, sin): (Vec<f32>, Vec<f32>) = (0..rd)
+        let (cos, sin) = (0..rd)
             .step_by(2)
             .map(|i| {
                 let inv = 1.0 / self.cfg.rope_theta.powf(i as f64 / rd as f64);
@@ -323,22 +318,7 @@ impl Phi {
                 (a.cos() as f32, a.sin() as f32)
             })
             .unzip();
-        let row = |v: Vec<f32>| -> Result<Tensor> {
-            Ok(Tensor::from_vec(v, (1, rd / 2), k.device())?
-                .broadcast_as((n, rd / 2))?
-                .contiguous()?)
-        };
-        let (cos, sin) = (row(cos)?, row(sin)?);
-        let dtype = k.dtype();
-        let k32 = k.to_dtype(DType::F32)?;
-        let rot = k32.narrow(D::Minus1, 0, rd)?.contiguous()?;
-        let rot = candle_nn::rotary_emb::rope(&rot, &cos, &sin)?;
-        let out = if rd == hd {
-            rot
-        } else {
-            Tensor::cat(&[&rot, &k32.narrow(D::Minus1, rd, hd - rd)?], D::Minus1)?
-        };
-        Ok(out.to_dtype(dtype)?.contiguous()?)
+        crate::cache::KeyRotation { cos, sin }
     }
 
     /// Rotates the first `rotary_dim` dimensions of each head (GPT-NeoX style).

@@ -225,12 +225,8 @@ impl Session {
         let mut logits = None;
         let shifted = match splice {
             Some(sp) => {
-                let delta = sp.to as i64 - sp.from as i64;
-                let model = self.model.clone();
-                if let Err(e) = self
-                    .cache
-                    .move_block(sp.from, sp.to, sp.len, |k| model.shift_keys(k, delta))
-                {
+                let rotation = self.model.key_rotation(sp.to as i64 - sp.from as i64);
+                if let Err(e) = self.cache.move_block(sp.from, sp.to, sp.len, &rotation) {
                     self.reset();
                     return Err(e);
                 }
@@ -543,8 +539,24 @@ mod shift_tests {
     use candle_core::Device;
 
     fn tiny() -> Phi {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny");
-        crate::load_model(&dir, &Device::Cpu).unwrap()
+        tiny_on(&Device::Cpu)
+    }
+
+    fn tiny_on(device: &Device) -> Phi {
+        // At run time first: a test binary carried to the GPU machine runs elsewhere.
+        let root = std::env::var_os("CARGO_MANIFEST_DIR")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into());
+        crate::load_model(&root.join("tests/fixtures/tiny"), device).unwrap()
+    }
+
+    /// The CPU, and the GPU when the build has CUDA and the machine one.
+    fn devices() -> Vec<Device> {
+        let mut v = vec![Device::Cpu];
+        if let Ok(d) = crate::DeviceChoice::Cuda(0).open() {
+            v.push(d);
+        }
+        v
     }
 
     /// Deterministic pseudo-random token ids below `vocab`.
@@ -575,8 +587,8 @@ mod shift_tests {
         let (h, d) = (phi.cfg.num_attention_heads, phi.cfg.head_dim());
         let k = Tensor::randn(0f32, 1.0, (1, h, 37, d), &Device::Cpu).unwrap();
         for a in [1i64, 17, 255, 2047] {
-            let there = phi.shift_keys(&k, a).unwrap();
-            let back = phi.shift_keys(&there, -a).unwrap();
+            let there = phi.key_rotation(a).apply(&k).unwrap();
+            let back = phi.key_rotation(-a).apply(&there).unwrap();
             let err: f32 = (back - &k)
                 .unwrap()
                 .abs()
@@ -599,9 +611,15 @@ mod shift_tests {
 
     #[test]
     fn a_shifted_one_layer_cache_equals_a_fresh_one() {
+        for d in devices() {
+            shifted_one_layer_equals_fresh(&d);
+        }
+    }
+
+    fn shifted_one_layer_equals_fresh(device: &Device) {
         // With one block, a token's keys and values depend on itself alone, so
         // moving them is exact: what remains is rounding.
-        let mut phi = tiny();
+        let mut phi = tiny_on(device);
         phi.blocks.truncate(1);
         phi.cfg.num_hidden_layers = 1;
         let phi = Arc::new(phi);
@@ -618,7 +636,10 @@ mod shift_tests {
         );
         let (fresh, _) = Session::new(phi).prefill(&second).unwrap();
         let d = max_diff(&shifted, &fresh);
-        assert!(d < 1e-4, "one-layer shift differs from fresh by {d}");
+        assert!(
+            d < 1e-4,
+            "{device:?}: one-layer shift differs from fresh by {d}"
+        );
     }
 
     #[test]

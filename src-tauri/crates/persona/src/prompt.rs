@@ -51,6 +51,51 @@ pub fn stop_strings() -> Vec<String> {
         .collect()
 }
 
+/// The prompt that asks the model to fold `turns` (oldest first) into the
+/// story's summary `previous` (empty when there is none yet): a system part
+/// with the task, the transcript as the user's turn, and the reply opening.
+pub fn summary_prompt(
+    char_name: &str,
+    user_name: &str,
+    previous: &str,
+    turns: &[(Speaker, String)],
+) -> String {
+    let transcript: String = turns
+        .iter()
+        .map(|(s, t)| {
+            let who = match s {
+                Speaker::User => user_name,
+                Speaker::Assistant => char_name,
+                Speaker::System => "Narrator",
+            };
+            format!(
+                "{who}: {}\n",
+                replace_macros(t.trim(), char_name, user_name)
+            )
+        })
+        .collect();
+    let previous = previous.trim();
+    let mut ask = String::new();
+    if !previous.is_empty() {
+        ask.push_str(&format!("The story so far: {previous}\n\n"));
+    }
+    ask.push_str(&format!(
+        "What happened next:\n{transcript}\nWrite the story so far in a few sentences."
+    ));
+    format!(
+        "{}{}{ASSISTANT}",
+        turn(
+            Speaker::System,
+            &format!(
+                "You keep the memory of a role-play between {char_name} and {user_name}: \
+                 a short summary, in the past tense, of the events, places, names and promises \
+                 that matter later. No commentary."
+            )
+        ),
+        turn(Speaker::User, &ask)
+    )
+}
+
 /// How a chat is laid out for the model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -112,7 +157,9 @@ pub struct AuthorNote {
 impl AuthorNote {
     /// Whether the note goes into a prompt whose history has `user_turns` user turns.
     pub fn applies(&self, user_turns: usize) -> bool {
-        !self.text.trim().is_empty() && self.interval > 0 && user_turns % self.interval == 0
+        !self.text.trim().is_empty()
+            && self.interval > 0
+            && user_turns.is_multiple_of(self.interval)
     }
 }
 
@@ -124,6 +171,35 @@ pub struct Window {
     /// cut stays put for several turns and the kept history is a stable
     /// block a cache can reuse. 0 drops only what must go, turn by turn.
     pub step: usize,
+}
+
+/// The first turn to keep of turns of `sizes` tokens (oldest first) when
+/// `fixed` tokens are taken by the rest of a prompt of `budget`: the newest
+/// turns that fit, the cut then moved on to the next [`Window::step`]
+/// boundary of the history's running token count (unless that leaves no turn).
+pub fn window_start(sizes: &[usize], fixed: usize, budget: usize, window: Window) -> usize {
+    let mut used = fixed;
+    let mut first = sizes.len();
+    while first > 0 && used + sizes[first - 1] <= budget {
+        used += sizes[first - 1];
+        first -= 1;
+    }
+    if first == 0 || first == sizes.len() || window.step == 0 {
+        return first;
+    }
+    let starts: Vec<usize> = sizes
+        .iter()
+        .scan(0, |acc, n| {
+            let s = *acc;
+            *acc += n;
+            Some(s)
+        })
+        .collect();
+    let target = starts[first].div_ceil(window.step) * window.step;
+    match (first..sizes.len()).find(|&i| starts[i] >= target) {
+        Some(i) if i + 1 < sizes.len() => i,
+        _ => first,
+    }
 }
 
 /// Everything a prompt is made from.
@@ -412,15 +488,25 @@ impl PromptParts<'_> {
         }
         let render = |m: &str| self.render_system(&format!("Story so far: {m}"));
         let mut text = render(memory);
-        let mut words: Vec<&str> = memory.split_whitespace().collect();
-        while count(&text) > self.memory_budget && !words.is_empty() {
-            // Drop an eighth of what is left (at least a word) from the front.
-            let cut = (words.len() / 8).max(1);
-            words.drain(..cut);
-            text = if words.is_empty() {
+        let mut rest = memory;
+        while count(&text) > self.memory_budget && !rest.is_empty() {
+            // Drop an eighth of what is left from the front, at a word boundary
+            // when there is one (a single long word is cut inside).
+            let mut cut = rest.len() / 8;
+            while !rest.is_char_boundary(cut) {
+                cut += 1;
+            }
+            let cut = rest[cut..]
+                .find(char::is_whitespace)
+                .map_or(cut.max(1), |w| cut + w);
+            let cut = (cut..=rest.len())
+                .find(|&i| rest.is_char_boundary(i))
+                .unwrap_or(rest.len());
+            rest = rest[cut..].trim_start();
+            text = if rest.is_empty() {
                 String::new()
             } else {
-                render(&format!("… {}", words.join(" ")))
+                render(&format!("… {rest}"))
             };
         }
         text
@@ -458,31 +544,7 @@ impl PromptParts<'_> {
         let note_tokens = note.as_ref().map_or(0, |(_, t)| count(t));
         let fixed = count(&head.text) + count(&tail) + count(&opening) + note_tokens;
         let sizes: Vec<usize> = turns.iter().map(|t| count(t)).collect();
-        // Newest first, while the sum fits.
-        let mut used = fixed;
-        let mut first = turns.len();
-        while first > 0 && used + sizes[first - 1] <= budget {
-            used += sizes[first - 1];
-            first -= 1;
-        }
-        if first > 0 && first < turns.len() && self.window.step > 0 {
-            // Move the cut on to the next step boundary of the history's
-            // running token count, unless that would leave no turn.
-            let starts: Vec<usize> = sizes
-                .iter()
-                .scan(0, |acc, n| {
-                    let s = *acc;
-                    *acc += n;
-                    Some(s)
-                })
-                .collect();
-            let target = starts[first].div_ceil(self.window.step) * self.window.step;
-            if let Some(i) = (first..turns.len()).find(|&i| starts[i] >= target)
-                && i + 1 < turns.len()
-            {
-                first = i;
-            }
-        }
+        let mut first = window_start(&sizes, fixed, budget, self.window);
         let stop = match self.format {
             PromptFormat::Roleplay => stop_strings(),
             PromptFormat::Transcript => {
