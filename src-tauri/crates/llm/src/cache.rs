@@ -132,6 +132,7 @@ impl KvCache {
             )));
         }
         let held = self.len;
+        let mut tables = None;
         for lc in &mut self.layers {
             for (slot, is_key) in [(&mut lc.k, true), (&mut lc.v, false)] {
                 let Some(buf) = slot.as_ref() else { continue };
@@ -158,7 +159,12 @@ impl KvCache {
                 } else {
                     let block = buf.narrow(2, from, len)?.contiguous()?;
                     let block = match rotate {
-                        Some(r) => r.apply(&block)?,
+                        Some(r) => {
+                            if tables.is_none() {
+                                tables = Some(r.tables(len, buf.device())?);
+                            }
+                            r.apply_with(&block, tables.as_ref().expect("set"))?
+                        }
                         None => block,
                     };
                     buf.slice_set(&block, 2, to)?;
@@ -206,28 +212,38 @@ pub(crate) struct KeyRotation {
 impl KeyRotation {
     /// The rotated copy of keys `[b, heads, n, head_dim]` (any device), in their dtype.
     pub(crate) fn apply(&self, k: &Tensor) -> Result<Tensor> {
+        let tables = self.tables(k.dim(2)?, k.device())?;
+        self.apply_with(k, &tables)
+    }
+
+    /// cos and sin as `[n, pairs]` tensors on `device`: made once per move,
+    /// not once per layer (each is a host-to-device copy on a GPU).
+    pub(crate) fn tables(
+        &self,
+        n: usize,
+        device: &candle_core::Device,
+    ) -> Result<(Tensor, Tensor)> {
         let half = self.cos.len();
-        let rd = 2 * half;
-        let hd = k.dim(D::Minus1)?;
-        let n = k.dim(2)?;
-        if n == 0 {
-            return Ok(k.clone());
-        }
         let row = |v: &[f32]| -> Result<Tensor> {
-            Ok(Tensor::from_slice(v, (1, half), k.device())?
-                .broadcast_as((n, half))?
+            Ok(Tensor::from_slice(v, (1, half), device)?
+                .broadcast_as((n.max(1), half))?
                 .contiguous()?)
         };
-        let (cos, sin) = (row(&self.cos)?, row(&self.sin)?);
-        let k32 = k.to_dtype(DType::F32)?;
-        let rot = k32.narrow(D::Minus1, 0, rd)?.contiguous()?;
-        let rot = candle_nn::rotary_emb::rope(&rot, &cos, &sin)?;
-        let out = if rd == hd {
-            rot
-        } else {
-            Tensor::cat(&[&rot, &k32.narrow(D::Minus1, rd, hd - rd)?], D::Minus1)?
-        };
-        Ok(out.to_dtype(k.dtype())?.contiguous()?)
+        Ok((row(&self.cos)?, row(&self.sin)?))
+    }
+
+    /// [`KeyRotation::apply`] with tables from [`KeyRotation::tables`].
+    pub(crate) fn apply_with(&self, k: &Tensor, (cos, sin): &(Tensor, Tensor)) -> Result<Tensor> {
+        let rd = 2 * self.cos.len();
+        if k.dim(2)? == 0 {
+            return Ok(k.clone());
+        }
+        let out = k.to_dtype(DType::F32)?.contiguous()?;
+        let rot = out.narrow(D::Minus1, 0, rd)?.contiguous()?;
+        let rot = candle_nn::rotary_emb::rope(&rot, cos, sin)?;
+        // The copy is ours: write the turned dims back into it.
+        out.slice_set(&rot, 3, 0)?;
+        Ok(out.to_dtype(k.dtype())?)
     }
 
     fn turn(&self, row: &mut [f32]) {
@@ -327,6 +343,16 @@ mod tests {
         )
     }
 
+    /// Positions `at..at + len` of a `[b, h, n, d]` tensor, flattened.
+    fn rows(t: &Tensor, at: usize, len: usize) -> Vec<f32> {
+        t.narrow(2, at, len)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    }
+
     #[test]
     fn moving_in_place_equals_the_generic_ops_for_overlapping_moves() {
         for (from, to, len) in [(10, 4, 20), (2, 9, 25), (30, 0, 10), (5, 5, 7)] {
@@ -334,31 +360,13 @@ mod tests {
             let (k0, v0) = held(&c, 40);
             let r = rotation();
             // The expectation, with the generic tensor ops (what a GPU runs).
-            let k_block = r
-                .apply(&k0.narrow(2, from, len).unwrap().contiguous().unwrap())
-                .unwrap();
-            let v_block = v0.narrow(2, from, len).unwrap().contiguous().unwrap();
-            let (k_block, v_block) = (
-                k_block.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-                v_block.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-            );
+            let block = k0.narrow(2, from, len).unwrap().contiguous().unwrap();
+            let k_block = rows(&r.apply(&block).unwrap(), 0, len);
+            let v_block = rows(&v0, from, len);
             c.move_block(from, to, len, &r).unwrap();
             c.set_len(to + len).unwrap();
             let (k1, v1) = held(&c, to + len);
-            let got_k = k1
-                .narrow(2, to, len)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap();
-            let got_v = v1
-                .narrow(2, to, len)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap();
+            let (got_k, got_v) = (rows(&k1, to, len), rows(&v1, to, len));
             assert_eq!(got_v, v_block, "values move unchanged ({from}->{to})");
             let err = got_k
                 .iter()
@@ -367,15 +375,8 @@ mod tests {
                 .fold(0f32, f32::max);
             assert!(err < 1e-6, "keys ({from}->{to}): {err}");
             // What lies before the destination is untouched.
-            let before = |t: &Tensor| {
-                t.narrow(2, 0, to.min(from))
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1::<f32>()
-                    .unwrap()
-            };
-            assert_eq!(before(&k1), before(&k0));
+            let before = to.min(from);
+            assert_eq!(rows(&k1, 0, before), rows(&k0, 0, before));
         }
     }
 
@@ -387,9 +388,6 @@ mod tests {
         assert!(c.move_block(0, 50, 20, &rotation()).is_err());
         assert_eq!(c.len(), 40);
         let (k1, _) = held(&c, 40);
-        assert_eq!(
-            k0.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-            k1.flatten_all().unwrap().to_vec1::<f32>().unwrap()
-        );
+        assert_eq!(rows(&k0, 0, 40), rows(&k1, 0, 40));
     }
 }
