@@ -211,6 +211,7 @@ pub(crate) struct KeyRotation {
 
 impl KeyRotation {
     /// The rotated copy of keys `[b, heads, n, head_dim]` (any device), in their dtype.
+    #[cfg(test)]
     pub(crate) fn apply(&self, k: &Tensor) -> Result<Tensor> {
         let tables = self.tables(k.dim(2)?, k.device())?;
         self.apply_with(k, &tables)
