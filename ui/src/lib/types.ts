@@ -216,6 +216,7 @@ export interface ChatSettings {
   author_note: AuthorNote;
   memory: boolean;
   memory_budget: number;
+  memory_depth: number | null;
 }
 
 /** dramatis-core `ContextMode`: what happens at the window's edge. */

@@ -57,6 +57,9 @@ pub struct ChatSettings {
     pub memory: bool,
     /// The most tokens the summary takes in the prompt.
     pub memory_budget: usize,
+    /// Where the summary goes: `None` after the character's definition, or
+    /// in the chat this many messages from the end.
+    pub memory_depth: Option<usize>,
 }
 
 /// How a chat longer than the window is fed to the model.
@@ -105,6 +108,7 @@ impl Default for ChatSettings {
             author_note: AuthorNote::default(),
             memory: true,
             memory_budget: 200,
+            memory_depth: None,
         }
     }
 }
@@ -124,8 +128,8 @@ impl ChatSettings {
         if !(1..=1536).contains(&self.max_new_tokens) {
             return bad("the reply length must be between 1 and 1536 tokens");
         }
-        if self.memory_budget > 1024 {
-            return bad("the summary may take at most 1024 tokens");
+        if self.memory_budget > 1024 || self.memory_depth.is_some_and(|d| d > 1000) {
+            return bad("the summary may take at most 1024 tokens, at a depth of at most 1000");
         }
         if self.author_note.text.len() > 8_000 || self.author_note.depth > 1000 {
             return bad("the author's note is limited to 8,000 characters and a depth of 1000");
@@ -809,6 +813,7 @@ impl Dramatis {
             format: settings.format,
             memory: memory.as_ref().map_or("", |m| m.text.as_str()),
             memory_budget: settings.memory_budget,
+            memory_depth: settings.memory_depth,
             author_note: Some(&settings.author_note),
             window: settings.context.window(budget),
         }

@@ -223,6 +223,9 @@ pub struct PromptParts<'a> {
     pub memory: &'a str,
     /// The most tokens the memory may take; a longer one keeps its end.
     pub memory_budget: usize,
+    /// Where the memory goes: `None` after the character's definition (a
+    /// stable place a cache reuses), `Some(n)` in the chat `n` turns from the end.
+    pub memory_depth: Option<usize>,
     /// The author's note (off when its text is empty).
     pub author_note: Option<&'a AuthorNote>,
     /// How history is dropped.
@@ -247,6 +250,7 @@ impl<'a> PromptParts<'a> {
             format: PromptFormat::Roleplay,
             memory: "",
             memory_budget: 0,
+            memory_depth: None,
             author_note: None,
             window: Window::default(),
         }
@@ -519,7 +523,14 @@ impl PromptParts<'_> {
     pub fn build(&self, budget: usize, count: impl Fn(&str) -> usize) -> Prompt {
         let mut head = Layout::default();
         self.render_system_into(&mut head, &self.system_pieces());
-        head.push(SectionKind::Memory, &self.memory_part(&count));
+        let memory = self.memory_part(&count);
+        // Parts placed in the chat at a depth, in this order where depths meet.
+        let mut inserts: Vec<(usize, SectionKind, String)> = Vec::new();
+        match self.memory_depth {
+            None => head.push(SectionKind::Memory, &memory),
+            Some(d) if !memory.is_empty() => inserts.push((d, SectionKind::Memory, memory)),
+            Some(_) => {}
+        }
         let post = self.card.post_history_instructions.trim();
         let tail = if post.is_empty() {
             String::new()
@@ -537,12 +548,13 @@ impl PromptParts<'_> {
             .iter()
             .filter(|(s, _)| *s == Speaker::User)
             .count();
-        let note = self
-            .author_note
-            .filter(|n| n.applies(user_turns))
-            .map(|n| (n.depth, self.render_system(&self.fill(&n.text))));
-        let note_tokens = note.as_ref().map_or(0, |(_, t)| count(t));
-        let fixed = count(&head.text) + count(&tail) + count(&opening) + note_tokens;
+        let note = self.author_note.filter(|n| n.applies(user_turns));
+        if let Some(n) = note {
+            let text = self.render_system(&self.fill(&n.text));
+            inserts.push((n.depth, SectionKind::AuthorNote, text));
+        }
+        let inserted: usize = inserts.iter().map(|(_, _, t)| count(t)).sum();
+        let fixed = count(&head.text) + count(&tail) + count(&opening) + inserted;
         let sizes: Vec<usize> = turns.iter().map(|t| count(t)).collect();
         let mut first = window_start(&sizes, fixed, budget, self.window);
         let stop = match self.format {
@@ -560,17 +572,19 @@ impl PromptParts<'_> {
                 spans: head.spans.clone(),
             };
             let kept = &turns[first..];
-            let note_at = note
-                .as_ref()
-                .map(|(depth, _)| kept.len().saturating_sub(*depth));
             for (i, t) in kept.iter().enumerate() {
-                if note_at == Some(i) {
-                    l.push(SectionKind::AuthorNote, &note.as_ref().expect("set").1);
+                for (depth, kind, text) in &inserts {
+                    if kept.len().saturating_sub(*depth) == i {
+                        l.push(*kind, text);
+                    }
                 }
                 l.push(SectionKind::History, t);
             }
-            if note_at == Some(kept.len()) {
-                l.push(SectionKind::AuthorNote, &note.as_ref().expect("set").1);
+            for (depth, kind, text) in &inserts {
+                // Depth 0, or no turn to stand before.
+                if kept.len().saturating_sub(*depth) == kept.len() {
+                    l.push(*kind, text);
+                }
             }
             l.push(SectionKind::PostHistory, &tail);
             l.push(SectionKind::Reply, &opening);
@@ -949,6 +963,40 @@ mod window_tests {
         );
         assert!(m.start < pr.text.find("turn 0 ").unwrap());
         assert!(pr.text[..m.start].contains("Scenario: Deep space."));
+    }
+
+    #[test]
+    fn memory_can_sit_in_the_chat_at_a_depth() {
+        let c = card();
+        let h = history(8);
+        let mut p = PromptParts::new(&c, "Ava", "", &h);
+        p.memory = "They left port.";
+        p.memory_budget = 50;
+        p.memory_depth = Some(2);
+        let pr = p.build(10_000, words);
+        let m = pr.text.find("Story so far: They left port.").unwrap();
+        assert!(pr.text.find("turn 5 ").unwrap() < m && m < pr.text.find("turn 6 ").unwrap());
+        // Beyond the history it goes first; at 0 right before the post-history part.
+        p.memory_depth = Some(0);
+        let pr = p.build(10_000, words);
+        assert!(
+            pr.text
+                .contains("They left port.</s>\n<|system|>Stay terse."),
+            "{}",
+            pr.text
+        );
+        p.memory_depth = Some(99);
+        let pr = p.build(10_000, words);
+        assert!(pr.text.find("They left port.").unwrap() < pr.text.find("turn 0 ").unwrap());
+        // A note at the same depth follows the memory.
+        let note = AuthorNote {
+            text: "Note here.".into(),
+            depth: 99,
+            interval: 1,
+        };
+        p.author_note = Some(&note);
+        let pr = p.build(10_000, words);
+        assert!(pr.text.find("They left port.").unwrap() < pr.text.find("Note here.").unwrap());
     }
 
     #[test]
