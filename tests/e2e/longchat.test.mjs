@@ -94,6 +94,18 @@ describe("long chat", () => {
       assert.deepEqual(kinds.filter((k) => k !== "free").slice(0, 1), ["system_prompt"]);
       assert.ok(kinds.includes("history") && kinds.includes("reply"));
 
+      // The long-chat settings: the mode, the summary and the author's note.
+      await browser.$('[data-testid="chat-settings-button"]').click();
+      await browser.$('[data-testid="setting-memory-position"]').selectByAttribute("value", "chat");
+      await browser.$('[data-testid="setting-author-note"]').setValue("Keep the storm in mind.");
+      await screenshot(browser, "chat-settings-long");
+      await browser.$('[data-testid="settings-save"]').click();
+      await browser.waitUntil(async () => (await invoke(browser, "chat_view", { chatId })).settings.author_note.text === "Keep the storm in mind.", {
+        timeout: 10000,
+        timeoutMsg: "the author's note was not saved",
+      });
+      assert.equal((await invoke(browser, "chat_view", { chatId })).settings.memory_depth, 4);
+
       // The inspector: sections with counts, the turns left out, the cache's counts.
       const prompts = await browser.$$('[data-testid="inspect-prompt"]');
       await prompts[prompts.length - 1].click();
