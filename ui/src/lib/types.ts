@@ -255,7 +255,7 @@ export interface PromptReport {
   tokens: number;
   budget: number;
   context: number;
-  sections: { kind: SectionKind; tokens: number; text: string }[];
+  sections: { kind: SectionKind; tokens: number; start: number; end: number; text: string }[];
   turns_dropped: number;
   turns_total: number;
   first_message_id: number | null;

@@ -218,7 +218,12 @@ pub struct PromptSection {
     pub kind: SectionKind,
     /// Its tokens.
     pub tokens: usize,
-    /// Its text.
+    /// Its byte range in the prompt.
+    pub start: usize,
+    /// The range's end.
+    pub end: usize,
+    /// Its text (cut from the stored prompt by the range when read).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub text: String,
 }
 
@@ -448,12 +453,10 @@ impl Dramatis {
 
     /// Where the window of the branch's last generated reply began.
     pub(crate) fn window_start(&self, path: &[i64]) -> Result<Option<i64>> {
-        for id in path.iter().rev() {
-            if let Some(r) = self.prompt_report(*id)? {
-                return Ok(r.first_message_id);
-            }
-        }
-        Ok(None)
+        Ok(match self.store().last_reply_info(path)? {
+            Some((_, info)) => parse_report(&info)?.first_message_id,
+            None => None,
+        })
     }
 
     /// The prompt that produced a reply (`None` for messages not generated here).
@@ -461,15 +464,10 @@ impl Dramatis {
         let Some((text, info)) = self.store().reply_prompt(message_id)? else {
             return Ok(None);
         };
-        let mut r: PromptReport = serde_json::from_str(&info)
-            .map_err(|e| Error::Conflict(format!("the stored prompt report is unreadable: {e}")))?;
+        let mut r = parse_report(&info)?;
         // The text is stored once; sections are cut from it by their byte ranges.
-        let ranges: Vec<(usize, usize)> = serde_json::from_str::<serde_json::Value>(&info)
-            .ok()
-            .and_then(|v| serde_json::from_value(v["ranges"].clone()).ok())
-            .unwrap_or_default();
-        for (sec, (a, b)) in r.sections.iter_mut().zip(ranges) {
-            sec.text = text.get(a..b).unwrap_or_default().to_owned();
+        for sec in &mut r.sections {
+            sec.text = text.get(sec.start..sec.end).unwrap_or_default().to_owned();
         }
         Ok(Some(r))
     }
@@ -489,7 +487,8 @@ impl Dramatis {
             .iter()
             .map(|m| m.id)
             .collect();
-        let up_to = match self.store().memory_on_path(&path)? {
+        let current = self.store().memory_on_path(&path)?;
+        let up_to = match &current {
             Some(m) => m.up_to_id,
             None => {
                 let start = self.window_start(&path)?;
@@ -502,7 +501,7 @@ impl Dramatis {
             }
         };
         if text.trim().is_empty() {
-            if let Some(m) = self.store().memory_on_path(&path)? {
+            if let Some(m) = current {
                 self.store().delete_memory(m.id)?;
             }
         } else {
@@ -829,6 +828,8 @@ impl Dramatis {
                 .map(|s| PromptSection {
                     kind: s.kind,
                     tokens: s.tokens,
+                    start: s.start,
+                    end: s.end,
                     text: String::new(),
                 })
                 .collect(),
@@ -839,17 +840,11 @@ impl Dramatis {
             mode: settings.context,
             counts: None,
         };
-        let ranges: Vec<(usize, usize)> =
-            prompt.sections.iter().map(|s| (s.start, s.end)).collect();
         let ids = tokenizer.encode(&prompt.text)?;
         report.tokens = ids.len();
         let save_report = |report: &PromptReport, reply_id: i64| {
-            let mut info = serde_json::to_value(report).expect("report serializes");
-            info["ranges"] = serde_json::json!(ranges);
-            if let Err(e) = self
-                .store()
-                .set_reply_prompt(reply_id, &prompt.text, &info.to_string())
-            {
+            let info = serde_json::to_string(report).expect("report serializes");
+            if let Err(e) = self.store().set_reply_prompt(reply_id, &prompt.text, &info) {
                 tracing::warn!(error = %e, "the reply's prompt was not kept");
             }
         };
@@ -971,6 +966,12 @@ struct StMessage {
     swipe_id: Option<usize>,
     #[serde(default)]
     extra: serde_json::Value,
+}
+
+/// A stored [`PromptReport`] (its sections' texts empty).
+fn parse_report(info: &str) -> Result<PromptReport> {
+    serde_json::from_str(info)
+        .map_err(|e| Error::Conflict(format!("the stored prompt report is unreadable: {e}")))
 }
 
 /// SillyTavern's author's note keys in `chat_metadata` (position 1: in the

@@ -62,6 +62,24 @@ impl Store {
             .optional()?)
     }
 
+    /// The deepest message on a path (ids oldest first) that has a stored
+    /// prompt, with that prompt's description; one query, the prompt text unread.
+    pub fn last_reply_info(&self, path: &[i64]) -> Result<Option<(i64, String)>> {
+        let ids = serde_json::to_string(path).expect("ids serialize");
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT message_id, info FROM reply_prompts
+             WHERE message_id IN (SELECT value FROM json_each(?1))",
+        )?;
+        let found: std::collections::HashMap<i64, String> = stmt
+            .query_map([ids], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<rusqlite::Result<_>>()?;
+        Ok(path
+            .iter()
+            .rev()
+            .find_map(|id| found.get(id).map(|info| (*id, info.clone()))))
+    }
+
     /// The newest memory on a path (message ids oldest first): the one that
     /// covers the most of it.
     pub fn memory_on_path(&self, path: &[i64]) -> Result<Option<MemoryRow>> {
@@ -177,6 +195,9 @@ mod tests {
         s.set_reply_prompt(b2, "p", "{}").unwrap();
         s.set_reply_prompt(b2, "p2", "{\"a\":1}").unwrap();
         assert_eq!(s.reply_prompt(b2).unwrap().unwrap().0, "p2");
+        s.set_reply_prompt(a, "p0", "{}").unwrap();
+        assert_eq!(s.last_reply_info(&[a, b2]).unwrap().unwrap().0, b2);
+        assert_eq!(s.last_reply_info(&[a, b1]).unwrap().unwrap().0, a);
         s.delete_message(b2).unwrap();
         assert_eq!(s.reply_prompt(b2).unwrap(), None);
     }
