@@ -137,7 +137,7 @@ pub fn gpu_memory_peak(d: &Device) -> Option<u64> {
 /// A short name for logs and the UI.
 pub fn device_name(d: &Device) -> String {
     match d {
-        Device::Cpu => format!("CPU ({} threads)", candle_core::utils::get_num_threads()),
+        Device::Cpu => format!("CPU ({} threads)", crate::cpu::threads::current()),
         Device::Cuda(_) => "CUDA".into(),
         Device::Metal(_) => "Metal".into(),
     }

@@ -145,7 +145,7 @@ pub fn merge_to_gguf(
             ..
         } => candle_core::quantized::ggml_file::qtensor_from_ggml(
             *dtype,
-            raw,
+            raw.as_slice(),
             vec![*rows, *width],
             &Device::Cpu,
         )?,

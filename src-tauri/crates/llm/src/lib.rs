@@ -9,6 +9,7 @@
 
 mod cache;
 mod config;
+mod cpu;
 mod device;
 mod error;
 mod export;
@@ -26,6 +27,7 @@ mod weights;
 
 pub use cache::KvCache;
 pub use config::PhiConfig;
+pub use cpu::threads;
 pub use device::{DeviceChoice, default_device, device_name, gpu_memory_peak};
 pub use error::{Error, Result};
 pub use export::{merge_to_gguf, write_lora_gguf};

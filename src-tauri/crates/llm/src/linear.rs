@@ -2,16 +2,25 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Module, Tensor};
 
 use crate::Result;
+use crate::cpu::QMatrix;
 use crate::lora::LoraSlot;
 
 /// A frozen linear layer `y = x Wᵀ + b` whose weight is dense or quantized;
 /// LoRA deltas are added per call, so one base serves every adapter.
 #[derive(Debug, Clone)]
 pub struct Linear {
-    weight: QMatMul,
+    weight: Weight,
     bias: Option<Tensor>,
     in_features: usize,
     out_features: usize,
+}
+
+/// A weight on candle's kernels, or quantized blocks on this project's CPU
+/// kernels (read where they lie in the mapped model file).
+#[derive(Debug, Clone)]
+enum Weight {
+    Candle(QMatMul),
+    Cpu(QMatrix),
 }
 
 impl Linear {
@@ -19,7 +28,7 @@ impl Linear {
     pub fn dense(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
         let (out_features, in_features) = weight.dims2()?;
         Ok(Self {
-            weight: QMatMul::Tensor(weight),
+            weight: Weight::Candle(QMatMul::Tensor(weight)),
             bias,
             in_features,
             out_features,
@@ -30,11 +39,31 @@ impl Linear {
     pub fn quantized(weight: QTensor, bias: Option<Tensor>) -> Result<Self> {
         let (out_features, in_features) = weight.shape().dims2()?;
         Ok(Self {
-            weight: QMatMul::from_qtensor(weight)?,
+            weight: Weight::Candle(QMatMul::from_qtensor(weight)?),
             bias,
             in_features,
             out_features,
         })
+    }
+
+    /// A layer on the CPU kernels (a `[out, in]` matrix of blocks).
+    pub(crate) fn cpu(weight: QMatrix, out: usize, inp: usize, bias: Option<Tensor>) -> Self {
+        Self {
+            weight: Weight::Cpu(weight),
+            bias,
+            in_features: inp,
+            out_features: out,
+        }
+    }
+
+    /// The quantized weight as candle's tensor (a copy of the blocks).
+    fn qtensor(&self, q: &QMatrix) -> Result<QTensor> {
+        Ok(candle_core::quantized::ggml_file::qtensor_from_ggml(
+            q.dtype(),
+            q.bytes(),
+            vec![self.out_features, self.in_features],
+            &candle_core::Device::Cpu,
+        )?)
     }
 
     /// Input width.
@@ -47,20 +76,27 @@ impl Linear {
         self.out_features
     }
 
+    /// Whether the weight runs on this project's CPU kernels.
+    pub(crate) fn on_cpu_kernels(&self) -> bool {
+        matches!(self.weight, Weight::Cpu(_))
+    }
+
     /// The quantization of the weight (`None` when dense).
     pub fn quant_type(&self) -> Option<GgmlDType> {
         match &self.weight {
-            QMatMul::QTensor(q) => Some(q.dtype()),
-            _ => None,
+            Weight::Candle(QMatMul::QTensor(q)) => Some(q.dtype()),
+            Weight::Cpu(q) => Some(q.dtype()),
+            Weight::Candle(_) => None,
         }
     }
 
     /// The weight as a dense `[out, in]` tensor (for merging and export).
     pub fn dense_weight(&self) -> Result<Tensor> {
         Ok(match &self.weight {
-            QMatMul::QTensor(q) => q.dequantize(&q.device())?,
-            QMatMul::Tensor(t) => t.clone(),
-            QMatMul::TensorF16(t) => t.to_dtype(candle_core::DType::F32)?,
+            Weight::Candle(QMatMul::QTensor(q)) => q.dequantize(&q.device())?,
+            Weight::Candle(QMatMul::Tensor(t)) => t.clone(),
+            Weight::Candle(QMatMul::TensorF16(t)) => t.to_dtype(candle_core::DType::F32)?,
+            Weight::Cpu(q) => self.qtensor(q)?.dequantize(&candle_core::Device::Cpu)?,
         })
     }
 
@@ -69,8 +105,12 @@ impl Linear {
     /// (free when it is already in `dtype`).
     pub(crate) fn weight_as(&self, dtype: DType) -> Result<Tensor> {
         Ok(match &self.weight {
-            QMatMul::QTensor(q) => q.dequantize(&q.device())?.to_dtype(dtype)?,
-            QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.to_dtype(dtype)?,
+            Weight::Candle(QMatMul::QTensor(q)) => q.dequantize(&q.device())?.to_dtype(dtype)?,
+            Weight::Candle(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => t.to_dtype(dtype)?,
+            Weight::Cpu(q) => self
+                .qtensor(q)?
+                .dequantize(&candle_core::Device::Cpu)?
+                .to_dtype(dtype)?,
         })
     }
 
@@ -83,10 +123,17 @@ impl Linear {
     pub fn forward(&self, x: &Tensor, lora: &[&LoraSlot]) -> Result<Tensor> {
         let y = match &self.weight {
             // Weights kept in bf16/f16 (for training on a GPU) serve f32 inputs too.
-            QMatMul::Tensor(w) if w.dtype() != x.dtype() => {
+            Weight::Candle(QMatMul::Tensor(w)) if w.dtype() != x.dtype() => {
                 x.to_dtype(w.dtype())?.broadcast_matmul(&w.t()?)?
             }
-            w => w.forward(x)?,
+            Weight::Candle(w) => w.forward(x)?,
+            Weight::Cpu(q) => {
+                let mut dims = x.dims().to_vec();
+                let m = x.elem_count() / self.in_features;
+                let flat: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+                *dims.last_mut().expect("rank >= 1") = self.out_features;
+                Tensor::from_vec(q.matmul(&flat, m), dims, x.device())?
+            }
         };
         let y = match &self.bias {
             Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?)?,

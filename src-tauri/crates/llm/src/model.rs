@@ -22,7 +22,7 @@ pub enum Logits {
 pub(crate) enum Embedding {
     Dense(Tensor),
     Quantized {
-        raw: std::sync::Arc<Vec<u8>>,
+        raw: crate::cpu::Bytes,
         dtype: GgmlDType,
         row_bytes: usize,
         rows: usize,
@@ -36,15 +36,20 @@ impl Embedding {
         if matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) {
             return Ok(Self::Dense(q.dequantize(&q.device())?));
         }
-        let raw = q.data()?.into_owned();
-        let row_bytes = raw.len() / rows;
-        Ok(Self::Quantized {
-            raw: std::sync::Arc::new(raw),
-            dtype: q.dtype(),
+        let raw = crate::cpu::Bytes::Owned(std::sync::Arc::new(q.data()?.into_owned()));
+        Ok(Self::quantized(raw, q.dtype(), rows, width))
+    }
+
+    /// A quantized `[rows, width]` table over its blocks.
+    pub(crate) fn quantized(raw: crate::cpu::Bytes, dtype: GgmlDType, rows: usize, width: usize) -> Self {
+        let row_bytes = raw.as_slice().len() / rows;
+        Self::Quantized {
+            raw,
+            dtype,
             row_bytes,
             rows,
             width,
-        })
+        }
     }
 
     fn forward(&self, ids: &Tensor, device: &Device) -> Result<Tensor> {
@@ -72,7 +77,7 @@ impl Embedding {
                             "token id {id} is outside the vocabulary of {rows}"
                         )));
                     }
-                    bytes.extend_from_slice(&raw[id * row_bytes..(id + 1) * row_bytes]);
+                    bytes.extend_from_slice(&raw.as_slice()[id * row_bytes..(id + 1) * row_bytes]);
                 }
                 let q = candle_core::quantized::ggml_file::qtensor_from_ggml(
                     *dtype,
@@ -156,6 +161,11 @@ impl Phi {
     /// A KV cache sized for this model.
     pub fn new_cache(&self) -> KvCache {
         KvCache::new(self.cfg.num_hidden_layers, self.cfg.max_position_embeddings)
+    }
+
+    /// Whether the blocks' products run on this project's CPU kernels.
+    pub(crate) fn cpu_kernels(&self) -> bool {
+        self.blocks.first().is_some_and(|b| b.fc1.on_cpu_kernels())
     }
 
     /// The quantization of the block weights (`None` when dense).

@@ -116,17 +116,20 @@ mod secs {
 /// Prompt tokens run per forward pass; bounds the attention scores' memory.
 const PREFILL_CHUNK: usize = 512;
 
-/// Prompt tokens per forward pass for `model`. On x86 CPUs candle 0.11 runs
-/// Q4_K matmuls of 32 rows or more through AMX tiles that it packs as a third
-/// copy of every weight; measured on a 2-core AMX machine, 31-row chunks
-/// prefill 1.5× faster at half the peak memory. Other types keep big chunks
-/// (Q8_0: 512 rows are 1.3× faster than 31).
+/// Prompt tokens per forward pass for `model`. On the CPU, 128: the
+/// products gain nothing past their 32-row input tile, and the attention
+/// scores of a 512-token chunk at the window's end would take 134 MB per
+/// layer. candle's own x86 Q4_K path (a CPU without AVX2) keeps 31-row
+/// chunks: from 32 rows on it packs AMX tiles, a third copy of every weight.
 fn prefill_chunk(model: &Phi) -> usize {
-    if model.device().is_cpu() && model.quant_type() == Some(candle_core::quantized::GgmlDType::Q4K)
+    if !model.device().is_cpu() {
+        PREFILL_CHUNK
+    } else if model.quant_type() == Some(candle_core::quantized::GgmlDType::Q4K)
+        && !model.cpu_kernels()
     {
         31
     } else {
-        PREFILL_CHUNK
+        128
     }
 }
 

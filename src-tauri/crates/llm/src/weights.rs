@@ -6,10 +6,11 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use candle_core::quantized::{QTensor, gguf_file};
+use candle_core::quantized::{GgmlDType, QTensor, gguf_file};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::LayerNorm;
 
+use crate::cpu::{Bytes, QMatrix};
 use crate::linear::Linear;
 use crate::model::{Block, Embedding};
 use crate::{Error, Phi, PhiConfig, Result};
@@ -68,6 +69,8 @@ struct Gguf {
     path: PathBuf,
     file: File,
     content: gguf_file::Content,
+    /// The whole file, mapped: CPU weights are read where they lie.
+    map: std::sync::Arc<memmap2::Mmap>,
 }
 
 impl Gguf {
@@ -92,11 +95,57 @@ impl Gguf {
                 actual: len,
             });
         }
+        let map = crate::cpu::map_file(&file).map_err(|e| Error::io(path, e))?;
         Ok(Self {
             path: path.into(),
             file,
             content,
+            map: std::sync::Arc::new(map),
         })
+    }
+
+    /// A tensor's blocks in the mapped file, checked against `shape`.
+    fn mapped(&self, name: &str, shape: &[usize]) -> Result<(Bytes, candle_core::quantized::GgmlDType)> {
+        let info = self.info(name, shape)?;
+        let t = info.ggml_dtype;
+        let len = shape.iter().product::<usize>() / t.block_size() * t.type_size();
+        let start = (self.content.tensor_data_offset + info.offset) as usize;
+        let bytes = Bytes::mapped(&self.map, start, len).ok_or_else(|| Error::Truncated {
+            path: self.path.clone(),
+            expected: (start + len) as u64,
+            actual: self.map.len() as u64,
+        })?;
+        Ok((bytes, t))
+    }
+
+    /// A tensor as a CPU-kernel matrix, when the device is the CPU and its
+    /// type has a kernel here.
+    fn cpu_matrix(&self, name: &str, shape: &[usize], device: &Device) -> Result<Option<QMatrix>> {
+        if !device.is_cpu() {
+            return Ok(None);
+        }
+        let (bytes, t) = self.mapped(name, shape)?;
+        Ok(QMatrix::new(bytes, t, shape[0], shape[1]))
+    }
+
+    fn info(&self, name: &str, shape: &[usize]) -> Result<&gguf_file::TensorInfo> {
+        let info = self
+            .content
+            .tensor_infos
+            .get(name)
+            .ok_or_else(|| Error::MissingTensor {
+                path: self.path.clone(),
+                name: name.into(),
+            })?;
+        if info.shape.dims() != shape {
+            return Err(Error::Shape {
+                path: self.path.clone(),
+                name: name.into(),
+                expected: shape.to_vec(),
+                found: info.shape.dims().to_vec(),
+            });
+        }
+        Ok(info)
     }
 
     fn meta_u32(&self, key: &str) -> Result<usize> {
@@ -126,22 +175,7 @@ impl Gguf {
     }
 
     fn qtensor(&mut self, name: &str, shape: &[usize], device: &Device) -> Result<QTensor> {
-        let info = self
-            .content
-            .tensor_infos
-            .get(name)
-            .ok_or_else(|| Error::MissingTensor {
-                path: self.path.clone(),
-                name: name.into(),
-            })?;
-        if info.shape.dims() != shape {
-            return Err(Error::Shape {
-                path: self.path.clone(),
-                name: name.into(),
-                expected: shape.to_vec(),
-                found: info.shape.dims().to_vec(),
-            });
-        }
+        self.info(name, shape)?;
         let path = self.path.clone();
         self.content
             .tensor(&mut self.file, name, device)
@@ -159,13 +193,17 @@ impl Gguf {
     }
 
     fn linear(&mut self, prefix: &str, out: usize, inp: usize, device: &Device) -> Result<Linear> {
-        let w = self.qtensor(&format!("{prefix}.weight"), &[out, inp], device)?;
         let bias = format!("{prefix}.bias");
         let b = if self.has(&bias) {
             Some(self.dense(&bias, &[out], device)?)
         } else {
             None
         };
+        let name = format!("{prefix}.weight");
+        if let Some(m) = self.cpu_matrix(&name, &[out, inp], device)? {
+            return Ok(Linear::cpu(m, out, inp, b));
+        }
+        let w = self.qtensor(&name, &[out, inp], device)?;
         Linear::quantized(w, b)
     }
 
@@ -195,17 +233,22 @@ impl Gguf {
             }
         }
         let dtype = dtype.expect("three parts read");
+        let b = if biases.len() == 3 {
+            Some(Tensor::cat(&biases, 0)?)
+        } else {
+            None
+        };
+        if device.is_cpu() && QMatrix::supports(dtype) {
+            return QMatrix::new(Bytes::Owned(std::sync::Arc::new(raw)), dtype, 3 * h, h)
+                .map(|m| Linear::cpu(m, 3 * h, h, b))
+                .ok_or_else(|| Error::bad(&self.path, format!("{prefix}: q, k and v do not make one matrix")));
+        }
         let w = candle_core::quantized::ggml_file::qtensor_from_ggml(
             dtype,
             &raw,
             vec![3 * h, h],
             device,
         )?;
-        let b = if biases.len() == 3 {
-            Some(Tensor::cat(&biases, 0)?)
-        } else {
-            None
-        };
         Linear::quantized(w, b)
     }
 }
@@ -472,9 +515,14 @@ fn load_gguf(path: &Path, device: &Device) -> Result<Phi> {
     let cfg = gguf_config(&g)?;
     let (h, vocab) = (cfg.hidden_size, cfg.vocab_size);
     let eps = cfg.layer_norm_eps;
-    // The embedding stays on the CPU, quantized; rows are dequantized on use.
-    let embed =
-        Embedding::from_qtensor(g.qtensor("token_embd.weight", &[vocab, h], &Device::Cpu)?)?;
+    // The embedding stays on the CPU, quantized where it lies in the file;
+    // rows are dequantized on use.
+    let embed = match g.mapped("token_embd.weight", &[vocab, h])? {
+        (bytes, t) if !matches!(t, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) => {
+            Embedding::quantized(bytes, t, vocab, h)
+        }
+        _ => Embedding::from_qtensor(g.qtensor("token_embd.weight", &[vocab, h], &Device::Cpu)?)?,
+    };
     let mut blocks = Vec::with_capacity(cfg.num_hidden_layers);
     for i in 0..cfg.num_hidden_layers {
         let p = format!("blk.{i}");

@@ -1,0 +1,289 @@
+//! The dot products of [`super::blocks`] with AVX2 and FMA, one weight row
+//! against `N` rows of activations: each 32 weights are unpacked to bytes
+//! once, then multiplied with each activation row's bytes (`maddubs`:
+//! unsigned × signed into 16-bit pairs) and widened with their sub-block's
+//! scale (`madd`) into 32-bit sums; one float multiply-add per super-block
+//! and row. The same integer sums as the plain versions, so the tests
+//! compare them up to float rounding. Prefill takes rows four at a time,
+//! which shares the unpacking; decode takes one.
+//!
+//! Every function here needs AVX2 and FMA; [`Avx2`] is the proof they are
+//! there, made once by runtime detection.
+#![allow(unsafe_code)]
+
+#[cfg(target_arch = "x86_64")]
+use std::arch::x86_64::*;
+
+use super::blocks::{Q8Block, Q8K, f16_at, k4_scales_packed};
+
+/// Proof that this CPU runs AVX2 and FMA (made only by [`Avx2::detect`]).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Avx2(());
+
+impl Avx2 {
+    /// `Some` on an x86-64 CPU with AVX2 and FMA.
+    pub(crate) fn detect() -> Option<Self> {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            return Some(Self(()));
+        }
+        None
+    }
+
+    /// `row` · each of `N` activation rows (the weights unpacked once for all).
+    pub(crate) fn dot_q4k<const N: usize>(self, row: &[u8], acts: [&[Q8K]; N]) -> [f32; N] {
+        // SAFETY: `self` exists only where AVX2 and FMA were detected.
+        #[cfg(target_arch = "x86_64")]
+        unsafe {
+            kq::<N, false>(row, acts)
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        acts.map(|a| super::blocks::dot_q4k(row, a))
+    }
+
+    /// As [`Self::dot_q4k`] for Q5_K.
+    pub(crate) fn dot_q5k<const N: usize>(self, row: &[u8], acts: [&[Q8K]; N]) -> [f32; N] {
+        // SAFETY: as above.
+        #[cfg(target_arch = "x86_64")]
+        unsafe {
+            kq::<N, true>(row, acts)
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        acts.map(|a| super::blocks::dot_q5k(row, a))
+    }
+
+    /// As [`Self::dot_q4k`] for Q6_K.
+    pub(crate) fn dot_q6k<const N: usize>(self, row: &[u8], acts: [&[Q8K]; N]) -> [f32; N] {
+        // SAFETY: as above.
+        #[cfg(target_arch = "x86_64")]
+        unsafe {
+            q6k::<N>(row, acts)
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        acts.map(|a| super::blocks::dot_q6k(row, a))
+    }
+
+    /// As [`Self::dot_q4k`] for Q8_0.
+    pub(crate) fn dot_q8_0<const N: usize>(self, row: &[u8], acts: [&[Q8Block]; N]) -> [f32; N] {
+        // SAFETY: as above.
+        #[cfg(target_arch = "x86_64")]
+        unsafe {
+            q8_0::<N>(row, acts)
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        acts.map(|a| super::blocks::dot_q8_0(row, a))
+    }
+}
+
+/// 32 bytes from the start of `s` (checked).
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2")]
+fn load(s: &[u8]) -> __m256i {
+    assert!(s.len() >= 32);
+    // SAFETY: 32 readable bytes (checked above); unaligned load.
+    unsafe { _mm256_loadu_si256(s.as_ptr().cast()) }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2")]
+fn load_i8(s: &[i8]) -> __m256i {
+    assert!(s.len() >= 32);
+    // SAFETY: as `load`.
+    unsafe { _mm256_loadu_si256(s.as_ptr().cast()) }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2")]
+fn load_i16x16(s: &[i16; 16]) -> __m256i {
+    // SAFETY: 32 bytes.
+    unsafe { _mm256_loadu_si256(s.as_ptr().cast()) }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2")]
+fn load_i32x8(s: &[i32; 8]) -> __m256i {
+    // SAFETY: 32 bytes.
+    unsafe { _mm256_loadu_si256(s.as_ptr().cast()) }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn hsum(v: __m256) -> f32 {
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    _mm_cvtss_f32(s)
+}
+
+/// Σ over 32 bytes of `w` (0..=127 each) × `x` (signed), widened by `scale`: 8 × i32.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2")]
+fn scaled(w: __m256i, x: __m256i, scale: __m256i) -> __m256i {
+    _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), scale)
+}
+
+/// A `shuffle_epi8` control that copies 16-bit element `lo` into every
+/// element of the low 128 bits and `hi` into the high 128 bits.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2")]
+fn pick16(lo: i8, hi: i8) -> __m256i {
+    let (a, b) = (2 * lo, 2 * hi);
+    _mm256_setr_epi8(
+        a, a + 1, a, a + 1, a, a + 1, a, a + 1, a, a + 1, a, a + 1, a, a + 1, a, a + 1, //
+        b, b + 1, b, b + 1, b, b + 1, b, b + 1, b, b + 1, b, b + 1, b, b + 1, b, b + 1,
+    )
+}
+
+/// Q4_K (`FIFTH = false`) and Q5_K (`FIFTH = true`) against `N` rows of activations.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn kq<const N: usize, const FIFTH: bool>(row: &[u8], acts: [&[Q8K]; N]) -> [f32; N] {
+    let bb = if FIFTH { 176 } else { 144 };
+    let qs_at = if FIFTH { 48 } else { 16 };
+    let m4 = _mm256_set1_epi8(0x0F);
+    let one = _mm256_set1_epi8(1);
+    let picks = [pick16(0, 0), pick16(1, 1), pick16(2, 2), pick16(3, 3)];
+    let picks_hi = [pick16(4, 4), pick16(5, 5), pick16(6, 6), pick16(7, 7)];
+    let mut acc = [_mm256_setzero_ps(); N];
+    for (k, b) in row.chunks_exact(bb).enumerate() {
+        let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
+        let (sc, mn) = k4_scales_packed(&b[4..16]);
+        // Eight 16-bit scales in both halves; element j picked per sub-block.
+        let sc16 = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(_mm_cvtsi64_si128(sc as i64)));
+        let mins32 = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(mn as i64));
+        let mut sumi = [_mm256_setzero_si256(); N];
+        let mut qh = if FIFTH {
+            load(&b[16..48])
+        } else {
+            _mm256_setzero_si256()
+        };
+        for c in 0..4 {
+            let q = load(&b[qs_at + c * 32..]);
+            let mut lo = _mm256_and_si256(q, m4);
+            let mut hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
+            if FIFTH {
+                // Bits 2c and 2c+1 of each fifth-bit byte, shifted down a chunk at a time.
+                lo = _mm256_or_si256(lo, _mm256_slli_epi16(_mm256_and_si256(qh, one), 4));
+                hi = _mm256_or_si256(
+                    hi,
+                    _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 1), one), 4),
+                );
+                qh = _mm256_srli_epi16(qh, 2);
+            }
+            let (s_lo, s_hi) = if c < 2 {
+                (
+                    _mm256_shuffle_epi8(sc16, picks[2 * c]),
+                    _mm256_shuffle_epi8(sc16, picks[2 * c + 1]),
+                )
+            } else {
+                (
+                    _mm256_shuffle_epi8(sc16, picks_hi[2 * c - 4]),
+                    _mm256_shuffle_epi8(sc16, picks_hi[2 * c - 3]),
+                )
+            };
+            for t in 0..N {
+                let y = &acts[t][k].qs;
+                let p = _mm256_add_epi32(
+                    scaled(lo, load_i8(&y[c * 64..]), s_lo),
+                    scaled(hi, load_i8(&y[c * 64 + 32..]), s_hi),
+                );
+                sumi[t] = _mm256_add_epi32(sumi[t], p);
+            }
+        }
+        for t in 0..N {
+            let a = &acts[t][k];
+            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * a.d), _mm256_cvtepi32_ps(sumi[t]), acc[t]);
+            let m = _mm256_mullo_epi32(mins32, load_i32x8(&a.sums32));
+            acc[t] = _mm256_fnmadd_ps(_mm256_set1_ps(dmin * a.d), _mm256_cvtepi32_ps(m), acc[t]);
+        }
+    }
+    acc.map(|v| hsum(v))
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn q6k<const N: usize>(row: &[u8], acts: [&[Q8K]; N]) -> [f32; N] {
+    let m4 = _mm256_set1_epi8(0x0F);
+    let m2 = _mm256_set1_epi8(3);
+    let picks = [pick16(0, 1), pick16(2, 3), pick16(4, 5), pick16(6, 7)];
+    let mut acc = [_mm256_setzero_ps(); N];
+    for (k, b) in row.chunks_exact(210).enumerate() {
+        let d = f16_at(b, 208);
+        // SAFETY: 16 readable bytes.
+        let sc8 = unsafe { _mm_loadu_si128(b[192..208].as_ptr().cast()) };
+        let sc16 = _mm256_cvtepi8_epi16(sc8);
+        let mut sumi = [_mm256_setzero_si256(); N];
+        for h in 0..2 {
+            // This half's eight scales in both 128-bit halves.
+            let s = if h == 0 {
+                _mm256_permute2x128_si256(sc16, sc16, 0x00)
+            } else {
+                _mm256_permute2x128_si256(sc16, sc16, 0x11)
+            };
+            let ql0 = load(&b[h * 64..]);
+            let ql1 = load(&b[h * 64 + 32..]);
+            let qh = load(&b[128 + h * 32..]);
+            let q = [
+                _mm256_or_si256(
+                    _mm256_and_si256(ql0, m4),
+                    _mm256_slli_epi16(_mm256_and_si256(qh, m2), 4),
+                ),
+                _mm256_or_si256(
+                    _mm256_and_si256(ql1, m4),
+                    _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2), m2), 4),
+                ),
+                _mm256_or_si256(
+                    _mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4),
+                    _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 4), m2), 4),
+                ),
+                _mm256_or_si256(
+                    _mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4),
+                    _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 6), m2), 4),
+                ),
+            ];
+            for (j, qj) in q.iter().enumerate() {
+                let sj = _mm256_shuffle_epi8(s, picks[j]);
+                for t in 0..N {
+                    let y = &acts[t][k].qs[h * 128 + j * 32..];
+                    sumi[t] = _mm256_add_epi32(sumi[t], scaled(*qj, load_i8(y), sj));
+                }
+            }
+        }
+        for t in 0..N {
+            let a = &acts[t][k];
+            // The −32 offset: 32 · Σ scale × the sums of its 16 activations.
+            let off = _mm256_madd_epi16(sc16, load_i16x16(&a.bsums));
+            let total = _mm256_sub_epi32(sumi[t], _mm256_slli_epi32(off, 5));
+            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * a.d), _mm256_cvtepi32_ps(total), acc[t]);
+        }
+    }
+    acc.map(|v| hsum(v))
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn q8_0<const N: usize>(row: &[u8], acts: [&[Q8Block]; N]) -> [f32; N] {
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = [_mm256_setzero_ps(); N];
+    for (k, b) in row.chunks_exact(34).enumerate() {
+        let w = load(&b[2..34]);
+        // maddubs wants its first operand unsigned: |w|, and x with w's sign.
+        let aw = _mm256_sign_epi8(w, w);
+        let dw = f16_at(b, 0);
+        for t in 0..N {
+            let a = &acts[t][k];
+            let p = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(load_i8(&a.qs), w));
+            let s = _mm256_madd_epi16(p, ones);
+            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(dw * a.d), _mm256_cvtepi32_ps(s), acc[t]);
+        }
+    }
+    acc.map(|v| hsum(v))
+}

@@ -1,0 +1,231 @@
+//! The CPU's quantized matrix products, over the GGUF blocks where they lie
+//! (the memory-mapped file: one copy of the weights, paged in by the OS, no
+//! repacking before the first reply), and the threads that run them.
+//!
+//! A product quantizes its input once to 8-bit blocks, then splits the
+//! weight's rows among the threads; each thread takes its rows a few at a
+//! time against a tile of input rows, so the weights stay in its cache while
+//! the tile streams by. Used where [`Avx2`] is detected (every x86-64 CPU of
+//! the last ten years); elsewhere (Apple's NEON) candle's kernels serve.
+
+mod avx2;
+pub(crate) mod blocks;
+pub mod threads;
+
+use std::sync::Arc;
+
+use rayon::prelude::*;
+
+pub(crate) use avx2::Avx2;
+use blocks::Kind;
+
+/// Bytes of a weight: a range of the mapped model file, or owned (a matrix
+/// assembled from parts).
+#[derive(Clone)]
+pub(crate) enum Bytes {
+    Owned(Arc<Vec<u8>>),
+    Mapped {
+        map: Arc<memmap2::Mmap>,
+        start: usize,
+        len: usize,
+    },
+}
+
+impl Bytes {
+    pub(crate) fn as_slice(&self) -> &[u8] {
+        match self {
+            Self::Owned(v) => v,
+            Self::Mapped { map, start, len } => &map[*start..*start + *len],
+        }
+    }
+}
+
+impl std::fmt::Debug for Bytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Owned(v) => write!(f, "Bytes::Owned({} bytes)", v.len()),
+            Self::Mapped { len, .. } => write!(f, "Bytes::Mapped({len} bytes)"),
+        }
+    }
+}
+
+/// Maps a model file read-only.
+#[allow(unsafe_code)]
+pub(crate) fn map_file(file: &std::fs::File) -> std::io::Result<memmap2::Mmap> {
+    // SAFETY: model files are written once (downloads land under a temporary
+    // name and are renamed into place; the cache keeps blobs immutable) and
+    // only read afterwards; a file changed under the mapping would show
+    // changed weights, not unsound memory, except that truncating it would
+    // fault — the same contract as llama.cpp's mmap and candle's safetensors.
+    unsafe { memmap2::Mmap::map(file) }
+}
+
+impl Bytes {
+    /// `len` bytes at `start` of a mapping (checked).
+    pub(crate) fn mapped(map: &Arc<memmap2::Mmap>, start: usize, len: usize) -> Option<Self> {
+        (start.checked_add(len)? <= map.len()).then(|| Self::Mapped {
+            map: map.clone(),
+            start,
+            len,
+        })
+    }
+}
+
+/// A `[rows, cols]` matrix of quantized blocks, row-major, multiplied on the CPU.
+#[derive(Debug, Clone)]
+pub(crate) struct QMatrix {
+    bytes: Bytes,
+    kind: Kind,
+    rows: usize,
+    cols: usize,
+    simd: Avx2,
+}
+
+/// Rows of the input multiplied against the same few weight rows before moving on.
+const INPUT_TILE: usize = 32;
+
+impl QMatrix {
+    /// `None` when the type has no kernel here, the CPU lacks AVX2, or the
+    /// byte count does not match the shape.
+    pub(crate) fn new(
+        bytes: Bytes,
+        dtype: candle_core::quantized::GgmlDType,
+        rows: usize,
+        cols: usize,
+    ) -> Option<Self> {
+        let kind = Kind::from_ggml(dtype)?;
+        let simd = Avx2::detect()?;
+        if cols % kind.block_elems() != 0
+            || bytes.as_slice().len() != rows * cols / kind.block_elems() * kind.block_bytes()
+        {
+            return None;
+        }
+        Some(Self {
+            bytes,
+            kind,
+            rows,
+            cols,
+            simd,
+        })
+    }
+
+    /// Whether weights of type `dtype` run on these kernels on this CPU.
+    pub(crate) fn supports(dtype: candle_core::quantized::GgmlDType) -> bool {
+        Kind::from_ggml(dtype).is_some() && Avx2::detect().is_some()
+    }
+
+    pub(crate) fn dtype(&self) -> candle_core::quantized::GgmlDType {
+        self.kind.ggml()
+    }
+
+    pub(crate) fn bytes(&self) -> &[u8] {
+        self.bytes.as_slice()
+    }
+
+    fn row_bytes(&self) -> usize {
+        self.cols / self.kind.block_elems() * self.kind.block_bytes()
+    }
+
+    /// `x Wᵀ` for `x` `[m, cols]` row-major: `[m, rows]`.
+    pub(crate) fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
+        assert_eq!(x.len(), m * self.cols, "input is not [m, cols]");
+        let simd = self.simd;
+        match self.kind {
+            Kind::Q8_0 => {
+                let mut acts = Vec::with_capacity(x.len() / blocks::QK8_0);
+                blocks::quantize_q8(x, &mut acts);
+                self.run(
+                    &acts,
+                    m,
+                    |w, a| simd.dot_q8_0::<1>(w, [a])[0],
+                    |w, a| simd.dot_q8_0::<4>(w, a),
+                )
+            }
+            kind => {
+                let mut acts = Vec::with_capacity(x.len() / blocks::QK_K);
+                blocks::quantize_q8k(x, &mut acts);
+                match kind {
+                    Kind::Q4K => self.run(
+                        &acts,
+                        m,
+                        |w, a| simd.dot_q4k::<1>(w, [a])[0],
+                        |w, a| simd.dot_q4k::<4>(w, a),
+                    ),
+                    Kind::Q5K => self.run(
+                        &acts,
+                        m,
+                        |w, a| simd.dot_q5k::<1>(w, [a])[0],
+                        |w, a| simd.dot_q5k::<4>(w, a),
+                    ),
+                    _ => self.run(
+                        &acts,
+                        m,
+                        |w, a| simd.dot_q6k::<1>(w, [a])[0],
+                        |w, a| simd.dot_q6k::<4>(w, a),
+                    ),
+                }
+            }
+        }
+    }
+
+    /// Every (input row, weight row) product, the weight rows split among
+    /// the threads; input rows four at a time (`dot4`) where there are four.
+    fn run<A: Sync>(
+        &self,
+        acts: &[A],
+        m: usize,
+        dot: impl Fn(&[u8], &[A]) -> f32 + Sync,
+        dot4: impl Fn(&[u8], [&[A]; 4]) -> [f32; 4] + Sync,
+    ) -> Vec<f32> {
+        let rb = self.row_bytes();
+        let per_row = acts.len() / m;
+        let w = self.bytes.as_slice();
+        let threads = rayon::current_num_threads();
+        // Several chunks per thread so a slow thread's share is taken up by others.
+        let chunk = self.rows.div_ceil(threads * 4).clamp(4, 64);
+        if m == 1 {
+            let mut out = vec![0f32; self.rows];
+            out.par_chunks_mut(chunk).enumerate().for_each(|(c, ys)| {
+                let r0 = c * chunk;
+                for (i, y) in ys.iter_mut().enumerate() {
+                    let r = r0 + i;
+                    *y = dot(&w[r * rb..(r + 1) * rb], acts);
+                }
+            });
+            return out;
+        }
+        // Computed as [rows, m] so each thread owns contiguous output, then transposed.
+        let mut t = vec![0f32; self.rows * m];
+        t.par_chunks_mut(chunk * m).enumerate().for_each(|(c, ys)| {
+            let r0 = c * chunk;
+            let n = ys.len() / m;
+            for t0 in (0..m).step_by(INPUT_TILE) {
+                let t1 = (t0 + INPUT_TILE).min(m);
+                for i in 0..n {
+                    let r = r0 + i;
+                    let wr = &w[r * rb..(r + 1) * rb];
+                    let a = |tok: usize| &acts[tok * per_row..(tok + 1) * per_row];
+                    let mut tok = t0;
+                    while tok + 4 <= t1 {
+                        let v = dot4(wr, [a(tok), a(tok + 1), a(tok + 2), a(tok + 3)]);
+                        ys[i * m + tok..i * m + tok + 4].copy_from_slice(&v);
+                        tok += 4;
+                    }
+                    for tok in tok..t1 {
+                        ys[i * m + tok] = dot(wr, a(tok));
+                    }
+                }
+            }
+        });
+        let mut out = vec![0f32; self.rows * m];
+        for (r, col) in t.chunks_exact(m).enumerate() {
+            for (tok, v) in col.iter().enumerate() {
+                out[tok * self.rows + r] = *v;
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,171 @@
+use std::sync::Arc;
+
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{Device, Tensor};
+use rand::{Rng, SeedableRng};
+
+use super::blocks::{self, Kind};
+use super::{Avx2, Bytes, QMatrix};
+
+const KINDS: [GgmlDType; 4] = [GgmlDType::Q4K, GgmlDType::Q5K, GgmlDType::Q6K, GgmlDType::Q8_0];
+
+fn random(n: usize, seed: u64) -> Vec<f32> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    // Heavy-ish tails, like trained weights, and some exact zeros.
+    (0..n)
+        .map(|i| {
+            if i % 97 == 0 {
+                0.0
+            } else {
+                let u: f32 = rng.random_range(-1.0..1.0);
+                u * u * u * 3.0 + u * 0.2
+            }
+        })
+        .collect()
+}
+
+/// A `[rows, cols]` matrix quantized by candle (the file's bytes), and its
+/// dequantized values (what the bytes mean, by candle's reading).
+fn quantized(dtype: GgmlDType, rows: usize, cols: usize, seed: u64) -> (QMatrix, Vec<f32>) {
+    let w = Tensor::from_vec(random(rows * cols, seed), (rows, cols), &Device::Cpu).unwrap();
+    let q = QTensor::quantize(&w, dtype).unwrap();
+    let dense: Vec<f32> = q
+        .dequantize(&Device::Cpu)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let bytes = Bytes::Owned(Arc::new(q.data().unwrap().into_owned()));
+    (QMatrix::new(bytes, dtype, rows, cols).expect("kernel"), dense)
+}
+
+fn reference(dense: &[f32], x: &[f32], m: usize, rows: usize, cols: usize) -> Vec<f32> {
+    let mut out = vec![0f32; m * rows];
+    for t in 0..m {
+        for r in 0..rows {
+            out[t * rows + r] = (0..cols)
+                .map(|c| dense[r * cols + c] as f64 * x[t * cols + c] as f64)
+                .sum::<f64>() as f32;
+        }
+    }
+    out
+}
+
+fn rel_err(a: &[f32], b: &[f32]) -> f64 {
+    let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+    (num / den).sqrt()
+}
+
+#[test]
+fn simd_dots_equal_the_plain_dots() {
+    let Some(simd) = Avx2::detect() else {
+        eprintln!("no AVX2 here: the kernels are not used on this CPU");
+        return;
+    };
+    let cols = 1024;
+    let xs: Vec<Vec<f32>> = (0..4).map(|i| random(cols, 7 + i)).collect();
+    let k: Vec<Vec<_>> = xs
+        .iter()
+        .map(|x| {
+            let mut v = Vec::new();
+            blocks::quantize_q8k(x, &mut v);
+            v
+        })
+        .collect();
+    let q8: Vec<Vec<_>> = xs
+        .iter()
+        .map(|x| {
+            let mut v = Vec::new();
+            blocks::quantize_q8(x, &mut v);
+            v
+        })
+        .collect();
+    let k4 = [&k[0][..], &k[1], &k[2], &k[3]];
+    let q4 = [&q8[0][..], &q8[1], &q8[2], &q8[3]];
+    for dtype in KINDS {
+        let (m, _) = quantized(dtype, 16, cols, 3);
+        let rb = m.row_bytes();
+        for r in 0..16 {
+            let row = &m.bytes()[r * rb..(r + 1) * rb];
+            let (plain, one, four): (Vec<f32>, Vec<f32>, [f32; 4]) =
+                match Kind::from_ggml(dtype).unwrap() {
+                    Kind::Q4K => (
+                        k4.map(|a| blocks::dot_q4k(row, a)).to_vec(),
+                        k4.map(|a| simd.dot_q4k::<1>(row, [a])[0]).to_vec(),
+                        simd.dot_q4k::<4>(row, k4),
+                    ),
+                    Kind::Q5K => (
+                        k4.map(|a| blocks::dot_q5k(row, a)).to_vec(),
+                        k4.map(|a| simd.dot_q5k::<1>(row, [a])[0]).to_vec(),
+                        simd.dot_q5k::<4>(row, k4),
+                    ),
+                    Kind::Q6K => (
+                        k4.map(|a| blocks::dot_q6k(row, a)).to_vec(),
+                        k4.map(|a| simd.dot_q6k::<1>(row, [a])[0]).to_vec(),
+                        simd.dot_q6k::<4>(row, k4),
+                    ),
+                    Kind::Q8_0 => (
+                        q4.map(|a| blocks::dot_q8_0(row, a)).to_vec(),
+                        q4.map(|a| simd.dot_q8_0::<1>(row, [a])[0]).to_vec(),
+                        simd.dot_q8_0::<4>(row, q4),
+                    ),
+                };
+            for t in 0..4 {
+                // The same integer sums; only the float accumulation order differs.
+                for (what, v) in [("one row", one[t]), ("four rows", four[t])] {
+                    assert!(
+                        (plain[t] - v).abs() <= 1e-4 * plain[t].abs().max(1.0),
+                        "{dtype:?} row {r}, input {t}, {what}: plain {} vs simd {v}",
+                        plain[t]
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn products_match_the_dequantized_weights() {
+    if Avx2::detect().is_none() {
+        return;
+    }
+    // Decode (one row), a partial input tile, and more than one tile.
+    for (i, dtype) in KINDS.into_iter().enumerate() {
+        let (rows, cols) = (72, 512);
+        let (q, dense) = quantized(dtype, rows, cols, 11 + i as u64);
+        for m in [1usize, 5, 70] {
+            let x = random(m * cols, 100 + m as u64);
+            let got = q.matmul(&x, m);
+            let want = reference(&dense, &x, m, rows, cols);
+            // Only the activations' 8-bit rounding separates the two (≈0.4% per value).
+            let e = rel_err(&got, &want);
+            assert!(e < 0.01, "{dtype:?} m={m}: relative error {e}");
+        }
+    }
+}
+
+#[test]
+fn shapes_that_do_not_fit_the_blocks_are_refused() {
+    if Avx2::detect().is_none() {
+        return;
+    }
+    let bytes = |n| Bytes::Owned(Arc::new(vec![0u8; n]));
+    // 100 columns are not whole super-blocks; a byte count one short.
+    assert!(QMatrix::new(bytes(144), GgmlDType::Q4K, 1, 100).is_none());
+    assert!(QMatrix::new(bytes(143), GgmlDType::Q4K, 1, 256).is_none());
+    assert!(QMatrix::new(bytes(144), GgmlDType::Q4K, 1, 256).is_some());
+    assert!(QMatrix::new(bytes(64), GgmlDType::Q4_0, 1, 256).is_none());
+}
+
+#[test]
+fn all_zero_inputs_give_zeros() {
+    if Avx2::detect().is_none() {
+        return;
+    }
+    for dtype in KINDS {
+        let (q, _) = quantized(dtype, 8, 256, 5);
+        assert!(q.matmul(&[0.0; 512], 2).iter().all(|&v| v == 0.0));
+    }
+}

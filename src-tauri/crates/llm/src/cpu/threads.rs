@@ -1,0 +1,98 @@
+//! How many threads the engine runs on the CPU.
+//!
+//! One per physical core this process may use: matrix products saturate a
+//! core's vector units, so a second hyper-thread on the same core only adds
+//! contention; and never more than the CPUs the process is allowed (its
+//! affinity mask and cgroup quota, which `available_parallelism` reads — a
+//! container on a 96-core host limited to 16 CPUs must not start 96
+//! spinning threads). The pool's idle threads sleep: a chat app is idle
+//! most of the time.
+
+use std::collections::HashSet;
+
+/// Physical cores among the CPUs this process may run on, at most the CPUs
+/// it is allowed; 1 when nothing can be read.
+pub fn default_threads() -> usize {
+    let allowed = std::thread::available_parallelism().map_or(1, |n| n.get());
+    physical_cores().map_or(allowed, |p| p.min(allowed)).max(1)
+}
+
+/// Sets the engine's thread count (`None`: [`default_threads`]) for the
+/// rest of the process and returns the count in use. The first call wins;
+/// call it before the first model runs. The binaries also give candle the
+/// same count (`CANDLE_NUM_THREADS`) for the operations it runs itself.
+pub fn configure(threads: Option<usize>) -> usize {
+    let n = threads.filter(|&n| n > 0).unwrap_or_else(default_threads);
+    // An error means a pool exists already (an earlier call): keep it.
+    let _ = rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .thread_name(|i| format!("engine-{i}"))
+        .build_global();
+    rayon::current_num_threads()
+}
+
+/// The engine's thread count now.
+pub fn current() -> usize {
+    rayon::current_num_threads()
+}
+
+#[cfg(target_os = "linux")]
+fn physical_cores() -> Option<usize> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let list = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))?
+        .trim();
+    let mut cores = HashSet::new();
+    for cpu in parse_cpu_list(list)? {
+        let topo = format!("/sys/devices/system/cpu/cpu{cpu}/topology");
+        let read = |f: &str| std::fs::read_to_string(format!("{topo}/{f}")).ok();
+        let (package, core) = (read("physical_package_id")?, read("core_id")?);
+        cores.insert((package.trim().to_string(), core.trim().to_string()));
+    }
+    (!cores.is_empty()).then_some(cores.len())
+}
+
+#[cfg(not(target_os = "linux"))]
+fn physical_cores() -> Option<usize> {
+    None
+}
+
+/// `0-3,8,10-11` → the CPU numbers.
+#[cfg_attr(not(target_os = "linux"), allow(dead_code))]
+fn parse_cpu_list(list: &str) -> Option<Vec<usize>> {
+    let mut out = Vec::new();
+    for part in list.split(',').filter(|p| !p.is_empty()) {
+        match part.split_once('-') {
+            Some((a, b)) => {
+                let (a, b): (usize, usize) = (a.trim().parse().ok()?, b.trim().parse().ok()?);
+                if b < a || b - a > 65_536 {
+                    return None;
+                }
+                out.extend(a..=b);
+            }
+            None => out.push(part.trim().parse().ok()?),
+        }
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_lists_parse() {
+        assert_eq!(parse_cpu_list("0-3,8,10-11"), Some(vec![0, 1, 2, 3, 8, 10, 11]));
+        assert_eq!(parse_cpu_list("5"), Some(vec![5]));
+        assert_eq!(parse_cpu_list("3-1"), None);
+        assert_eq!(parse_cpu_list("x"), None);
+    }
+
+    #[test]
+    fn the_default_is_within_what_the_process_may_use() {
+        let n = default_threads();
+        let allowed = std::thread::available_parallelism().unwrap().get();
+        assert!(n >= 1 && n <= allowed, "{n} threads of {allowed} allowed");
+    }
+}
