@@ -165,12 +165,8 @@ struct QuantizeArgs {
 #[allow(unsafe_code)]
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    let threads = cli.threads.unwrap_or_else(dramatis_core::llm::threads::default_threads);
-    // SAFETY: no other thread exists yet (nothing has started one), so
-    // nothing reads the environment concurrently. candle sizes the pool of
-    // its own CPU operations from this variable.
-    unsafe { std::env::set_var("CANDLE_NUM_THREADS", threads.to_string()) };
-    dramatis_core::llm::threads::configure(Some(threads));
+    // SAFETY: first thing in main: no other thread exists yet.
+    unsafe { dramatis_core::llm::threads::init_process(cli.threads) };
     let cancel = Arc::new(AtomicBool::new(false));
     let flag = cancel.clone();
     // The first Ctrl-C stops the work in progress cleanly; a second one quits.

@@ -119,6 +119,31 @@ impl Linear {
         self.bias.as_ref()
     }
 
+    /// `gelu(x Wᵀ + b)` (the MLP's first half): on the CPU kernels with no
+    /// LoRA delta, the bias and GELU are applied as each output is computed.
+    pub(crate) fn forward_gelu(&self, x: &Tensor, lora: &[&LoraSlot]) -> Result<Tensor> {
+        if let (Weight::Cpu(q), true) = (&self.weight, lora.is_empty()) {
+            let bias: Option<Vec<f32>> = match &self.bias {
+                Some(b) => Some(b.to_dtype(DType::F32)?.to_vec1()?),
+                None => None,
+            };
+            let epilogue = crate::cpu::Epilogue {
+                bias: bias.as_deref(),
+                gelu: true,
+            };
+            return self.cpu_forward(q, x, epilogue);
+        }
+        Ok(self.forward(x, lora)?.gelu()?)
+    }
+
+    fn cpu_forward(&self, q: &QMatrix, x: &Tensor, e: crate::cpu::Epilogue<'_>) -> Result<Tensor> {
+        let mut dims = x.dims().to_vec();
+        let m = x.elem_count() / self.in_features;
+        let flat: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        *dims.last_mut().expect("rank >= 1") = self.out_features;
+        Ok(Tensor::from_vec(q.matmul_with(&flat, m, e), dims, x.device())?.to_dtype(x.dtype())?)
+    }
+
     /// `x Wᵀ + b`, plus each LoRA slot's delta on its slice of the output.
     pub fn forward(&self, x: &Tensor, lora: &[&LoraSlot]) -> Result<Tensor> {
         let y = match &self.weight {
@@ -128,16 +153,20 @@ impl Linear {
             }
             Weight::Candle(w) => w.forward(x)?,
             Weight::Cpu(q) => {
-                let mut dims = x.dims().to_vec();
-                let m = x.elem_count() / self.in_features;
-                let flat: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-                *dims.last_mut().expect("rank >= 1") = self.out_features;
-                Tensor::from_vec(q.matmul(&flat, m), dims, x.device())?
+                let bias: Option<Vec<f32>> = match &self.bias {
+                    Some(b) => Some(b.to_dtype(DType::F32)?.to_vec1()?),
+                    None => None,
+                };
+                let epilogue = crate::cpu::Epilogue {
+                    bias: bias.as_deref(),
+                    gelu: false,
+                };
+                self.cpu_forward(q, x, epilogue)?
             }
         };
-        let y = match &self.bias {
-            Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?)?,
-            None => y,
+        let y = match (&self.bias, &self.weight) {
+            (Some(b), Weight::Candle(_)) => y.broadcast_add(&b.to_dtype(y.dtype())?)?,
+            _ => y,
         };
         let mut y = y.to_dtype(x.dtype())?;
         if lora.is_empty() {

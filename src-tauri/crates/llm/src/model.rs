@@ -41,7 +41,12 @@ impl Embedding {
     }
 
     /// A quantized `[rows, width]` table over its blocks.
-    pub(crate) fn quantized(raw: crate::cpu::Bytes, dtype: GgmlDType, rows: usize, width: usize) -> Self {
+    pub(crate) fn quantized(
+        raw: crate::cpu::Bytes,
+        dtype: GgmlDType,
+        rows: usize,
+        width: usize,
+    ) -> Self {
         let row_bytes = raw.as_slice().len() / rows;
         Self::Quantized {
             raw,
@@ -266,10 +271,8 @@ impl Phi {
     }
 
     fn mlp(&self, block: &Block, h: &Tensor, l: &LoraLayer) -> Result<Tensor> {
-        let up = block.fc1.forward(h, &slots(l, &[LoraTarget::Fc1]))?;
-        block
-            .fc2
-            .forward(&up.gelu()?, &slots(l, &[LoraTarget::Fc2]))
+        let act = block.fc1.forward_gelu(h, &slots(l, &[LoraTarget::Fc1]))?;
+        block.fc2.forward(&act, &slots(l, &[LoraTarget::Fc2]))
     }
 
     #[allow(clippy::too_many_arguments)]

@@ -105,7 +105,11 @@ impl Gguf {
     }
 
     /// A tensor's blocks in the mapped file, checked against `shape`.
-    fn mapped(&self, name: &str, shape: &[usize]) -> Result<(Bytes, candle_core::quantized::GgmlDType)> {
+    fn mapped(
+        &self,
+        name: &str,
+        shape: &[usize],
+    ) -> Result<(Bytes, candle_core::quantized::GgmlDType)> {
         let info = self.info(name, shape)?;
         let t = info.ggml_dtype;
         let len = shape.iter().product::<usize>() / t.block_size() * t.type_size();
@@ -241,7 +245,12 @@ impl Gguf {
         if device.is_cpu() && QMatrix::supports(dtype) {
             return QMatrix::new(Bytes::Owned(std::sync::Arc::new(raw)), dtype, 3 * h, h)
                 .map(|m| Linear::cpu(m, 3 * h, h, b))
-                .ok_or_else(|| Error::bad(&self.path, format!("{prefix}: q, k and v do not make one matrix")));
+                .ok_or_else(|| {
+                    Error::bad(
+                        &self.path,
+                        format!("{prefix}: q, k and v do not make one matrix"),
+                    )
+                });
         }
         let w = candle_core::quantized::ggml_file::qtensor_from_ggml(
             dtype,

@@ -33,7 +33,7 @@ fn a_loaded_and_used_model_costs_its_file_once() {
         intermediate_size: 4096,
         num_hidden_layers: 8,
         num_attention_heads: 16,
-        partial_rotary_factor: 0.4,
+        partial_rotary_factor: 0.5,
         rope_theta: 10000.0,
         layer_norm_eps: 1e-5,
         max_position_embeddings: 256,

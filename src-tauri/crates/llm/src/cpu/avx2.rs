@@ -137,8 +137,38 @@ fn scaled(w: __m256i, x: __m256i, scale: __m256i) -> __m256i {
 fn pick16(lo: i8, hi: i8) -> __m256i {
     let (a, b) = (2 * lo, 2 * hi);
     _mm256_setr_epi8(
-        a, a + 1, a, a + 1, a, a + 1, a, a + 1, a, a + 1, a, a + 1, a, a + 1, a, a + 1, //
-        b, b + 1, b, b + 1, b, b + 1, b, b + 1, b, b + 1, b, b + 1, b, b + 1, b, b + 1,
+        a,
+        a + 1,
+        a,
+        a + 1,
+        a,
+        a + 1,
+        a,
+        a + 1,
+        a,
+        a + 1,
+        a,
+        a + 1,
+        a,
+        a + 1,
+        a,
+        a + 1, //
+        b,
+        b + 1,
+        b,
+        b + 1,
+        b,
+        b + 1,
+        b,
+        b + 1,
+        b,
+        b + 1,
+        b,
+        b + 1,
+        b,
+        b + 1,
+        b,
+        b + 1,
     )
 }
 

@@ -127,8 +127,18 @@ impl QMatrix {
     }
 
     /// `x Wᵀ` for `x` `[m, cols]` row-major: `[m, rows]`.
+    #[cfg(test)]
     pub(crate) fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
+        self.matmul_with(x, m, Epilogue::default())
+    }
+
+    /// `x Wᵀ`, then `epilogue` on each output as it is written (by the
+    /// thread that computed it: no second pass over the output).
+    pub(crate) fn matmul_with(&self, x: &[f32], m: usize, epilogue: Epilogue<'_>) -> Vec<f32> {
         assert_eq!(x.len(), m * self.cols, "input is not [m, cols]");
+        if let Some(b) = epilogue.bias {
+            assert_eq!(b.len(), self.rows, "one bias per output");
+        }
         let simd = self.simd;
         match self.kind {
             Kind::Q8_0 => {
@@ -137,6 +147,7 @@ impl QMatrix {
                 self.run(
                     &acts,
                     m,
+                    epilogue,
                     |w, a| simd.dot_q8_0::<1>(w, [a])[0],
                     |w, a| simd.dot_q8_0::<4>(w, a),
                 )
@@ -148,18 +159,21 @@ impl QMatrix {
                     Kind::Q4K => self.run(
                         &acts,
                         m,
+                        epilogue,
                         |w, a| simd.dot_q4k::<1>(w, [a])[0],
                         |w, a| simd.dot_q4k::<4>(w, a),
                     ),
                     Kind::Q5K => self.run(
                         &acts,
                         m,
+                        epilogue,
                         |w, a| simd.dot_q5k::<1>(w, [a])[0],
                         |w, a| simd.dot_q5k::<4>(w, a),
                     ),
                     _ => self.run(
                         &acts,
                         m,
+                        epilogue,
                         |w, a| simd.dot_q6k::<1>(w, [a])[0],
                         |w, a| simd.dot_q6k::<4>(w, a),
                     ),
@@ -174,6 +188,7 @@ impl QMatrix {
         &self,
         acts: &[A],
         m: usize,
+        epilogue: Epilogue<'_>,
         dot: impl Fn(&[u8], &[A]) -> f32 + Sync,
         dot4: impl Fn(&[u8], [&[A]; 4]) -> [f32; 4] + Sync,
     ) -> Vec<f32> {
@@ -189,7 +204,7 @@ impl QMatrix {
                 let r0 = c * chunk;
                 for (i, y) in ys.iter_mut().enumerate() {
                     let r = r0 + i;
-                    *y = dot(&w[r * rb..(r + 1) * rb], acts);
+                    *y = epilogue.apply(r, dot(&w[r * rb..(r + 1) * rb], acts));
                 }
             });
             return out;
@@ -216,6 +231,11 @@ impl QMatrix {
                     }
                 }
             }
+            for (i, col) in ys.chunks_exact_mut(m).enumerate() {
+                for v in col {
+                    *v = epilogue.apply(r0 + i, *v);
+                }
+            }
         });
         let mut out = vec![0f32; self.rows * m];
         for (r, col) in t.chunks_exact(m).enumerate() {
@@ -225,6 +245,30 @@ impl QMatrix {
         }
         out
     }
+}
+
+/// What a product does to each output before storing it.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Epilogue<'a> {
+    /// Added to output `r` (one per weight row).
+    pub(crate) bias: Option<&'a [f32]>,
+    /// Then GELU (the tanh approximation, Phi-2's `gelu_new`).
+    pub(crate) gelu: bool,
+}
+
+impl Epilogue<'_> {
+    #[inline]
+    fn apply(&self, r: usize, v: f32) -> f32 {
+        let v = self.bias.map_or(v, |b| v + b[r]);
+        if self.gelu { gelu(v) } else { v }
+    }
+}
+
+/// GELU, tanh approximation: ½x(1 + tanh(√(2/π)(x + 0.044715x³))).
+#[inline]
+pub(crate) fn gelu(x: f32) -> f32 {
+    const C: f32 = 0.797_884_6; // √(2/π)
+    0.5 * x * (1.0 + (C * (x + 0.044_715 * x * x * x)).tanh())
 }
 
 #[cfg(test)]

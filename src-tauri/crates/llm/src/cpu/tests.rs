@@ -7,7 +7,12 @@ use rand::{Rng, SeedableRng};
 use super::blocks::{self, Kind};
 use super::{Avx2, Bytes, QMatrix};
 
-const KINDS: [GgmlDType; 4] = [GgmlDType::Q4K, GgmlDType::Q5K, GgmlDType::Q6K, GgmlDType::Q8_0];
+const KINDS: [GgmlDType; 4] = [
+    GgmlDType::Q4K,
+    GgmlDType::Q5K,
+    GgmlDType::Q6K,
+    GgmlDType::Q8_0,
+];
 
 fn random(n: usize, seed: u64) -> Vec<f32> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
@@ -37,7 +42,10 @@ fn quantized(dtype: GgmlDType, rows: usize, cols: usize, seed: u64) -> (QMatrix,
         .to_vec1()
         .unwrap();
     let bytes = Bytes::Owned(Arc::new(q.data().unwrap().into_owned()));
-    (QMatrix::new(bytes, dtype, rows, cols).expect("kernel"), dense)
+    (
+        QMatrix::new(bytes, dtype, rows, cols).expect("kernel"),
+        dense,
+    )
 }
 
 fn reference(dense: &[f32], x: &[f32], m: usize, rows: usize, cols: usize) -> Vec<f32> {
@@ -168,4 +176,36 @@ fn all_zero_inputs_give_zeros() {
         let (q, _) = quantized(dtype, 8, 256, 5);
         assert!(q.matmul(&[0.0; 512], 2).iter().all(|&v| v == 0.0));
     }
+}
+
+#[test]
+fn the_epilogue_adds_the_bias_then_gelu() {
+    if Avx2::detect().is_none() {
+        return;
+    }
+    let (q, _) = quantized(GgmlDType::Q4K, 24, 256, 9);
+    let bias: Vec<f32> = (0..24).map(|i| i as f32 * 0.25 - 3.0).collect();
+    for m in [1usize, 6] {
+        let x = random(m * 256, 40);
+        let plain = q.matmul(&x, m);
+        let fused = q.matmul_with(
+            &x,
+            m,
+            super::Epilogue {
+                bias: Some(&bias),
+                gelu: true,
+            },
+        );
+        for (i, (p, f)) in plain.iter().zip(&fused).enumerate() {
+            let want = super::gelu(p + bias[i % 24]);
+            assert!(
+                (want - f).abs() <= 1e-5 * want.abs().max(1.0),
+                "m={m} [{i}]: {want} vs {f}"
+            );
+        }
+    }
+    // GELU itself: 0 at 0, x for large x, 0 for very negative x, ≈0.8412 at 1.
+    assert_eq!(super::gelu(0.0), 0.0);
+    assert!((super::gelu(1.0) - 0.841_192).abs() < 1e-5);
+    assert!((super::gelu(10.0) - 10.0).abs() < 1e-4 && super::gelu(-10.0).abs() < 1e-4);
 }

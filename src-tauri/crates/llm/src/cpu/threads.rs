@@ -31,6 +31,28 @@ pub fn configure(threads: Option<usize>) -> usize {
     rayon::current_num_threads()
 }
 
+/// Sets up the process's engine threads: [`configure`], and candle's own
+/// pool of CPU threads (for the operations it still runs) to the same count,
+/// parking as soon as it is idle — left spinning, its threads took the cores
+/// from the engine's products (16 cores: decode 6.5 → 9.3 tok/s). Returns the
+/// count in use.
+///
+/// # Safety
+/// Sets environment variables: call it first thing in `main`, before any
+/// other thread exists.
+#[allow(unsafe_code)]
+pub unsafe fn init_process(threads: Option<usize>) -> usize {
+    let n = threads.filter(|&n| n > 0).unwrap_or_else(default_threads);
+    // SAFETY: the caller guarantees no other thread runs yet.
+    unsafe {
+        std::env::set_var("CANDLE_NUM_THREADS", n.to_string());
+        if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
+            std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", "0");
+        }
+    }
+    configure(Some(n))
+}
+
 /// The engine's thread count now.
 pub fn current() -> usize {
     rayon::current_num_threads()
@@ -83,7 +105,10 @@ mod tests {
 
     #[test]
     fn cpu_lists_parse() {
-        assert_eq!(parse_cpu_list("0-3,8,10-11"), Some(vec![0, 1, 2, 3, 8, 10, 11]));
+        assert_eq!(
+            parse_cpu_list("0-3,8,10-11"),
+            Some(vec![0, 1, 2, 3, 8, 10, 11])
+        );
         assert_eq!(parse_cpu_list("5"), Some(vec![5]));
         assert_eq!(parse_cpu_list("3-1"), None);
         assert_eq!(parse_cpu_list("x"), None);

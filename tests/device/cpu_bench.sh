@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The CPU engine against llama.cpp, side by side, on the files users download.
+#   tests/device/cpu_bench.sh prep  CLI LLAMA_SRC WORK   build llama.cpp (CPU), write a synthetic
+#                                                         F16 Phi-2, quantize it to Q4_K_M and Q8_0
+#   tests/device/cpu_bench.sh bench CLI WORK THREADS...  llama-bench (pp512, tg128, tg128 at depth
+#                                                         1024) then dramatis-cli bench, per file and
+#                                                         thread count, one after the other
+# CLI is a release dramatis-cli; LLAMA_SRC is vendor/llama.cpp of the llama-cpp-python sdist.
+set -euo pipefail
+cmd=$1; cli=$2
+case $cmd in
+prep)
+  src=$3; work=$4; mkdir -p "$work"
+  cmake -S "$src" -B "$work/llama-build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF \
+    -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF >"$work/cmake.log" 2>&1 &
+  cm=$!
+  "$cli" bench --synthetic phi-2 --quant f16 --synthetic-path "$work/phi2-f16.gguf" --device cpu \
+    --prompt-tokens 4 --gen-tokens 1 --turn-tokens 1 >"$work/f16.log" 2>&1
+  wait $cm
+  cmake --build "$work/llama-build" -j"$(nproc)" --target llama-bench llama-quantize >"$work/build.log" 2>&1
+  q="$work/llama-build/bin/llama-quantize"
+  "$q" "$work/phi2-f16.gguf" "$work/phi2-q4km.gguf" Q4_K_M "$(nproc)" >"$work/q4km.log" 2>&1
+  "$q" "$work/phi2-f16.gguf" "$work/phi2-q8_0.gguf" Q8_0 "$(nproc)" >"$work/q8.log" 2>&1
+  grep -oE "converting to q[0-9a-zA-Z_]+" "$work/q4km.log" | sort | uniq -c
+  ls -la "$work"/*.gguf
+  ;;
+bench)
+  work=$3; shift 3
+  lb="$work/llama-build/bin/llama-bench"
+  grep -m1 -o -w -E 'avx512f|avx2' /proc/cpuinfo | head -1 | sed 's/^/widest vector unit: /'
+  for f in phi2-q4km phi2-q8_0; do
+    for t in "$@"; do
+      echo "== $f, $t threads"
+      "$lb" -m "$work/$f.gguf" -p 512 -n 128 -t "$t" -r 2 -o md 2>/dev/null | grep -E "pp|tg"
+      "$lb" -m "$work/$f.gguf" -p 0 -n 128 -d 1024 -t "$t" -r 1 -o md 2>/dev/null | grep -E "tg"
+      "$cli" bench --model "$work/$f.gguf" --device cpu --threads "$t" 2>&1 | grep -v '^{'
+      "$cli" bench --model "$work/$f.gguf" --device cpu --threads "$t" --prompt-tokens 1024 \
+        --turn-tokens 8 2>&1 | grep -E "decode|prefill"
+    done
+  done
+  ;;
+esac
