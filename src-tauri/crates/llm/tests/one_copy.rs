@@ -63,4 +63,20 @@ fn a_loaded_and_used_model_costs_its_file_once() {
         );
         drop(model);
     }
+    // The engine's threads sleep when there is no work: an idle chat app costs no CPU.
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let t0 = cpu_seconds().unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let idle = cpu_seconds().unwrap() - t0;
+    assert!(idle < 0.05, "{idle:.3} s of CPU used in 1 s of idling");
+}
+
+/// User + system CPU time of this process, in seconds.
+fn cpu_seconds() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/self/stat").ok()?;
+    let rest = &s[s.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // Fields 14 and 15 of stat(5) (utime, stime), counted after the command name.
+    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
 }

@@ -238,11 +238,13 @@ impl QMatrix {
             }
         });
         let mut out = vec![0f32; self.rows * m];
-        for (r, col) in t.chunks_exact(m).enumerate() {
-            for (tok, v) in col.iter().enumerate() {
-                out[tok * self.rows + r] = *v;
-            }
-        }
+        out.par_chunks_mut(self.rows)
+            .enumerate()
+            .for_each(|(tok, o)| {
+                for (r, v) in o.iter_mut().enumerate() {
+                    *v = t[r * m + tok];
+                }
+            });
         out
     }
 }
