@@ -123,10 +123,7 @@ impl Linear {
     /// LoRA delta, the bias and GELU are applied as each output is computed.
     pub(crate) fn forward_gelu(&self, x: &Tensor, lora: &[&LoraSlot]) -> Result<Tensor> {
         if let (Weight::Cpu(q), true) = (&self.weight, lora.is_empty()) {
-            let bias: Option<Vec<f32>> = match &self.bias {
-                Some(b) => Some(b.to_dtype(DType::F32)?.to_vec1()?),
-                None => None,
-            };
+            let bias = self.bias_f32()?;
             let epilogue = crate::cpu::Epilogue {
                 bias: bias.as_deref(),
                 gelu: true,
@@ -134,6 +131,14 @@ impl Linear {
             return self.cpu_forward(q, x, epilogue);
         }
         Ok(self.forward(x, lora)?.gelu()?)
+    }
+
+    /// The bias as plain floats, for a CPU product's epilogue.
+    fn bias_f32(&self) -> Result<Option<Vec<f32>>> {
+        Ok(match &self.bias {
+            Some(b) => Some(b.to_dtype(DType::F32)?.to_vec1()?),
+            None => None,
+        })
     }
 
     fn cpu_forward(&self, q: &QMatrix, x: &Tensor, e: crate::cpu::Epilogue<'_>) -> Result<Tensor> {
@@ -153,10 +158,7 @@ impl Linear {
             }
             Weight::Candle(w) => w.forward(x)?,
             Weight::Cpu(q) => {
-                let bias: Option<Vec<f32>> = match &self.bias {
-                    Some(b) => Some(b.to_dtype(DType::F32)?.to_vec1()?),
-                    None => None,
-                };
+                let bias = self.bias_f32()?;
                 let epilogue = crate::cpu::Epilogue {
                     bias: bias.as_deref(),
                     gelu: false,
