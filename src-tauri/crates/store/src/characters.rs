@@ -169,6 +169,21 @@ impl Store {
             })
     }
 
+    /// Characters with this name (compared case-insensitively, trimmed) and
+    /// this creator (exactly; "" for none): the ones an import would duplicate.
+    pub fn characters_named(&self, name: &str, creator: &str) -> Result<Vec<i64>> {
+        let conn = self.conn();
+        let mut st = conn.prepare_cached(
+            "SELECT id FROM characters
+             WHERE name_folded = ?1 AND IFNULL(json_extract(card, '$.creator'), '') = ?2
+             ORDER BY id",
+        )?;
+        let ids = st
+            .query_map(params![fold(name.trim()), creator], |r| r.get(0))?
+            .collect::<rusqlite::Result<_>>()?;
+        Ok(ids)
+    }
+
     /// A character's avatar, if it has one.
     pub fn avatar(&self, id: i64) -> Result<Option<Avatar>> {
         let row: Option<(Option<Vec<u8>>, Option<String>)> = self
@@ -288,6 +303,35 @@ mod tests {
             extensions: ext,
             other: serde_json::Map::new(),
         }
+    }
+
+    #[test]
+    fn duplicates_are_found_by_name_and_creator() {
+        let store = Store::open_in_memory().unwrap();
+        let card = full_card();
+        let a = store.insert_character(&card, None, None).unwrap();
+        let mut anon = card.clone();
+        anon.creator = String::new();
+        let b = store.insert_character(&anon, None, None).unwrap();
+        assert_eq!(
+            store
+                .characters_named(&format!("  {} ", card.name.to_uppercase()), "dramatis")
+                .unwrap(),
+            [a]
+        );
+        assert_eq!(store.characters_named(&card.name, "").unwrap(), [b]);
+        assert!(
+            store
+                .characters_named(&card.name, "someone")
+                .unwrap()
+                .is_empty()
+        );
+        assert!(
+            store
+                .characters_named("Nobody", "dramatis")
+                .unwrap()
+                .is_empty()
+        );
     }
 
     #[test]

@@ -9,6 +9,7 @@
 mod characters;
 mod chats;
 mod error;
+mod lorebooks;
 mod memory;
 mod migrations;
 mod models;
@@ -25,6 +26,7 @@ use rusqlite::{Connection, OpenFlags, Transaction};
 pub use characters::{AvatarChange, CharacterFilter, CharacterRow, TagCount};
 pub use chats::{ChatRow, MessageRow, Role, SearchHit};
 pub use error::{Error, Result};
+pub use lorebooks::{LorebookLink, LorebookRow};
 pub use memory::MemoryRow;
 pub use migrations::SCHEMA_VERSION;
 pub use models::ModelRow;

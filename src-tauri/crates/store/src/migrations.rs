@@ -155,6 +155,27 @@ const STEPS: &[&str] = &[
     );
     CREATE INDEX chat_memories_by_chat ON chat_memories(chat_id);
     "#,
+    // 7: lorebooks (world info) of their own, and where each applies: to
+    // every chat (no character, no chat), to a character's chats, or to one chat.
+    r#"
+    CREATE TABLE lorebooks (
+        id          INTEGER PRIMARY KEY,
+        name        TEXT NOT NULL,
+        book        TEXT NOT NULL,       -- JSON: dramatis_persona::lorebook::Lorebook
+        created_at  INTEGER NOT NULL,
+        updated_at  INTEGER NOT NULL
+    );
+    CREATE TABLE lorebook_links (
+        lorebook_id  INTEGER NOT NULL REFERENCES lorebooks(id) ON DELETE CASCADE,
+        character_id INTEGER REFERENCES characters(id) ON DELETE CASCADE,
+        chat_id      INTEGER REFERENCES chats(id) ON DELETE CASCADE,
+        CHECK (character_id IS NULL OR chat_id IS NULL)
+    );
+    CREATE UNIQUE INDEX lorebook_links_once
+        ON lorebook_links(lorebook_id, IFNULL(character_id, 0), IFNULL(chat_id, 0));
+    CREATE INDEX lorebook_links_by_character ON lorebook_links(character_id);
+    CREATE INDEX lorebook_links_by_chat ON lorebook_links(chat_id);
+    "#,
 ];
 
 /// Brings the schema up to `target`, one transaction per step.
