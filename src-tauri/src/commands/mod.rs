@@ -2,6 +2,7 @@
 //! calls a `dramatis-core` service on a blocking thread, and maps the error.
 
 mod app;
+mod cards;
 mod characters;
 mod chats;
 mod models;
@@ -31,6 +32,14 @@ pub(crate) fn handler<R: Runtime>() -> impl Fn(Invoke<R>) -> bool + Send + Sync 
         characters::delete_character,
         characters::list_tags,
         characters::restore_builtins,
+        cards::import_cards,
+        cards::export_character,
+        cards::lint_card,
+        cards::list_lorebooks,
+        cards::create_lorebook,
+        cards::update_lorebook,
+        cards::delete_lorebook,
+        cards::export_lorebook,
         personas::list_personas,
         personas::create_persona,
         personas::update_persona,

@@ -2,7 +2,16 @@
 import { Channel, convertFileSrc, invoke } from "@tauri-apps/api/core";
 import type {
   AppInfo,
+  CardFormat,
+  CardLint,
   Character,
+  CharacterCard,
+  ImportOutcome,
+  Lorebook,
+  LorebookFormat,
+  LorebookLink,
+  LorebookView,
+  OnDuplicate,
   CharacterDraft,
   CharacterSummary,
   ChatEvent,
@@ -61,6 +70,19 @@ export const api = {
   deleteCharacter: (id: number) => call<null>("delete_character", { id }),
   listTags: () => call<TagCount[]>("list_tags"),
   restoreBuiltins: () => call<number>("restore_builtins"),
+  importCards: (paths: string[], onDuplicate: OnDuplicate = "ask") =>
+    call<ImportOutcome[]>("import_cards", { paths, onDuplicate }),
+  exportCharacter: (id: number, format: CardFormat, path: string) =>
+    call<null>("export_character", { id, format, path }),
+  lintCard: (card: CharacterCard) => call<CardLint>("lint_card", { card }),
+  listLorebooks: () => call<LorebookView[]>("list_lorebooks"),
+  createLorebook: (book: Lorebook, links: LorebookLink[] = []) =>
+    call<LorebookView>("create_lorebook", { book, links }),
+  updateLorebook: (id: number, book: Lorebook, links: LorebookLink[] | null = null) =>
+    call<LorebookView>("update_lorebook", { id, book, links }),
+  deleteLorebook: (id: number) => call<null>("delete_lorebook", { id }),
+  exportLorebook: (id: number, format: LorebookFormat, path: string) =>
+    call<null>("export_lorebook", { id, format, path }),
   listPersonas: () => call<Persona[]>("list_personas"),
   createPersona: (draft: PersonaDraft) => call<Persona[]>("create_persona", { draft }),
   updatePersona: (id: number, draft: PersonaDraft) => call<Persona[]>("update_persona", { id, draft }),

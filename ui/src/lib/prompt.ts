@@ -1,4 +1,4 @@
-import type { SectionKind } from "./types";
+import type { LoreReason, SectionKind } from "./types";
 
 /** What each part of a prompt is called in the inspector and the window bar. */
 export const SECTION_LABELS: Record<SectionKind, string> = {
@@ -9,6 +9,7 @@ export const SECTION_LABELS: Record<SectionKind, string> = {
   memory: "Memory summary",
   history: "History",
   author_note: "Author's note",
+  world_info: "Lorebook entries",
   post_history: "Post-history instructions",
   reply: "Reply opening",
 };
@@ -35,4 +36,17 @@ export function windowBar(sections: [SectionKind, number][], context: number): B
   const free = whole - used;
   if (free > 0) out.push({ kind: "free", tokens: free, percent: (100 * free) / whole });
   return out;
+}
+
+/** Why a lorebook entry fired, in words. */
+export function loreReason(r: LoreReason): string {
+  if (r.kind === "constant") return "always on";
+  if (r.kind === "decorator") return "forced on by @@activate";
+  const where = r.recursion
+    ? "in another entry's text"
+    : r.message === 0
+      ? "in the newest message"
+      : `${r.message} ${r.message === 1 ? "message" : "messages"} back`;
+  const second = r.secondary ? ` with "${r.secondary}"` : "";
+  return `"${r.key}"${second} ${where}`;
 }

@@ -28,6 +28,8 @@ export interface Character {
   card: CharacterCard;
   builtin: boolean;
   avatar_version: number | null;
+  /** The card's own lorebook, parsed for the editor (null when none). */
+  book: Lorebook | null;
   tagline: string;
   created_at: number;
   updated_at: number;
@@ -50,6 +52,8 @@ export type AvatarEdit = { kind: "keep" } | { kind: "remove" } | { kind: "set"; 
 export interface CharacterDraft {
   card: CharacterCard;
   avatar: AvatarEdit;
+  /** An edit of the card's own lorebook; absent leaves it as it is. */
+  book?: { kind: "set"; book: Lorebook } | { kind: "remove" };
 }
 
 /** dramatis-store `TagCount`. */
@@ -217,6 +221,9 @@ export interface ChatSettings {
   memory: boolean;
   memory_budget: number;
   memory_depth: number | null;
+  world_scan_depth: number;
+  world_budget_percent: number;
+  world_recursive: boolean;
 }
 
 /** dramatis-core `ContextMode`: what happens at the window's edge. */
@@ -238,6 +245,7 @@ export type SectionKind =
   | "memory"
   | "history"
   | "author_note"
+  | "world_info"
   | "post_history"
   | "reply";
 
@@ -262,6 +270,8 @@ export interface PromptReport {
   memory_up_to_id: number | null;
   mode: ContextMode;
   counts: PrefillCounts | null;
+  world_info: Activated[];
+  world_info_dropped: string[];
 }
 
 /** dramatis-core `MemoryUpdate`. */
@@ -290,6 +300,8 @@ export interface ChatMessage {
   swipe_index: number;
   swipe_count: number;
   created_at: number;
+  /** Lorebook entries that fired for this reply. */
+  world_info: number;
 }
 
 /** dramatis-core `ChatSummary`. */
@@ -487,4 +499,182 @@ export interface DatasetInfo {
   format: string;
   columns: string[];
   rows: number;
+}
+
+/** dramatis-core `OnDuplicate`. */
+export type OnDuplicate = "ask" | "replace" | "keep_both" | "skip";
+
+/** dramatis-core `ImportOutcome`: what happened to one imported file. */
+export type ImportOutcome =
+  | {
+      status: "imported";
+      file: string;
+      character: CharacterSummary;
+      replaced: boolean;
+      changes: string[];
+      adapter: string | null;
+    }
+  | { status: "lorebook"; file: string; id: number; name: string; entries: number }
+  | { status: "duplicate"; file: string; name: string; existing_id: number }
+  | { status: "skipped"; file: string; name: string }
+  | { status: "failed"; file: string; message: string };
+
+/** dramatis-core `CardFormat`. */
+export type CardFormat = "png" | "json_v2" | "json_v3" | "charx";
+
+/** dramatis-persona `lint::Severity`. */
+export type Severity = "info" | "warning" | "error";
+
+/** dramatis-persona `lint::LintReport`. */
+export interface LintReport {
+  fields: { field: string; tokens: number; in_prompt: boolean }[];
+  permanent_tokens: number;
+  window: number;
+  history_tokens: number;
+  history_turns_estimate: number;
+  share: number;
+  lints: { field: string; severity: Severity; message: string; fix: string }[];
+}
+
+/** dramatis-core `CardLint`. */
+export interface CardLint {
+  report: LintReport;
+  /** The model whose tokenizer counted; null: estimated. */
+  tokenizer: string | null;
+}
+
+/** dramatis-store `LorebookLink`. */
+export type LorebookLink = { scope: "global" } | { scope: "character"; id: number } | { scope: "chat"; id: number };
+
+/** dramatis-core `LorebookView`. */
+export interface LorebookView {
+  id: number;
+  book: Lorebook;
+  links: LorebookLink[];
+  updated_at: number;
+}
+
+/** dramatis-core `LorebookFormat`. */
+export type LorebookFormat = "world_info" | "v3";
+
+/** dramatis-persona `lorebook::Position` (SillyTavern numbers them 0–6). */
+export type LorePosition =
+  | "before_char"
+  | "after_char"
+  | "author_note_top"
+  | "author_note_bottom"
+  | "at_depth"
+  | "examples_top"
+  | "examples_bottom";
+
+/** dramatis-persona `lorebook::Logic`: how secondary keys combine. */
+export type LoreLogic = "and_any" | "not_all" | "not_any" | "and_all";
+
+/** dramatis-persona `lorebook::Role`. */
+export type LoreRole = "system" | "user" | "assistant";
+
+/** dramatis-persona `lorebook::Entry`. */
+export interface LoreEntry {
+  id: number;
+  keys: string[];
+  secondary_keys: string[];
+  logic: LoreLogic;
+  selective: boolean;
+  content: string;
+  comment: string;
+  name: string;
+  constant: boolean;
+  enabled: boolean;
+  insertion_order: number;
+  priority: number | null;
+  position: LorePosition;
+  depth: number;
+  role: LoreRole;
+  probability: number;
+  use_probability: boolean;
+  case_sensitive: boolean | null;
+  match_whole_words: boolean | null;
+  use_regex: boolean;
+  scan_depth: number | null;
+  group: string;
+  group_override: boolean;
+  group_weight: number;
+  exclude_recursion: boolean;
+  prevent_recursion: boolean;
+  delay_until_recursion: boolean;
+  extensions: Record<string, unknown>;
+  /** Keys of the file Dramatis does not know, kept verbatim. */
+  [other: string]: unknown;
+}
+
+/** dramatis-persona `lorebook::Lorebook`. */
+export interface Lorebook {
+  name: string;
+  description: string;
+  scan_depth: number | null;
+  token_budget: number | null;
+  recursive_scanning: boolean;
+  extensions: Record<string, unknown>;
+  entries: LoreEntry[];
+  [other: string]: unknown;
+}
+
+/** A new entry with SillyTavern's defaults. */
+export function emptyEntry(id: number): LoreEntry {
+  return {
+    id,
+    keys: [],
+    secondary_keys: [],
+    logic: "and_any",
+    selective: true,
+    content: "",
+    comment: "",
+    name: "",
+    constant: false,
+    enabled: true,
+    insertion_order: 100,
+    priority: null,
+    position: "before_char",
+    depth: 4,
+    role: "system",
+    probability: 100,
+    use_probability: true,
+    case_sensitive: null,
+    match_whole_words: null,
+    use_regex: false,
+    scan_depth: null,
+    group: "",
+    group_override: false,
+    group_weight: 100,
+    exclude_recursion: false,
+    prevent_recursion: false,
+    delay_until_recursion: false,
+    extensions: {},
+  };
+}
+
+/** An empty book. */
+export function emptyBook(name = ""): Lorebook {
+  return { name, description: "", scan_depth: null, token_budget: null, recursive_scanning: false, extensions: {}, entries: [] };
+}
+
+/** dramatis-persona `worldinfo::Reason`: why an entry fired. */
+export type LoreReason =
+  | { kind: "constant" }
+  | { kind: "decorator" }
+  | { kind: "key"; key: string; secondary: string | null; message: number; recursion: boolean };
+
+/** dramatis-persona `worldinfo::Activated`: an entry that fired for a reply. */
+export interface Activated {
+  book: number;
+  entry: number;
+  id: number;
+  comment: string;
+  content: string;
+  position: LorePosition;
+  depth: number;
+  role: LoreRole;
+  order: number;
+  tokens: number;
+  reason: LoreReason;
 }

@@ -2,6 +2,7 @@
 //! quantize and benchmark, on a laptop or a server GPU.
 
 mod bench;
+mod cards;
 mod models;
 mod train;
 
@@ -54,6 +55,8 @@ enum Cmd {
     Export(train::ExportArgs),
     /// Merge a PEFT adapter into a base model and write GGUF.
     Merge(train::MergeArgs),
+    /// Character cards: import (PNG, JSON, CHARX, world info), export, lint.
+    Card(cards::CardArgs),
 }
 
 /// Which model to load and where to run it.
@@ -187,6 +190,7 @@ fn main() -> Result<()> {
         Cmd::Train(a) => train::train(a, &cancel),
         Cmd::Export(a) => train::export(a, &cancel),
         Cmd::Merge(a) => train::merge(a, &cancel),
+        Cmd::Card(a) => cards::run(a),
     }
 }
 

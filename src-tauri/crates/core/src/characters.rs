@@ -1,6 +1,7 @@
 //! Character service: create, edit, duplicate, delete, list.
 
 use base64::Engine as _;
+use dramatis_persona::lorebook::Lorebook;
 use dramatis_persona::{Avatar, CharacterCard, LIMITS, ValidationErrors};
 use dramatis_store::{AvatarChange, CharacterFilter, CharacterRow, TagCount};
 use serde::{Deserialize, Serialize};
@@ -15,6 +16,23 @@ pub struct CharacterDraft {
     /// Avatar change.
     #[serde(default)]
     pub avatar: AvatarEdit,
+    /// The card's own lorebook, as the editor edited it; `None` leaves
+    /// `card.character_book` as sent.
+    #[serde(default)]
+    pub book: Option<BookEdit>,
+}
+
+/// An edit of the card's embedded lorebook.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum BookEdit {
+    /// Replace it with this book (written in the card's `character_book` shape).
+    Set {
+        /// The book.
+        book: Lorebook,
+    },
+    /// Remove it.
+    Remove,
 }
 
 /// An avatar change from the editor.
@@ -44,6 +62,9 @@ pub struct Character {
     pub builtin: bool,
     /// Changes whenever the avatar may have; `None` when there is no avatar.
     pub avatar_version: Option<i64>,
+    /// The card's own lorebook, read for the editor (`None` when it has none
+    /// or it cannot be read; `card.character_book` stays as stored).
+    pub book: Option<Lorebook>,
     /// Gallery summary line.
     pub tagline: String,
     /// Creation time, ms since the epoch.
@@ -73,6 +94,11 @@ impl From<CharacterRow> for Character {
     fn from(r: CharacterRow) -> Self {
         Self {
             id: r.id,
+            book: r
+                .card
+                .character_book
+                .as_ref()
+                .and_then(|b| Lorebook::from_character_book(b).ok()),
             tagline: r.card.tagline(),
             builtin: r.builtin_key.is_some(),
             avatar_version: r.has_avatar.then_some(r.updated_at),
@@ -98,10 +124,66 @@ impl From<CharacterRow> for CharacterSummary {
 }
 
 /// Checks a draft completely: every card problem and the avatar's, together.
+/// Whether `field` (as validation names it) has the same value in both cards.
+fn unchanged(field: &str, new: &CharacterCard, old: &CharacterCard) -> bool {
+    if field == "extensions" {
+        return new.extensions == old.extensions
+            && new.character_book == old.character_book
+            && new.other == old.other;
+    }
+    let (Ok(a), Ok(b)) = (serde_json::to_value(new), serde_json::to_value(old)) else {
+        return false;
+    };
+    a.get(field).is_some() && a.get(field) == b.get(field)
+}
+
+/// Checks a draft completely: every card problem and the avatar's, together.
+/// Editing an imported card that is over the editor's limits (a 300-character
+/// name) only complains about the fields the edit changed: what was imported
+/// whole stays whole.
+fn check_edit(
+    draft: CharacterDraft,
+    previous: &CharacterCard,
+) -> Result<(CharacterCard, AvatarChange)> {
+    check_with(draft, Some(previous))
+}
+
 fn check(draft: CharacterDraft) -> Result<(CharacterCard, AvatarChange)> {
-    let CharacterDraft { mut card, avatar } = draft;
+    check_with(draft, None)
+}
+
+fn check_with(
+    draft: CharacterDraft,
+    previous: Option<&CharacterCard>,
+) -> Result<(CharacterCard, AvatarChange)> {
+    let CharacterDraft {
+        mut card,
+        avatar,
+        book,
+    } = draft;
     card.normalize();
     let mut errors = card.validate().err().unwrap_or_default();
+    if let Some(p) = previous {
+        errors.0.retain(|e| {
+            (e.field == "name" && card.name.trim().is_empty()) || !unchanged(&e.field, &card, p)
+        });
+    }
+    match book {
+        None => {}
+        Some(BookEdit::Remove) => card.character_book = None,
+        Some(BookEdit::Set { mut book }) => {
+            if book.name.trim().is_empty() {
+                book.name = card.name.clone();
+            }
+            match crate::lorebooks::check_book(&book) {
+                Ok(()) => card.character_book = Some(book.to_character_book()),
+                Err(e) => errors.0.extend(e.0.into_iter().map(|mut f| {
+                    f.field = format!("character_book.{}", f.field);
+                    f
+                })),
+            }
+        }
+    }
     let change = match avatar {
         AvatarEdit::Keep => AvatarChange::Keep,
         AvatarEdit::Remove => AvatarChange::Remove,
@@ -161,7 +243,8 @@ impl Dramatis {
 
     /// Validates and saves an edit; a rejected edit changes nothing.
     pub fn update_character(&self, id: i64, draft: CharacterDraft) -> Result<Character> {
-        let (card, avatar) = check(draft)?;
+        let previous = self.store().character(id)?.card;
+        let (card, avatar) = check_edit(draft, &previous)?;
         self.store.update_character(id, &card, avatar)?;
         self.character(id)
     }
@@ -210,6 +293,7 @@ mod tests {
                 ..Default::default()
             },
             avatar: AvatarEdit::Keep,
+            book: None,
         }
     }
 
@@ -288,6 +372,55 @@ mod tests {
         assert!(v.for_field("description").is_some());
         assert!(v.for_field("avatar").unwrap().contains("not a PNG"));
         assert_eq!(app.character(c.id).unwrap(), c, "nothing changed");
+    }
+
+    #[test]
+    fn an_imported_card_over_the_editors_limits_stays_editable() {
+        let (_d, app) = app();
+        let long_name = "N".repeat(300);
+        let json = serde_json::json!({"name": long_name, "tags": ["t".repeat(200)]});
+        let o = app.import_card_bytes(
+            "long.json",
+            &serde_json::to_vec(&json).unwrap(),
+            crate::OnDuplicate::Ask,
+        );
+        let crate::ImportOutcome::Imported { character, .. } = o else {
+            panic!("{o:?}")
+        };
+        assert_eq!(character.name, long_name, "imported whole");
+        let mut edit = app.character(character.id).unwrap().card;
+        edit.description = "Now with a description.".into();
+        let saved = app
+            .update_character(
+                character.id,
+                CharacterDraft {
+                    card: edit.clone(),
+                    avatar: AvatarEdit::Keep,
+                    book: None,
+                },
+            )
+            .unwrap();
+        assert_eq!(saved.card.name, long_name, "the untouched long name stays");
+        // Changing the long field itself meets the editor's limit.
+        edit.name = "M".repeat(200);
+        let err = app
+            .update_character(
+                character.id,
+                CharacterDraft {
+                    card: edit,
+                    avatar: AvatarEdit::Keep,
+                    book: None,
+                },
+            )
+            .unwrap_err();
+        let crate::Error::Validation(v) = err else {
+            panic!()
+        };
+        assert!(v.for_field("name").is_some());
+        assert!(
+            v.for_field("tags").is_none(),
+            "the imported tag was not touched"
+        );
     }
 
     #[test]

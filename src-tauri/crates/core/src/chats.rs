@@ -27,7 +27,7 @@ use crate::{Dramatis, Error, Result};
 pub const FLUSH_EVERY: Duration = Duration::from_millis(400);
 
 /// The system prompt setting used when a card has none.
-const GLOBAL_SYSTEM_PROMPT: &str = "global_system_prompt";
+pub(crate) const GLOBAL_SYSTEM_PROMPT: &str = "global_system_prompt";
 
 /// Sampling and layout for one chat. Defaults are the seed recipe's.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -60,6 +60,12 @@ pub struct ChatSettings {
     /// Where the summary goes: `None` after the character's definition, or
     /// in the chat this many messages from the end.
     pub memory_depth: Option<usize>,
+    /// How many of the newest messages world info scans for keys.
+    pub world_scan_depth: usize,
+    /// The share of the context window lorebook entries may take, in percent.
+    pub world_budget_percent: usize,
+    /// Whether fired entries' text can fire other entries.
+    pub world_recursive: bool,
 }
 
 /// How a chat longer than the window is fed to the model.
@@ -109,6 +115,9 @@ impl Default for ChatSettings {
             memory: true,
             memory_budget: 200,
             memory_depth: None,
+            world_scan_depth: 2,
+            world_budget_percent: 25,
+            world_recursive: false,
         }
     }
 }
@@ -130,6 +139,11 @@ impl ChatSettings {
         }
         if self.memory_budget > 1024 || self.memory_depth.is_some_and(|d| d > 1000) {
             return bad("the summary may take at most 1024 tokens, at a depth of at most 1000");
+        }
+        if self.world_scan_depth > 1000 || self.world_budget_percent > 90 {
+            return bad(
+                "world info scans at most 1000 messages and takes at most 90% of the window",
+            );
         }
         if self.author_note.text.len() > 8_000 || self.author_note.depth > 1000 {
             return bad("the author's note is limited to 8,000 characters and a depth of 1000");
@@ -172,6 +186,8 @@ pub struct ChatMessage {
     pub swipe_count: usize,
     /// ms since the epoch.
     pub created_at: i64,
+    /// Lorebook entries that fired for this reply (0 for others).
+    pub world_info: usize,
 }
 
 /// A chat in the list.
@@ -251,6 +267,12 @@ pub struct PromptReport {
     pub mode: ContextMode,
     /// Reused, shifted and computed tokens (absent until the prefill ran).
     pub counts: Option<PrefillCounts>,
+    /// The lorebook entries that fired for this reply, and why.
+    #[serde(default)]
+    pub world_info: Vec<dramatis_persona::worldinfo::Activated>,
+    /// Entries that fired but did not fit the lorebooks' budget: (book, entry, comment).
+    #[serde(default)]
+    pub world_info_dropped: Vec<String>,
 }
 
 /// What a streaming generation reports, in order: `loading` (only when the
@@ -390,6 +412,7 @@ impl Dramatis {
             swipe_index: siblings.iter().position(|&s| s == m.id).unwrap_or(0),
             swipe_count: siblings.len(),
             created_at: m.created_at,
+            world_info: 0,
         })
     }
 
@@ -435,9 +458,14 @@ impl Dramatis {
         let persona = self.chat_persona(c.persona_id)?;
         let rows = self.store().selected_path(chat_id)?;
         let path: Vec<i64> = rows.iter().map(|m| m.id).collect();
+        let lore = self.store().world_info_counts(&path)?;
         let messages: Vec<ChatMessage> = rows
             .iter()
-            .map(|m| self.chat_message(m))
+            .map(|m| {
+                let mut msg = self.chat_message(m)?;
+                msg.world_info = lore.get(&m.id).copied().unwrap_or(0);
+                Ok(msg)
+            })
             .collect::<Result<_>>()?;
         let window_start_id = self.window_start(&path)?;
         Ok(ChatView {
@@ -802,6 +830,57 @@ impl Dramatis {
             .as_ref()
             .and_then(|m| path.iter().position(|&id| id == m.up_to_id))
             .map_or(0, |i| i + 1);
+        // A new reply (a regenerate too) rolls again; the same reply, continued or
+        // rebuilt, rolls the same.
+        let swipe = match &continuing {
+            Some(m) => self
+                .store()
+                .siblings(m.id)?
+                .iter()
+                .position(|&s| s == m.id)
+                .unwrap_or(0),
+            None => self.store().child_count(chat_id, parent)?,
+        };
+        let env = dramatis_persona::prompt::MacroEnv {
+            now: chrono_now(),
+            reply_seed: seed_of(&[chat_id, parent.unwrap_or(0), swipe as i64]),
+            chat_seed: seed_of(&[chat_id]),
+        };
+        let books = self.world_books(chat_id, chat.character_id, &card)?;
+        let world = {
+            let refs: Vec<&dramatis_persona::lorebook::Lorebook> = books.iter().collect();
+            let names: Vec<dramatis_persona::worldinfo::ScanMessage<'_>> = history
+                .iter()
+                .map(|(s, t)| dramatis_persona::worldinfo::ScanMessage {
+                    name: match s {
+                        Speaker::User => persona.name.as_str(),
+                        Speaker::Assistant => card.name.as_str(),
+                        Speaker::System => "Narrator",
+                    },
+                    text: t.as_str(),
+                })
+                .collect();
+            dramatis_persona::worldinfo::activate(
+                &dramatis_persona::worldinfo::Scan {
+                    books: &refs,
+                    messages: &names,
+                    scan_depth: settings.world_scan_depth,
+                    budget: ctx * settings.world_budget_percent / 100,
+                    recursive: settings.world_recursive,
+                    max_recursion: 3,
+                    seed: env.reply_seed,
+                    case_sensitive: false,
+                    match_whole_words: false,
+                },
+                |t| tokenizer_count(tokenizer, t),
+            )
+        };
+        let world_dropped: Vec<String> = world
+            .over_budget
+            .iter()
+            .filter_map(|&(b, e)| books.get(b)?.entries.get(e))
+            .map(entry_label)
+            .collect();
         let prompt = PromptParts {
             card: &card,
             user_name: &persona.name,
@@ -815,8 +894,10 @@ impl Dramatis {
             memory_depth: settings.memory_depth,
             author_note: Some(&settings.author_note),
             window: settings.context.window(budget),
+            world: &world.entries,
+            env,
         }
-        .build(budget, |t| tokenizer.count(t).unwrap_or(t.len()));
+        .build(budget, |t| tokenizer_count(tokenizer, t));
         let first_message_id = path.get(skip + prompt.first_turn()).copied();
         let mut report = PromptReport {
             tokens: 0,
@@ -839,6 +920,8 @@ impl Dramatis {
             memory_up_to_id: memory.as_ref().map(|m| m.up_to_id),
             mode: settings.context,
             counts: None,
+            world_info: world.entries.clone(),
+            world_info_dropped: world_dropped,
         };
         let ids = tokenizer.encode(&prompt.text)?;
         report.tokens = ids.len();
@@ -966,6 +1049,37 @@ struct StMessage {
     swipe_id: Option<usize>,
     #[serde(default)]
     extra: serde_json::Value,
+}
+
+fn tokenizer_count(t: &dramatis_llm::PhiTokenizer, text: &str) -> usize {
+    t.count(text).unwrap_or(text.len())
+}
+
+/// A stable 64-bit seed from a few numbers (FNV-1a over their bytes).
+fn seed_of(parts: &[i64]) -> u64 {
+    parts
+        .iter()
+        .flat_map(|p| p.to_le_bytes())
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        })
+}
+
+/// The local time, for `{{time}}` and friends.
+fn chrono_now() -> chrono::DateTime<chrono::FixedOffset> {
+    chrono::Local::now().fixed_offset()
+}
+
+/// How an entry is named in reports: its comment, else its first key.
+fn entry_label(e: &dramatis_persona::lorebook::Entry) -> String {
+    if !e.comment.trim().is_empty() {
+        e.comment.trim().to_owned()
+    } else {
+        e.keys
+            .first()
+            .cloned()
+            .unwrap_or_else(|| format!("entry {}", e.id))
+    }
 }
 
 /// A stored [`PromptReport`] (its sections' texts empty).

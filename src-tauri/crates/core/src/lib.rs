@@ -6,10 +6,13 @@
 //! are installed once, on first start, and can be restored later.
 
 mod builtins;
+mod cards;
 mod characters;
 mod chats;
 mod diagnostics;
 mod error;
+mod lint;
+mod lorebooks;
 mod memory;
 mod models;
 mod paths;
@@ -24,6 +27,9 @@ use dramatis_hub::{Catalog, Hub, HubOptions};
 use dramatis_store::Store;
 
 pub use builtins::BUILTINS;
+pub use cards::{
+    ADAPTER_ASSET, BaseShape, CardFormat, ImportOutcome, MAX_IMPORT_BYTES, OnDuplicate,
+};
 pub use characters::{AvatarEdit, Character, CharacterDraft, CharacterSummary};
 pub use chats::{
     ChatEvent, ChatMessage, ChatSettings, ChatSummary, ChatView, ContextMode, ExportFormat,
@@ -37,10 +43,13 @@ pub use dramatis_llm as llm;
 /// Characters, personas and the prompt format.
 pub use dramatis_persona as persona;
 pub use dramatis_persona::{CharacterCard, FieldError, LIMITS, PersonaDraft, ValidationErrors};
-pub use dramatis_store::{CharacterFilter, TagCount};
+pub use dramatis_store::LorebookLink;
+pub use dramatis_store::{AdapterRow, CharacterFilter, TagCount};
 /// LoRA fine-tuning.
 pub use dramatis_train as train;
 pub use error::{Error, ErrorKind, Result};
+pub use lint::CardLint;
+pub use lorebooks::{LorebookFormat, LorebookView};
 pub use memory::MemoryUpdate;
 pub use models::{CatalogItem, DeviceInfo, Model, ModelsOverview};
 pub use paths::{DATA_DIR_ENV, default_data_dir, write_atomically};
@@ -63,6 +72,7 @@ pub struct Dramatis {
     downloads: models::Downloads,
     device: OnceLock<dramatis_llm::Device>,
     chat_runtime: chats::ChatRuntime,
+    lint_tokenizer: lint::LintTokenizer,
 }
 
 impl Dramatis {
@@ -88,6 +98,7 @@ impl Dramatis {
             downloads: Default::default(),
             device: OnceLock::new(),
             chat_runtime: Default::default(),
+            lint_tokenizer: Default::default(),
         };
         app.first_start()?;
         Ok(app)

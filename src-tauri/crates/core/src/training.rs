@@ -556,6 +556,7 @@ impl Dramatis {
             CharacterDraft {
                 card,
                 avatar: Default::default(),
+                book: None,
             },
         )
     }

@@ -31,6 +31,7 @@ fn character(app: &Dramatis) -> i64 {
             ..Default::default()
         },
         avatar: Default::default(),
+        book: None,
     })
     .unwrap()
     .id

@@ -71,6 +71,7 @@ fn character(app: &Dramatis) -> i64 {
             ..Default::default()
         },
         avatar: Default::default(),
+        book: None,
     })
     .unwrap()
     .id

@@ -33,6 +33,7 @@ fn world() -> World {
                 ..Default::default()
             },
             avatar: Default::default(),
+            book: None,
         })
         .unwrap()
         .id;

@@ -34,6 +34,19 @@ pub const LIMITS: Limits = Limits {
     extensions_bytes: 1 << 20,
 };
 
+/// The hard bounds a card must meet to be imported from a file: far above the
+/// editor's [`LIMITS`] (real cards break those), low enough to protect the
+/// database. An imported card over `LIMITS` but within these is kept whole.
+pub const IMPORT_LIMITS: Limits = Limits {
+    name: 1024,
+    text: 2_000_000,
+    short: 4096,
+    tags: 512,
+    tag: 1024,
+    greetings: 256,
+    extensions_bytes: 16 << 20,
+};
+
 /// A character as Character Card V2 describes it (the `data` object of a
 /// `chara_card_v2` card). Unknown keys of `data` (a V3 card's `nickname`,
 /// `assets`, ...) are kept in `other` and written back unchanged.
@@ -91,14 +104,23 @@ impl CharacterCard {
 
     /// Checks every field against [`LIMITS`]; returns all problems at once.
     pub fn validate(&self) -> Result<(), ValidationErrors> {
+        self.validate_with(&LIMITS)
+    }
+
+    /// Checks every field against `l` (such as [`LIMITS`] or
+    /// [`IMPORT_LIMITS`]); returns all problems at once, each with its size.
+    pub fn validate_with(&self, l: &Limits) -> Result<(), ValidationErrors> {
         let mut errors = ValidationErrors::default();
-        let l = LIMITS;
         if self.name.trim().is_empty() {
             errors.push("name", "A character needs a name.");
         } else if self.name.chars().count() > l.name {
             errors.push(
                 "name",
-                format!("Keep the name under {} characters.", l.name),
+                format!(
+                    "The name is {} characters; keep it under {}.",
+                    self.name.chars().count(),
+                    l.name
+                ),
             );
         }
         for (field, value) in [
@@ -126,14 +148,22 @@ impl CharacterCard {
             ("creator", &self.creator),
             ("character_version", &self.character_version),
         ] {
-            if value.chars().count() > l.short {
-                errors.push(field, format!("Keep this under {} characters.", l.short));
+            let n = value.chars().count();
+            if n > l.short {
+                errors.push(
+                    field,
+                    format!("This is {n} characters; keep it under {}.", l.short),
+                );
             }
         }
         if self.alternate_greetings.len() > l.greetings {
             errors.push(
                 "alternate_greetings",
-                format!("At most {} alternate greetings.", l.greetings),
+                format!(
+                    "There are {} alternate greetings; at most {} are allowed.",
+                    self.alternate_greetings.len(),
+                    l.greetings
+                ),
             );
         } else if let Some(i) = self
             .alternate_greetings
@@ -142,16 +172,32 @@ impl CharacterCard {
         {
             errors.push(
                 "alternate_greetings",
-                format!("Greeting {} is longer than {} characters.", i + 1, l.text),
+                format!(
+                    "Greeting {} is {} characters, longer than {}.",
+                    i + 1,
+                    self.alternate_greetings[i].chars().count(),
+                    l.text
+                ),
             );
         }
         if self.tags.len() > l.tags {
-            errors.push("tags", format!("At most {} tags.", l.tags));
+            errors.push(
+                "tags",
+                format!(
+                    "There are {} tags; at most {} are allowed.",
+                    self.tags.len(),
+                    l.tags
+                ),
+            );
         } else if let Some(t) = self.tags.iter().find(|t| t.chars().count() > l.tag) {
             let start: String = t.chars().take(16).collect();
             errors.push(
                 "tags",
-                format!("The tag \"{start}…\" is longer than {} characters.", l.tag),
+                format!(
+                    "The tag \"{start}…\" is {} characters, longer than {}.",
+                    t.chars().count(),
+                    l.tag
+                ),
             );
         }
         let extra = serde_json::to_vec(&self.extensions).map_or(0, |v| v.len())
@@ -267,6 +313,19 @@ mod tests {
         let err = c.validate().unwrap_err();
         let fields: Vec<_> = err.0.iter().map(|e| e.field.as_str()).collect();
         assert_eq!(fields, ["name", "scenario", "tags"]);
+    }
+
+    #[test]
+    fn import_limits_accept_what_the_editor_refuses() {
+        let mut c = card(&"n".repeat(300));
+        c.description = "d".repeat(150_000);
+        c.tags = vec!["t".repeat(200)];
+        assert!(c.validate().is_err(), "the editor's limits still apply");
+        c.validate_with(&IMPORT_LIMITS).unwrap();
+        c.description = "d".repeat(IMPORT_LIMITS.text + 1);
+        let err = c.validate_with(&IMPORT_LIMITS).unwrap_err();
+        let msg = err.for_field("description").unwrap();
+        assert!(msg.contains("2000001") && msg.contains("2000000"), "{msg}");
     }
 
     #[test]

@@ -230,6 +230,33 @@ pub struct PromptParts<'a> {
     pub author_note: Option<&'a AuthorNote>,
     /// How history is dropped.
     pub window: Window,
+    /// The world-info entries that fired for this reply, each placed by its position.
+    pub world: &'a [crate::worldinfo::Activated],
+    /// The clock and seeds the macros use.
+    pub env: MacroEnv,
+}
+
+/// What the time- and chance-dependent macros read: the local time, the
+/// reply's seed (`{{random}}`, `{{roll}}`) and the chat's (`{{pick}}`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MacroEnv {
+    /// Local time now.
+    pub now: chrono::DateTime<chrono::FixedOffset>,
+    /// Changes with every new reply (a regenerate rolls again).
+    pub reply_seed: u64,
+    /// Fixed for the whole chat.
+    pub chat_seed: u64,
+}
+
+impl Default for MacroEnv {
+    /// The Unix epoch in UTC and zero seeds: reproducible, for tests and training text.
+    fn default() -> Self {
+        Self {
+            now: chrono::DateTime::UNIX_EPOCH.fixed_offset(),
+            reply_seed: 0,
+            chat_seed: 0,
+        }
+    }
 }
 
 impl<'a> PromptParts<'a> {
@@ -253,6 +280,8 @@ impl<'a> PromptParts<'a> {
             memory_depth: None,
             author_note: None,
             window: Window::default(),
+            world: &[],
+            env: MacroEnv::default(),
         }
     }
 }
@@ -275,6 +304,8 @@ pub enum SectionKind {
     History,
     /// The author's note.
     AuthorNote,
+    /// Lorebook entries that fired.
+    WorldInfo,
     /// The card's post-history instructions.
     PostHistory,
     /// The opening of the reply (and the text being continued).
@@ -353,40 +384,59 @@ impl PromptParts<'_> {
     /// The system part's pieces: system prompt, description, personality,
     /// scenario, the user persona, and example dialogues (each `<START>` block).
     fn system_pieces(&self) -> Vec<(SectionKind, String)> {
+        use crate::lorebook::Position as P;
         let c = self.card;
-        let sys = if c.system_prompt.trim().is_empty() {
+        let (sys, original) = if c.system_prompt.trim().is_empty() {
             if self.global_system_prompt.trim().is_empty() {
-                DEFAULT_SYSTEM_PROMPT
+                (DEFAULT_SYSTEM_PROMPT, None)
             } else {
-                self.global_system_prompt
+                (self.global_system_prompt, None)
             }
         } else {
             // SillyTavern's convention: {{original}} stands for the global prompt.
-            &c.system_prompt
-                .replace("{{original}}", self.global_system_prompt)
+            (c.system_prompt.as_str(), Some(self.global_system_prompt))
         };
-        let mut parts = vec![(SectionKind::SystemPrompt, sys.trim().to_owned())];
+        let world = |at: P| -> Vec<(SectionKind, String)> {
+            self.world
+                .iter()
+                .filter(|e| e.position == at)
+                .map(|e| (SectionKind::WorldInfo, self.fill(&e.content)))
+                .collect()
+        };
+        let mut parts = vec![(
+            SectionKind::SystemPrompt,
+            self.fill_with(sys.trim(), original),
+        )];
+        parts.extend(world(P::BeforeChar));
         if !c.description.trim().is_empty() {
-            parts.push((SectionKind::Definition, c.description.trim().to_owned()));
+            parts.push((SectionKind::Definition, self.fill(c.description.trim())));
         }
         if !c.personality.trim().is_empty() {
             parts.push((
                 SectionKind::Definition,
-                format!("{{{{char}}}}'s personality: {}", c.personality.trim()),
+                self.fill(&format!(
+                    "{{{{char}}}}'s personality: {}",
+                    c.personality.trim()
+                )),
             ));
         }
         if !c.scenario.trim().is_empty() {
             parts.push((
                 SectionKind::Definition,
-                format!("Scenario: {}", c.scenario.trim()),
+                self.fill(&format!("Scenario: {}", c.scenario.trim())),
             ));
         }
+        parts.extend(world(P::AfterChar));
         if !self.user_description.trim().is_empty() {
             parts.push((
                 SectionKind::Persona,
-                format!("About {{{{user}}}}: {}", self.user_description.trim()),
+                self.fill(&format!(
+                    "About {{{{user}}}}: {}",
+                    self.user_description.trim()
+                )),
             ));
         }
+        parts.extend(world(P::ExamplesTop));
         for example in c
             .mes_example
             .split("<START>")
@@ -395,24 +445,60 @@ impl PromptParts<'_> {
         {
             parts.push((
                 SectionKind::Examples,
-                format!("Example of how {{{{char}}}} speaks:\n{example}"),
+                self.fill(&format!("Example of how {{{{char}}}} speaks:\n{example}")),
             ));
         }
+        parts.extend(world(P::ExamplesBottom));
         parts
             .into_iter()
-            .map(|(k, t)| (k, self.fill(&t)))
             .filter(|(_, t)| !t.trim().is_empty())
             .collect()
     }
 
+    /// The name `{{char}}` stands for: V3's `nickname` when the card has one.
+    pub fn char_name(&self) -> &str {
+        self.card
+            .other
+            .get("nickname")
+            .and_then(serde_json::Value::as_str)
+            .map(str::trim)
+            .filter(|n| !n.is_empty())
+            .unwrap_or(&self.card.name)
+    }
+
     fn fill(&self, text: &str) -> String {
-        replace_macros(text, &self.card.name, self.user_name)
+        self.fill_with(text, None)
+    }
+
+    /// Expands the macros in `text`; `original` is the app's text that
+    /// `{{original}}` stands for (only in the card's system prompt and
+    /// post-history instructions).
+    fn fill_with(&self, text: &str, original: Option<&str>) -> String {
+        let c = self.card;
+        let last = self.history.last().map_or("", |(_, t)| t.as_str());
+        crate::macros::expand(
+            text,
+            &crate::macros::MacroContext {
+                char_name: self.char_name(),
+                user_name: self.user_name,
+                original,
+                now: self.env.now,
+                reply_seed: self.env.reply_seed,
+                chat_seed: self.env.chat_seed,
+                description: &c.description,
+                personality: &c.personality,
+                scenario: &c.scenario,
+                persona: self.user_description,
+                mes_examples: &c.mes_example,
+                last_message: last,
+            },
+        )
     }
 
     fn name(&self, s: Speaker) -> &str {
         match s {
             Speaker::User => self.user_name,
-            Speaker::Assistant => &self.card.name,
+            Speaker::Assistant => self.char_name(),
             Speaker::System => "Narrator",
         }
     }
@@ -455,7 +541,7 @@ impl PromptParts<'_> {
     fn opening(&self) -> String {
         let start = match self.format {
             PromptFormat::Roleplay => reply_opening().to_owned(),
-            PromptFormat::Transcript => format!("{}:", self.card.name),
+            PromptFormat::Transcript => format!("{}:", self.char_name()),
         };
         match self.continue_from {
             // The reply so far, without its end: the model writes on.
@@ -535,7 +621,7 @@ impl PromptParts<'_> {
         let tail = if post.is_empty() {
             String::new()
         } else {
-            self.render_system(&self.fill(post))
+            self.render_system(&self.fill_with(post, Some(self.global_system_prompt)))
         };
         let opening = self.opening();
         let turns: Vec<String> = self
@@ -549,9 +635,36 @@ impl PromptParts<'_> {
             .filter(|(s, _)| *s == Speaker::User)
             .count();
         let note = self.author_note.filter(|n| n.applies(user_turns));
-        if let Some(n) = note {
-            let text = self.render_system(&self.fill(&n.text));
-            inserts.push((n.depth, SectionKind::AuthorNote, text));
+        {
+            use crate::lorebook::Position as P;
+            let world_at = |at: P| -> Vec<String> {
+                self.world
+                    .iter()
+                    .filter(|e| e.position == at)
+                    .map(|e| self.render_system(&self.fill(&e.content)))
+                    .collect()
+            };
+            // Entries placed around the author's note go where the note goes
+            // (its depth), whether or not the note itself is due this turn.
+            let note_depth = self.author_note.map_or(0, |n| n.depth);
+            for text in world_at(P::AuthorNoteTop) {
+                inserts.push((note_depth, SectionKind::WorldInfo, text));
+            }
+            if let Some(n) = note {
+                let text = self.render_system(&self.fill(&n.text));
+                inserts.push((n.depth, SectionKind::AuthorNote, text));
+            }
+            for text in world_at(P::AuthorNoteBottom) {
+                inserts.push((note_depth, SectionKind::WorldInfo, text));
+            }
+            for e in self.world.iter().filter(|e| e.position == P::AtDepth) {
+                let content = self.fill(&e.content);
+                let text = match self.format {
+                    PromptFormat::Roleplay => turn(e.role.speaker(), &content),
+                    PromptFormat::Transcript => self.render_system(&content),
+                };
+                inserts.push((e.depth, SectionKind::WorldInfo, text));
+            }
         }
         let inserted: usize = inserts.iter().map(|(_, _, t)| count(t)).sum();
         let fixed = count(&head.text) + count(&tail) + count(&opening) + inserted;

@@ -255,6 +255,16 @@ impl Store {
         Ok(ids)
     }
 
+    /// How many replies (or first messages) `parent` has in a chat so far.
+    pub fn child_count(&self, chat_id: i64, parent: Option<i64>) -> Result<usize> {
+        let n: i64 = self.conn().query_row(
+            "SELECT COUNT(*) FROM messages WHERE chat_id = ?1 AND parent_id IS ?2",
+            rusqlite::params![chat_id, parent],
+            |r| r.get(0),
+        )?;
+        Ok(n as usize)
+    }
+
     /// A character's chats, the most recently active first.
     pub fn list_chats(&self, character_id: i64) -> Result<Vec<ChatRow>> {
         let conn = self.conn();

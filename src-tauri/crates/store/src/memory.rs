@@ -62,6 +62,24 @@ impl Store {
             .optional()?)
     }
 
+    /// For each message of `path` with a stored prompt, how many world-info
+    /// entries fired for it (messages with none are left out).
+    pub fn world_info_counts(&self, path: &[i64]) -> Result<std::collections::HashMap<i64, usize>> {
+        let ids = serde_json::to_string(path).expect("ids serialize");
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT message_id, json_array_length(info, '$.world_info') FROM reply_prompts
+             WHERE message_id IN (SELECT value FROM json_each(?1))
+               AND json_valid(info) AND json_array_length(info, '$.world_info') > 0",
+        )?;
+        let found = stmt
+            .query_map([ids], |r| {
+                Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)? as usize))
+            })?
+            .collect::<rusqlite::Result<_>>()?;
+        Ok(found)
+    }
+
     /// The deepest message on a path (ids oldest first) that has a stored
     /// prompt, with that prompt's description; one query, the prompt text unread.
     pub fn last_reply_info(&self, path: &[i64]) -> Result<Option<(i64, String)>> {
