@@ -162,6 +162,7 @@ describe("cards and lorebooks", () => {
       const chip = await browser.$('[data-testid="lore-chip"]');
       await chip.waitForExist({ timeout: 60000 });
       assert.equal(await chip.getText(), "Lore 1");
+      await screenshot(browser, "chat-lore-chip");
       await chip.click();
       const entry = await browser.$('[data-testid="lore-entry"]');
       await entry.waitForExist({ timeout: 10000 });

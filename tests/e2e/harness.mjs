@@ -97,6 +97,9 @@ export async function clearField(browser, element) {
 
 /** Saves a PNG of the window under target/e2e-screenshots. */
 export async function screenshot(browser, name) {
+  // Let a scroll or a view change reach the screen first (frames can lag under Xvfb).
+  await browser.execute(() => new Promise((r) => requestAnimationFrame(() => requestAnimationFrame(() => r(null)))));
+  await new Promise((r) => setTimeout(r, 250));
   await browser.saveScreenshot(path.join(screenshotDir, `${name}.png`));
 }
 

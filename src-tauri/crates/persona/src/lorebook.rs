@@ -1123,6 +1123,11 @@ fn write_world_entry(e: &Entry) -> Value {
 mod tests {
     use super::*;
 
+    /// A row's check on the entry read.
+    type Check = fn(&Entry) -> bool;
+    /// Entries and name read, or a piece of the error message.
+    type Expect = Result<(usize, &'static str), &'static str>;
+
     fn card_fixture() -> Value {
         serde_json::from_str(
             r#"{
@@ -1189,7 +1194,7 @@ mod tests {
 
     #[test]
     fn reads_messy_card_entries() {
-        let rows: &[(&str, Value, fn(&Entry) -> bool)] = &[
+        let rows: &[(&str, Value, Check)] = &[
             ("order as a string", json!({"insertion_order": "7"}), |e| {
                 e.insertion_order == 7
             }),
@@ -1284,7 +1289,7 @@ mod tests {
 
     #[test]
     fn reads_messy_world_entries() {
-        let rows: &[(&str, Value, fn(&Entry) -> bool)] = &[
+        let rows: &[(&str, Value, Check)] = &[
             ("uid from the object key", json!({}), |e| e.id == 12),
             ("uid field wins", json!({"uid": "4"}), |e| e.id == 4),
             ("disable", json!({"disable": "true"}), |e| !e.enabled),
@@ -1498,7 +1503,7 @@ mod tests {
     #[test]
     fn from_json_detects_the_shape() {
         let card = json!({"spec": "chara_card_v2", "data": {"name": "A", "character_book": card_fixture()}});
-        let rows: Vec<(&str, String, Result<(usize, &str), &str>)> = vec![
+        let rows: Vec<(&str, String, Expect)> = vec![
             ("world info", world_fixture().to_string(), Ok((2, "World"))),
             (
                 "world info as a list",

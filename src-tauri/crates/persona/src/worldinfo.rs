@@ -32,7 +32,7 @@ use serde::{Deserialize, Serialize};
 use crate::lorebook::{Decorator, Entry, Logic, Lorebook, Position, Role};
 
 /// Distinct regex patterns compiled per activation; keys are untrusted.
-pub const MAX_REGEXES: usize = 1024;
+pub const MAX_REGEXES: usize = 512;
 /// Compiled size one key's regex may reach.
 const REGEX_SIZE_LIMIT: usize = 1 << 20;
 /// Windows of a long key examined when choosing the rarest to look up.
@@ -492,7 +492,9 @@ fn prepare<'a>(
         match d {
             Decorator::DontActivate => return None,
             Decorator::ActivateOnlyAfter(n) if messages <= *n => return None,
-            Decorator::ActivateOnlyEvery(n) if *n == 0 || messages % n != 0 => return None,
+            Decorator::ActivateOnlyEvery(n) if *n == 0 || !messages.is_multiple_of(*n) => {
+                return None;
+            }
             Decorator::Activate => p.forced = true,
             Decorator::Depth(d) => (p.position, p.depth) = (Position::AtDepth, *d),
             Decorator::ReverseDepth(d) => {
@@ -1638,7 +1640,6 @@ mod tests {
             ..Lorebook::default()
         };
         lore.entries[0].content = "@@activate\nx".into();
-        let books = [&lore];
         let mut scan_messages: Vec<ScanMessage> = messages
             .iter()
             .map(|t| ScanMessage {
@@ -1650,18 +1651,25 @@ mod tests {
             name: "Bob",
             text: "the moon",
         });
-        let scan = Scan {
-            books: &books,
-            messages: &scan_messages,
-            recursive: true,
-            budget: 100_000,
-            ..Scan::default()
-        };
-        let start = std::time::Instant::now();
-        let got = activate(&scan, words);
-        let took = start.elapsed();
-        eprintln!("TOOK {took:?} {}", got.entries.len());
-        assert!(!got.entries.is_empty());
-        assert!(took < std::time::Duration::from_secs(1), "took {took:?}");
+        // The default depth, then every message.
+        for depth in [None, Some(60)] {
+            lore.scan_depth = depth;
+            let books = [&lore];
+            let scan = Scan {
+                books: &books,
+                messages: &scan_messages,
+                recursive: true,
+                budget: 100_000,
+                ..Scan::default()
+            };
+            let start = std::time::Instant::now();
+            let got = activate(&scan, words);
+            let took = start.elapsed();
+            assert_eq!(got.entries.len(), 10, "depth {depth:?}");
+            assert!(
+                took < std::time::Duration::from_secs(1),
+                "depth {depth:?} took {took:?}"
+            );
+        }
     }
 }
