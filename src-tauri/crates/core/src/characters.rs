@@ -29,7 +29,7 @@ pub enum BookEdit {
     /// Replace it with this book (written in the card's `character_book` shape).
     Set {
         /// The book.
-        book: Lorebook,
+        book: Box<Lorebook>,
     },
     /// Remove it.
     Remove,

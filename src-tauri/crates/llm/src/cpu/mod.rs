@@ -95,7 +95,7 @@ impl QMatrix {
     ) -> Option<Self> {
         let kind = Kind::from_ggml(dtype)?;
         let simd = Avx2::detect()?;
-        if cols % kind.block_elems() != 0
+        if !cols.is_multiple_of(kind.block_elems())
             || bytes.as_slice().len() != rows * cols / kind.block_elems() * kind.block_bytes()
         {
             return None;
