@@ -108,7 +108,18 @@ describe("cards and lorebooks", () => {
     const worldPath = path.join(driver.dataDir, "Harbor.json");
     writeFileSync(
       worldPath,
-      JSON.stringify({ entries: { 5: { uid: 5, key: ["harbor"], content: "The harbor smells of tar.", comment: "harbor", order: 100, position: 0 } } }),
+      JSON.stringify({
+        entries: {
+          5: {
+            uid: 5,
+            key: ["harbor"],
+            content: 'The harbor smells of tar. <img src=x onerror="window.__pwned=1"><script>window.__pwned=2</script>',
+            comment: "harbor <b>bold</b>",
+            order: 100,
+            position: 0,
+          },
+        },
+      }),
     );
     const junkPath = path.join(driver.dataDir, "broken.png");
     writeFileSync(junkPath, picture.subarray(0, 300));
@@ -209,6 +220,13 @@ describe("cards and lorebooks", () => {
       await row.$('[data-testid="lorebook-edit"]').click();
       await browser.$('[data-testid="lorebook-editor"]').waitForExist({ timeout: 10000 });
       await browser.$('[data-testid="entry-row"]').click();
+      const content = await browser.$('[data-testid="entry-content"]');
+      await content.waitForExist({ timeout: 10000 });
+      assert.match(await content.getValue(), /<script>window.__pwned=2<\/script>/, "hostile entry text is kept as text");
+      assert.equal(await browser.$('[data-testid="entry-row"]').getAttribute("data-comment"), "harbor <b>bold</b>");
+      assert.match(await browser.execute(() => document.querySelector('[data-testid="entry-row"]').textContent), /harbor <b>bold<\/b>/);
+      assert.equal(await browser.execute(() => window.__pwned ?? null), null, "no entry text ran as markup");
+      assert.equal(await browser.execute(() => document.querySelectorAll("img[src='x']").length), 0);
       await screenshot(browser, "lorebook-editor");
     } finally {
       await close(browser);

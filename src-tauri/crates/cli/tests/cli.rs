@@ -364,3 +364,81 @@ fn train_then_generate_with_the_adapter_and_export() {
     let out = train().output().unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("resuming at step 6"));
 }
+
+#[test]
+fn card_import_export_and_lint_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let card = serde_json::json!({"spec": "chara_card_v2", "spec_version": "2.0", "data": {
+        "name": "Quill", "creator": "cli-test", "description": "An archivist. ".repeat(400),
+        "first_mes": "Shh.", "tags": ["x".repeat(200)],
+        "character_book": {"entries": [{"keys": ["ink"], "content": "Ink is rare.", "enabled": true, "insertion_order": 1, "extensions": {}}]}
+    }});
+    let src = dir.path().join("quill.json");
+    std::fs::write(&src, serde_json::to_vec(&card).unwrap()).unwrap();
+    let junk = dir.path().join("junk.png");
+    std::fs::write(&junk, b"\x89PNG\r\n\x1a\nnot really").unwrap();
+
+    let out = cli()
+        .args(["card", "import"])
+        .arg(&src)
+        .env("DRAMATIS_DATA_DIR", &data)
+        .run_ok();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("quill.json: imported Quill"), "{text}");
+    assert!(text.contains("note:"), "the long tag is reported: {text}");
+
+    // A duplicate is skipped by default; a broken file fails the command, naming it.
+    let out = cli()
+        .args(["card", "import"])
+        .arg(&src)
+        .arg(&junk)
+        .env("DRAMATIS_DATA_DIR", &data)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("skipped, Quill is already here"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("junk.png: "), "{err}");
+
+    for (name, fmt) in [
+        ("q.png", None),
+        ("q.charx", None),
+        ("q.json", Some("json-v2")),
+    ] {
+        let path = dir.path().join(name);
+        let mut c = cli();
+        c.args(["card", "export", "Quill", "--out"])
+            .arg(&path)
+            .env("DRAMATIS_DATA_DIR", &data);
+        if let Some(f) = fmt {
+            c.args(["--format", f]);
+        }
+        c.run_ok();
+        assert!(std::fs::metadata(&path).unwrap().len() > 100, "{name}");
+    }
+    let v2: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("q.json")).unwrap()).unwrap();
+    assert_eq!(v2["spec"], "chara_card_v2");
+    assert_eq!(v2["data"]["description"], card["data"]["description"]);
+
+    let out = cli()
+        .args(["card", "lint"])
+        .arg(dir.path().join("q.png"))
+        .env("DRAMATIS_DATA_DIR", &data)
+        .run_ok();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("permanent part:"), "{text}");
+    assert!(text.contains("an estimate: no model installed"), "{text}");
+    assert!(
+        text.contains("warning [") || text.contains("error ["),
+        "a 1,600-word description draws a warning: {text}"
+    );
+    let out = cli()
+        .args(["card", "lint", "--json"])
+        .arg(&src)
+        .env("DRAMATIS_DATA_DIR", &data)
+        .run_ok();
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(report["report"]["permanent_tokens"].as_u64().unwrap() > 1000);
+}

@@ -520,3 +520,55 @@ fn the_linter_counts_with_the_models_tokenizer() {
         l.report.lints
     );
 }
+
+#[test]
+fn a_regenerate_rolls_an_entrys_chance_again_and_a_continue_does_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = app(dir.path());
+    let card = json!({"name": "Dice", "first_mes": "Roll?", "character_book": {"entries": [
+        {"keys": ["luck"], "content": "Fortune smiles.", "enabled": true, "insertion_order": 1,
+         "id": 1, "comment": "luck", "extensions": {"probability": 50, "useProbability": true}}
+    ]}});
+    let (id, _) = only_imported(vec![app.import_card_bytes(
+        "dice.json",
+        &serde_json::to_vec(&card).unwrap(),
+        OnDuplicate::Ask,
+    )]);
+    let chat = app.start_chat(id).unwrap().chat.id;
+    app.set_chat_settings(
+        chat,
+        &ChatSettings {
+            temperature: 0.0,
+            max_new_tokens: 4,
+            seed: Some(1),
+            ..ChatSettings::default()
+        },
+    )
+    .unwrap();
+    let fired = |message_id: i64| -> bool {
+        !app.prompt_report(message_id)
+            .unwrap()
+            .unwrap()
+            .world_info
+            .is_empty()
+    };
+    let v = app
+        .send_message(chat, "Test my luck.", &mut |_| {})
+        .unwrap();
+    let mut reply = v.messages.last().unwrap().id;
+    let mut rolls = vec![fired(reply)];
+    for _ in 0..15 {
+        let v = app.regenerate(reply, &mut |_| {}).unwrap();
+        reply = v.messages.last().unwrap().id;
+        rolls.push(fired(reply));
+    }
+    let hits = rolls.iter().filter(|&&f| f).count();
+    assert!(
+        (2..=14).contains(&hits),
+        "a 50% entry over 16 swipes: {rolls:?}"
+    );
+    // Continuing a reply rebuilds its prompt with the same roll.
+    let before = fired(reply);
+    app.continue_reply(chat, &mut |_| {}).unwrap();
+    assert_eq!(fired(reply), before);
+}
