@@ -8,7 +8,7 @@ import { readFileSync, writeFileSync } from "node:fs";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
 import { afterEach, beforeEach, describe, it } from "node:test";
-import { Driver, close, installTinyModel, screenshot, waitForCards } from "./harness.mjs";
+import { Driver, close, installTinyModel, invoke, screenshot, waitForCards } from "./harness.mjs";
 
 const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../..");
 
@@ -72,16 +72,6 @@ const card = {
 
 function b64(v) {
   return Buffer.from(JSON.stringify(v), "utf8").toString("base64");
-}
-
-async function invoke(browser, cmd, args) {
-  const r = await browser.executeAsync(
-    (cmd, args, done) => window.__TAURI_INTERNALS__.invoke(cmd, args).then((v) => done({ ok: v }), (e) => done({ err: e })),
-    cmd,
-    args,
-  );
-  if ("err" in r) throw new Error(`${cmd}: ${JSON.stringify(r.err)}`);
-  return r.ok;
 }
 
 /** Files dropped on the window: the event the shell emits for a native drop. */

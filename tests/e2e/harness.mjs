@@ -161,3 +161,14 @@ export function installTinyModel(dataDir) {
   });
   if (r.status !== 0) throw new Error("dramatis-cli import failed");
 }
+
+/** Calls a shell command from the page, as the UI does; throws its error. */
+export async function invoke(browser, cmd, args) {
+  const r = await browser.executeAsync(
+    (cmd, args, done) => window.__TAURI_INTERNALS__.invoke(cmd, args).then((v) => done({ ok: v }), (e) => done({ err: e })),
+    cmd,
+    args,
+  );
+  if ("err" in r) throw new Error(`${cmd}: ${JSON.stringify(r.err)}`);
+  return r.ok;
+}

@@ -5,7 +5,7 @@ import assert from "node:assert/strict";
 import { writeFileSync } from "node:fs";
 import path from "node:path";
 import { afterEach, beforeEach, describe, it } from "node:test";
-import { Driver, clearField, close, installTinyModel, screenshot } from "./harness.mjs";
+import { Driver, clearField, close, installTinyModel, invoke, screenshot } from "./harness.mjs";
 
 /** A SillyTavern chat file of `turns` messages (about 9,000 tokens for 300). */
 function longChat(turns) {
@@ -17,16 +17,6 @@ function longChat(turns) {
     lines.push(JSON.stringify({ name: i % 2 ? "You" : "Kestrel", is_user: i % 2 === 1, mes: `Turn ${i}: ${text}.` }));
   }
   return lines.join("\n");
-}
-
-async function invoke(browser, cmd, args) {
-  const r = await browser.executeAsync(
-    (cmd, args, done) => window.__TAURI_INTERNALS__.invoke(cmd, args).then((v) => done({ ok: v }), (e) => done({ err: e })),
-    cmd,
-    args,
-  );
-  if ("err" in r) throw new Error(`${cmd}: ${JSON.stringify(r.err)}`);
-  return r.ok;
 }
 
 async function openChat(browser) {

@@ -555,19 +555,11 @@ impl Dramatis {
         let mut card = c.card;
         strip_local_ids(&mut card);
         let avatar = self.avatar(id)?;
-        let safe: String = card
-            .name
-            .chars()
-            .map(|ch| {
-                if ch.is_alphanumeric() || " -_.".contains(ch) {
-                    ch
-                } else {
-                    '_'
-                }
-            })
-            .take(80)
-            .collect();
-        let name = format!("{}.{}", safe.trim(), format.extension());
+        let name = format!(
+            "{}.{}",
+            crate::paths::file_stem(&card.name, true),
+            format.extension()
+        );
         let bytes = match format {
             CardFormat::JsonV2 => cardfile::json_v2(&card),
             CardFormat::JsonV3 => cardfile::json_v3(&card),

@@ -159,21 +159,9 @@ impl Dramatis {
             LorebookFormat::WorldInfo => v.book.to_world_info(),
             LorebookFormat::V3 => v.book.to_v3(),
         };
-        let safe: String = v
-            .book
-            .name
-            .chars()
-            .map(|c| {
-                if c.is_alphanumeric() || " -_".contains(c) {
-                    c
-                } else {
-                    '_'
-                }
-            })
-            .take(80)
-            .collect();
+        let safe = crate::paths::file_stem(&v.book.name, false);
         Ok((
-            format!("{}.json", safe.trim()),
+            format!("{safe}.json"),
             serde_json::to_vec_pretty(&value).expect("a value serializes"),
         ))
     }

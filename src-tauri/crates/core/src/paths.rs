@@ -42,3 +42,20 @@ pub fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> crate::Result<(
     }
     Ok(())
 }
+
+/// `name` made safe as a file name: letters, digits, space, `-`, `_` (and `.`
+/// when `dots`) kept, anything else `_`, at most 80 characters, trimmed.
+pub(crate) fn file_stem(name: &str, dots: bool) -> String {
+    let s: String = name
+        .chars()
+        .map(|c| {
+            if c.is_alphanumeric() || " -_".contains(c) || (dots && c == '.') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(80)
+        .collect();
+    s.trim().to_owned()
+}

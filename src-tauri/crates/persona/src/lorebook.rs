@@ -23,7 +23,6 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
 use crate::error::ValidationErrors;
-use crate::prompt::Speaker;
 
 /// Largest lorebook file [`Lorebook::from_json`] reads.
 pub const MAX_BOOK_BYTES: usize = 16 << 20;
@@ -282,7 +281,8 @@ impl Logic {
 }
 
 /// Who speaks an entry placed in the chat; SillyTavern numbers them 0–2.
-/// (`prompt::Speaker` has no serde, so the stored shape has its own enum.)
+/// (The prompt's `Speaker` has no serde, so the stored shape has its own enum;
+/// `prompt` converts it.)
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Role {
@@ -318,21 +318,6 @@ impl Role {
     /// Reads `system` / `user` / `assistant`.
     pub fn from_name(name: &str) -> Option<Self> {
         ROLES.iter().find(|(_, n)| *n == name).map(|(r, _)| *r)
-    }
-
-    /// The prompt speaker this role is rendered as.
-    pub fn speaker(self) -> Speaker {
-        match self {
-            Self::System => Speaker::System,
-            Self::User => Speaker::User,
-            Self::Assistant => Speaker::Assistant,
-        }
-    }
-}
-
-impl From<Role> for Speaker {
-    fn from(r: Role) -> Self {
-        r.speaker()
     }
 }
 

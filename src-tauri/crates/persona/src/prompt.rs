@@ -33,6 +33,18 @@ impl Speaker {
     }
 }
 
+impl From<crate::lorebook::Role> for Speaker {
+    /// Who speaks a lorebook entry placed in the chat.
+    fn from(r: crate::lorebook::Role) -> Self {
+        use crate::lorebook::Role;
+        match r {
+            Role::System => Self::System,
+            Role::User => Self::User,
+            Role::Assistant => Self::Assistant,
+        }
+    }
+}
+
 /// One finished part: `<|role|>text</s>\n`.
 pub fn turn(speaker: Speaker, text: &str) -> String {
     format!("{}{}{END}\n", speaker.marker(), text.trim())
@@ -660,7 +672,7 @@ impl PromptParts<'_> {
             for e in self.world.iter().filter(|e| e.position == P::AtDepth) {
                 let content = self.fill(&e.content);
                 let text = match self.format {
-                    PromptFormat::Roleplay => turn(e.role.speaker(), &content),
+                    PromptFormat::Roleplay => turn(e.role.into(), &content),
                     PromptFormat::Transcript => self.render_system(&content),
                 };
                 inserts.push((e.depth, SectionKind::WorldInfo, text));
