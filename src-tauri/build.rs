@@ -3,6 +3,11 @@
 /// Every command the UI may call; the capability in src-tauri/capabilities grants exactly these.
 const COMMANDS: &[&str] = &[
     "app_info",
+    "api_server_status",
+    "set_api_server_settings",
+    "api_models",
+    "playground_generate",
+    "stop_playground",
     "list_characters",
     "get_character",
     "create_character",

@@ -36,6 +36,7 @@ impl Backend {
 pub fn app_builder<R: Runtime>(builder: Builder<R>, backend: Backend) -> Builder<R> {
     builder
         .manage(backend)
+        .manage(commands::ApiServer::default())
         .plugin(tauri_plugin_dialog::init())
         .register_asynchronous_uri_scheme_protocol("avatar", avatar_protocol::handle)
         .invoke_handler(commands::handler())
@@ -58,6 +59,13 @@ pub fn run() {
             if let Ok(b) = app.state::<Backend>().get() {
                 tracing::info!(data_dir = %b.data_dir().display(), "Dramatis started");
             }
+            // The local API server, when Settings turned it on.
+            let handle = app.handle().clone();
+            tauri::async_runtime::spawn(async move {
+                if let Err(e) = commands::apply_api_server(&handle).await {
+                    tracing::warn!(error = %e.message, "the API server settings could not be read");
+                }
+            });
             Ok(())
         })
         .run(tauri::generate_context!())

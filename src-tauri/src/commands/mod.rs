@@ -1,6 +1,7 @@
 //! Tauri commands, one file per domain. Each deserializes its typed request,
 //! calls a `dramatis-core` service on a blocking thread, and maps the error.
 
+mod api;
 mod app;
 mod cards;
 mod characters;
@@ -15,6 +16,8 @@ use dramatis_core::Dramatis;
 use tauri::ipc::Invoke;
 use tauri::{AppHandle, Manager, Runtime};
 
+pub use api::ApiServer;
+pub(crate) use api::apply as apply_api_server;
 pub use app::AppInfo;
 pub use characters::CharacterQuery;
 
@@ -24,6 +27,11 @@ use crate::{Backend, CommandError};
 pub(crate) fn handler<R: Runtime>() -> impl Fn(Invoke<R>) -> bool + Send + Sync + 'static {
     tauri::generate_handler![
         app::app_info,
+        api::api_server_status,
+        api::set_api_server_settings,
+        api::api_models,
+        api::playground_generate,
+        api::stop_playground,
         characters::list_characters,
         characters::get_character,
         characters::create_character,

@@ -1,8 +1,13 @@
 // Typed wrappers over the shell's commands: one function per command.
 import { Channel, convertFileSrc, invoke } from "@tauri-apps/api/core";
 import type {
+  ApiModel,
+  ApiServerSettings,
+  ApiServerStatus,
   AppInfo,
   CardFormat,
+  Completion,
+  SamplerConfig,
   CardLint,
   Character,
   CharacterCard,
@@ -61,6 +66,14 @@ async function call<T>(cmd: string, args?: Record<string, unknown>): Promise<T> 
 
 export const api = {
   appInfo: () => call<AppInfo>("app_info"),
+  apiServerStatus: () => call<ApiServerStatus>("api_server_status"),
+  setApiServerSettings: (settings: ApiServerSettings) => call<ApiServerStatus>("set_api_server_settings", { settings }),
+  apiModels: () => call<ApiModel[]>("api_models"),
+  playgroundGenerate: (
+    request: { model: string | null; prompt: string; max_tokens: number; sampler: SamplerConfig; stop: string[] },
+    onText: (t: string) => void,
+  ) => call<Completion>("playground_generate", { request, onEvent: channel<{ type: "text"; text: string }>((e) => onText(e.text)) }),
+  stopPlayground: () => call<boolean>("stop_playground"),
   listCharacters: (query: { tag?: string | null; search?: string | null } = {}) =>
     call<CharacterSummary[]>("list_characters", { query }),
   getCharacter: (id: number) => call<Character>("get_character", { id }),

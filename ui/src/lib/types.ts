@@ -327,6 +327,7 @@ export interface ChatView {
 
 /** dramatis-core `ChatEvent`. */
 export type ChatEvent =
+  | { type: "waiting"; ahead: number }
   | { type: "loading"; model: string }
   | {
       type: "started";
@@ -677,4 +678,56 @@ export interface Activated {
   order: number;
   tokens: number;
   reason: LoreReason;
+}
+
+/** dramatis-core `ApiServerSettings`. */
+export interface ApiServerSettings {
+  enabled: boolean;
+  port: number;
+  api_key: string;
+  allow_network: boolean;
+  cors_origins: string[];
+}
+
+/** The shell's `ApiServerStatus`. */
+export interface ApiServerStatus {
+  settings: ApiServerSettings;
+  url: string | null;
+  error: string | null;
+  requests: number;
+  busy: boolean;
+  waiting: number;
+}
+
+/** dramatis-core `ApiModel`. */
+export interface ApiModel {
+  id: string;
+  model_id: number;
+  adapter_id: number | null;
+  context: number;
+  created: number;
+}
+
+/** dramatis-llm `SamplerConfig`. */
+export interface SamplerConfig {
+  temperature: number;
+  top_k: number;
+  top_p: number;
+  min_p: number;
+  repetition_penalty: number;
+  presence_penalty: number;
+  frequency_penalty: number;
+  penalty_window: number;
+  seed: number;
+}
+
+/** dramatis-core `Completion`. */
+export interface Completion {
+  model: string;
+  text: string;
+  prompt_tokens: number;
+  completion_tokens: number;
+  finish_reason: "stop" | "length" | "cancelled";
+  reused_tokens: number;
+  tokens_per_sec: number;
 }

@@ -4,6 +4,7 @@
 mod bench;
 mod cards;
 mod models;
+mod serve;
 mod train;
 
 use std::io::{BufRead, Write};
@@ -57,6 +58,8 @@ enum Cmd {
     Merge(train::MergeArgs),
     /// Character cards: import (PNG, JSON, CHARX, world info), export, lint.
     Card(cards::CardArgs),
+    /// Serve the engine to other front-ends: OpenAI-compatible and KoboldCpp APIs.
+    Serve(serve::ServeArgs),
 }
 
 /// Which model to load and where to run it.
@@ -191,6 +194,7 @@ fn main() -> Result<()> {
         Cmd::Export(a) => train::export(a, &cancel),
         Cmd::Merge(a) => train::merge(a, &cancel),
         Cmd::Card(a) => cards::run(a),
+        Cmd::Serve(a) => serve::run(a, &cancel),
     }
 }
 

@@ -280,6 +280,11 @@ pub struct PromptReport {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ChatEvent {
+    /// Other requests (from an app using the local API) run first.
+    Waiting {
+        /// How many go before this reply.
+        ahead: usize,
+    },
     /// The model is being loaded.
     Loading {
         /// Its name.
@@ -356,6 +361,8 @@ pub(crate) struct Engine {
 /// The engine and the running generation's stop flag.
 #[derive(Default)]
 pub(crate) struct ChatRuntime {
+    /// Who generates next: chat replies and API requests, in arrival order.
+    pub(crate) queue: crate::queue::EngineQueue,
     pub(crate) engine: Mutex<Option<Engine>>,
     pub(crate) generating: Mutex<Option<Arc<AtomicBool>>>,
     /// The running summary's stop flag: a reply sets it and goes first.
@@ -715,6 +722,16 @@ impl Dramatis {
                 "No model is installed yet: download Phi-2 (or import one) in Models.".into(),
             )
         })?;
+        self.ensure_model(slot, &model, sink)
+    }
+
+    /// Loads `model` into the engine if another (or none) is loaded.
+    pub(crate) fn ensure_model<'a>(
+        &self,
+        slot: &'a mut Option<Engine>,
+        model: &crate::Model,
+        sink: &mut (dyn FnMut(ChatEvent) + Send),
+    ) -> Result<&'a mut Engine> {
         if slot.as_ref().map(|e| e.model_id) != Some(model.id) {
             *slot = None;
             sink(ChatEvent::Loading {
@@ -817,6 +834,14 @@ impl Dramatis {
             self.store().memory_on_path(&path)?
         } else {
             None
+        };
+        // In line behind API requests (and they behind this); stop works while waiting.
+        let (busy, ahead) = self.engine_load();
+        if busy {
+            sink(ChatEvent::Waiting { ahead: ahead + 1 });
+        }
+        let Some(_turn) = self.chat_runtime.queue.acquire(&cancel) else {
+            return self.chat_view(chat_id);
         };
         let mut slot = self.chat_runtime.engine.lock().unwrap();
         let engine = self.ensure_engine(&mut slot, sink)?;

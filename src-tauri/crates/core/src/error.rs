@@ -42,6 +42,9 @@ pub enum Error {
     /// Chat needs a model and none is installed.
     #[error("{0}")]
     NoModel(String),
+    /// A request named a model that is not installed.
+    #[error("{0}")]
+    UnknownModel(String),
     /// A model file, tokenizer or adapter was refused, or the engine failed.
     #[error(transparent)]
     Model(#[from] dramatis_llm::Error),
@@ -102,6 +105,7 @@ impl Error {
                 }
             }
             Self::NoModel(_) => ErrorKind::NoModel,
+            Self::UnknownModel(_) => ErrorKind::NotFound,
             Self::Import(_) => ErrorKind::BadFile,
             Self::Train(dramatis_train::Error::Model(m)) => Self::Model(clone_kind(m)).kind(),
             Self::Train(dramatis_train::Error::EmptyDataset(_)) => ErrorKind::BadFile,

@@ -9,6 +9,7 @@ mod builtins;
 mod cards;
 mod characters;
 mod chats;
+mod completion;
 mod diagnostics;
 mod error;
 mod lint;
@@ -17,6 +18,7 @@ mod memory;
 mod models;
 mod paths;
 mod personas;
+mod queue;
 mod training;
 
 use std::path::{Path, PathBuf};
@@ -34,6 +36,10 @@ pub use characters::{AvatarEdit, Character, CharacterDraft, CharacterSummary};
 pub use chats::{
     ChatEvent, ChatMessage, ChatSettings, ChatSummary, ChatView, ContextMode, ExportFormat,
     FLUSH_EVERY, MessageHit, PromptReport, PromptSection,
+};
+pub use completion::{
+    ApiModel, ApiServerSettings, ChatTurn, Completion, CompletionRequest, FinishReason,
+    PromptInput, chat_prompt,
 };
 pub use diagnostics::StreamReport;
 /// Downloads, the catalog and datasets.

@@ -31,7 +31,7 @@ impl Dramatis {
     pub fn lint_card(&self, card: &CharacterCard) -> Result<CardLint> {
         let model = self.list_models()?.into_iter().next();
         let tokenizer = match &model {
-            Some(m) => self.lint_tokenizer(&m.tokenizer_path).ok(),
+            Some(m) => self.cached_tokenizer(&m.tokenizer_path).ok(),
             None => None,
         };
         let book = card
@@ -74,7 +74,8 @@ impl Dramatis {
         })
     }
 
-    fn lint_tokenizer(&self, path: &str) -> Result<Arc<dramatis_llm::PhiTokenizer>> {
+    /// A tokenizer file, loaded once and kept (the linter and token counts ask often).
+    pub(crate) fn cached_tokenizer(&self, path: &str) -> Result<Arc<dramatis_llm::PhiTokenizer>> {
         let mut slot = self
             .lint_tokenizer
             .0
