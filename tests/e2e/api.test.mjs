@@ -128,9 +128,21 @@ describe("local API", () => {
     }
     assert.equal(role, "assistant");
     assert.equal(streamed, reply.content);
-    // The same prompt again: the prefix cache serves it.
-    const tokens = full.usage.prompt_tokens;
-    assert.ok(tokens > 10);
+    // Laid out in the role-play markers adapters are trained on.
+    const expected = "<|system|>You are Kestrel, the ship's AI.</s>\n<|user|>Status report?</s>\n<|assistant|>";
+    const count = await post(`${server.url}/api/extra/tokencount`, JSON.stringify({ prompt: expected }));
+    assert.equal(full.usage.prompt_tokens, count.json.value);
+    // A front-end re-sends the whole history each turn: the prefix cache serves it.
+    const next = await client.chat.completions.create({
+      model: "tiny-model",
+      messages: [...messages, { role: "assistant", content: reply.content }, { role: "user", content: "And the reactor?" }],
+      max_tokens: 4,
+      temperature: 0,
+    });
+    assert.ok(
+      next.usage.prompt_tokens_details.cached_tokens >= full.usage.prompt_tokens - 1,
+      `${next.usage.prompt_tokens_details.cached_tokens} of ${next.usage.prompt_tokens} prompt tokens came from the cache`,
+    );
   });
 
   it("speaks KoboldCpp with SillyTavern's request bodies", async () => {
@@ -243,6 +255,7 @@ describe("local API", () => {
       [JSON.stringify({ prompt: "x", n: 3 }), 400, /n = 1/],
       [JSON.stringify({ max_tokens: 3 }), 400, /prompt is required/],
       [JSON.stringify({ prompt: "x".repeat(10 * 1024 * 1024) }), 413, /too large/],
+      [JSON.stringify({ prompt: "storm ".repeat(3000), max_tokens: 4 }), 400, /context holds 2048/],
     ];
     for (const [body, status, message] of cases) {
       const r = await post(u, body);

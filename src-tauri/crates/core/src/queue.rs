@@ -93,11 +93,11 @@ mod tests {
         let mut threads = Vec::new();
         let give_up = Arc::new(AtomicBool::new(false));
         for i in 0..5 {
-            let (q, order, give_up) = (q.clone(), order.clone(), give_up.clone());
+            let (queue, order, give_up) = (q.clone(), order.clone(), give_up.clone());
             threads.push(std::thread::spawn(move || {
                 let never = AtomicBool::new(false);
                 let flag = if i == 2 { &*give_up } else { &never };
-                if let Some(_t) = q.acquire(flag) {
+                if let Some(_t) = queue.acquire(flag) {
                     order.lock().unwrap().push(i);
                     std::thread::sleep(Duration::from_millis(5));
                 }

@@ -503,6 +503,8 @@ fn usage(c: &Completion) -> Value {
         "prompt_tokens": c.prompt_tokens,
         "completion_tokens": c.completion_tokens,
         "total_tokens": c.prompt_tokens + c.completion_tokens,
+        // OpenAI's field for prompt tokens served from the cache.
+        "prompt_tokens_details": {"cached_tokens": c.reused_tokens},
     })
 }
 
