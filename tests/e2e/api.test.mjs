@@ -3,6 +3,7 @@
 // the bodies SillyTavern's KoboldCpp connection sends.
 import assert from "node:assert/strict";
 import { spawn, spawnSync } from "node:child_process";
+import http from "node:http";
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import path from "node:path";
@@ -269,6 +270,53 @@ describe("local API", () => {
     assert.ok(kobold.json.detail.msg, "KoboldCpp's error shape");
     const ok = await client.completions.create({ prompt: "Still here", max_tokens: 2, temperature: 0 });
     assert.equal(ok.usage.completion_tokens, 2);
+  });
+
+  it("a client that hangs up on a plain request stops it too", async () => {
+    const { hostname, port } = new URL(server.url);
+    await new Promise((resolve) => {
+      const req = http.request({ hostname, port, path: "/v1/completions", method: "POST", headers: { "content-type": "application/json" } });
+      req.on("error", () => resolve());
+      req.end(JSON.stringify({ prompt: "Once", max_tokens: 1500, temperature: 1 }));
+      setTimeout(() => {
+        req.destroy();
+        resolve();
+      }, 300);
+    });
+    const t0 = Date.now();
+    const next = await client.completions.create({ prompt: "Next", max_tokens: 2, temperature: 0 });
+    assert.equal(next.usage.completion_tokens, 2);
+    assert.ok(Date.now() - t0 < 2500, `the next request waited ${Date.now() - t0} ms`);
+  });
+
+  it("answers browsers only from the origins it was told", async () => {
+    const preflight = (url, origin) =>
+      new Promise((resolve, reject) => {
+        const { hostname, port } = new URL(url);
+        const req = http.request(
+          {
+            hostname,
+            port,
+            path: "/v1/completions",
+            method: "OPTIONS",
+            headers: { origin, "access-control-request-method": "POST", "access-control-request-headers": "content-type" },
+          },
+          (res) => {
+            res.resume();
+            resolve(res.headers["access-control-allow-origin"] ?? null);
+          },
+        );
+        req.on("error", reject);
+        req.end();
+      });
+    assert.equal(await preflight(server.url, "http://localhost:8000"), null, "no CORS unless configured");
+    const web = await serve(dataDir, ["--cors", "http://localhost:8000"]);
+    try {
+      assert.equal(await preflight(web.url, "http://localhost:8000"), "http://localhost:8000");
+      assert.equal(await preflight(web.url, "http://evil.example"), null);
+    } finally {
+      await web.stop();
+    }
   });
 
   it("needs the key on every route when one is set", async () => {
