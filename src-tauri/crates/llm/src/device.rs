@@ -142,3 +142,28 @@ pub fn device_name(d: &Device) -> String {
         Device::Metal(_) => "Metal".into(),
     }
 }
+
+/// A `kB` field of a /proc status file (`VmRSS`, `VmHWM`, ...) in bytes;
+/// `None` where there is no /proc (macOS) or no such field.
+pub fn proc_bytes(file: &str, field: &str) -> Option<u64> {
+    let s = std::fs::read_to_string(file).ok()?;
+    let kb: u64 = s
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kb * 1024)
+}
+
+/// The process's resident memory now (touched pages of mapped files count).
+pub fn rss_bytes() -> Option<u64> {
+    proc_bytes("/proc/self/status", "VmRSS")
+}
+
+/// The process's peak resident memory so far.
+pub fn peak_rss_bytes() -> Option<u64> {
+    proc_bytes("/proc/self/status", "VmHWM")
+}

@@ -28,7 +28,10 @@ mod weights;
 pub use cache::KvCache;
 pub use config::PhiConfig;
 pub use cpu::threads;
-pub use device::{DeviceChoice, default_device, device_name, gpu_memory_peak};
+pub use device::{
+    DeviceChoice, default_device, device_name, gpu_memory_peak, peak_rss_bytes, proc_bytes,
+    rss_bytes,
+};
 pub use error::{Error, Result};
 pub use export::{merge_to_gguf, write_lora_gguf};
 pub use grad::{BlockActivations, LossGrads, SlotGrads, profile_report};

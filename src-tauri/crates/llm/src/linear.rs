@@ -20,7 +20,8 @@ pub struct Linear {
 #[derive(Debug, Clone)]
 enum Weight {
     Candle(QMatMul),
-    Cpu(QMatrix),
+    /// Our CPU kernels, with the bias as f32 once (the epilogue adds it).
+    Cpu(QMatrix, Option<Vec<f32>>),
 }
 
 impl Linear {
@@ -47,13 +48,22 @@ impl Linear {
     }
 
     /// A layer on the CPU kernels (a `[out, in]` matrix of blocks).
-    pub(crate) fn cpu(weight: QMatrix, out: usize, inp: usize, bias: Option<Tensor>) -> Self {
-        Self {
-            weight: Weight::Cpu(weight),
+    pub(crate) fn cpu(
+        weight: QMatrix,
+        out: usize,
+        inp: usize,
+        bias: Option<Tensor>,
+    ) -> Result<Self> {
+        let bias_f32 = match &bias {
+            Some(b) => Some(b.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?),
+            None => None,
+        };
+        Ok(Self {
+            weight: Weight::Cpu(weight, bias_f32),
             bias,
             in_features: inp,
             out_features: out,
-        }
+        })
     }
 
     /// The quantized weight as candle's tensor (a copy of the blocks).
@@ -78,14 +88,14 @@ impl Linear {
 
     /// Whether the weight runs on this project's CPU kernels.
     pub(crate) fn on_cpu_kernels(&self) -> bool {
-        matches!(self.weight, Weight::Cpu(_))
+        matches!(self.weight, Weight::Cpu(..))
     }
 
     /// The quantization of the weight (`None` when dense).
     pub fn quant_type(&self) -> Option<GgmlDType> {
         match &self.weight {
             Weight::Candle(QMatMul::QTensor(q)) => Some(q.dtype()),
-            Weight::Cpu(q) => Some(q.dtype()),
+            Weight::Cpu(q, _) => Some(q.dtype()),
             Weight::Candle(_) => None,
         }
     }
@@ -96,7 +106,7 @@ impl Linear {
             Weight::Candle(QMatMul::QTensor(q)) => q.dequantize(&q.device())?,
             Weight::Candle(QMatMul::Tensor(t)) => t.clone(),
             Weight::Candle(QMatMul::TensorF16(t)) => t.to_dtype(candle_core::DType::F32)?,
-            Weight::Cpu(q) => self.qtensor(q)?.dequantize(&candle_core::Device::Cpu)?,
+            Weight::Cpu(q, _) => self.qtensor(q)?.dequantize(&candle_core::Device::Cpu)?,
         })
     }
 
@@ -107,7 +117,7 @@ impl Linear {
         Ok(match &self.weight {
             Weight::Candle(QMatMul::QTensor(q)) => q.dequantize(&q.device())?.to_dtype(dtype)?,
             Weight::Candle(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => t.to_dtype(dtype)?,
-            Weight::Cpu(q) => self
+            Weight::Cpu(q, _) => self
                 .qtensor(q)?
                 .dequantize(&candle_core::Device::Cpu)?
                 .to_dtype(dtype)?,
@@ -122,8 +132,7 @@ impl Linear {
     /// `gelu(x Wᵀ + b)` (the MLP's first half): on the CPU kernels with no
     /// LoRA delta, the bias and GELU are applied as each output is computed.
     pub(crate) fn forward_gelu(&self, x: &Tensor, lora: &[&LoraSlot]) -> Result<Tensor> {
-        if let (Weight::Cpu(q), true) = (&self.weight, lora.is_empty()) {
-            let bias = self.bias_f32()?;
+        if let (Weight::Cpu(q, bias), true) = (&self.weight, lora.is_empty()) {
             let epilogue = crate::cpu::Epilogue {
                 bias: bias.as_deref(),
                 gelu: true,
@@ -131,14 +140,6 @@ impl Linear {
             return self.cpu_forward(q, x, epilogue);
         }
         Ok(self.forward(x, lora)?.gelu()?)
-    }
-
-    /// The bias as plain floats, for a CPU product's epilogue.
-    fn bias_f32(&self) -> Result<Option<Vec<f32>>> {
-        Ok(match &self.bias {
-            Some(b) => Some(b.to_dtype(DType::F32)?.to_vec1()?),
-            None => None,
-        })
     }
 
     fn cpu_forward(&self, q: &QMatrix, x: &Tensor, e: crate::cpu::Epilogue<'_>) -> Result<Tensor> {
@@ -157,8 +158,7 @@ impl Linear {
                 x.to_dtype(w.dtype())?.broadcast_matmul(&w.t()?)?
             }
             Weight::Candle(w) => w.forward(x)?,
-            Weight::Cpu(q) => {
-                let bias = self.bias_f32()?;
+            Weight::Cpu(q, bias) => {
                 let epilogue = crate::cpu::Epilogue {
                     bias: bias.as_deref(),
                     gelu: false,

@@ -205,7 +205,7 @@ impl Gguf {
         };
         let name = format!("{prefix}.weight");
         if let Some(m) = self.cpu_matrix(&name, &[out, inp], device)? {
-            return Ok(Linear::cpu(m, out, inp, b));
+            return Linear::cpu(m, out, inp, b);
         }
         let w = self.qtensor(&name, &[out, inp], device)?;
         Linear::quantized(w, b)
@@ -245,6 +245,7 @@ impl Gguf {
         if device.is_cpu() && QMatrix::supports(dtype) {
             return QMatrix::new(Bytes::Owned(std::sync::Arc::new(raw)), dtype, 3 * h, h)
                 .map(|m| Linear::cpu(m, 3 * h, h, b))
+                .transpose()?
                 .ok_or_else(|| {
                     Error::bad(
                         &self.path,

@@ -5,19 +5,10 @@
 use candle_core::Device;
 use dramatis_llm::{Logits, PhiConfig, QuantType, Tensor, load_model, write_synthetic_gguf};
 
-/// Resident memory of this process in bytes (`VmRSS`; mapped file pages
-/// that were touched count, as they occupy memory).
+/// Resident memory of this process in bytes (mapped file pages that were
+/// touched count, as they occupy memory).
 fn rss() -> Option<u64> {
-    let s = std::fs::read_to_string("/proc/self/status").ok()?;
-    let kb: u64 = s
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))?
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .ok()?;
-    Some(kb * 1024)
+    dramatis_llm::rss_bytes()
 }
 
 #[test]

@@ -21,10 +21,10 @@ mod optim;
 mod run;
 
 pub use data::{DataOptions, DataReport, LossOn, Prepared};
+/// The process's memory from /proc (Linux), for estimates and benchmarks.
+pub use dramatis_llm::{peak_rss_bytes, proc_bytes};
 pub use error::{Error, Result};
 pub use estimate::{Estimate, EstimateInput, estimate};
 pub use export::{export_checkpoint, export_peft};
 pub use optim::{AdamW, Schedule};
-pub use run::{
-    Outcome, Precision, TrainConfig, TrainProgress, TrainingRun, peak_rss_bytes, proc_bytes,
-};
+pub use run::{Outcome, Precision, TrainConfig, TrainProgress, TrainingRun};

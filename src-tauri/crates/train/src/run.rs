@@ -215,31 +215,6 @@ struct Position {
     eval_losses: Vec<(usize, f64)>,
 }
 
-/// A `Field:  N kB` line of a Linux /proc file (`/proc/self/status`,
-/// `/proc/meminfo`) in bytes; `None` where there is no such file or field.
-pub fn proc_bytes(file: &str, field: &str) -> Option<u64> {
-    let s = std::fs::read_to_string(file).ok()?;
-    let kb: u64 = s
-        .lines()
-        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))?
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .ok()?;
-    Some(kb * 1024)
-}
-
-/// The process's resident memory now.
-fn rss_bytes() -> Option<u64> {
-    proc_bytes("/proc/self/status", "VmRSS")
-}
-
-/// The process's peak resident memory so far (what a run's estimate is checked against).
-pub fn peak_rss_bytes() -> Option<u64> {
-    proc_bytes("/proc/self/status", "VmHWM")
-}
-
 /// A LoRA training run on a frozen base.
 pub struct TrainingRun {
     model: Arc<Phi>,
@@ -656,7 +631,7 @@ impl TrainingRun {
                 tokens: tokens_seen,
                 eta_secs: secs / done.max(1.0) * (total - self.pos.step) as f64,
                 eval_loss,
-                memory_bytes: rss_bytes(),
+                memory_bytes: dramatis_llm::rss_bytes(),
                 checkpoint,
                 samples,
             });
