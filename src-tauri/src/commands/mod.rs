@@ -8,6 +8,7 @@ mod characters;
 mod chats;
 mod models;
 mod personas;
+mod prefs;
 mod training;
 
 use std::sync::Arc;
@@ -83,6 +84,10 @@ pub(crate) fn handler<R: Runtime>() -> impl Fn(Invoke<R>) -> bool + Send + Sync 
         chats::export_chat,
         chats::import_chat,
         chats::stream_test,
+        prefs::preference_pairs,
+        prefs::set_pair_excluded,
+        prefs::set_chat_prefs_excluded,
+        prefs::export_preferences,
         training::inspect_dataset,
         training::dataset_downloaded,
         training::preview_training_data,

@@ -17,6 +17,7 @@ import type {
   LorebookLink,
   LorebookView,
   OnDuplicate,
+  PreferencePair,
   CharacterDraft,
   CharacterSummary,
   ChatEvent,
@@ -147,6 +148,11 @@ export const api = {
       perSec,
       onEvent: channel(onEvent),
     }),
+  preferencePairs: (characterId: number) => call<PreferencePair[]>("preference_pairs", { characterId }),
+  setPairExcluded: (chosenId: number, rejectedId: number, excluded: boolean) =>
+    call<null>("set_pair_excluded", { chosenId, rejectedId, excluded }),
+  setChatPrefsExcluded: (chatId: number, excluded: boolean) => call<null>("set_chat_prefs_excluded", { chatId, excluded }),
+  exportPreferences: (characterId: number, path: string) => call<number>("export_preferences", { characterId, path }),
   inspectDataset: (path: string) => call<DatasetInfo>("inspect_dataset", { path }),
   datasetDownloaded: (datasetId: string) => call<boolean>("dataset_downloaded", { datasetId }),
   downloadDataset: (datasetId: string, onProgress: (p: DownloadProgress) => void) =>

@@ -731,3 +731,19 @@ export interface Completion {
   reused_tokens: number;
   tokens_per_sec: number;
 }
+
+/** dramatis-core `PreferencePair`. */
+export interface PreferencePair {
+  chat_id: number;
+  chat_title: string;
+  chosen_id: number;
+  rejected_id: number;
+  kind: "swipe" | "edit";
+  prompt: string;
+  exact_prompt: boolean;
+  chosen: string;
+  rejected: string;
+  chosen_model: string | null;
+  rejected_model: string | null;
+  excluded: boolean;
+}

@@ -4,6 +4,7 @@
 mod bench;
 mod cards;
 mod models;
+mod prefs;
 mod serve;
 mod train;
 
@@ -60,6 +61,8 @@ enum Cmd {
     Card(cards::CardArgs),
     /// Serve the engine to other front-ends: OpenAI-compatible and KoboldCpp APIs.
     Serve(serve::ServeArgs),
+    /// Preference pairs from swipes and edits: export as TRL DPO JSONL.
+    Prefs(prefs::PrefsArgs),
 }
 
 /// Which model to load and where to run it.
@@ -195,6 +198,7 @@ fn main() -> Result<()> {
         Cmd::Merge(a) => train::merge(a, &cancel),
         Cmd::Card(a) => cards::run(a),
         Cmd::Serve(a) => serve::run(a, &cancel),
+        Cmd::Prefs(a) => prefs::run(a),
     }
 }
 

@@ -273,6 +273,9 @@ pub struct PromptReport {
     /// Entries that fired but did not fit the lorebooks' budget: (book, entry, comment).
     #[serde(default)]
     pub world_info_dropped: Vec<String>,
+    /// The model (and adapter) that wrote the reply, as the API names it.
+    #[serde(default)]
+    pub model: Option<String>,
 }
 
 /// What a streaming generation reports, in order: `loading` (only when the
@@ -352,7 +355,7 @@ pub struct MessageHit {
 
 /// A loaded model with its session (KV cache) and the adapter in use.
 pub(crate) struct Engine {
-    model_id: i64,
+    pub(crate) model_id: i64,
     pub(crate) tokenizer: PhiTokenizer,
     pub(crate) session: Session,
     pub(crate) adapter: Option<(i64, Arc<dramatis_llm::LoraAdapter>)>,
@@ -627,11 +630,19 @@ impl Dramatis {
         let m = self.store().message(message_id)?;
         let path = self.store().selected_path(m.chat_id)?;
         let is_last = path.last().map(|l| l.id) == Some(message_id);
-        if is_last {
-            self.store().set_message_content(message_id, content)?;
-        } else {
-            self.store()
-                .add_message(m.chat_id, m.parent_id, m.role, content)?;
+        // A character's reply rewritten by the user keeps what it said before:
+        // the two make a preference pair.
+        match (is_last, m.role) {
+            (true, Role::Assistant) => self.store().edit_message_content(message_id, content)?,
+            (true, _) => self.store().set_message_content(message_id, content)?,
+            (false, role) => {
+                let new = self
+                    .store()
+                    .add_message(m.chat_id, m.parent_id, role, content)?;
+                if role == Role::Assistant {
+                    self.store().record_fork_edit(new, m.id)?;
+                }
+            }
         }
         self.chat_view(m.chat_id)
     }
@@ -947,6 +958,7 @@ impl Dramatis {
             counts: None,
             world_info: world.entries.clone(),
             world_info_dropped: world_dropped,
+            model: self.engine_label(engine),
         };
         let ids = tokenizer.encode(&prompt.text)?;
         report.tokens = ids.len();

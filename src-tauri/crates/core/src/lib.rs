@@ -18,6 +18,7 @@ mod memory;
 mod models;
 mod paths;
 mod personas;
+mod prefs;
 mod queue;
 mod training;
 
@@ -50,6 +51,7 @@ pub use dramatis_llm as llm;
 pub use dramatis_persona as persona;
 pub use dramatis_persona::{CharacterCard, FieldError, LIMITS, PersonaDraft, ValidationErrors};
 pub use dramatis_store::LorebookLink;
+pub use dramatis_store::PairKind;
 pub use dramatis_store::{AdapterRow, CharacterFilter, TagCount};
 /// LoRA fine-tuning.
 pub use dramatis_train as train;
@@ -60,6 +62,7 @@ pub use memory::MemoryUpdate;
 pub use models::{CatalogItem, DeviceInfo, Model, ModelsOverview};
 pub use paths::{DATA_DIR_ENV, default_data_dir, write_atomically};
 pub use personas::Persona;
+pub use prefs::PreferencePair;
 pub use training::{
     Adapter, AdapterExport, DataPreview, DataSource, MetricPoint, RunView, SampleRow, TrainEvent,
     TrainRequest,

@@ -96,7 +96,7 @@ fn chat_row(r: &Row<'_>) -> rusqlite::Result<ChatRow> {
     })
 }
 
-fn message(r: &Row<'_>) -> rusqlite::Result<MessageRow> {
+pub(crate) fn message(r: &Row<'_>) -> rusqlite::Result<MessageRow> {
     Ok(MessageRow {
         id: r.get(0)?,
         chat_id: r.get(1)?,

@@ -176,6 +176,23 @@ const STEPS: &[&str] = &[
     CREATE INDEX lorebook_links_by_character ON lorebook_links(character_id);
     CREATE INDEX lorebook_links_by_chat ON lorebook_links(chat_id);
     "#,
+    // 8: what preference pairs need beyond the tree: the text a reply had
+    // before the user rewrote it (in place, or as a fork: `source_id`), and
+    // the pairs and chats the user left out of training.
+    r#"
+    CREATE TABLE message_edits (
+        message_id  INTEGER PRIMARY KEY REFERENCES messages(id) ON DELETE CASCADE,
+        source_id   INTEGER REFERENCES messages(id) ON DELETE SET NULL,
+        original    TEXT NOT NULL,
+        created_at  INTEGER NOT NULL
+    );
+    CREATE TABLE preference_exclusions (
+        chosen_id   INTEGER NOT NULL REFERENCES messages(id) ON DELETE CASCADE,
+        rejected_id INTEGER NOT NULL REFERENCES messages(id) ON DELETE CASCADE,
+        PRIMARY KEY (chosen_id, rejected_id)
+    );
+    ALTER TABLE chats ADD COLUMN prefs_excluded INTEGER NOT NULL DEFAULT 0 CHECK (prefs_excluded IN (0, 1));
+    "#,
 ];
 
 /// Brings the schema up to `target`, one transaction per step.
