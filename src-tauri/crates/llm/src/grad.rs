@@ -573,6 +573,31 @@ impl Phi {
         dtype: DType,
         checkpointing: bool,
     ) -> Result<LossGrads> {
+        let denom = f64::from(
+            weights
+                .sum_all()?
+                .to_dtype(DType::F32)?
+                .to_scalar::<f32>()?,
+        )
+        .max(1.0);
+        self.lora_weighted_grads(tokens, targets, weights, denom, lora, dtype, checkpointing)
+    }
+
+    /// [`Phi::lora_loss_and_grads`] with the weights divided by `denom` as
+    /// given (any sign): the loss is `-Σ w·log p / denom`. Objectives other
+    /// than cross-entropy (DPO) set per-position weights to their gradient
+    /// with respect to each sequence's log-probability.
+    #[allow(clippy::too_many_arguments)]
+    pub fn lora_weighted_grads(
+        &self,
+        tokens: &Tensor,
+        targets: &Tensor,
+        weights: &Tensor,
+        denom: f64,
+        lora: &crate::LoraAdapter,
+        dtype: DType,
+        checkpointing: bool,
+    ) -> Result<LossGrads> {
         let n = self.num_blocks();
         if lora.layers.len() != n {
             return Err(Error::Invalid(format!(
@@ -590,13 +615,6 @@ impl Phi {
             kept.push(acts);
             x = y;
         }
-        let denom = f64::from(
-            weights
-                .sum_all()?
-                .to_dtype(DType::F32)?
-                .to_scalar::<f32>()?,
-        )
-        .max(1.0);
         let (loss, mut g) = phase(x.device(), "head and loss", || {
             self.head_loss_backward(&x, targets, weights, denom)
         })?;

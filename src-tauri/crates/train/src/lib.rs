@@ -14,6 +14,7 @@
 //! ends with `<|endoftext|>`.
 
 pub mod data;
+pub mod dpo;
 mod error;
 pub mod estimate;
 mod export;
@@ -21,6 +22,7 @@ mod optim;
 mod run;
 
 pub use data::{DataOptions, DataReport, LossOn, Prepared};
+pub use dpo::{DpoBatch, DpoConfig, DpoStep, dpo_loss, dpo_loss_and_grads, sequence_logps};
 /// The process's memory from /proc (Linux), for estimates and benchmarks.
 pub use dramatis_llm::{peak_rss_bytes, proc_bytes};
 pub use error::{Error, Result};
