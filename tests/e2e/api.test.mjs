@@ -34,6 +34,8 @@ async function serve(dataDir, extra = []) {
   return { url, stop };
 }
 
+const JSON_TYPE = { "content-type": "application/json" };
+
 async function post(url, body, headers = {}) {
   const res = await fetch(url, { method: "POST", headers: { "content-type": "application/json", ...headers }, body });
   return { status: res.status, json: await res.json().catch(() => null) };
@@ -180,7 +182,7 @@ describe("local API", () => {
     const g = await post(`${server.url}/api/v1/generate`, JSON.stringify(body));
     assert.equal(g.status, 200, JSON.stringify(g.json));
     assert.equal(typeof g.json.results[0].text, "string");
-    const res = await fetch(`${server.url}/api/extra/generate/stream`, { method: "POST", body: JSON.stringify(body) });
+    const res = await fetch(`${server.url}/api/extra/generate/stream`, { method: "POST", headers: JSON_TYPE, body: JSON.stringify(body) });
     let streamed = "";
     await readSse(res, (d) => {
       streamed += JSON.parse(d).token;
@@ -205,7 +207,7 @@ describe("local API", () => {
   it("abort and a disconnect stop a generation within a token", async () => {
     const long = JSON.stringify({ prompt: "Once", max_length: 1500, temperature: 1, sampler_seed: 3 });
     // Abort: the stream ends soon after the call.
-    const res = await fetch(`${server.url}/api/extra/generate/stream`, { method: "POST", body: long });
+    const res = await fetch(`${server.url}/api/extra/generate/stream`, { method: "POST", headers: JSON_TYPE, body: long });
     let tokens = 0;
     let atAbort = null;
     let aborted = null;
@@ -230,6 +232,7 @@ describe("local API", () => {
     const ctl = new AbortController();
     const res2 = await fetch(`${server.url}/v1/completions`, {
       method: "POST",
+      headers: JSON_TYPE,
       body: JSON.stringify({ prompt: "Once", max_tokens: 1500, stream: true, temperature: 1 }),
       signal: ctl.signal,
     });
@@ -263,6 +266,23 @@ describe("local API", () => {
       assert.equal(r.status, status, `${body.slice(0, 40)} → ${JSON.stringify(r.json)}`);
       assert.match(r.json.error.message, message);
     }
+    // A page's no-cors POST (text/plain) and a rebinding host name are refused.
+    const plain = await fetch(u, { method: "POST", headers: { "content-type": "text/plain" }, body: JSON.stringify({ prompt: "x" }) });
+    assert.equal(plain.status, 415);
+    const { hostname, port } = new URL(server.url);
+    const rebound = await new Promise((resolve, reject) => {
+      const req = http.request({ hostname, port, path: "/v1/models", headers: { host: `evil.example:${port}` } }, (res) => {
+        res.resume();
+        resolve(res.statusCode);
+      });
+      req.on("error", reject);
+      req.end();
+    });
+    assert.equal(rebound, 403);
+    // Several names for one setting (front-ends send them together): the first wins.
+    const both = await post(u, JSON.stringify({ prompt: "x", max_tokens: 3, max_new_tokens: 9, n_predict: 9, stop: ["zz"], stopping_strings: ["yy"], seed: 1, sampler_seed: 2, temperature: 0 }));
+    assert.equal(both.status, 200, JSON.stringify(both.json));
+    assert.equal(both.json.usage.completion_tokens, 3);
     const chat = await post(`${server.url}/v1/chat/completions`, JSON.stringify({ messages: [{ role: "wizard", content: "hi" }] }));
     assert.equal(chat.status, 400);
     const kobold = await post(`${server.url}/api/v1/generate`, JSON.stringify({ prompt: 5 }));
@@ -272,10 +292,22 @@ describe("local API", () => {
     assert.equal(ok.usage.completion_tokens, 2);
   });
 
+  it("past 32 waiting requests, more get a 503 and the rest finish", async () => {
+    const many = await Promise.all(
+      Array.from({ length: 40 }, (_, i) => post(`${server.url}/v1/completions`, JSON.stringify({ prompt: `n${i}`, max_tokens: 12, temperature: 0 }))),
+    );
+    const busy = many.filter((r) => r.status === 503);
+    const ok = many.filter((r) => r.status === 200);
+    assert.ok(busy.length >= 1 && busy.length <= 8, `${busy.length} refused`);
+    assert.equal(ok.length + busy.length, 40);
+    assert.match(busy[0].json.error.message, /already waiting/);
+    assert.ok(ok.every((r) => r.json.usage.completion_tokens === 12));
+  });
+
   it("a client that hangs up on a plain request stops it too", async () => {
     const { hostname, port } = new URL(server.url);
     await new Promise((resolve) => {
-      const req = http.request({ hostname, port, path: "/v1/completions", method: "POST", headers: { "content-type": "application/json" } });
+      const req = http.request({ hostname, port, path: "/v1/completions", method: "POST", headers: JSON_TYPE });
       req.on("error", () => resolve());
       req.end(JSON.stringify({ prompt: "Once", max_tokens: 1500, temperature: 1 }));
       setTimeout(() => {

@@ -43,6 +43,7 @@ describe("local API and Playground in the app", () => {
       const ctl = new AbortController();
       const res = await fetch(`${base}/api/extra/generate/stream`, {
         method: "POST",
+        headers: { "content-type": "application/json" },
         body: JSON.stringify({ prompt: "Once", max_length: 1800, temperature: 1, sampler_seed: 1 }),
         signal: ctl.signal,
       });

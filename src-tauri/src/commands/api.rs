@@ -46,8 +46,14 @@ pub struct ApiServerStatus {
 pub(crate) async fn apply<R: Runtime>(app: &AppHandle<R>) -> Result<(), CommandError> {
     let backend = app.state::<Backend>().get()?;
     let state = app.state::<ApiServer>();
-    let settings = backend.api_server_settings()?;
+    // Settings are read under the lock: of two quick saves, the last one runs.
     let mut running = state.running.lock().await;
+    let settings = {
+        let b = backend.clone();
+        tauri::async_runtime::spawn_blocking(move || b.api_server_settings())
+            .await
+            .map_err(|e| CommandError::from(dramatis_core::Error::Conflict(e.to_string())))??
+    };
     if let Some(old) = running.take() {
         old.stop().await;
     }
@@ -84,7 +90,14 @@ async fn status<R: Runtime>(app: &AppHandle<R>) -> Result<ApiServerStatus, Comma
     let (busy, waiting) = backend.engine_load();
     Ok(ApiServerStatus {
         settings: backend.api_server_settings()?,
-        url: running.as_ref().map(|s| format!("http://{}", s.addr)),
+        // Bound to every interface, this computer still reaches it at 127.0.0.1.
+        url: running.as_ref().map(|s| {
+            if s.addr.ip().is_unspecified() {
+                format!("http://127.0.0.1:{}", s.addr.port())
+            } else {
+                format!("http://{}", s.addr)
+            }
+        }),
         error: state
             .error
             .lock()
@@ -182,12 +195,18 @@ pub async fn playground_generate<R: Runtime>(
         sampler: request.sampler,
         stop: request.stop,
     };
-    blocking(&app, move |d| {
+    let result = blocking(&app, move |d| {
         d.complete(&req, &flag, &mut |t| {
             let _ = on_event.send(PlaygroundEvent::Text { text: t.to_owned() });
         })
     })
-    .await
+    .await;
+    // Stop answers false once nothing runs.
+    *app.state::<ApiServer>()
+        .playground
+        .lock()
+        .unwrap_or_else(|p| p.into_inner()) = None;
+    result
 }
 
 /// Stops the Playground's generation; `true` if one was running.

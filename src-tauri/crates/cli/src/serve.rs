@@ -38,6 +38,8 @@ pub struct ServeArgs {
 /// Serves until Ctrl-C.
 pub fn run(a: ServeArgs, cancel: &AtomicBool) -> Result<()> {
     let app = Arc::new(Dramatis::open_default().context("cannot open Dramatis's data folder")?);
+    // A model id that names an adapter too (`phi-2+kestrel`) brings it along.
+    let mut named_adapter = None;
     let model = match &a.model {
         None => None,
         Some(m) if Path::new(m).exists() => {
@@ -51,7 +53,10 @@ pub fn run(a: ServeArgs, cancel: &AtomicBool) -> Result<()> {
             })
         }
         Some(m) => {
-            let wanted = app.resolve_api_model(Some(m))?;
+            // An API id, or a model's display name ("Phi-2 Q4_K_M").
+            let id = m.trim().to_ascii_lowercase().replace(' ', "-");
+            let wanted = app.resolve_api_model(Some(&id))?;
+            named_adapter = wanted.adapter_id;
             Some(app.model(wanted.model_id)?)
         }
     };
@@ -64,7 +69,7 @@ pub fn run(a: ServeArgs, cancel: &AtomicBool) -> Result<()> {
         }
     };
     let adapter_id = match &a.adapter {
-        None => None,
+        None => named_adapter,
         Some(p) if Path::new(p).is_dir() => Some(app.register_adapter(Path::new(p), model_id)?),
         Some(name) => {
             let all = app.api_models()?;

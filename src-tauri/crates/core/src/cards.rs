@@ -445,6 +445,18 @@ impl Dramatis {
                 o.insert("adapter_id".into(), adapter_id.into());
             }
         }
+        // Replacing keeps the adapter the character here has, unless the file brings one.
+        if let (Some(id), None) = (replace, installed.as_ref())
+            && let Some(kept) = crate::training::attached_adapter(&self.store().character(id)?.card)
+        {
+            let ext = card
+                .extensions
+                .entry(EXT.to_owned())
+                .or_insert_with(|| json!({}));
+            if let Value::Object(o) = ext {
+                o.insert("adapter_id".into(), kept.into());
+            }
+        }
         let stored = match replace {
             Some(id) => {
                 let change = match &avatar {

@@ -162,12 +162,8 @@ fn check_with(
         book,
     } = draft;
     card.normalize();
-    let mut errors = card.validate().err().unwrap_or_default();
-    if let Some(p) = previous {
-        errors.0.retain(|e| {
-            (e.field == "name" && card.name.trim().is_empty()) || !unchanged(&e.field, &card, p)
-        });
-    }
+    // The edited book goes in first, so the card's size limits see it.
+    let mut book_errors = ValidationErrors::default();
     match book {
         None => {}
         Some(BookEdit::Remove) => card.character_book = None,
@@ -177,13 +173,20 @@ fn check_with(
             }
             match crate::lorebooks::check_book(&book) {
                 Ok(()) => card.character_book = Some(book.to_character_book()),
-                Err(e) => errors.0.extend(e.0.into_iter().map(|mut f| {
+                Err(e) => book_errors.0.extend(e.0.into_iter().map(|mut f| {
                     f.field = format!("character_book.{}", f.field);
                     f
                 })),
             }
         }
     }
+    let mut errors = card.validate().err().unwrap_or_default();
+    if let Some(p) = previous {
+        errors.0.retain(|e| {
+            (e.field == "name" && card.name.trim().is_empty()) || !unchanged(&e.field, &card, p)
+        });
+    }
+    errors.0.extend(book_errors.0);
     let change = match avatar {
         AvatarEdit::Keep => AvatarChange::Keep,
         AvatarEdit::Remove => AvatarChange::Remove,

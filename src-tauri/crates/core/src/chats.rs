@@ -854,7 +854,14 @@ impl Dramatis {
         let Some(_turn) = self.chat_runtime.queue.acquire(&cancel) else {
             return self.chat_view(chat_id);
         };
-        let mut slot = self.chat_runtime.engine.lock().unwrap();
+        if cancel.load(Ordering::SeqCst) {
+            return self.chat_view(chat_id);
+        }
+        let mut slot = self
+            .chat_runtime
+            .engine
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         let engine = self.ensure_engine(&mut slot, sink)?;
         self.use_adapter(engine, crate::training::attached_adapter(&card))?;
         let ctx = engine.session.model().config().max_position_embeddings;

@@ -156,6 +156,14 @@ impl Dramatis {
                 });
             }
         }
+        // Two models (or adapters) of one name: later ones get their row id.
+        let mut seen = std::collections::HashSet::new();
+        for m in &mut out {
+            if !seen.insert(m.id.clone()) {
+                m.id = format!("{}-{}", m.id, m.adapter_id.unwrap_or(m.model_id));
+                seen.insert(m.id.clone());
+            }
+        }
         Ok(out)
     }
 
@@ -216,23 +224,34 @@ impl Dramatis {
         if req.max_tokens == 0 {
             return Err(Error::Conflict("max_tokens must be at least 1".into()));
         }
+        if text.is_empty() {
+            return Err(Error::Conflict("the prompt is empty".into()));
+        }
         let model = self.resolve_api_model(req.model.as_deref())?;
         // A background summary gives way, as it does to a chat reply.
         if let Some(f) = self.chat_runtime.summarizing.lock().unwrap().as_ref() {
             f.store(true, Ordering::SeqCst);
         }
-        let Some(_turn) = self.chat_runtime.queue.acquire(cancel) else {
-            return Ok(Completion {
-                model: model.id,
-                text: String::new(),
-                prompt_tokens: 0,
-                completion_tokens: 0,
-                finish_reason: FinishReason::Cancelled,
-                reused_tokens: 0,
-                tokens_per_sec: 0.0,
-            });
+        let cancelled = Completion {
+            model: model.id.clone(),
+            text: String::new(),
+            prompt_tokens: 0,
+            completion_tokens: 0,
+            finish_reason: FinishReason::Cancelled,
+            reused_tokens: 0,
+            tokens_per_sec: 0.0,
         };
-        let mut slot = self.chat_runtime.engine.lock().unwrap();
+        let Some(_turn) = self.chat_runtime.queue.acquire(cancel) else {
+            return Ok(cancelled);
+        };
+        if cancel.load(Ordering::SeqCst) {
+            return Ok(cancelled);
+        }
+        let mut slot = self
+            .chat_runtime
+            .engine
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         let installed = self.model(model.model_id)?;
         let engine = self.ensure_model(&mut slot, &installed, &mut |_| {})?;
         self.use_adapter(engine, model.adapter_id)?;

@@ -51,7 +51,8 @@ impl Dramatis {
             return Ok(MemoryUpdate::UpToDate);
         }
         let cancel = {
-            if self.is_generating() {
+            // A reply or an API request has the engine: the summary waits for a quiet moment.
+            if self.is_generating() || self.engine_load() != (false, 0) {
                 return Ok(MemoryUpdate::Busy);
             }
             let mut g = self.chat_runtime.summarizing.lock().unwrap();
@@ -88,7 +89,11 @@ impl Dramatis {
             // The engine (the chat's model and adapter) is borrowed, not held:
             // the summary runs on its own cache while chat keeps its own.
             let (model, tokenizer, adapter) = {
-                let mut slot = self.chat_runtime.engine.lock().unwrap();
+                let mut slot = self
+                    .chat_runtime
+                    .engine
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner());
                 if cancel.load(Ordering::SeqCst) {
                     return Ok(MemoryUpdate::Stopped);
                 }

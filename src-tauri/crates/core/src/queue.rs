@@ -47,15 +47,16 @@ impl EngineQueue {
         s.next += 1;
         s.waiting.push_back(ticket);
         loop {
-            if !s.busy && s.waiting.front() == Some(&ticket) {
-                s.waiting.pop_front();
-                s.busy = true;
-                return Some(Turn(self));
-            }
+            // Cancelled first: a waiter stopped while in line never runs.
             if cancel.load(Ordering::SeqCst) {
                 s.waiting.retain(|&t| t != ticket);
                 self.changed.notify_all();
                 return None;
+            }
+            if !s.busy && s.waiting.front() == Some(&ticket) {
+                s.waiting.pop_front();
+                s.busy = true;
+                return Some(Turn(self));
             }
             s = self
                 .changed

@@ -184,6 +184,11 @@ fn a_duplicate_asks_then_replaces_keeps_both_or_skips() {
     ));
     assert_eq!(count(&app), before, "ask and skip store nothing");
     let chat = app.start_chat(id).unwrap().chat.id;
+    let model = app.list_models().unwrap()[0].id;
+    let adapter = app
+        .register_adapter(&fixture().join("adapter"), model)
+        .unwrap();
+    app.attach_adapter(id, Some(adapter)).unwrap();
     let replaced = app.import_card_bytes("wren2.json", &card("two"), OnDuplicate::Replace);
     assert!(matches!(
         replaced,
@@ -191,6 +196,11 @@ fn a_duplicate_asks_then_replaces_keeps_both_or_skips() {
     ));
     assert_eq!(app.character(id).unwrap().card.description, "two");
     assert!(app.chat_view(chat).is_ok(), "replacing keeps the chats");
+    assert_eq!(
+        app.list_adapters().unwrap()[0].characters,
+        [id],
+        "replacing the card keeps the character's own adapter"
+    );
     assert_eq!(count(&app), before);
     app.import_card_bytes("wren3.json", &card("three"), OnDuplicate::KeepBoth);
     assert_eq!(count(&app), before + 1);

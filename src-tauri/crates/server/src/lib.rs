@@ -61,7 +61,7 @@ pub struct RunningServer {
 impl RunningServer {
     /// Stops accepting, cancels running generations, and waits for the server to end.
     pub async fn stop(mut self) {
-        self.shared.abort_all();
+        self.shared.stop_all();
         if let Some(tx) = self.stop.take() {
             let _ = tx.send(());
         }

@@ -33,6 +33,12 @@ pub struct Shared {
     app: Arc<Dramatis>,
     api_key: Option<String>,
     default_model: Option<String>,
+    /// Listening on loopback only: requests must name a local host (no DNS rebinding).
+    loopback: bool,
+    /// Set by `abort_all` when the server stops: new generations start cancelled.
+    stopping: AtomicBool,
+    /// Generations waiting or running, bounded so waiters cannot use up the app's threads.
+    pending: std::sync::atomic::AtomicUsize,
     running: Mutex<Vec<Arc<AtomicBool>>>,
     requests: AtomicU64,
 }
@@ -47,6 +53,12 @@ impl Shared {
         running.len()
     }
 
+    /// Stops every generation and makes later ones start stopped (shutdown).
+    pub fn stop_all(&self) -> usize {
+        self.stopping.store(true, Ordering::SeqCst);
+        self.abort_all()
+    }
+
     /// Requests served so far.
     pub fn requests(&self) -> u64 {
         self.requests.load(Ordering::Relaxed)
@@ -58,6 +70,9 @@ pub(crate) fn router(app: Arc<Dramatis>, cfg: &ServerConfig) -> (Router, Arc<Sha
         app,
         api_key: cfg.api_key.clone().filter(|k| !k.is_empty()),
         default_model: cfg.default_model.clone(),
+        loopback: cfg.addr.ip().is_loopback(),
+        stopping: AtomicBool::new(false),
+        pending: std::sync::atomic::AtomicUsize::new(0),
         running: Mutex::new(Vec::new()),
         requests: AtomicU64::new(0),
     });
@@ -158,6 +173,48 @@ async fn guard(
 ) -> Response {
     s.requests.fetch_add(1, Ordering::Relaxed);
     let kobold = req.uri().path().starts_with("/api/");
+    let refuse = |status: StatusCode, message: &str| {
+        ApiError {
+            status,
+            message: message.into(),
+            kobold,
+        }
+        .into_response()
+    };
+    // A web page may not reach a loopback server through a name it controls.
+    if s.loopback {
+        let host = headers
+            .get(header::HOST)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        let name = match host.strip_prefix('[') {
+            Some(rest) => rest.split(']').next().unwrap_or(""),
+            None => host.split(':').next().unwrap_or(""),
+        };
+        if !matches!(name, "localhost" | "127.0.0.1" | "::1") {
+            return refuse(
+                StatusCode::FORBIDDEN,
+                "this server only answers requests for localhost or 127.0.0.1",
+            );
+        }
+    }
+    // A page's form or no-cors request cannot send JSON without a preflight.
+    if req.method() == Method::POST {
+        let json = headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| {
+                v.trim_start()
+                    .to_ascii_lowercase()
+                    .starts_with("application/json")
+            });
+        if !json {
+            return refuse(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "send the body as JSON with Content-Type: application/json",
+            );
+        }
+    }
     if let Some(key) = &s.api_key {
         let given = headers
             .get(header::AUTHORIZATION)
@@ -226,36 +283,78 @@ impl OneOrMany {
     }
 }
 
-/// The sampler fields every generation route shares, with the aliases
-/// OpenAI clients, llama.cpp and KoboldCpp front-ends send.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(default)]
+/// The sampler fields every generation route shares. Front-ends send the
+/// same setting under several names (OpenAI, llama.cpp and KoboldCpp ones),
+/// often more than one at once: the first name present wins.
+#[derive(Debug, Clone, Default)]
 struct Sampling {
-    #[serde(
-        alias = "max_new_tokens",
-        alias = "n_predict",
-        alias = "max_length",
-        alias = "max_completion_tokens"
-    )]
     max_tokens: Option<i64>,
     temperature: Option<f64>,
     top_p: Option<f64>,
     top_k: Option<i64>,
     min_p: Option<f64>,
-    #[serde(alias = "rep_pen", alias = "repeat_penalty")]
     repetition_penalty: Option<f64>,
-    #[serde(alias = "rep_pen_range", alias = "repeat_last_n")]
     penalty_range: Option<i64>,
     frequency_penalty: Option<f64>,
     presence_penalty: Option<f64>,
-    #[serde(alias = "sampler_seed")]
     seed: Option<i64>,
-    #[serde(alias = "stop_sequence", alias = "stopping_strings")]
     stop: Option<OneOrMany>,
     n: Option<i64>,
     stream: Option<bool>,
     model: Option<String>,
     max_context_length: Option<i64>,
+}
+
+/// The value of the first of `names` present (and not null) in `body`.
+fn pick<T: for<'de> Deserialize<'de>>(
+    body: &serde_json::Map<String, Value>,
+    names: &[&str],
+) -> Result<Option<T>, ApiError> {
+    for name in names {
+        match body.get(*name) {
+            None | Some(Value::Null) => continue,
+            Some(v) => {
+                return serde_json::from_value(v.clone())
+                    .map(Some)
+                    .map_err(|e| ApiError::bad(format!("{name} has the wrong type: {e}")));
+            }
+        }
+    }
+    Ok(None)
+}
+
+impl Sampling {
+    fn from_body(b: &serde_json::Map<String, Value>) -> Result<Self, ApiError> {
+        Ok(Self {
+            max_tokens: pick(
+                b,
+                &[
+                    "max_tokens",
+                    "max_completion_tokens",
+                    "max_new_tokens",
+                    "n_predict",
+                    "max_length",
+                ],
+            )?,
+            temperature: pick(b, &["temperature"])?,
+            top_p: pick(b, &["top_p"])?,
+            top_k: pick(b, &["top_k"])?,
+            min_p: pick(b, &["min_p"])?,
+            repetition_penalty: pick(b, &["repetition_penalty", "rep_pen", "repeat_penalty"])?,
+            penalty_range: pick(
+                b,
+                &["rep_pen_range", "repeat_last_n", "repetition_penalty_range"],
+            )?,
+            frequency_penalty: pick(b, &["frequency_penalty"])?,
+            presence_penalty: pick(b, &["presence_penalty"])?,
+            seed: pick(b, &["seed", "sampler_seed"])?,
+            stop: pick(b, &["stop", "stop_sequence", "stopping_strings"])?,
+            n: pick(b, &["n"])?,
+            stream: pick(b, &["stream"])?,
+            model: pick(b, &["model"])?,
+            max_context_length: pick(b, &["max_context_length", "truncation_length"])?,
+        })
+    }
 }
 
 impl Sampling {
@@ -400,12 +499,37 @@ impl Drop for CancelOnDrop {
     }
 }
 
+/// The most generations waiting or running at once; more get a 503, so
+/// waiters never use up the blocking threads the app's commands need too.
+const MAX_PENDING: usize = 32;
+
+/// Counts a generation as pending until its thread ends.
+struct Pending(Arc<Shared>);
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        self.0.pending.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// Starts a generation on a blocking thread; its pieces arrive on the receiver.
 fn spawn(
     shared: &Arc<Shared>,
     req: CompletionRequest,
-) -> (mpsc::UnboundedReceiver<Piece>, CancelOnDrop) {
-    let flag = Arc::new(AtomicBool::new(false));
+) -> Result<(mpsc::UnboundedReceiver<Piece>, CancelOnDrop), ApiError> {
+    if shared.pending.fetch_add(1, Ordering::SeqCst) >= MAX_PENDING {
+        shared.pending.fetch_sub(1, Ordering::SeqCst);
+        return Err(ApiError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            message: format!(
+                "{MAX_PENDING} requests are already waiting for the engine; try again shortly"
+            ),
+            kobold: false,
+        });
+    }
+    let pending = Pending(shared.clone());
+    // A server that is stopping starts nothing.
+    let flag = Arc::new(AtomicBool::new(shared.stopping.load(Ordering::SeqCst)));
     shared
         .running
         .lock()
@@ -415,23 +539,24 @@ fn spawn(
     let app = shared.app.clone();
     let cancel = flag.clone();
     tokio::task::spawn_blocking(move || {
+        let _pending = pending;
         let result = app.complete(&req, &cancel, &mut |p| {
             let _ = tx.send(Piece::Text(p.to_owned()));
         });
         let _ = tx.send(Piece::Done(result));
     });
-    (
+    Ok((
         rx,
         CancelOnDrop {
             flag,
             shared: shared.clone(),
         },
-    )
+    ))
 }
 
 /// Waits for the whole text (the guard cancels if this future is dropped).
 async fn collect(shared: &Arc<Shared>, req: CompletionRequest) -> Result<Completion, ApiError> {
-    let (mut rx, _guard) = spawn(shared, req);
+    let (mut rx, _guard) = spawn(shared, req)?;
     while let Some(p) = rx.recv().await {
         if let Piece::Done(r) = p {
             return Ok(r?);
@@ -452,14 +577,14 @@ fn event_stream(
     req: CompletionRequest,
     piece: impl Fn(&str) -> Event + Send + Sync + 'static,
     end: impl Fn(Result<Completion, dramatis_core::Error>) -> Vec<Event> + Send + Sync + 'static,
-) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
     struct Open {
         rx: mpsc::UnboundedReceiver<Piece>,
         _guard: CancelOnDrop,
         pending: std::collections::VecDeque<Event>,
         done: bool,
     }
-    let (rx, guard) = spawn(&shared, req);
+    let (rx, guard) = spawn(&shared, req)?;
     let (piece, end) = (Arc::new(piece), Arc::new(end));
     let open = Open {
         rx,
@@ -488,7 +613,7 @@ fn event_stream(
             }
         }
     });
-    Sse::new(stream).keep_alive(KeepAlive::default())
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
 }
 
 fn finish(r: FinishReason) -> &'static str {
@@ -528,16 +653,17 @@ async fn models(State(s): State<Arc<Shared>>) -> Result<Json<Value>, ApiError> {
     })))
 }
 
-#[derive(Deserialize)]
-struct CompletionBody {
-    prompt: Option<OneOrMany>,
-    #[serde(flatten)]
-    sampling: Sampling,
+/// A JSON object body (every generation route takes one).
+fn object(body: &Bytes) -> Result<serde_json::Map<String, Value>, ApiError> {
+    match parse::<Value>(body)? {
+        Value::Object(m) => Ok(m),
+        _ => Err(ApiError::bad("the body must be a JSON object")),
+    }
 }
 
 async fn completions(State(s): State<Arc<Shared>>, body: Bytes) -> Result<Response, ApiError> {
-    let b: CompletionBody = parse(&body)?;
-    let prompt = match b.prompt {
+    let b = object(&body)?;
+    let prompt = match pick::<OneOrMany>(&b, &["prompt"])? {
         None => return Err(ApiError::bad("prompt is required")),
         Some(OneOrMany::One(p)) => p,
         Some(OneOrMany::Many(mut v)) if v.len() == 1 => v.remove(0),
@@ -548,7 +674,7 @@ async fn completions(State(s): State<Arc<Shared>>, body: Bytes) -> Result<Respon
             )));
         }
     };
-    let (req, stream) = b.sampling.request(PromptInput::Text(prompt), 16)?;
+    let (req, stream) = Sampling::from_body(&b)?.request(PromptInput::Text(prompt), 16)?;
     let req = resolve(&s, req, false).await?;
     let id = format!("cmpl-{}", now_secs());
     let created = now_secs();
@@ -576,7 +702,7 @@ async fn completions(State(s): State<Arc<Shared>>, body: Bytes) -> Result<Respon
                 ],
                 Err(e) => vec![error_event(e), Event::default().data("[DONE]")],
             },
-        )
+        )?
         .into_response());
     }
     let c = collect(&s, req).await?;
@@ -603,17 +729,9 @@ struct Message {
     content: Option<Content>,
 }
 
-#[derive(Deserialize)]
-struct ChatBody {
-    messages: Option<Vec<Message>>,
-    #[serde(flatten)]
-    sampling: Sampling,
-}
-
 async fn chat_completions(State(s): State<Arc<Shared>>, body: Bytes) -> Result<Response, ApiError> {
-    let b: ChatBody = parse(&body)?;
-    let messages = b
-        .messages
+    let b = object(&body)?;
+    let messages = pick::<Vec<Message>>(&b, &["messages"])?
         .filter(|m| !m.is_empty())
         .ok_or_else(|| ApiError::bad("messages is required and must not be empty"))?;
     let mut turns = Vec::with_capacity(messages.len());
@@ -638,7 +756,7 @@ async fn chat_completions(State(s): State<Arc<Shared>>, body: Bytes) -> Result<R
             content,
         });
     }
-    let (req, stream) = b.sampling.request(PromptInput::Chat(turns), 512)?;
+    let (req, stream) = Sampling::from_body(&b)?.request(PromptInput::Chat(turns), 512)?;
     let req = resolve(&s, req, false).await?;
     let id = format!("chatcmpl-{}", now_secs());
     let created = now_secs();
@@ -672,7 +790,7 @@ async fn chat_completions(State(s): State<Arc<Shared>>, body: Bytes) -> Result<R
                 }
                 Err(e) => vec![error_event(e), Event::default().data("[DONE]")],
             },
-        )
+        )?
         .into_response());
     }
     let c = collect(&s, req).await?;
@@ -712,22 +830,14 @@ async fn kobold_context(State(s): State<Arc<Shared>>) -> Result<Json<Value>, Api
     Ok(Json(json!({"value": m.context})))
 }
 
-#[derive(Deserialize)]
-struct KoboldBody {
-    prompt: Option<String>,
-    #[serde(flatten)]
-    sampling: Sampling,
-}
-
 fn kobold_request(body: &Bytes) -> Result<CompletionRequest, ApiError> {
-    let b: KoboldBody = parse(body).map_err(ApiError::kobold)?;
-    let prompt = b
-        .prompt
+    let b = object(body).map_err(ApiError::kobold)?;
+    let prompt = pick::<String>(&b, &["prompt"])
+        .map_err(ApiError::kobold)?
         .ok_or_else(|| ApiError::bad("prompt is required").kobold())?;
     // KoboldCpp's default length is 100 tokens.
-    let (req, _) = b
-        .sampling
-        .request(PromptInput::Text(prompt), 100)
+    let (req, _) = Sampling::from_body(&b)
+        .and_then(|s| s.request(PromptInput::Text(prompt), 100))
         .map_err(ApiError::kobold)?;
     Ok(req)
 }
@@ -762,6 +872,7 @@ async fn kobold_stream(State(s): State<Arc<Shared>>, body: Bytes) -> Result<Resp
             Err(e) => vec![error_event(e)],
         },
     )
+    .map_err(ApiError::kobold)?
     .into_response())
 }
 

@@ -210,7 +210,8 @@ mod tests {
     #[test]
     fn the_pair_terms_follow_the_formula() {
         // Policy sums (chosen, then rejected) and the reference's.
-        let (loss, margin, acc, rc, rr, coef) = pair_terms(&[-5.0, -9.0, -7.0, -6.0], &[-6.0, -8.0, -6.0, -8.0], 0.5);
+        let (loss, margin, acc, rc, rr, coef) =
+            pair_terms(&[-5.0, -9.0, -7.0, -6.0], &[-6.0, -8.0, -6.0, -8.0], 0.5);
         // z = 0.5·((−5+6) − (−7+6)) = 1, and 0.5·((−9+8) − (−6+8)) = −1.5.
         let expect = (neg_log_sigmoid(1.0) + neg_log_sigmoid(-1.5)) / 2.0;
         assert!((loss - expect).abs() < 1e-12);

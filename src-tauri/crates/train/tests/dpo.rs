@@ -5,7 +5,9 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Var};
-use dramatis_llm::{Device, LoraAdapter, LoraLayer, LoraSlot, LoraTarget, Phi, PhiTokenizer, Tensor, load_model};
+use dramatis_llm::{
+    Device, LoraAdapter, LoraLayer, LoraSlot, LoraTarget, Phi, PhiTokenizer, Tensor, load_model,
+};
 use dramatis_train::{DpoBatch, DpoConfig, dpo_loss, dpo_loss_and_grads, sequence_logps};
 
 fn fixture() -> PathBuf {
@@ -13,7 +15,11 @@ fn fixture() -> PathBuf {
 }
 
 /// A rank-2 adapter on every target; B is zero when `fresh` (as training starts).
-fn adapter(model: &Phi, fresh: bool, seed: u64) -> (LoraAdapter, Vec<(usize, LoraTarget, Var, Var)>) {
+fn adapter(
+    model: &Phi,
+    fresh: bool,
+    seed: u64,
+) -> (LoraAdapter, Vec<(usize, LoraTarget, Var, Var)>) {
     let cfg = model.config();
     let dev = &Device::Cpu;
     let mut layers = Vec::new();
@@ -24,7 +30,8 @@ fn adapter(model: &Phi, fresh: bool, seed: u64) -> (LoraAdapter, Vec<(usize, Lor
         for t in LoraTarget::ALL {
             let (fan_in, fan_out) = t.shape(cfg);
             k += 1;
-            let a = Var::from_tensor(&Tensor::randn(0f32, 0.05, (2, fan_in), dev).unwrap()).unwrap();
+            let a =
+                Var::from_tensor(&Tensor::randn(0f32, 0.05, (2, fan_in), dev).unwrap()).unwrap();
             let b = if fresh {
                 Var::zeros((fan_out, 2), DType::F32, dev).unwrap()
             } else {
@@ -49,7 +56,13 @@ fn adapter(model: &Phi, fresh: bool, seed: u64) -> (LoraAdapter, Vec<(usize, Lor
         }
         layers.push(layer);
     }
-    (LoraAdapter { layers, id: format!("dpo-{seed}") }, vars)
+    (
+        LoraAdapter {
+            layers,
+            id: format!("dpo-{seed}"),
+        },
+        vars,
+    )
 }
 
 /// Pairs: each prompt with a chosen and a rejected reply; rows padded to one
@@ -59,7 +72,9 @@ fn batch(tok: &PhiTokenizer, pairs: &[(&str, &str, &str)]) -> DpoBatch {
     for side in 0..2 {
         for (prompt, chosen, rejected) in pairs {
             let p = tok.encode(prompt).unwrap();
-            let r = tok.encode(if side == 0 { chosen } else { rejected }).unwrap();
+            let r = tok
+                .encode(if side == 0 { chosen } else { rejected })
+                .unwrap();
             rows.push(([p.clone(), r].concat(), p.len()));
         }
     }
@@ -84,21 +99,39 @@ fn batch(tok: &PhiTokenizer, pairs: &[(&str, &str, &str)]) -> DpoBatch {
 
 fn grad_of(step: &dramatis_llm::LossGrads, layer: usize, t: LoraTarget, a: bool) -> Vec<f32> {
     let g = step.grads[layer].iter().find(|g| g.target == t).unwrap();
-    (if a { &g.a } else { &g.b }).flatten_all().unwrap().to_vec1().unwrap()
+    (if a { &g.a } else { &g.b })
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
 }
 
 #[test]
 fn dpo_gradients_match_finite_differences() {
     let model = load_model(&fixture(), &Device::Cpu).unwrap();
     let tok = PhiTokenizer::from_file(&fixture().join("tokenizer.json")).unwrap();
-    let b = batch(&tok, &[("Captain: status?\nKestrel:", " All green.", " I refuse."), ("Hi.", " Hello there", " Go away now")]);
+    let b = batch(
+        &tok,
+        &[
+            ("Captain: status?\nKestrel:", " All green.", " I refuse."),
+            ("Hi.", " Hello there", " Go away now"),
+        ],
+    );
     // A trained policy against a different (starting) reference, with the SFT term on.
     let (policy, vars) = adapter(&model, false, 1);
     let (reference, _) = adapter(&model, false, 99);
-    let cfg = DpoConfig { beta: 0.5, sft_weight: 0.3 };
-    let step = dpo_loss_and_grads(&model, &policy, Some(&reference), &b, cfg, DType::F32, true).unwrap();
+    let cfg = DpoConfig {
+        beta: 0.5,
+        sft_weight: 0.3,
+    };
+    let step =
+        dpo_loss_and_grads(&model, &policy, Some(&reference), &b, cfg, DType::F32, true).unwrap();
     let forward = dpo_loss(&model, &policy, Some(&reference), &b, cfg).unwrap();
-    assert!((step.loss - forward).abs() < 1e-5, "{} vs {forward}", step.loss);
+    assert!(
+        (step.loss - forward).abs() < 1e-5,
+        "{} vs {forward}",
+        step.loss
+    );
     let eps = 1e-2f32;
     let mut checked = 0;
     for (layer, t, a, bvar) in vars.iter().filter(|v| v.0 < 2) {
@@ -109,14 +142,21 @@ fn dpo_gradients_match_finite_differences() {
                 let at = |d: f32| {
                     let mut v = base.clone();
                     v[i] += d;
-                    var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap()).unwrap();
+                    var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap())
+                        .unwrap();
                     let l = dpo_loss(&model, &policy, Some(&reference), &b, cfg).unwrap() as f32;
-                    var.set(&Tensor::from_vec(base.clone(), var.shape(), &Device::Cpu).unwrap()).unwrap();
+                    var.set(&Tensor::from_vec(base.clone(), var.shape(), &Device::Cpu).unwrap())
+                        .unwrap();
                     l
                 };
                 let fd = (at(eps) - at(-eps)) / (2.0 * eps);
                 let tol = 2e-4 + 0.03 * fd.abs().max(g[i].abs());
-                assert!((fd - g[i]).abs() <= tol, "{layer}.{t:?}.{}[{i}]: backward {} vs finite difference {fd}", if is_a { "a" } else { "b" }, g[i]);
+                assert!(
+                    (fd - g[i]).abs() <= tol,
+                    "{layer}.{t:?}.{}[{i}]: backward {} vs finite difference {fd}",
+                    if is_a { "a" } else { "b" },
+                    g[i]
+                );
                 checked += 1;
             }
         }
@@ -136,12 +176,19 @@ fn a_fresh_adapter_starts_at_log_two_and_learns_the_preferred_reply() {
             ("User: the storm?\nBot:", " Aye, captain!", " whatever."),
         ],
     );
-    let held_out = batch(&tok, &[("User: ready to sail?\nBot:", " Aye, captain!", " whatever.")]);
+    let held_out = batch(
+        &tok,
+        &[("User: ready to sail?\nBot:", " Aye, captain!", " whatever.")],
+    );
     let (policy, vars) = adapter(&model, true, 7);
     let cfg = DpoConfig::default();
     // A fresh adapter is the base: the reference is the base alone, and z = 0.
     let first = dpo_loss_and_grads(&model, &policy, None, &train, cfg, DType::F32, false).unwrap();
-    assert!((first.loss - std::f64::consts::LN_2).abs() < 1e-4, "{}", first.loss);
+    assert!(
+        (first.loss - std::f64::consts::LN_2).abs() < 1e-4,
+        "{}",
+        first.loss
+    );
     assert!(first.margin.abs() < 1e-4);
     let margin = |p: &LoraAdapter| {
         let pol = sequence_logps(&model, &held_out, Some(p)).unwrap();
@@ -155,13 +202,32 @@ fn a_fresh_adapter_starts_at_log_two_and_learns_the_preferred_reply() {
     for _ in 0..12 {
         for (layer, t, a, b) in &vars {
             for (is_a, var) in [(true, a), (false, b)] {
-                let g = Tensor::from_vec(grad_of(&last.grads, *layer, *t, is_a), var.shape(), &Device::Cpu).unwrap();
-                var.set(&(var.as_tensor() - (g * lr).unwrap()).unwrap()).unwrap();
+                let g = Tensor::from_vec(
+                    grad_of(&last.grads, *layer, *t, is_a),
+                    var.shape(),
+                    &Device::Cpu,
+                )
+                .unwrap();
+                var.set(&(var.as_tensor() - (g * lr).unwrap()).unwrap())
+                    .unwrap();
             }
         }
         last = dpo_loss_and_grads(&model, &policy, None, &train, cfg, DType::F32, false).unwrap();
     }
-    assert!(last.loss < std::f64::consts::LN_2 - 0.05, "the loss fell: {}", last.loss);
-    assert!(last.margin > 0.0 && last.accuracy == 1.0, "margin {} accuracy {}", last.margin, last.accuracy);
-    assert!(margin(&policy) > 0.0, "the held-out margin rose: {}", margin(&policy));
+    assert!(
+        last.loss < std::f64::consts::LN_2 - 0.05,
+        "the loss fell: {}",
+        last.loss
+    );
+    assert!(
+        last.margin > 0.0 && last.accuracy == 1.0,
+        "margin {} accuracy {}",
+        last.margin,
+        last.accuracy
+    );
+    assert!(
+        margin(&policy) > 0.0,
+        "the held-out margin rose: {}",
+        margin(&policy)
+    );
 }
