@@ -156,7 +156,7 @@ pub fn dpo_loss_and_grads(
     checkpointing: bool,
 ) -> Result<DpoStep> {
     let rows = b.tokens.dims()[0];
-    if rows == 0 || rows % 2 != 0 {
+    if rows == 0 || !rows.is_multiple_of(2) {
         return Err(crate::Error::Config(format!(
             "a DPO batch needs chosen and rejected rows in pairs, not {rows} rows"
         )));
@@ -217,8 +217,9 @@ mod tests {
         assert!((loss - expect).abs() < 1e-12);
         assert!((margin - (-0.25)).abs() < 1e-12);
         assert_eq!(acc, 0.5);
-        assert!((rc - (0.5 * 1.0 + 0.5 * -1.0) / 2.0).abs() < 1e-12);
-        assert!((rr - (0.5 * -1.0 + 0.5 * 2.0) / 2.0).abs() < 1e-12);
+        // Chosen rewards 0.5·1 and 0.5·(−1); rejected 0.5·(−1) and 0.5·2.
+        assert!(rc.abs() < 1e-12);
+        assert!((rr - 0.25).abs() < 1e-12);
         assert!((coef[0] + 0.5 * sigmoid(-1.0)).abs() < 1e-12);
         // At the reference (fresh adapter) the loss is log 2, the margin 0.
         let (l0, m0, ..) = pair_terms(&[-3.0, -4.0], &[-3.0, -4.0], 0.1);
