@@ -131,26 +131,29 @@ fn import(files: &[PathBuf], on_duplicate: Duplicate) -> Result<()> {
     Ok(())
 }
 
+/// A character named on the command line: its id, or its exact name.
+pub(crate) fn character_id(app: &Dramatis, character: &str) -> Result<i64> {
+    if let Ok(id) = character.parse::<i64>() {
+        return Ok(id);
+    }
+    let found: Vec<_> = app
+        .list_characters(&CharacterFilter::default())?
+        .into_iter()
+        .filter(|c| c.name == character)
+        .collect();
+    match found.as_slice() {
+        [one] => Ok(one.id),
+        [] => bail!("no character is named \"{character}\""),
+        _ => bail!(
+            "{} characters are named \"{character}\"; give the id",
+            found.len()
+        ),
+    }
+}
+
 fn export(character: &str, out: &std::path::Path, format: Option<Format>) -> Result<()> {
     let app = open()?;
-    let id = match character.parse::<i64>() {
-        Ok(id) => id,
-        Err(_) => {
-            let found: Vec<_> = app
-                .list_characters(&CharacterFilter::default())?
-                .into_iter()
-                .filter(|c| c.name == character)
-                .collect();
-            match found.as_slice() {
-                [one] => one.id,
-                [] => bail!("no character is named \"{character}\""),
-                _ => bail!(
-                    "{} characters are named \"{character}\"; give the id",
-                    found.len()
-                ),
-            }
-        }
-    };
+    let id = character_id(&app, character)?;
     let ext = out
         .extension()
         .and_then(|e| e.to_str())

@@ -2,9 +2,9 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
-use dramatis_core::{CharacterFilter, Dramatis};
+use dramatis_core::Dramatis;
 
 /// `dramatis-cli prefs …`.
 #[derive(Args)]
@@ -31,24 +31,7 @@ pub fn run(a: PrefsArgs) -> Result<()> {
     let app = Dramatis::open_default().context("cannot open Dramatis's data folder")?;
     match a.cmd {
         PrefsCmd::Export { character, out } => {
-            let id = match character.parse::<i64>() {
-                Ok(id) => id,
-                Err(_) => {
-                    let found: Vec<_> = app
-                        .list_characters(&CharacterFilter::default())?
-                        .into_iter()
-                        .filter(|c| c.name == character)
-                        .collect();
-                    match found.as_slice() {
-                        [one] => one.id,
-                        [] => bail!("no character is named \"{character}\""),
-                        _ => bail!(
-                            "{} characters are named \"{character}\"; give the id",
-                            found.len()
-                        ),
-                    }
-                }
-            };
+            let id = crate::cards::character_id(&app, &character)?;
             let jsonl = app.export_preferences(id)?;
             let n = jsonl.lines().count();
             if out.as_os_str() == "-" {
