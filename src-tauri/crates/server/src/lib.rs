@@ -14,11 +14,10 @@ mod routes;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use axum::Router;
 use dramatis_core::Dramatis;
 use tokio::sync::oneshot;
 
-pub use routes::Shared;
+use routes::Shared;
 
 /// How the server listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -72,11 +71,6 @@ impl RunningServer {
     pub fn requests(&self) -> u64 {
         self.shared.requests()
     }
-}
-
-/// The routes, for a caller that serves them itself.
-pub fn router(app: Arc<Dramatis>, cfg: &ServerConfig) -> (Router, Arc<Shared>) {
-    routes::router(app, cfg)
 }
 
 /// Binds `cfg.addr` and serves in the current tokio runtime until stopped.

@@ -9,7 +9,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use rusqlite::{OptionalExtension, params};
+use rusqlite::params;
 
 use crate::{MessageRow, Result, Role, Store, now_ms};
 
@@ -218,14 +218,5 @@ impl Store {
             }
         }
         Ok(out)
-    }
-
-    /// Whether a message exists (for pair checks).
-    pub fn message_exists(&self, id: i64) -> Result<bool> {
-        Ok(self
-            .conn()
-            .query_row("SELECT 1 FROM messages WHERE id = ?1", [id], |_| Ok(()))
-            .optional()?
-            .is_some())
     }
 }
