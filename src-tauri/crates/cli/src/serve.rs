@@ -54,8 +54,7 @@ pub fn run(a: ServeArgs, cancel: &AtomicBool) -> Result<()> {
         }
         Some(m) => {
             // An API id, or a model's display name ("Phi-2 Q4_K_M").
-            let id = m.trim().to_ascii_lowercase().replace(' ', "-");
-            let wanted = app.resolve_api_model(Some(&id))?;
+            let wanted = app.resolve_api_model(Some(m))?;
             named_adapter = wanted.adapter_id;
             Some(app.model(wanted.model_id)?)
         }

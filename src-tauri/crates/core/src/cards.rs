@@ -25,8 +25,7 @@ pub const MAX_IMPORT_BYTES: u64 = 512 * 1024 * 1024;
 /// The asset type a carried adapter's files have in a CHARX.
 pub const ADAPTER_ASSET: &str = "x_dramatis_lora";
 
-/// The card extension key for Dramatis's own data.
-const EXT: &str = "dramatis";
+use crate::training::EXT;
 
 /// What to do when an imported card has the name and creator of a character
 /// already here.

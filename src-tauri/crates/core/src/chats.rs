@@ -386,7 +386,7 @@ impl Drop for Running<'_> {
     }
 }
 
-fn speaker(r: Role) -> Speaker {
+pub(crate) fn speaker(r: Role) -> Speaker {
     match r {
         Role::User => Speaker::User,
         Role::Assistant => Speaker::Assistant,

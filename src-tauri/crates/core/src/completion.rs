@@ -99,6 +99,13 @@ pub struct Completion {
 /// Bounds on a request, so a hostile client cannot make the engine loop.
 const MAX_PROMPT_BYTES: usize = 1 << 20;
 
+/// A model's context window from its file header (Phi-2's 2,048 if unreadable).
+fn model_context(path: &str) -> usize {
+    dramatis_llm::inspect_model(std::path::Path::new(path))
+        .map(|i| i.config.max_position_embeddings)
+        .unwrap_or(2048)
+}
+
 fn slug(name: &str) -> String {
     let s: String = name
         .trim()
@@ -132,13 +139,21 @@ pub fn chat_prompt(turns: &[ChatTurn]) -> String {
 impl Dramatis {
     /// Every model an API client may name, the plain models first.
     pub fn api_models(&self) -> Result<Vec<ApiModel>> {
+        self.api_model_list(true)
+    }
+
+    /// The list, with each model's context read from its file header only
+    /// when asked (a request naming one model needs only that one's).
+    fn api_model_list(&self, with_context: bool) -> Result<Vec<ApiModel>> {
         let models = self.list_models()?;
         let adapters = self.store().list_adapters()?;
         let mut out = Vec::new();
         for m in &models {
-            let context = dramatis_llm::inspect_model(std::path::Path::new(&m.path))
-                .map(|i| i.config.max_position_embeddings)
-                .unwrap_or(2048);
+            let context = if with_context {
+                model_context(&m.path)
+            } else {
+                0
+            };
             out.push(ApiModel {
                 id: slug(&m.name),
                 model_id: m.id,
@@ -169,7 +184,14 @@ impl Dramatis {
 
     /// The model a request names (`None`: the default model).
     pub fn resolve_api_model(&self, id: Option<&str>) -> Result<ApiModel> {
-        let all = self.api_models()?;
+        let all = self.api_model_list(false)?;
+        let mut found = self.find_api_model(&all, id)?;
+        let path = self.model(found.model_id)?.path;
+        found.context = model_context(&path);
+        Ok(found)
+    }
+
+    fn find_api_model(&self, all: &[ApiModel], id: Option<&str>) -> Result<ApiModel> {
         match id.map(str::trim).filter(|s| !s.is_empty()) {
             None => {
                 let default = self.default_model()?.ok_or_else(|| {
@@ -177,18 +199,21 @@ impl Dramatis {
                         "No model is installed yet: download or import one in Dramatis.".into(),
                     )
                 })?;
-                all.into_iter()
+                all.iter()
                     .find(|m| m.model_id == default.id && m.adapter_id.is_none())
+                    .cloned()
                     .ok_or_else(|| Error::NoModel("the default model is gone".into()))
             }
             Some(want) => {
                 let lower = want.to_ascii_lowercase();
                 // Front-ends send odd ids ("koboldcpp/phi-2", a file name): the
-                // id itself, then its last path part.
+                // id itself, its last path part, then a display name made an id.
                 let last = lower.rsplit('/').next().unwrap_or(&lower).to_owned();
+                let named = slug(want);
                 all.iter()
                     .find(|m| m.id == lower)
                     .or_else(|| all.iter().find(|m| m.id == last))
+                    .or_else(|| all.iter().find(|m| m.id == named))
                     .cloned()
                     .ok_or_else(|| {
                         Error::UnknownModel(format!(
@@ -342,6 +367,16 @@ impl Dramatis {
             metrics: "{}".into(),
             created_at: 0,
         })?)
+    }
+
+    /// The API id of the model and adapter an engine holds (what a reply records).
+    pub(crate) fn engine_label(&self, engine: &crate::chats::Engine) -> Option<String> {
+        let adapter = engine.adapter.as_ref().map(|a| a.0);
+        self.api_model_list(false)
+            .ok()?
+            .into_iter()
+            .find(|m| m.model_id == engine.model_id && m.adapter_id == adapter)
+            .map(|m| m.id)
     }
 
     /// Whether the engine is generating now, and how many wait behind it.

@@ -4,7 +4,9 @@
 //! export as the JSONL TRL's DPOTrainer reads.
 
 use dramatis_persona::prompt::{PromptParts, Speaker};
-use dramatis_store::{PairKind, Role};
+use dramatis_store::PairKind;
+
+use crate::chats::speaker;
 use serde::Serialize;
 
 use crate::{Dramatis, Result};
@@ -38,38 +40,20 @@ pub struct PreferencePair {
     pub excluded: bool,
 }
 
-fn speaker(r: Role) -> Speaker {
-    match r {
-        Role::User => Speaker::User,
-        Role::Assistant => Speaker::Assistant,
-        Role::System => Speaker::System,
-    }
-}
-
 impl Dramatis {
-    /// The model and adapter an engine holds, named as the API names them.
-    pub(crate) fn engine_label(&self, engine: &crate::chats::Engine) -> Option<String> {
-        let m = self.model(engine.model_id).ok()?;
-        let base = m.name.trim().to_ascii_lowercase().replace(' ', "-");
-        Some(match &engine.adapter {
-            Some((id, _)) => match self.store().adapter(*id) {
-                Ok(a) => format!(
-                    "{base}+{}",
-                    a.name.trim().to_ascii_lowercase().replace(' ', "-")
-                ),
-                Err(_) => base,
-            },
-            None => base,
-        })
-    }
-
     /// Every preference pair in a character's chats.
     pub fn preference_pairs(&self, character_id: i64) -> Result<Vec<PreferencePair>> {
         let card = self.character(character_id)?.card;
         let rows = self.store().preference_pairs(character_id)?;
         let mut out = Vec::with_capacity(rows.len());
+        let mut chats = std::collections::HashMap::new();
         for r in rows {
-            let chat = self.store().chat(r.chat_id)?;
+            let chat = match chats.entry(r.chat_id) {
+                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::hash_map::Entry::Vacant(v) => {
+                    v.insert(self.store().chat(r.chat_id)?)
+                }
+            };
             let info = |id: i64| -> Option<(String, Option<String>)> {
                 let (prompt, info) = self.store().reply_prompt(id).ok()??;
                 let model = serde_json::from_str::<serde_json::Value>(&info)
@@ -104,7 +88,7 @@ impl Dramatis {
             };
             out.push(PreferencePair {
                 chat_id: r.chat_id,
-                chat_title: chat.title,
+                chat_title: chat.title.clone(),
                 chosen_id: r.chosen_id,
                 rejected_id: r.rejected_id,
                 kind: r.kind,

@@ -182,7 +182,7 @@ pub const SAMPLE_PROMPTS: [&str; 3] = [
 ];
 
 /// The card extension key for Dramatis's own data.
-const EXT: &str = "dramatis";
+pub(crate) const EXT: &str = "dramatis";
 
 /// The adapter attached to a card, if any.
 pub(crate) fn attached_adapter(card: &crate::CharacterCard) -> Option<i64> {
