@@ -548,6 +548,15 @@ impl Phi {
     }
 }
 
+/// A training forward pass waiting for its backward pass.
+#[derive(Debug)]
+pub struct TrainForward {
+    inputs: Vec<Tensor>,
+    kept: Vec<Option<BlockActivations>>,
+    /// The last block's output, `[b, seq, hidden]`.
+    pub hidden: Tensor,
+}
+
 /// The loss of a batch and the gradients of every LoRA slot.
 #[derive(Debug)]
 pub struct LossGrads {
@@ -598,6 +607,22 @@ impl Phi {
         dtype: DType,
         checkpointing: bool,
     ) -> Result<LossGrads> {
+        let fwd = self.lora_train_forward(tokens, lora, dtype, checkpointing)?;
+        self.lora_backward(fwd, targets, weights, denom, lora)
+    }
+
+    /// The forward half of a training pass: the final hidden states, and
+    /// what the backward pass needs (each block's input, and with
+    /// `checkpointing` off its activations). Objectives whose weights
+    /// depend on the forward's result (DPO) read [`Phi::target_logps`] of
+    /// it, then finish with [`Phi::lora_backward`]: one forward, not two.
+    pub fn lora_train_forward(
+        &self,
+        tokens: &Tensor,
+        lora: &crate::LoraAdapter,
+        dtype: DType,
+        checkpointing: bool,
+    ) -> Result<TrainForward> {
         let n = self.num_blocks();
         if lora.layers.len() != n {
             return Err(Error::Invalid(format!(
@@ -615,6 +640,29 @@ impl Phi {
             kept.push(acts);
             x = y;
         }
+        Ok(TrainForward {
+            inputs,
+            kept,
+            hidden: x,
+        })
+    }
+
+    /// The backward half: the head's loss and gradient from `fwd`, then
+    /// each block's, back to the first.
+    pub fn lora_backward(
+        &self,
+        fwd: TrainForward,
+        targets: &Tensor,
+        weights: &Tensor,
+        denom: f64,
+        lora: &crate::LoraAdapter,
+    ) -> Result<LossGrads> {
+        let TrainForward {
+            mut inputs,
+            mut kept,
+            hidden: x,
+        } = fwd;
+        let n = inputs.len();
         let (loss, mut g) = phase(x.device(), "head and loss", || {
             self.head_loss_backward(&x, targets, weights, denom)
         })?;
@@ -629,5 +677,50 @@ impl Phi {
         }
         let loss = f64::from(loss.to_scalar::<f32>()?);
         Ok(LossGrads { loss, grads })
+    }
+
+    /// `log p(target)` at every position of final hidden states `x`
+    /// (`[b, seq, hidden]`): `[b, seq]` f32, computed in row chunks so the
+    /// `[b, seq, vocab]` logits never exist at once.
+    pub fn target_logps(&self, x: &Tensor, targets: &Tensor) -> Result<Tensor> {
+        let (b, seq, hidden) = x.dims3()?;
+        let n = b * seq;
+        let x2 = x.reshape((n, hidden))?;
+        let tgt = targets.flatten_all()?.unsqueeze(1)?;
+        let w_head = self.lm_head.weight_as(x.dtype())?;
+        let mut parts = Vec::new();
+        let mut start = 0;
+        while start < n {
+            let rows = HEAD_CHUNK_ROWS.min(n - start);
+            let hf = layer_norm(
+                &self.final_norm,
+                &x2.narrow(0, start, rows)?,
+                self.cfg.layer_norm_eps,
+            )?;
+            let logits = project(&hf, &w_head, self.lm_head.bias())?;
+            let logp = candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?;
+            parts.push(logp.gather(&tgt.narrow(0, start, rows)?, 1)?);
+            start += rows;
+        }
+        Ok(Tensor::cat(&parts, 0)?.reshape((b, seq))?)
+    }
+
+    /// `log p(target)` at every position with `lora` (or the base alone),
+    /// keeping nothing for a backward pass: `[b, seq]` f32. For scoring and
+    /// a DPO reference.
+    pub fn score_targets(
+        &self,
+        tokens: &Tensor,
+        targets: &Tensor,
+        lora: Option<&crate::LoraAdapter>,
+        dtype: DType,
+    ) -> Result<Tensor> {
+        let none = crate::LoraLayer::default();
+        let mut x = self.train_embed(tokens, dtype)?;
+        for i in 0..self.num_blocks() {
+            let layer = lora.and_then(|l| l.layers.get(i)).unwrap_or(&none);
+            x = self.block_forward(i, &x, layer, false)?.0;
+        }
+        self.target_logps(&x, targets)
     }
 }

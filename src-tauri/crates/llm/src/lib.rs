@@ -34,7 +34,7 @@ pub use device::{
 };
 pub use error::{Error, Result};
 pub use export::{merge_to_gguf, write_lora_gguf};
-pub use grad::{BlockActivations, LossGrads, SlotGrads, profile_report};
+pub use grad::{BlockActivations, LossGrads, SlotGrads, TrainForward, profile_report};
 pub use linear::Linear;
 pub use lora::{LoraAdapter, LoraLayer, LoraSlot, LoraTarget, dropout_mask};
 pub use model::{Logits, Phi};

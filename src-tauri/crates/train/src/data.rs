@@ -189,22 +189,176 @@ pub fn prepare(
             report.rows, report.empty, report.malformed
         )));
     }
-    let mut order: Vec<usize> = (0..all.len()).collect();
-    order.shuffle(&mut ChaCha8Rng::seed_from_u64(opts.seed));
-    let n_eval = if opts.eval_fraction == 0.0 || all.len() < 2 {
-        0
-    } else {
-        ((all.len() as f64 * opts.eval_fraction).round() as usize).clamp(1, all.len() - 1)
-    };
-    let mut slots: Vec<Option<Example>> = all.into_iter().map(Some).collect();
-    let eval: Vec<Example> = order[..n_eval]
-        .iter()
-        .map(|&i| slots[i].take().expect("each index once"))
-        .collect();
-    let train: Vec<Example> = slots.into_iter().flatten().collect();
+    let (train, eval) = split(all, opts.eval_fraction, opts.seed);
     report.train_rows = train.len();
     report.eval_rows = eval.len();
     Ok(Prepared {
+        train,
+        eval,
+        report,
+    })
+}
+
+/// Splits `all` into (train, eval) by a seeded shuffle: `fraction` of the
+/// items, at least one where there are two or more, held out.
+fn split<T>(all: Vec<T>, fraction: f64, seed: u64) -> (Vec<T>, Vec<T>) {
+    let mut order: Vec<usize> = (0..all.len()).collect();
+    order.shuffle(&mut ChaCha8Rng::seed_from_u64(seed));
+    let n_eval = if fraction == 0.0 || all.len() < 2 {
+        0
+    } else {
+        ((all.len() as f64 * fraction).round() as usize).clamp(1, all.len() - 1)
+    };
+    let mut slots: Vec<Option<T>> = all.into_iter().map(Some).collect();
+    let eval: Vec<T> = order[..n_eval]
+        .iter()
+        .map(|&i| slots[i].take().expect("each index once"))
+        .collect();
+    (slots.into_iter().flatten().collect(), eval)
+}
+
+/// A preference pair as text: the prompt the replies answer (ending where
+/// the reply begins) and the preferred and passed-over replies.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PairText {
+    /// The prompt, in the chat format, up to the reply.
+    pub prompt: String,
+    /// The preferred reply.
+    pub chosen: String,
+    /// The passed-over reply.
+    pub rejected: String,
+}
+
+/// A tokenized pair: the replies end with `</s>`, as chat stops there.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PairExample {
+    /// The prompt's tokens (its start cut off when the pair was too long).
+    pub prompt: Vec<u32>,
+    /// The preferred reply's tokens.
+    pub chosen: Vec<u32>,
+    /// The passed-over reply's tokens.
+    pub rejected: Vec<u32>,
+}
+
+impl PairExample {
+    /// The longer of the two sequences, in tokens.
+    pub fn len(&self) -> usize {
+        self.prompt.len() + self.chosen.len().max(self.rejected.len())
+    }
+
+    /// Never: a pair has a reply token on each side.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+}
+
+/// What pair preparation found, shown before training starts.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct PairReport {
+    /// Pairs offered.
+    pub pairs: usize,
+    /// Pairs used.
+    pub used: usize,
+    /// Pairs longer than the maximum length: the prompt's start was cut off
+    /// (and, where a reply alone was too long, the reply's end).
+    pub truncated: usize,
+    /// Pairs left out: an empty reply, or the same reply on both sides.
+    pub empty: usize,
+    /// Tokens in all used pairs (prompt once, both replies).
+    pub tokens: usize,
+    /// Longest used sequence in tokens (after truncation).
+    pub longest: usize,
+    /// Pairs for training.
+    pub train_pairs: usize,
+    /// Pairs held out for the eval margin.
+    pub eval_pairs: usize,
+}
+
+/// Pairs ready for DPO.
+#[derive(Debug, Clone)]
+pub struct PreparedPairs {
+    /// Training pairs.
+    pub train: Vec<PairExample>,
+    /// Held-out pairs.
+    pub eval: Vec<PairExample>,
+    /// The report.
+    pub report: PairReport,
+}
+
+/// The marker a reply ends with in the chat format.
+pub const REPLY_END: &str = "</s>";
+
+/// Tokenizes pairs, cuts those longer than `opts.max_len` (the prompt keeps
+/// its end, at least a quarter of the length where it is that long; a reply
+/// keeps its start), reports, and splits. `opts.loss_on` does not apply:
+/// DPO counts only the reply tokens.
+pub fn prepare_pairs(
+    pairs: &[PairText],
+    tok: &PhiTokenizer,
+    opts: &DataOptions,
+) -> Result<PreparedPairs> {
+    if opts.max_len < 8 {
+        return Err(Error::Config(
+            "the maximum length must be at least 8 tokens".into(),
+        ));
+    }
+    if !(0.0..0.5).contains(&opts.eval_fraction) {
+        return Err(Error::Config(
+            "the eval share must be between 0 and 0.5".into(),
+        ));
+    }
+    let pairs = &pairs[..opts.limit.unwrap_or(pairs.len()).min(pairs.len())];
+    let mut report = PairReport {
+        pairs: pairs.len(),
+        ..PairReport::default()
+    };
+    let mut all = Vec::new();
+    for p in pairs {
+        if p.chosen.trim().is_empty() || p.rejected.trim().is_empty() || p.chosen == p.rejected {
+            report.empty += 1;
+            continue;
+        }
+        let mut prompt = tok.encode(&p.prompt)?;
+        let mut chosen = tok.encode(&format!("{}{REPLY_END}", p.chosen))?;
+        let mut rejected = tok.encode(&format!("{}{REPLY_END}", p.rejected))?;
+        let reply = chosen.len().max(rejected.len());
+        if prompt.len() + reply > opts.max_len {
+            report.truncated += 1;
+            let keep_prompt = prompt
+                .len()
+                .min(opts.max_len / 4)
+                .max(opts.max_len.saturating_sub(reply))
+                .max(1)
+                .min(prompt.len());
+            prompt.drain(..prompt.len() - keep_prompt);
+            let room = opts.max_len - prompt.len();
+            chosen.truncate(room);
+            rejected.truncate(room);
+        }
+        if prompt.is_empty() || chosen == rejected {
+            report.empty += 1;
+            continue;
+        }
+        let e = PairExample {
+            prompt,
+            chosen,
+            rejected,
+        };
+        report.tokens += e.prompt.len() + e.chosen.len() + e.rejected.len();
+        report.longest = report.longest.max(e.len());
+        all.push(e);
+    }
+    report.used = all.len();
+    if all.is_empty() {
+        return Err(Error::EmptyDataset(format!(
+            "{} pairs: {} with an empty or identical reply",
+            report.pairs, report.empty
+        )));
+    }
+    let (train, eval) = split(all, opts.eval_fraction, opts.seed);
+    report.train_pairs = train.len();
+    report.eval_pairs = eval.len();
+    Ok(PreparedPairs {
         train,
         eval,
         report,
@@ -258,5 +412,16 @@ mod tests {
         );
         assert_eq!(b0, epoch_batches(&lengths, 4, 1, 0));
         assert_ne!(b0, epoch_batches(&lengths, 4, 1, 1));
+    }
+
+    #[test]
+    fn the_split_holds_out_a_share_and_keeps_every_item() {
+        let (train, eval) = split((0..20).collect::<Vec<_>>(), 0.1, 3);
+        assert_eq!((train.len(), eval.len()), (18, 2));
+        let mut all: Vec<i32> = train.iter().chain(&eval).copied().collect();
+        all.sort_unstable();
+        assert_eq!(all, (0..20).collect::<Vec<_>>());
+        assert_eq!(split(vec![1], 0.1, 3), (vec![1], vec![]));
+        assert_eq!(split(vec![1, 2], 0.0, 3).1, Vec::<i32>::new());
     }
 }

@@ -21,12 +21,18 @@ mod export;
 mod optim;
 mod run;
 
-pub use data::{DataOptions, DataReport, LossOn, Prepared};
-pub use dpo::{DpoBatch, DpoConfig, DpoStep, dpo_loss, dpo_loss_and_grads, sequence_logps};
+pub use data::{
+    DataOptions, DataReport, LossOn, PairExample, PairReport, PairText, Prepared, PreparedPairs,
+    prepare_pairs,
+};
+pub use dpo::{
+    DpoBatch, DpoConfig, DpoMetrics, DpoStep, dpo_eval, dpo_loss, dpo_loss_and_grads, dpo_step,
+    sequence_logps,
+};
 /// The process's memory from /proc (Linux), for estimates and benchmarks.
 pub use dramatis_llm::{peak_rss_bytes, proc_bytes};
 pub use error::{Error, Result};
 pub use estimate::{Estimate, EstimateInput, estimate};
 pub use export::{export_checkpoint, export_peft};
 pub use optim::{AdamW, Schedule};
-pub use run::{Outcome, Precision, TrainConfig, TrainProgress, TrainingRun};
+pub use run::{Objective, Outcome, Precision, TrainConfig, TrainData, TrainProgress, TrainingRun};

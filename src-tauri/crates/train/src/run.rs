@@ -14,7 +14,8 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::data::{Example, Prepared, epoch_batches};
+use crate::data::{Example, PairExample, Prepared, PreparedPairs, epoch_batches};
+use crate::dpo::{DpoBatch, DpoConfig, DpoMetrics};
 use crate::optim::{AdamW, Schedule};
 use crate::{Error, Result};
 
@@ -59,6 +60,74 @@ pub struct TrainConfig {
     /// The dtype of the forward and backward passes (LoRA weights and the
     /// optimizer stay f32).
     pub precision: Precision,
+    /// What the run minimizes.
+    pub objective: Objective,
+}
+
+/// What a run minimizes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Objective {
+    /// Cross-entropy on text (supervised fine-tuning).
+    #[default]
+    Sft,
+    /// Direct preference optimization on pairs, against the adapter the run
+    /// starts from (the base alone for a fresh one). Runs without dropout, as
+    /// TRL's DPOTrainer does by default, so the policy and the reference see
+    /// the same network.
+    Dpo {
+        /// How far the policy may move from the reference (0.1 in TRL).
+        beta: f64,
+        /// Weight of a cross-entropy term on the chosen replies (0: off).
+        sft_weight: f64,
+    },
+}
+
+impl Objective {
+    /// DPO with TRL's defaults (β 0.1, no SFT term).
+    pub fn dpo() -> Self {
+        Self::Dpo {
+            beta: 0.1,
+            sft_weight: 0.0,
+        }
+    }
+}
+
+/// What a run trains on: text rows (SFT) or preference pairs (DPO).
+#[derive(Debug, Clone)]
+pub enum TrainData {
+    /// Tokenized text.
+    Text(Prepared),
+    /// Tokenized pairs.
+    Pairs(PreparedPairs),
+}
+
+impl From<Prepared> for TrainData {
+    fn from(p: Prepared) -> Self {
+        Self::Text(p)
+    }
+}
+
+impl From<PreparedPairs> for TrainData {
+    fn from(p: PreparedPairs) -> Self {
+        Self::Pairs(p)
+    }
+}
+
+impl TrainData {
+    fn train_lengths(&self) -> Vec<usize> {
+        match self {
+            Self::Text(p) => p.train.iter().map(|e| e.ids.len()).collect(),
+            Self::Pairs(p) => p.train.iter().map(PairExample::len).collect(),
+        }
+    }
+
+    fn train_len(&self) -> usize {
+        match self {
+            Self::Text(p) => p.train.len(),
+            Self::Pairs(p) => p.train.len(),
+        }
+    }
 }
 
 /// The dtype training computes in.
@@ -122,6 +191,7 @@ impl TrainConfig {
             seed: 42,
             gradient_checkpointing: false,
             precision: Precision::Auto,
+            objective: Objective::Sft,
         }
     }
 
@@ -158,6 +228,11 @@ impl TrainConfig {
         if self.targets.is_empty() {
             return bad("choose at least one target module");
         }
+        if let Objective::Dpo { beta, sft_weight } = self.objective
+            && !(beta > 0.0 && beta <= 10.0 && (0.0..=10.0).contains(&sft_weight))
+        {
+            return bad("DPO's beta must be in (0, 10] and the SFT weight in [0, 10]");
+        }
         self.target_list().map(|_| ())
     }
 }
@@ -191,6 +266,14 @@ pub struct TrainProgress {
     pub checkpoint: bool,
     /// At checkpoints: greedy replies to the sample prompts with the adapter so far.
     pub samples: Vec<String>,
+    /// DPO: the chosen reward minus the rejected one, averaged over this step's pairs.
+    pub margin: Option<f64>,
+    /// DPO: the share of this step's pairs whose chosen reward is higher.
+    pub accuracy: Option<f64>,
+    /// DPO, on the steps eval runs: the margin on the held-out pairs.
+    pub eval_margin: Option<f64>,
+    /// DPO, on the steps eval runs: the accuracy on the held-out pairs.
+    pub eval_accuracy: Option<f64>,
 }
 
 /// How a run ended.
@@ -213,12 +296,23 @@ struct Position {
     config: TrainConfig,
     losses: Vec<f64>,
     eval_losses: Vec<(usize, f64)>,
+    /// DPO: each step's metrics.
+    #[serde(default)]
+    dpo: Vec<DpoMetrics>,
+    /// DPO: the held-out metrics, with their step.
+    #[serde(default)]
+    eval_dpo: Vec<(usize, DpoMetrics)>,
 }
 
 /// A LoRA training run on a frozen base.
 pub struct TrainingRun {
     model: Arc<Phi>,
-    data: Prepared,
+    data: TrainData,
+    /// The adapter the run started from, frozen (DPO's reference; `None`: the base).
+    start: Option<LoraAdapter>,
+    /// The reference's (chosen, rejected) sums per pair, computed once:
+    /// keyed by (held out, index).
+    reference_sums: HashMap<(bool, usize), (f64, f64)>,
     dir: PathBuf,
     names: Vec<String>,
     vars: Vec<Var>,
@@ -251,16 +345,44 @@ pub(crate) fn peft_key(layer: usize, t: LoraTarget, which: &str) -> String {
 }
 
 impl TrainingRun {
-    /// Starts a run in `dir`, or resumes the one whose checkpoint is there
-    /// (its configuration must match).
+    /// Starts a run in `dir` from a fresh adapter, or resumes the one whose
+    /// checkpoint is there (its configuration must match).
     pub fn new(
         model: Arc<Phi>,
-        data: Prepared,
+        data: impl Into<TrainData>,
         config: TrainConfig,
         dir: &Path,
         pad: u32,
     ) -> Result<Self> {
+        Self::new_from(model, data, config, dir, pad, None)
+    }
+
+    /// [`TrainingRun::new`] starting from `start`'s weights instead of a
+    /// fresh adapter (it must have the configuration's rank, scale and every
+    /// target in every layer); a DPO run keeps it as its reference.
+    pub fn new_from(
+        model: Arc<Phi>,
+        data: impl Into<TrainData>,
+        config: TrainConfig,
+        dir: &Path,
+        pad: u32,
+        start: Option<&LoraAdapter>,
+    ) -> Result<Self> {
         config.validate()?;
+        let data = data.into();
+        match (&data, config.objective) {
+            (TrainData::Text(_), Objective::Dpo { .. }) => {
+                return Err(Error::Config(
+                    "DPO trains on preference pairs, not text".into(),
+                ));
+            }
+            (TrainData::Pairs(_), Objective::Sft) => {
+                return Err(Error::Config(
+                    "preference pairs train with DPO: set the objective".into(),
+                ));
+            }
+            _ => {}
+        }
         let cfg = model.config().clone();
         let device = model.device().clone();
         let targets = config.target_list()?;
@@ -276,9 +398,15 @@ impl TrainingRun {
                 let a: Vec<f32> = (0..config.r * fan_in)
                     .map(|_| rng.random_range(-bound..bound))
                     .collect();
-                let a = Var::from_tensor(&Tensor::from_vec(a, (config.r, fan_in), &device)?)?;
-                let b =
-                    Var::from_tensor(&Tensor::zeros((fan_out, config.r), DType::F32, &device)?)?;
+                let (a, b) = match start {
+                    None => (
+                        Tensor::from_vec(a, (config.r, fan_in), &device)?,
+                        Tensor::zeros((fan_out, config.r), DType::F32, &device)?,
+                    ),
+                    Some(s) => start_slot(s, layer, t, &config, (fan_in, fan_out), &device)?,
+                };
+                let a = Var::from_tensor(&a)?;
+                let b = Var::from_tensor(&b)?;
                 slots.push((layer, t, vars.len()));
                 names.push(peft_key(layer, t, "A"));
                 vars.push(a);
@@ -287,9 +415,15 @@ impl TrainingRun {
             }
         }
         let optimizer = AdamW::new(&vars, config.weight_decay)?;
+        let start = match start {
+            Some(s) => Some(frozen(s)?),
+            None => None,
+        };
         let mut run = Self {
             model,
             data,
+            start,
+            reference_sums: HashMap::new(),
             dir: dir.to_owned(),
             names,
             vars,
@@ -302,6 +436,8 @@ impl TrainingRun {
                 config,
                 losses: Vec::new(),
                 eval_losses: Vec::new(),
+                dpo: Vec::new(),
+                eval_dpo: Vec::new(),
             },
             pad,
             sample_prompts: Vec::new(),
@@ -372,9 +508,19 @@ impl TrainingRun {
         &self.pos.eval_losses
     }
 
+    /// DPO metrics per step so far (empty for SFT).
+    pub fn dpo_metrics(&self) -> &[DpoMetrics] {
+        &self.pos.dpo
+    }
+
+    /// DPO metrics on the held-out pairs so far, with their step.
+    pub fn eval_dpo_metrics(&self) -> &[(usize, DpoMetrics)] {
+        &self.pos.eval_dpo
+    }
+
     /// Micro-batches per epoch.
     fn batches_per_epoch(&self) -> usize {
-        self.data.train.len().div_ceil(self.pos.config.batch_size)
+        self.data.train_len().div_ceil(self.pos.config.batch_size)
     }
 
     /// Optimizer steps in the whole run.
@@ -401,7 +547,7 @@ impl TrainingRun {
                         LoraTarget::V => 2 * cfg.hidden_size,
                         _ => 0,
                     },
-                    dropout: if dropout_seed.is_some() {
+                    dropout: if dropout_seed.is_some() && c.objective == Objective::Sft {
                         c.dropout
                     } else {
                         0.0
@@ -418,18 +564,7 @@ impl TrainingRun {
 
     /// A copy of the adapter for inference (no dropout, no gradients).
     pub fn inference_adapter(&self) -> Result<LoraAdapter> {
-        let mut a = self.adapter(None);
-        for l in &mut a.layers {
-            for t in LoraTarget::ALL {
-                if let Some(s) = l.slot(t) {
-                    let mut s = s.clone();
-                    s.a = s.a.detach().copy()?;
-                    s.b = s.b.detach().copy()?;
-                    l.set(t, s);
-                }
-            }
-        }
-        Ok(a)
+        frozen(&self.adapter(None))
     }
 
     /// The LoRA matrices by PEFT key, for export.
@@ -497,6 +632,174 @@ impl TrainingRun {
             c.precision.dtype(self.model.device()),
             c.gradient_checkpointing,
         )?;
+        let loss = out.loss;
+        Ok((loss, tokens, self.slot_grads(out)?))
+    }
+
+    /// Mean loss over the eval rows (no gradients).
+    pub fn eval_loss(&self) -> Result<Option<f64>> {
+        let data = match &self.data {
+            TrainData::Text(p) => p,
+            TrainData::Pairs(_) => return Ok(None),
+        };
+        if data.eval.is_empty() {
+            return Ok(None);
+        }
+        let adapter = self.inference_adapter()?;
+        let mut sum = 0.0;
+        for e in &data.eval {
+            sum += self.loss(&[e], &adapter)?;
+        }
+        Ok(Some(sum / data.eval.len() as f64))
+    }
+
+    fn dpo_config(&self) -> DpoConfig {
+        match self.pos.config.objective {
+            Objective::Dpo { beta, sft_weight } => DpoConfig { beta, sft_weight },
+            Objective::Sft => DpoConfig::default(),
+        }
+    }
+
+    fn pairs(&self) -> &PreparedPairs {
+        match &self.data {
+            TrainData::Pairs(p) => p,
+            TrainData::Text(_) => unreachable!("checked in new_from: DPO runs have pairs"),
+        }
+    }
+
+    /// Pads pairs into a DPO batch: chosen rows, then rejected rows.
+    fn pair_batch(&self, pairs: &[&PairExample]) -> Result<DpoBatch> {
+        let rows: Vec<(&[u32], &[u32])> = pairs
+            .iter()
+            .map(|p| (p.prompt.as_slice(), p.chosen.as_slice()))
+            .chain(
+                pairs
+                    .iter()
+                    .map(|p| (p.prompt.as_slice(), p.rejected.as_slice())),
+            )
+            .collect();
+        let seq = rows
+            .iter()
+            .map(|(p, r)| p.len() + r.len())
+            .max()
+            .unwrap_or(2)
+            - 1;
+        let (mut inp, mut tgt, mut mask) = (Vec::new(), Vec::new(), Vec::new());
+        for (prompt, reply) in &rows {
+            let n = prompt.len() + reply.len();
+            let at = |i: usize| {
+                if i < prompt.len() {
+                    prompt[i]
+                } else {
+                    reply[i - prompt.len()]
+                }
+            };
+            for t in 0..seq {
+                inp.push(if t < n { at(t) } else { self.pad });
+                tgt.push(if t + 1 < n { at(t + 1) } else { self.pad });
+                // Position t predicts token t + 1: a reply token from the prompt's end.
+                mask.push(f32::from(u8::from(t + 1 < n && t + 1 >= prompt.len())));
+            }
+        }
+        let dev = self.model.device();
+        let n = rows.len();
+        Ok(DpoBatch {
+            tokens: Tensor::from_vec(inp, (n, seq), dev)?,
+            targets: Tensor::from_vec(tgt, (n, seq), dev)?,
+            mask: Tensor::from_vec(mask, (n, seq), dev)?,
+        })
+    }
+
+    /// The reference's sums for pairs `idx` (held out or not), chosen rows
+    /// first, computed once per pair.
+    fn reference_sums(&mut self, held_out: bool, idx: &[usize]) -> Result<Vec<f64>> {
+        let missing: Vec<usize> = idx
+            .iter()
+            .copied()
+            .filter(|i| !self.reference_sums.contains_key(&(held_out, *i)))
+            .collect();
+        if !missing.is_empty() {
+            let data = self.pairs();
+            let set = if held_out { &data.eval } else { &data.train };
+            let pairs: Vec<&PairExample> = missing.iter().map(|&i| &set[i]).collect();
+            let b = self.pair_batch(&pairs)?;
+            let dtype = self.pos.config.precision.dtype(self.model.device());
+            let sums = crate::dpo::sequence_logps(&self.model, &b, self.start.as_ref(), dtype)?;
+            let k = missing.len();
+            for (j, &i) in missing.iter().enumerate() {
+                self.reference_sums
+                    .insert((held_out, i), (sums[j], sums[k + j]));
+            }
+        }
+        let got: Vec<(f64, f64)> = idx
+            .iter()
+            .map(|i| self.reference_sums[&(held_out, *i)])
+            .collect();
+        Ok(got
+            .iter()
+            .map(|g| g.0)
+            .chain(got.iter().map(|g| g.1))
+            .collect())
+    }
+
+    /// DPO metrics over the held-out pairs, a pair at a time.
+    pub fn eval_dpo(&mut self) -> Result<Option<DpoMetrics>> {
+        let n = match &self.data {
+            TrainData::Pairs(p) if !p.eval.is_empty() => p.eval.len(),
+            _ => return Ok(None),
+        };
+        let adapter = self.inference_adapter()?;
+        let cfg = self.dpo_config();
+        let dtype = self.pos.config.precision.dtype(self.model.device());
+        let mut sum = DpoMetrics::default();
+        for i in 0..n {
+            let reference = self.reference_sums(true, &[i])?;
+            let b = self.pair_batch(&[&self.pairs().eval[i]])?;
+            let m = crate::dpo::dpo_eval(&self.model, &adapter, &reference, &b, cfg, dtype)?;
+            sum.loss += m.loss;
+            sum.margin += m.margin;
+            sum.accuracy += m.accuracy;
+            sum.chosen_reward += m.chosen_reward;
+            sum.rejected_reward += m.rejected_reward;
+        }
+        let k = n as f64;
+        Ok(Some(DpoMetrics {
+            loss: sum.loss / k,
+            margin: sum.margin / k,
+            accuracy: sum.accuracy / k,
+            chosen_reward: sum.chosen_reward / k,
+            rejected_reward: sum.rejected_reward / k,
+        }))
+    }
+
+    /// A DPO micro-batch's metrics, tokens and LoRA gradients.
+    fn dpo_grads(
+        &mut self,
+        idx: &[usize],
+        adapter: &LoraAdapter,
+    ) -> Result<(DpoMetrics, usize, Vec<Option<Tensor>>)> {
+        let reference = self.reference_sums(false, idx)?;
+        let pairs: Vec<&PairExample> = idx.iter().map(|&i| &self.pairs().train[i]).collect();
+        let tokens = pairs
+            .iter()
+            .map(|p| 2 * p.prompt.len() + p.chosen.len() + p.rejected.len())
+            .sum();
+        let b = self.pair_batch(&pairs)?;
+        let c = &self.pos.config;
+        let step = crate::dpo::dpo_step(
+            &self.model,
+            adapter,
+            &reference,
+            &b,
+            self.dpo_config(),
+            c.precision.dtype(self.model.device()),
+            c.gradient_checkpointing,
+        )?;
+        Ok((step.metrics, tokens, self.slot_grads(step.grads)?))
+    }
+
+    /// The gradients by slot in the order of `vars`.
+    fn slot_grads(&self, out: dramatis_llm::LossGrads) -> Result<Vec<Option<Tensor>>> {
         let mut grads: Vec<Option<Tensor>> = vec![None; self.vars.len()];
         for (layer, slot_grads) in out.grads.into_iter().enumerate() {
             for g in slot_grads {
@@ -511,20 +814,7 @@ impl TrainingRun {
                 grads[v + 1] = Some(g.b);
             }
         }
-        Ok((out.loss, tokens, grads))
-    }
-
-    /// Mean loss over the eval rows (no gradients).
-    pub fn eval_loss(&self) -> Result<Option<f64>> {
-        if self.data.eval.is_empty() {
-            return Ok(None);
-        }
-        let adapter = self.inference_adapter()?;
-        let mut sum = 0.0;
-        for e in &self.data.eval {
-            sum += self.loss(&[e], &adapter)?;
-        }
-        Ok(Some(sum / self.data.eval.len() as f64))
+        Ok(grads)
     }
 
     /// The next micro-batch, advancing the data position.
@@ -532,7 +822,7 @@ impl TrainingRun {
     fn next_batch(&mut self) -> Vec<usize> {
         loop {
             if self.epoch_order.as_ref().map(|(e, _)| *e) != Some(self.pos.epoch) {
-                let lengths: Vec<usize> = self.data.train.iter().map(|e| e.ids.len()).collect();
+                let lengths = self.data.train_lengths();
                 let c = &self.pos.config;
                 let order = epoch_batches(&lengths, c.batch_size, c.seed, self.pos.epoch);
                 self.epoch_order = Some((self.pos.epoch, order));
@@ -567,15 +857,28 @@ impl TrainingRun {
             let c = self.pos.config.clone();
             let mut grads: Vec<Option<Tensor>> = vec![None; self.vars.len()];
             let mut loss_sum = 0.0;
+            let mut dpo = DpoMetrics::default();
             for micro in 0..c.grad_accum {
                 let idx = self.next_batch();
-                let examples: Vec<&Example> = idx.iter().map(|&i| &self.data.train[i]).collect();
                 let seed = c
                     .seed
                     .wrapping_mul(1_000_003)
                     .wrapping_add((self.pos.step * c.grad_accum + micro) as u64 + 1);
                 let adapter = self.adapter(Some(seed));
-                let (value, tokens, step_grads) = self.loss_and_grads(&examples, &adapter)?;
+                let (value, tokens, step_grads) = match &self.data {
+                    TrainData::Text(p) => {
+                        let examples: Vec<&Example> = idx.iter().map(|&i| &p.train[i]).collect();
+                        self.loss_and_grads(&examples, &adapter)?
+                    }
+                    TrainData::Pairs(_) => {
+                        let (m, tokens, g) = self.dpo_grads(&idx, &adapter)?;
+                        dpo.margin += m.margin;
+                        dpo.accuracy += m.accuracy;
+                        dpo.chosen_reward += m.chosen_reward;
+                        dpo.rejected_reward += m.rejected_reward;
+                        (m.loss, tokens, g)
+                    }
+                };
                 tokens_seen += tokens;
                 loss_sum += value;
                 for (i, gi) in step_grads.into_iter().enumerate() {
@@ -600,10 +903,31 @@ impl TrainingRun {
             self.pos.step += 1;
             let loss = loss_sum / c.grad_accum as f64;
             self.pos.losses.push(loss);
+            let is_dpo = matches!(self.data, TrainData::Pairs(_));
+            if is_dpo {
+                let k = c.grad_accum as f64;
+                dpo = DpoMetrics {
+                    loss,
+                    margin: dpo.margin / k,
+                    accuracy: dpo.accuracy / k,
+                    chosen_reward: dpo.chosen_reward / k,
+                    rejected_reward: dpo.rejected_reward / k,
+                };
+                self.pos.dpo.push(dpo);
+            }
             let last = self.pos.step == total;
+            let mut eval_dpo = None;
             let eval_loss =
                 if last || (c.eval_every > 0 && self.pos.step.is_multiple_of(c.eval_every)) {
-                    let e = self.eval_loss()?;
+                    let e = if is_dpo {
+                        eval_dpo = self.eval_dpo()?;
+                        if let Some(m) = eval_dpo {
+                            self.pos.eval_dpo.push((self.pos.step, m));
+                        }
+                        eval_dpo.map(|m| m.loss)
+                    } else {
+                        self.eval_loss()?
+                    };
                     if let Some(e) = e {
                         self.pos.eval_losses.push((self.pos.step, e));
                     }
@@ -634,6 +958,10 @@ impl TrainingRun {
                 memory_bytes: dramatis_llm::rss_bytes(),
                 checkpoint,
                 samples,
+                margin: is_dpo.then_some(dpo.margin),
+                accuracy: is_dpo.then_some(dpo.accuracy),
+                eval_margin: eval_dpo.map(|m| m.margin),
+                eval_accuracy: eval_dpo.map(|m| m.accuracy),
             });
         }
         Ok(Outcome::Finished)
@@ -725,4 +1053,58 @@ impl TrainingRun {
         self.pos = pos;
         Ok(())
     }
+}
+
+/// A copy of `a` with no dropout, detached from any gradient.
+fn frozen(a: &LoraAdapter) -> Result<LoraAdapter> {
+    let mut a = a.clone();
+    for l in &mut a.layers {
+        for t in LoraTarget::ALL {
+            if let Some(s) = l.slot(t) {
+                let mut s = s.clone();
+                s.a = s.a.detach().copy()?;
+                s.b = s.b.detach().copy()?;
+                s.dropout = 0.0;
+                l.set(t, s);
+            }
+        }
+    }
+    Ok(a)
+}
+
+/// The (A, B) a run starting from `start` begins with in `layer`'s `t`, in f32.
+fn start_slot(
+    start: &LoraAdapter,
+    layer: usize,
+    t: LoraTarget,
+    config: &TrainConfig,
+    (fan_in, fan_out): (usize, usize),
+    device: &Device,
+) -> Result<(Tensor, Tensor)> {
+    let s = start
+        .layers
+        .get(layer)
+        .and_then(|l| l.slot(t))
+        .ok_or_else(|| {
+            Error::Config(format!(
+                "the starting adapter has no {} in layer {layer}: train the targets it has",
+                t.peft_name()
+            ))
+        })?;
+    let want = config.alpha / config.r as f64;
+    if s.a.dims() != [config.r, fan_in]
+        || s.b.dims() != [fan_out, config.r]
+        || (s.scale - want).abs() > 1e-6 * want.abs().max(1.0)
+    {
+        return Err(Error::Config(format!(
+            "the starting adapter's {} in layer {layer} is rank {} with scale {}: \
+             train with its rank and alpha",
+            t.peft_name(),
+            s.a.dims()[0],
+            s.scale
+        )));
+    }
+    let f32_on =
+        |x: &Tensor| -> Result<Tensor> { Ok(x.to_dtype(DType::F32)?.to_device(device)?.copy()?) };
+    Ok((f32_on(&s.a)?, f32_on(&s.b)?))
 }

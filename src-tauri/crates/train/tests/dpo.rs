@@ -126,11 +126,11 @@ fn dpo_gradients_match_finite_differences() {
     };
     let step =
         dpo_loss_and_grads(&model, &policy, Some(&reference), &b, cfg, DType::F32, true).unwrap();
-    let forward = dpo_loss(&model, &policy, Some(&reference), &b, cfg).unwrap();
+    let forward = dpo_loss(&model, &policy, Some(&reference), &b, cfg, DType::F32).unwrap();
     assert!(
-        (step.loss - forward).abs() < 1e-5,
+        (step.metrics.loss - forward).abs() < 1e-5,
         "{} vs {forward}",
-        step.loss
+        step.metrics.loss
     );
     let eps = 1e-2f32;
     let mut checked = 0;
@@ -144,7 +144,8 @@ fn dpo_gradients_match_finite_differences() {
                     v[i] += d;
                     var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap())
                         .unwrap();
-                    let l = dpo_loss(&model, &policy, Some(&reference), &b, cfg).unwrap() as f32;
+                    let l = dpo_loss(&model, &policy, Some(&reference), &b, cfg, DType::F32)
+                        .unwrap() as f32;
                     var.set(&Tensor::from_vec(base.clone(), var.shape(), &Device::Cpu).unwrap())
                         .unwrap();
                     l
@@ -185,14 +186,14 @@ fn a_fresh_adapter_starts_at_log_two_and_learns_the_preferred_reply() {
     // A fresh adapter is the base: the reference is the base alone, and z = 0.
     let first = dpo_loss_and_grads(&model, &policy, None, &train, cfg, DType::F32, false).unwrap();
     assert!(
-        (first.loss - std::f64::consts::LN_2).abs() < 1e-4,
+        (first.metrics.loss - std::f64::consts::LN_2).abs() < 1e-4,
         "{}",
-        first.loss
+        first.metrics.loss
     );
-    assert!(first.margin.abs() < 1e-4);
+    assert!(first.metrics.margin.abs() < 1e-4);
     let margin = |p: &LoraAdapter| {
-        let pol = sequence_logps(&model, &held_out, Some(p)).unwrap();
-        let base = sequence_logps(&model, &held_out, None).unwrap();
+        let pol = sequence_logps(&model, &held_out, Some(p), DType::F32).unwrap();
+        let base = sequence_logps(&model, &held_out, None, DType::F32).unwrap();
         (pol[0] - base[0]) - (pol[1] - base[1])
     };
     assert!(margin(&policy).abs() < 1e-4);
@@ -215,15 +216,15 @@ fn a_fresh_adapter_starts_at_log_two_and_learns_the_preferred_reply() {
         last = dpo_loss_and_grads(&model, &policy, None, &train, cfg, DType::F32, false).unwrap();
     }
     assert!(
-        last.loss < std::f64::consts::LN_2 - 0.05,
+        last.metrics.loss < std::f64::consts::LN_2 - 0.05,
         "the loss fell: {}",
-        last.loss
+        last.metrics.loss
     );
     assert!(
-        last.margin > 0.0 && last.accuracy == 1.0,
+        last.metrics.margin > 0.0 && last.metrics.accuracy == 1.0,
         "margin {} accuracy {}",
-        last.margin,
-        last.accuracy
+        last.metrics.margin,
+        last.metrics.accuracy
     );
     assert!(
         margin(&policy) > 0.0,
