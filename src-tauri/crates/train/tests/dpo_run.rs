@@ -374,6 +374,16 @@ fn write_dpo_check() {
         b.targets.to_dtype(dramatis_llm::DType::I64).unwrap(),
     );
     map.insert("mask".to_owned(), b.mask.clone());
+    // The adapter's logits on the first row: the export must load in peft as is.
+    let logits = m
+        .forward(
+            &b.tokens.narrow(0, 0, 1).unwrap(),
+            None,
+            dramatis_llm::Logits::All,
+            Some(&start),
+        )
+        .unwrap();
+    map.insert("logits".to_owned(), logits.squeeze(0).unwrap());
     let mut cases = serde_json::Map::new();
     for (name, reference, sft) in [
         ("base_reference", None, 0.0),
