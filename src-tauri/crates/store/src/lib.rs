@@ -32,7 +32,7 @@ pub use memory::MemoryRow;
 pub use migrations::SCHEMA_VERSION;
 pub use models::ModelRow;
 pub use personas::PersonaRow;
-pub use prefs::{PairKind, PairRow};
+pub use prefs::{ImportCounts, ImportedPairRow, PairKind, PairRow};
 pub use training::{AdapterRow, RunRow};
 
 /// `PRAGMA application_id` of a Dramatis database ("DRMA").

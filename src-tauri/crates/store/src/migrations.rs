@@ -193,6 +193,21 @@ const STEPS: &[&str] = &[
     );
     ALTER TABLE chats ADD COLUMN prefs_excluded INTEGER NOT NULL DEFAULT 0 CHECK (prefs_excluded IN (0, 1));
     "#,
+    // 9: preference pairs imported from a file (TRL's prompt/chosen/rejected
+    // JSONL) for a character: not in any chat, so stored as rows.
+    r#"
+    CREATE TABLE imported_pairs (
+        id           INTEGER PRIMARY KEY,
+        character_id INTEGER NOT NULL REFERENCES characters(id) ON DELETE CASCADE,
+        prompt       TEXT NOT NULL,
+        chosen       TEXT NOT NULL,
+        rejected     TEXT NOT NULL,
+        source       TEXT NOT NULL,    -- the file's name
+        excluded     INTEGER NOT NULL DEFAULT 0 CHECK (excluded IN (0, 1)),
+        created_at   INTEGER NOT NULL
+    );
+    CREATE UNIQUE INDEX imported_pairs_once ON imported_pairs(character_id, prompt, chosen, rejected);
+    "#,
 ];
 
 /// Brings the schema up to `target`, one transaction per step.

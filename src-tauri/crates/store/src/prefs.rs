@@ -21,6 +21,36 @@ pub enum PairKind {
     Swipe,
     /// The user rewrote the reply.
     Edit,
+    /// Imported from a file.
+    Imported,
+}
+
+/// A pair imported from a file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImportedPairRow {
+    /// Its row.
+    pub id: i64,
+    /// The character it trains.
+    pub character_id: i64,
+    /// The prompt, as the file gave it (or wrapped as a user turn).
+    pub prompt: String,
+    /// The preferred reply.
+    pub chosen: String,
+    /// The passed-over reply.
+    pub rejected: String,
+    /// The file's name.
+    pub source: String,
+    /// Left out of training.
+    pub excluded: bool,
+}
+
+/// What an import added.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ImportCounts {
+    /// New pairs.
+    pub added: usize,
+    /// Pairs the character had already (left as they were).
+    pub duplicates: usize,
 }
 
 /// One preference pair as the tree holds it (the prompt is the caller's to build).
@@ -110,6 +140,99 @@ impl Store {
                 }),
                 _ => Ok(()),
             }
+        })
+    }
+
+    /// Adds imported pairs to a character, all or none (one transaction);
+    /// a pair it has already is skipped and counted.
+    pub fn insert_imported_pairs(
+        &self,
+        character_id: i64,
+        source: &str,
+        pairs: &[(String, String, String)],
+    ) -> Result<ImportCounts> {
+        self.write(|tx| {
+            let exists: bool = tx.query_row(
+                "SELECT EXISTS(SELECT 1 FROM characters WHERE id = ?1)",
+                [character_id],
+                |r| r.get(0),
+            )?;
+            if !exists {
+                return Err(crate::Error::NotFound {
+                    what: "character",
+                    id: character_id,
+                });
+            }
+            let mut counts = ImportCounts::default();
+            let mut insert = tx.prepare_cached(
+                "INSERT OR IGNORE INTO imported_pairs
+                 (character_id, prompt, chosen, rejected, source, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?;
+            let now = now_ms();
+            for (prompt, chosen, rejected) in pairs {
+                match insert.execute(params![
+                    character_id,
+                    prompt,
+                    chosen,
+                    rejected,
+                    source,
+                    now
+                ])? {
+                    0 => counts.duplicates += 1,
+                    _ => counts.added += 1,
+                }
+            }
+            Ok(counts)
+        })
+    }
+
+    /// A character's imported pairs, in import order.
+    pub fn imported_pairs(&self, character_id: i64) -> Result<Vec<ImportedPairRow>> {
+        let conn = self.conn();
+        let mut st = conn.prepare_cached(
+            "SELECT id, character_id, prompt, chosen, rejected, source, excluded
+             FROM imported_pairs WHERE character_id = ?1 ORDER BY id",
+        )?;
+        let rows = st
+            .query_map([character_id], |r| {
+                Ok(ImportedPairRow {
+                    id: r.get(0)?,
+                    character_id: r.get(1)?,
+                    prompt: r.get(2)?,
+                    chosen: r.get(3)?,
+                    rejected: r.get(4)?,
+                    source: r.get(5)?,
+                    excluded: r.get::<_, i64>(6)? != 0,
+                })
+            })?
+            .collect::<rusqlite::Result<_>>()?;
+        Ok(rows)
+    }
+
+    /// Leaves an imported pair out of training (or takes it back in).
+    pub fn set_imported_pair_excluded(&self, id: i64, excluded: bool) -> Result<()> {
+        self.write(|tx| {
+            match tx.execute(
+                "UPDATE imported_pairs SET excluded = ?2 WHERE id = ?1",
+                params![id, excluded],
+            )? {
+                0 => Err(crate::Error::NotFound {
+                    what: "imported pair",
+                    id,
+                }),
+                _ => Ok(()),
+            }
+        })
+    }
+
+    /// Deletes imported pairs of a character: those from `source`, or all.
+    pub fn delete_imported_pairs(&self, character_id: i64, source: Option<&str>) -> Result<usize> {
+        self.write(|tx| {
+            Ok(tx.execute(
+                "DELETE FROM imported_pairs WHERE character_id = ?1 AND (?2 IS NULL OR source = ?2)",
+                params![character_id, source],
+            )?)
         })
     }
 
@@ -218,5 +341,47 @@ impl Store {
             }
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pair(i: usize) -> (String, String, String) {
+        (format!("p{i}"), format!("c{i}"), format!("r{i}"))
+    }
+
+    #[test]
+    fn imported_pairs_are_added_once_toggled_and_go_with_their_character() {
+        let store = Store::open_in_memory().unwrap();
+        let card = dramatis_persona::CharacterCard {
+            name: "K".into(),
+            ..Default::default()
+        };
+        let c = store.insert_character(&card, None, None).unwrap();
+        let got = store
+            .insert_imported_pairs(c, "a.jsonl", &[pair(1), pair(2), pair(1)])
+            .unwrap();
+        assert_eq!((got.added, got.duplicates), (2, 1));
+        let again = store
+            .insert_imported_pairs(c, "b.jsonl", &[pair(2), pair(3)])
+            .unwrap();
+        assert_eq!((again.added, again.duplicates), (1, 1));
+        let rows = store.imported_pairs(c).unwrap();
+        assert_eq!(
+            rows.iter()
+                .map(|r| (r.prompt.as_str(), r.source.as_str()))
+                .collect::<Vec<_>>(),
+            [("p1", "a.jsonl"), ("p2", "a.jsonl"), ("p3", "b.jsonl")]
+        );
+        store.set_imported_pair_excluded(rows[1].id, true).unwrap();
+        assert!(store.imported_pairs(c).unwrap()[1].excluded);
+        assert!(store.set_imported_pair_excluded(9999, true).is_err());
+        assert!(store.insert_imported_pairs(9999, "x", &[pair(1)]).is_err());
+        assert_eq!(store.delete_imported_pairs(c, Some("b.jsonl")).unwrap(), 1);
+        assert_eq!(store.imported_pairs(c).unwrap().len(), 2);
+        store.delete_character(c).unwrap();
+        assert!(store.imported_pairs(c).unwrap().is_empty());
     }
 }

@@ -124,3 +124,116 @@ fn a_reader_sees_consistent_data_while_a_writer_writes() {
     assert_eq!(seen, TOTAL);
     assert!(checks > 1, "the reader ran only {checks} time(s)");
 }
+
+/// Pairs per imported batch in the preference writer.
+const PAIRS: usize = 200;
+
+/// Run in a child process: rewrites one reply and imports a batch of pairs,
+/// again and again, printing each committed round, until the parent kills it.
+fn pair_writer_child(spec: &str) {
+    let mut it = spec.split('|');
+    let path = it.next().unwrap();
+    let character: i64 = it.next().unwrap().parse().unwrap();
+    let reply: i64 = it.next().unwrap().parse().unwrap();
+    let store = Store::open(std::path::Path::new(path)).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut n = 0;
+    while Instant::now() < deadline {
+        store
+            .edit_message_content(reply, &format!("edit {n}"))
+            .unwrap();
+        let batch: Vec<(String, String, String)> = (0..PAIRS)
+            .map(|j| {
+                (
+                    format!("<|user|>q {n} {j}</s>\n<|assistant|>"),
+                    format!("good {j}"),
+                    "bad".repeat(50),
+                )
+            })
+            .collect();
+        store
+            .insert_imported_pairs(character, &format!("file {n}"), &batch)
+            .unwrap();
+        n += 1;
+        println!("committed {n}");
+    }
+}
+
+#[test]
+fn sigkill_mid_preference_write_leaves_no_half_pair() {
+    if let Ok(spec) = std::env::var("DRAMATIS_PAIR_WRITER_CHILD") {
+        pair_writer_child(&spec);
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("pairs.db");
+    let (character, reply) = {
+        let store = Store::open(&path).unwrap();
+        let card = CharacterCard {
+            name: "Kestrel".into(),
+            ..Default::default()
+        };
+        let c = store.insert_character(&card, None, None).unwrap();
+        let chat = store.create_chat(c, None, "Chat").unwrap();
+        let u = store
+            .add_message(chat, None, dramatis_store::Role::User, "Status?")
+            .unwrap();
+        let a = store
+            .add_message(chat, Some(u), dramatis_store::Role::Assistant, "original")
+            .unwrap();
+        (c, a)
+    };
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "sigkill_mid_preference_write_leaves_no_half_pair",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(
+            "DRAMATIS_PAIR_WRITER_CHILD",
+            format!("{}|{character}|{reply}", path.display()),
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut last = 0usize;
+    for line in BufReader::new(child.stdout.take().unwrap()).lines() {
+        if let Some(n) = line.unwrap().strip_prefix("committed ") {
+            last = n.parse().unwrap();
+            if last >= 60 {
+                child.kill().unwrap(); // SIGKILL, mid-round
+                break;
+            }
+        }
+    }
+    child.wait().unwrap();
+    assert!(last >= 60, "the writer stopped early after {last} rounds");
+
+    let store = Store::open(&path).unwrap();
+    store.integrity_check().unwrap();
+    // Every imported batch is whole or absent, and none committed is lost.
+    let imported = store.imported_pairs(character).unwrap();
+    let mut per_file = std::collections::HashMap::<String, usize>::new();
+    for p in &imported {
+        *per_file.entry(p.source.clone()).or_default() += 1;
+    }
+    assert!(per_file.values().all(|&n| n == PAIRS), "a torn import");
+    assert!(
+        per_file.len() >= last,
+        "{} batches, {last} committed",
+        per_file.len()
+    );
+    // The rewritten reply is one whole edit pair: its first text against the last.
+    let pairs = store.preference_pairs(character).unwrap();
+    assert_eq!(pairs.len(), 1, "{pairs:?}");
+    assert_eq!(pairs[0].kind, dramatis_store::PairKind::Edit);
+    assert_eq!(pairs[0].rejected, "original");
+    let n: usize = pairs[0]
+        .chosen
+        .strip_prefix("edit ")
+        .and_then(|n| n.parse().ok())
+        .expect("the chosen side is a whole edit");
+    assert!(n + 1 >= last, "edit {n} kept, {last} rounds committed");
+}
