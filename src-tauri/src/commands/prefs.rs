@@ -55,3 +55,36 @@ pub async fn export_preferences<R: Runtime>(
     })
     .await
 }
+
+/// Adds pairs from a TRL DPO JSONL file to a character.
+#[tauri::command]
+pub async fn import_preferences<R: Runtime>(
+    app: AppHandle<R>,
+    character_id: i64,
+    path: PathBuf,
+) -> Result<dramatis_core::PrefsImport, CommandError> {
+    blocking(&app, move |d| d.import_preferences(character_id, &path)).await
+}
+
+/// Leaves an imported pair out of training, or takes it back in.
+#[tauri::command]
+pub async fn set_imported_pair_excluded<R: Runtime>(
+    app: AppHandle<R>,
+    id: i64,
+    excluded: bool,
+) -> Result<(), CommandError> {
+    blocking(&app, move |d| d.set_imported_pair_excluded(id, excluded)).await
+}
+
+/// Deletes a character's imported pairs from one file (or all); returns how many.
+#[tauri::command]
+pub async fn delete_imported_pairs<R: Runtime>(
+    app: AppHandle<R>,
+    character_id: i64,
+    source: Option<String>,
+) -> Result<usize, CommandError> {
+    blocking(&app, move |d| {
+        d.delete_imported_pairs(character_id, source.as_deref())
+    })
+    .await
+}

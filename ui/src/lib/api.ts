@@ -18,6 +18,7 @@ import type {
   LorebookView,
   OnDuplicate,
   PreferencePair,
+  PrefsImport,
   CharacterDraft,
   CharacterSummary,
   ChatEvent,
@@ -153,6 +154,10 @@ export const api = {
     call<null>("set_pair_excluded", { chosenId, rejectedId, excluded }),
   setChatPrefsExcluded: (chatId: number, excluded: boolean) => call<null>("set_chat_prefs_excluded", { chatId, excluded }),
   exportPreferences: (characterId: number, path: string) => call<number>("export_preferences", { characterId, path }),
+  importPreferences: (characterId: number, path: string) => call<PrefsImport>("import_preferences", { characterId, path }),
+  setImportedPairExcluded: (id: number, excluded: boolean) => call<null>("set_imported_pair_excluded", { id, excluded }),
+  deleteImportedPairs: (characterId: number, source: string | null) =>
+    call<number>("delete_imported_pairs", { characterId, source }),
   inspectDataset: (path: string) => call<DatasetInfo>("inspect_dataset", { path }),
   datasetDownloaded: (datasetId: string) => call<boolean>("dataset_downloaded", { datasetId }),
   downloadDataset: (datasetId: string, onProgress: (p: DownloadProgress) => void) =>

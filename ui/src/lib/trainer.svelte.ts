@@ -31,7 +31,14 @@ function onEvent(e: TrainEvent) {
     live.total = e.total_steps;
   } else {
     live.progress = e;
-    live.metrics.push({ step: e.step, loss: e.loss, eval_loss: e.eval_loss });
+    live.metrics.push({
+      step: e.step,
+      loss: e.loss,
+      eval_loss: e.eval_loss,
+      margin: e.margin,
+      accuracy: e.accuracy,
+      eval_margin: e.eval_margin,
+    });
     if (e.samples.length) live.samples = e.samples;
   }
 }

@@ -58,6 +58,38 @@ export function preset(id: PresetName): { config: TrainConfig; data: DataOptions
   return p;
 }
 
+export type DpoPresetName = "choices" | "choices-quick" | "choices-strong";
+
+/** Presets for "Learn from my choices" (DPO on the character's pairs). */
+export const dpoPresets: { id: DpoPresetName; name: string; hint: string }[] = [
+  { id: "choices", name: "Learn from my choices", hint: "β 0.1 (TRL's default), lr 5e-5, three passes over the pairs" },
+  { id: "choices-quick", name: "Quick test", hint: "a few steps, to check that everything works" },
+  { id: "choices-strong", name: "Stronger", hint: "β 0.05 and lr 1e-4: moves further from where it started, with a light SFT term on the chosen replies" },
+];
+
+/** A DPO preset's settings: the seed recipe's LoRA shape, without dropout (as TRL's DPO trainer). */
+export function dpoPreset(id: DpoPresetName): { config: TrainConfig; data: DataOptions } {
+  const p = seedRecipe();
+  p.config.objective = { kind: "dpo", beta: 0.1, sft_weight: 0 };
+  p.config.dropout = 0;
+  p.config.lr = 5e-5;
+  p.config.epochs = 3;
+  p.config.eval_every = 10;
+  p.config.checkpoint_every = 10;
+  p.data = { max_len: 1024, loss_on: "all", eval_fraction: 0.1, limit: null, seed: 42 };
+  if (id === "choices-quick") {
+    p.config.max_steps = 6;
+    p.config.eval_every = 2;
+    p.config.checkpoint_every = 3;
+    p.config.lr = 1e-3;
+    p.data.max_len = 512;
+  } else if (id === "choices-strong") {
+    p.config.objective = { kind: "dpo", beta: 0.05, sft_weight: 0.1 };
+    p.config.lr = 1e-4;
+  }
+  return p;
+}
+
 /** One line per setting, for the Advanced panel. */
 export const explain: Record<string, string> = {
   r: "Rank of the adapter: more capacity, more memory.",
@@ -73,4 +105,6 @@ export const explain: Record<string, string> = {
   limit: "Use only the first N rows (blank: all).",
   seed: "Same seed, same data order and initial weights.",
   gradient_checkpointing: "Recompute each block when going backward: far less memory, about a third more time.",
+  beta: "How far the character may move from where it started: lower moves further.",
+  sft_weight: "Also train on the chosen replies as text (0: off).",
 };

@@ -380,7 +380,12 @@ export interface TrainConfig {
   checkpoint_every: number;
   seed: number;
   gradient_checkpointing: boolean;
+  /** Omitted: cross-entropy (SFT). */
+  objective?: Objective;
 }
+
+/** dramatis-train `Objective`. */
+export type Objective = { kind: "sft" } | { kind: "dpo"; beta: number; sft_weight: number };
 
 /** dramatis-train `DataOptions`. */
 export interface DataOptions {
@@ -395,7 +400,8 @@ export interface DataOptions {
 export type DataSource =
   | { kind: "catalog"; dataset_id: string }
   | { kind: "file"; path: string; column: string }
-  | { kind: "chats"; character_id: number };
+  | { kind: "chats"; character_id: number }
+  | { kind: "preferences"; character_id: number };
 
 /** dramatis-core `TrainRequest`. */
 export interface TrainRequest {
@@ -405,6 +411,7 @@ export interface TrainRequest {
   source: DataSource;
   config: TrainConfig;
   data: DataOptions;
+  start_adapter_id?: number | null;
 }
 
 /** dramatis-train `DataReport`. */
@@ -425,6 +432,30 @@ export interface DataPreview {
   report: DataReport;
   samples: { row: number; text: string; tokens: number }[];
   problems: { row: number; message: string }[];
+  pairs: PairPreview | null;
+}
+
+/** dramatis-train `PairReport`. */
+export interface PairReport {
+  pairs: number;
+  used: number;
+  truncated: number;
+  empty: number;
+  tokens: number;
+  longest: number;
+  train_pairs: number;
+  eval_pairs: number;
+}
+
+/** dramatis-core `PairPreview`: the validation report of a character's pairs. */
+export interface PairPreview {
+  report: PairReport;
+  excluded: number;
+  other_models: number;
+  rebuilt_prompts: number;
+  imported: number;
+  samples: { prompt: string; chosen: string; rejected: string }[];
+  start_adapter: Adapter | null;
 }
 
 /** dramatis-train `Estimate`. */
@@ -453,6 +484,10 @@ export interface TrainProgress {
   memory_bytes: number | null;
   checkpoint: boolean;
   samples: string[];
+  margin: number | null;
+  accuracy: number | null;
+  eval_margin: number | null;
+  eval_accuracy: number | null;
 }
 
 /** dramatis-core `TrainEvent`. */
@@ -465,6 +500,9 @@ export interface MetricPoint {
   step: number;
   loss: number;
   eval_loss: number | null;
+  margin?: number | null;
+  accuracy?: number | null;
+  eval_margin?: number | null;
 }
 
 /** dramatis-core `RunView`. */
@@ -738,7 +776,7 @@ export interface PreferencePair {
   chat_title: string;
   chosen_id: number;
   rejected_id: number;
-  kind: "swipe" | "edit";
+  kind: "swipe" | "edit" | "imported";
   prompt: string;
   exact_prompt: boolean;
   chosen: string;
@@ -746,4 +784,15 @@ export interface PreferencePair {
   chosen_model: string | null;
   rejected_model: string | null;
   excluded: boolean;
+  imported_id: number | null;
+  source: string | null;
+}
+
+/** dramatis-core `PrefsImport`. */
+export interface PrefsImport {
+  added: number;
+  duplicates: number;
+  skipped: { line: number; message: string }[];
+  skipped_count: number;
+  changed: string[];
 }

@@ -1,4 +1,4 @@
-//! `prefs export`: a character's preference pairs as TRL DPO JSONL.
+//! `prefs export|import`: a character's preference pairs as TRL DPO JSONL.
 
 use std::path::PathBuf;
 
@@ -24,6 +24,15 @@ enum PrefsCmd {
         #[arg(long, short, default_value = "-")]
         out: PathBuf,
     },
+    /// Add pairs from TRL DPO JSONL (`prompt`, `chosen`, `rejected`: text or
+    /// lists of messages) to a character; they show in its Preferences and train
+    /// with "Learn from my choices".
+    Import {
+        /// The character: its id or its exact name.
+        character: String,
+        /// The JSONL file.
+        file: PathBuf,
+    },
 }
 
 /// Runs a `prefs` subcommand.
@@ -40,6 +49,27 @@ pub fn run(a: PrefsArgs) -> Result<()> {
                 dramatis_core::write_atomically(&out, jsonl.as_bytes())?;
                 eprintln!("wrote {n} pairs to {}", out.display());
             }
+            Ok(())
+        }
+        PrefsCmd::Import { character, file } => {
+            let id = crate::cards::character_id(&app, &character)?;
+            let r = app.import_preferences(id, &file)?;
+            for c in &r.changed {
+                eprintln!("changed: {c}");
+            }
+            for p in &r.skipped {
+                eprintln!("skipped line {}: {}", p.line, p.message);
+            }
+            if r.skipped_count > r.skipped.len() {
+                eprintln!(
+                    "…and {} more lines skipped",
+                    r.skipped_count - r.skipped.len()
+                );
+            }
+            println!(
+                "imported {} pairs ({} already there, {} lines skipped)",
+                r.added, r.duplicates, r.skipped_count
+            );
             Ok(())
         }
     }

@@ -13,8 +13,8 @@ use dramatis_core::llm::{
 };
 use dramatis_train::data::prepare;
 use dramatis_train::{
-    DataOptions, LossOn, Outcome, Schedule, TrainConfig, TrainingRun, export_checkpoint,
-    export_peft,
+    DataOptions, LossOn, Objective, Outcome, PairText, Schedule, TrainConfig, TrainData,
+    TrainingRun, export_checkpoint, export_peft, prepare_pairs,
 };
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -34,9 +34,23 @@ pub struct TrainArgs {
     /// tokenizer.json (default: next to the model).
     #[arg(long)]
     tokenizer: Option<PathBuf>,
-    /// Training data: .parquet, .jsonl or .csv.
+    /// Training data: .parquet, .jsonl or .csv; for `--objective dpo`, JSONL of
+    /// preference pairs (`prompt`, `chosen`, `rejected`, as TRL's DPOTrainer reads).
     #[arg(long)]
     data: PathBuf,
+    /// sft: cross-entropy on the text; dpo: direct preference optimization on pairs.
+    #[arg(long, value_enum, default_value = "sft")]
+    objective: ObjectiveArg,
+    /// DPO: how far the adapter may move from where it started (TRL's default 0.1).
+    #[arg(long, default_value_t = 0.1)]
+    beta: f64,
+    /// DPO: weight of an added cross-entropy term on the chosen replies.
+    #[arg(long, default_value_t = 0.0)]
+    sft_weight: f64,
+    /// Start from this PEFT adapter folder (its rank, alpha and targets);
+    /// DPO measures its rewards against it.
+    #[arg(long)]
+    start_adapter: Option<PathBuf>,
     /// The column holding the text.
     #[arg(long, default_value = "text")]
     column: String,
@@ -88,6 +102,12 @@ pub struct TrainArgs {
     seed: Option<u64>,
     #[arg(long, default_value = "best")]
     device: DeviceChoice,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum ObjectiveArg {
+    Sft,
+    Dpo,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -209,28 +229,88 @@ pub fn train(a: TrainArgs, cancel: &AtomicBool) -> Result<()> {
         .clone()
         .unwrap_or_else(|| beside(&a.model, "tokenizer.json"));
     let tokenizer = PhiTokenizer::from_file(&tok_path)?;
-    let column = read_text_column(&a.data, &a.column)?;
-    let prepared = prepare(&column.texts, column.problems.len(), &tokenizer, &data_opts)?;
-    let r = &prepared.report;
-    eprintln!(
-        "data: {} rows, {} used ({} train, {} eval), {} tokens, longest {}, {} truncated to {}, {} empty, {} malformed",
-        r.rows,
-        r.used,
-        r.train_rows,
-        r.eval_rows,
-        r.tokens,
-        r.longest,
-        r.truncated,
-        data_opts.max_len,
-        r.empty,
-        r.malformed
-    );
-    for p in column.problems.iter().take(5) {
-        eprintln!("  row {}: {}", p.row, p.message);
-    }
+    let (data, longest): (TrainData, usize) = if a.objective == ObjectiveArg::Dpo {
+        config.objective = Objective::Dpo {
+            beta: a.beta,
+            sft_weight: a.sft_weight,
+        };
+        let (pairs, read) = dramatis_core::read_preference_file(&a.data)?;
+        for c in &read.changed {
+            eprintln!("changed: {c}");
+        }
+        for p in read.skipped.iter().take(5) {
+            eprintln!("  line {}: {}", p.line, p.message);
+        }
+        let pairs: Vec<PairText> = pairs
+            .into_iter()
+            .map(|(prompt, chosen, rejected)| PairText {
+                prompt,
+                chosen,
+                rejected,
+            })
+            .collect();
+        let prepared = prepare_pairs(&pairs, &tokenizer, &data_opts)?;
+        let r = &prepared.report;
+        eprintln!(
+            "data: {} pairs ({} lines skipped), {} used ({} train, {} eval), {} tokens, longest {}, {} cut to {}, {} with an empty or identical reply",
+            r.pairs,
+            read.skipped_count,
+            r.used,
+            r.train_pairs,
+            r.eval_pairs,
+            r.tokens,
+            r.longest,
+            r.truncated,
+            data_opts.max_len,
+            r.empty
+        );
+        let longest = r.longest;
+        (prepared.into(), longest)
+    } else {
+        let column = read_text_column(&a.data, &a.column)?;
+        let prepared = prepare(&column.texts, column.problems.len(), &tokenizer, &data_opts)?;
+        let r = &prepared.report;
+        eprintln!(
+            "data: {} rows, {} used ({} train, {} eval), {} tokens, longest {}, {} truncated to {}, {} empty, {} malformed",
+            r.rows,
+            r.used,
+            r.train_rows,
+            r.eval_rows,
+            r.tokens,
+            r.longest,
+            r.truncated,
+            data_opts.max_len,
+            r.empty,
+            r.malformed
+        );
+        for p in column.problems.iter().take(5) {
+            eprintln!("  row {}: {}", p.row, p.message);
+        }
+        let longest = r.longest;
+        (prepared.into(), longest)
+    };
     let dtype = config.precision.dtype(&device);
     let model = Arc::new(load_model_as(&a.model, &device, dtype)?);
     tokenizer.check_fits(model.config().vocab_size)?;
+    let start = match &a.start_adapter {
+        Some(dir) => {
+            let s = LoraAdapter::load_peft(dir, model.config(), &device)?;
+            let slots: Vec<_> = dramatis_core::llm::LoraTarget::ALL
+                .into_iter()
+                .filter(|&t| s.layers.first().and_then(|l| l.slot(t)).is_some())
+                .collect();
+            let first = s
+                .layers
+                .first()
+                .and_then(|l| slots.first().and_then(|&t| l.slot(t)))
+                .context("the starting adapter has no LoRA weights")?;
+            config.r = first.a.dims()[0];
+            config.alpha = first.scale * config.r as f64;
+            config.targets = slots.iter().map(|t| t.peft_name().to_owned()).collect();
+            Some(s)
+        }
+        None => None,
+    };
     let info = dramatis_core::llm::inspect_model(&a.model)?;
     let weight_bytes = if info.format == dramatis_core::llm::ModelFormat::Safetensors {
         info.parameters * dtype.size_in_bytes() as u64
@@ -242,13 +322,14 @@ pub fn train(a: TrainArgs, cancel: &AtomicBool) -> Result<()> {
         weight_bytes,
         r: config.r,
         targets: config.targets.len(),
-        seq_len: prepared.report.longest,
+        seq_len: longest,
         batch: config.batch_size,
         device_memory: None,
         flops_per_sec: dramatis_train::estimate::measure_flops(&device, dtype),
         gradient_checkpointing: config.gradient_checkpointing,
         dtype_bytes: dtype.size_in_bytes(),
         on_gpu: !device.is_cpu(),
+        dpo: matches!(config.objective, dramatis_train::Objective::Dpo { .. }),
     });
     eprintln!(
         "estimate: peak memory {:.1} MB (activations {:.1} MB), {}",
@@ -259,7 +340,7 @@ pub fn train(a: TrainArgs, cancel: &AtomicBool) -> Result<()> {
             .unwrap_or_default()
     );
     let eos = tokenizer.eos_id().unwrap_or(0);
-    let mut run = TrainingRun::new(model, prepared, config, &a.out, eos)?;
+    let mut run = TrainingRun::new_from(model, data, config, &a.out, eos, start.as_ref())?;
     if run.step() > 0 {
         eprintln!("resuming at step {}", run.step());
     }
@@ -286,14 +367,26 @@ pub fn train(a: TrainArgs, cancel: &AtomicBool) -> Result<()> {
                 .eval_loss
                 .map(|e| format!(" eval {e:.3}"))
                 .unwrap_or_default();
+            let dpo = p
+                .margin
+                .map(|m| {
+                    format!(
+                        " margin {m:.3} acc {:.2}{}",
+                        p.accuracy.unwrap_or(0.0),
+                        p.eval_margin
+                            .map(|e| format!(" eval margin {e:.3}"))
+                            .unwrap_or_default()
+                    )
+                })
+                .unwrap_or_default();
             bar.set_message(format!(
-                "loss {:.3}{eval}  {:.0} tok/s",
+                "loss {:.3}{eval}{dpo}  {:.0} tok/s",
                 p.loss, p.tokens_per_sec
             ));
             last_tps = p.tokens_per_sec;
             if p.eval_loss.is_some() || p.checkpoint {
                 bar.println(format!(
-                    "step {}: loss {:.4}{eval}{}",
+                    "step {}: loss {:.4}{eval}{dpo}{}",
                     p.step,
                     p.loss,
                     if p.checkpoint { " (checkpoint)" } else { "" }

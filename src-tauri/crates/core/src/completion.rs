@@ -144,7 +144,7 @@ impl Dramatis {
 
     /// The list, with each model's context read from its file header only
     /// when asked (a request naming one model needs only that one's).
-    fn api_model_list(&self, with_context: bool) -> Result<Vec<ApiModel>> {
+    pub(crate) fn api_model_list(&self, with_context: bool) -> Result<Vec<ApiModel>> {
         let models = self.list_models()?;
         let adapters = self.store().list_adapters()?;
         let mut out = Vec::new();

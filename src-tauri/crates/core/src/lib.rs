@@ -62,7 +62,7 @@ pub use memory::MemoryUpdate;
 pub use models::{CatalogItem, DeviceInfo, Model, ModelsOverview};
 pub use paths::{DATA_DIR_ENV, default_data_dir, write_atomically};
 pub use personas::Persona;
-pub use prefs::PreferencePair;
+pub use prefs::{LineProblem, PreferencePair, PrefsImport, read_preference_file};
 pub use training::{
     Adapter, AdapterExport, DataPreview, DataSource, MetricPoint, RunView, SampleRow, TrainEvent,
     TrainRequest,

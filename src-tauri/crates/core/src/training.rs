@@ -17,7 +17,10 @@ use dramatis_llm::{LoraAdapter, Phi, PhiTokenizer, QuantType};
 use dramatis_persona::prompt::{PromptParts, Speaker};
 use dramatis_store::{AdapterRow, Role, RunRow};
 use dramatis_train::data::prepare;
-use dramatis_train::{DataOptions, DataReport, Outcome, TrainConfig, TrainProgress, TrainingRun};
+use dramatis_train::{
+    DataOptions, DataReport, Objective, Outcome, PairReport, PairText, TrainConfig, TrainData,
+    TrainProgress, TrainingRun, prepare_pairs,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::{Character, CharacterDraft, Dramatis, Error, Result};
@@ -43,6 +46,17 @@ pub enum DataSource {
         /// The character.
         character_id: i64,
     },
+    /// This character's preference pairs (those not left out), for DPO.
+    Preferences {
+        /// The character.
+        character_id: i64,
+    },
+}
+
+/// What a source gives: text rows, or preference pairs.
+enum TrainInput {
+    Text(TextColumn),
+    Pairs(Vec<PairText>),
 }
 
 /// Everything a run needs; stored with it so it can resume.
@@ -60,6 +74,11 @@ pub struct TrainRequest {
     pub config: TrainConfig,
     /// Tokenizing, truncation, split.
     pub data: DataOptions,
+    /// Start from this adapter's weights instead of a fresh adapter (its
+    /// rank, alpha and targets replace the configuration's); DPO measures
+    /// its rewards against it.
+    #[serde(default)]
+    pub start_adapter_id: Option<i64>,
 }
 
 /// One row as the model will see it.
@@ -82,6 +101,27 @@ pub struct DataPreview {
     pub samples: Vec<SampleRow>,
     /// The first unreadable rows and why.
     pub problems: Vec<RowProblem>,
+    /// For preference pairs: what DPO will see.
+    pub pairs: Option<PairPreview>,
+}
+
+/// The validation report of a character's preference pairs.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PairPreview {
+    /// Counts after tokenizing and cutting to the maximum length.
+    pub report: PairReport,
+    /// Pairs the user left out (not counted in `report`).
+    pub excluded: usize,
+    /// Pairs with a reply written by another base model than this run's.
+    pub other_models: usize,
+    /// Pairs whose prompt was rebuilt from the chat (imported chats), not recorded.
+    pub rebuilt_prompts: usize,
+    /// Pairs imported from files.
+    pub imported: usize,
+    /// The first pairs as text.
+    pub samples: Vec<PairText>,
+    /// The adapter the run starts from and measures against, if any.
+    pub start_adapter: Option<Adapter>,
 }
 
 /// A run for the UI.
@@ -118,6 +158,15 @@ pub struct MetricPoint {
     pub loss: f64,
     /// Eval loss, where measured.
     pub eval_loss: Option<f64>,
+    /// DPO: chosen reward minus rejected reward.
+    #[serde(default)]
+    pub margin: Option<f64>,
+    /// DPO: share of pairs whose chosen reward is higher.
+    #[serde(default)]
+    pub accuracy: Option<f64>,
+    /// DPO: the margin on held-out pairs, where measured.
+    #[serde(default)]
+    pub eval_margin: Option<f64>,
 }
 
 /// An adapter for the UI.
@@ -200,8 +249,27 @@ fn roleplay<'a>(
 }
 
 impl Dramatis {
+    fn training_input(&self, source: &DataSource) -> Result<TrainInput> {
+        if let DataSource::Preferences { character_id } = source {
+            return Ok(TrainInput::Pairs(
+                self.training_pairs(*character_id)?
+                    .into_iter()
+                    .map(|p| PairText {
+                        prompt: p.prompt,
+                        chosen: p.chosen,
+                        rejected: p.rejected,
+                    })
+                    .collect(),
+            ));
+        }
+        self.training_texts(source).map(TrainInput::Text)
+    }
+
     fn training_texts(&self, source: &DataSource) -> Result<TextColumn> {
         match source {
+            DataSource::Preferences { .. } => Err(Error::Conflict(
+                "preference pairs train with DPO, not as text".into(),
+            )),
             DataSource::Catalog { dataset_id } => {
                 let entry = self.catalog().dataset(dataset_id)?;
                 let path = self.hub().cache().find(&entry.files[0]).ok_or_else(|| {
@@ -268,6 +336,9 @@ impl Dramatis {
     ) -> Result<DataPreview> {
         let m = self.model(model_id)?;
         let tokenizer = PhiTokenizer::from_file(Path::new(&m.tokenizer_path))?;
+        if let DataSource::Preferences { character_id } = source {
+            return self.preview_pairs(model_id, *character_id, &tokenizer, opts);
+        }
         let TextColumn { texts, problems } = self.training_texts(source)?;
         let prepared = prepare(&texts, problems.len(), &tokenizer, opts)?;
         let samples = texts
@@ -286,7 +357,110 @@ impl Dramatis {
             report: prepared.report,
             samples,
             problems: problems.into_iter().take(20).collect(),
+            pairs: None,
         })
+    }
+
+    /// The adapter a DPO run for `character_id` on `model_id` starts from by
+    /// default: the character's, where it was trained on that base.
+    pub fn default_start_adapter(&self, character_id: i64, model_id: i64) -> Result<Option<i64>> {
+        let Some(a) = attached_adapter(&self.character(character_id)?.card) else {
+            return Ok(None);
+        };
+        Ok(self
+            .store()
+            .adapter(a)
+            .ok()
+            .filter(|row| row.base_model_id == Some(model_id))
+            .map(|row| row.id))
+    }
+
+    fn preview_pairs(
+        &self,
+        model_id: i64,
+        character_id: i64,
+        tokenizer: &PhiTokenizer,
+        opts: &DataOptions,
+    ) -> Result<DataPreview> {
+        let all = self.preference_pairs(character_id)?;
+        let excluded = all.iter().filter(|p| p.excluded).count();
+        let used: Vec<_> = all.into_iter().filter(|p| !p.excluded).collect();
+        // Replies recorded with a model label from another base than this one.
+        let ours: Vec<String> = self
+            .api_model_list(false)?
+            .into_iter()
+            .filter(|m| m.model_id == model_id)
+            .map(|m| m.id)
+            .collect();
+        let other = |m: &Option<String>| m.as_ref().is_some_and(|m| !ours.contains(m));
+        let other_models = used
+            .iter()
+            .filter(|p| other(&p.chosen_model) || other(&p.rejected_model))
+            .count();
+        let rebuilt_prompts = used.iter().filter(|p| !p.exact_prompt).count();
+        let imported = used.iter().filter(|p| p.imported_id.is_some()).count();
+        let texts: Vec<PairText> = used
+            .into_iter()
+            .map(|p| PairText {
+                prompt: p.prompt,
+                chosen: p.chosen,
+                rejected: p.rejected,
+            })
+            .collect();
+        let prepared = prepare_pairs(&texts, tokenizer, opts)?;
+        let r = &prepared.report;
+        let start_adapter = match self.default_start_adapter(character_id, model_id)? {
+            Some(id) => self.list_adapters()?.into_iter().find(|a| a.id == id),
+            None => None,
+        };
+        Ok(DataPreview {
+            report: DataReport {
+                rows: r.pairs,
+                used: r.used,
+                truncated: r.truncated,
+                empty: r.empty,
+                malformed: 0,
+                tokens: r.tokens,
+                longest: r.longest,
+                train_rows: r.train_pairs,
+                eval_rows: r.eval_pairs,
+            },
+            samples: Vec::new(),
+            problems: Vec::new(),
+            pairs: Some(PairPreview {
+                report: prepared.report,
+                excluded,
+                other_models,
+                rebuilt_prompts,
+                imported,
+                samples: texts.into_iter().take(5).collect(),
+                start_adapter,
+            }),
+        })
+    }
+
+    /// The adapter a run starts from, on `device`, checked against the run's base.
+    fn start_adapter(
+        &self,
+        req: &TrainRequest,
+        config: &dramatis_llm::PhiConfig,
+        device: &dramatis_llm::Device,
+    ) -> Result<Option<LoraAdapter>> {
+        let Some(id) = req.start_adapter_id else {
+            return Ok(None);
+        };
+        let row = self.store().adapter(id)?;
+        if row.base_model_id != Some(req.model_id) {
+            return Err(Error::Conflict(format!(
+                "the adapter {} was trained on another base model; choose that model, or start fresh",
+                row.name
+            )));
+        }
+        Ok(Some(LoraAdapter::load_peft(
+            Path::new(&row.path),
+            config,
+            device,
+        )?))
     }
 
     fn run_view(&self, r: RunRow, adapters: &[AdapterRow]) -> Result<RunView> {
@@ -327,12 +501,35 @@ impl Dramatis {
     /// Starts a new run and trains to the end (or until stopped). Blocks.
     pub fn train(
         &self,
-        req: TrainRequest,
+        mut req: TrainRequest,
         on_event: &mut (dyn FnMut(&TrainEvent) + Send),
     ) -> Result<RunView> {
-        self.model(req.model_id)?;
+        let m = self.model(req.model_id)?;
+        if matches!(req.source, DataSource::Preferences { .. })
+            && req.config.objective == Objective::Sft
+        {
+            req.config.objective = Objective::dpo();
+        }
+        // A start adapter's shape is the run's: its rank, alpha and targets.
+        let info = dramatis_llm::inspect_model(Path::new(&m.path))?;
+        if let Some(a) = self.start_adapter(&req, &info.config, &dramatis_llm::Device::Cpu)? {
+            let slots: Vec<&dramatis_llm::LoraSlot> = dramatis_llm::LoraTarget::ALL
+                .iter()
+                .filter_map(|&t| a.layers.first()?.slot(t))
+                .collect();
+            let first = slots.first().ok_or_else(|| {
+                Error::Conflict("the starting adapter has no LoRA weights".into())
+            })?;
+            req.config.r = first.a.dims()[0];
+            req.config.alpha = first.scale * req.config.r as f64;
+            req.config.targets = dramatis_llm::LoraTarget::ALL
+                .iter()
+                .filter(|&&t| a.layers.first().and_then(|l| l.slot(t)).is_some())
+                .map(|t| t.peft_name().to_owned())
+                .collect();
+        }
         // Check the data before anything is recorded.
-        let TextColumn { texts, problems } = self.training_texts(&req.source)?;
+        let input = self.training_input(&req.source)?;
         let dir = self.data_dir().join("training").join("{id}");
         let id = self.store().insert_run(
             &req.name,
@@ -341,7 +538,7 @@ impl Dramatis {
             &serde_json::to_string(&req).expect("request serializes"),
             &dir.to_string_lossy(),
         )?;
-        self.drive(id, req, texts, problems, on_event)
+        self.drive(id, req, input, on_event)
     }
 
     /// Continues a stopped run from its last checkpoint. Blocks.
@@ -353,8 +550,8 @@ impl Dramatis {
         let row = self.store().run(run_id)?;
         let req: TrainRequest = serde_json::from_str(&row.request)
             .map_err(|e| Error::Conflict(format!("the run's settings are unreadable: {e}")))?;
-        let TextColumn { texts, problems } = self.training_texts(&req.source)?;
-        self.drive(run_id, req, texts, problems, on_event)
+        let input = self.training_input(&req.source)?;
+        self.drive(run_id, req, input, on_event)
     }
 
     /// Stops a running run at the next step (a checkpoint is written).
@@ -366,8 +563,7 @@ impl Dramatis {
         &self,
         id: i64,
         req: TrainRequest,
-        texts: Vec<(usize, String)>,
-        problems: Vec<RowProblem>,
+        input: TrainInput,
         on_event: &mut (dyn FnMut(&TrainEvent) + Send),
     ) -> Result<RunView> {
         let (_guard, cancel) = self.start_job(&format!("train:{id}"))?;
@@ -384,16 +580,41 @@ impl Dramatis {
             e
         };
         let (model, tokenizer) = self.model_and_tokenizer(req.model_id).map_err(fail)?;
-        let prepared =
-            prepare(&texts, problems.len(), &tokenizer, &req.data).map_err(|e| fail(e.into()))?;
-        let report = prepared.report.clone();
+        let (data, report): (TrainData, DataReport) = match input {
+            TrainInput::Text(TextColumn { texts, problems }) => {
+                let p = prepare(&texts, problems.len(), &tokenizer, &req.data)
+                    .map_err(|e| fail(e.into()))?;
+                let r = p.report.clone();
+                (p.into(), r)
+            }
+            TrainInput::Pairs(pairs) => {
+                let p = prepare_pairs(&pairs, &tokenizer, &req.data).map_err(|e| fail(e.into()))?;
+                let r = &p.report;
+                let report = DataReport {
+                    rows: r.pairs,
+                    used: r.used,
+                    truncated: r.truncated,
+                    empty: r.empty,
+                    malformed: 0,
+                    tokens: r.tokens,
+                    longest: r.longest,
+                    train_rows: r.train_pairs,
+                    eval_rows: r.eval_pairs,
+                };
+                (p.into(), report)
+            }
+        };
         let pad = tokenizer.eos_id().unwrap_or(0);
-        let mut run = TrainingRun::new(
+        let start = self
+            .start_adapter(&req, model.config(), model.device())
+            .map_err(fail)?;
+        let mut run = TrainingRun::new_from(
             model,
-            prepared,
+            data,
             req.config.clone(),
             Path::new(&row.dir),
             pad,
+            start.as_ref(),
         )
         .map_err(|e| fail(e.into()))?;
         run.set_sample_prompts(tokenizer, &self.sample_prompts(req.character_id)?)?;
@@ -432,6 +653,9 @@ impl Dramatis {
                         step: p.step,
                         loss: p.loss,
                         eval_loss: p.eval_loss,
+                        margin: p.margin,
+                        accuracy: p.accuracy,
+                        eval_margin: p.eval_margin,
                     });
                     let _ = self.store().update_run(
                         id,
@@ -470,6 +694,10 @@ impl Dramatis {
                         "final_loss": run.losses().last(),
                         "eval_losses": run.eval_losses(),
                         "steps": run.step(),
+                        "objective": if run.dpo_metrics().is_empty() { "sft" } else { "dpo" },
+                        "final_margin": run.dpo_metrics().last().map(|m| m.margin),
+                        "eval_margin": run.eval_dpo_metrics().last().map(|m| m.1.margin),
+                        "eval_accuracy": run.eval_dpo_metrics().last().map(|m| m.1.accuracy),
                     })
                     .to_string(),
                     created_at: 0,
@@ -654,6 +882,7 @@ impl Dramatis {
             gradient_checkpointing: config.gradient_checkpointing,
             dtype_bytes: dtype.size_in_bytes(),
             on_gpu: !self.device().is_cpu(),
+            dpo: matches!(config.objective, Objective::Dpo { .. }),
         }))
     }
 

@@ -76,6 +76,7 @@ fn request(w: &World, steps: usize) -> TrainRequest {
             eval_fraction: 0.125,
             ..DataOptions::default()
         },
+        start_adapter_id: None,
     }
 }
 
@@ -277,4 +278,141 @@ fn a_characters_own_chats_are_training_data() {
     let err = w.app.train(req, &mut |_| {}).unwrap_err();
     assert!(err.to_string().contains("not downloaded"), "{err}");
     assert!(w.app.list_runs().unwrap().is_empty());
+}
+
+/// TRL DPO JSONL: `n` pairs that prefer the captain's answer, a line that is
+/// not JSON, and a prompt without chat markers.
+fn pair_file(dir: &Path, n: usize) -> PathBuf {
+    let mut lines: Vec<String> = (0..n)
+        .map(|i| {
+            serde_json::json!({
+                "prompt": format!("<|user|>Order {i}?</s>\n<|assistant|>"),
+                "chosen": "Aye, captain!",
+                "rejected": "whatever.",
+            })
+            .to_string()
+        })
+        .collect();
+    lines.insert(2, "{not json".into());
+    lines.push(
+        serde_json::json!({"prompt": "Plain question", "chosen": "Aye, captain!", "rejected": "no"})
+            .to_string(),
+    );
+    let path = dir.join("pairs.jsonl");
+    std::fs::write(&path, lines.join("\n")).unwrap();
+    path
+}
+
+#[test]
+fn imported_pairs_train_with_dpo_from_the_characters_adapter() {
+    let w = world();
+    let app = &w.app;
+    // A voice first: the character's adapter, which DPO then starts from.
+    let sft = app.train(request(&w, 4), &mut |_| {}).unwrap();
+    let voice = sft.adapter_id.unwrap();
+
+    let file = pair_file(w._dir.path(), 12);
+    let got = app.import_preferences(w.character, &file).unwrap();
+    assert_eq!((got.added, got.duplicates, got.skipped_count), (13, 0, 1));
+    assert_eq!(got.skipped[0].line, 3);
+    assert!(
+        got.changed
+            .iter()
+            .any(|c| c.contains("1 prompt without chat markers was")),
+        "{:?}",
+        got.changed
+    );
+    let again = app.import_preferences(w.character, &file).unwrap();
+    assert_eq!((again.added, again.duplicates), (0, 13));
+    let bad = w._dir.path().join("bad.jsonl");
+    std::fs::write(&bad, "{\"prompt\": 1}\nnope\n").unwrap();
+    let err = app.import_preferences(w.character, &bad).unwrap_err();
+    assert!(
+        err.to_string().contains("line 1") && err.to_string().contains("line 2"),
+        "{err}"
+    );
+
+    let pairs = app.preference_pairs(w.character).unwrap();
+    assert_eq!(pairs.len(), 13);
+    assert!(
+        pairs
+            .iter()
+            .all(|p| p.kind == dramatis_core::PairKind::Imported)
+    );
+    assert_eq!(pairs[0].source.as_deref(), Some("pairs.jsonl"));
+    app.set_imported_pair_excluded(pairs[12].imported_id.unwrap(), true)
+        .unwrap();
+    assert_eq!(
+        app.export_preferences(w.character).unwrap().lines().count(),
+        12
+    );
+
+    let opts = DataOptions {
+        eval_fraction: 0.25,
+        ..DataOptions::default()
+    };
+    let src = DataSource::Preferences {
+        character_id: w.character,
+    };
+    let preview = app.preview_training_data(w.model, &src, &opts).unwrap();
+    let pp = preview.pairs.as_ref().unwrap();
+    assert_eq!((pp.report.used, pp.excluded, pp.imported), (12, 1, 12));
+    assert_eq!((pp.report.train_pairs, pp.report.eval_pairs), (9, 3));
+    assert_eq!(pp.start_adapter.as_ref().map(|a| a.id), Some(voice));
+    assert_eq!(preview.report.train_rows, 9);
+
+    let req = TrainRequest {
+        name: "Kit's taste".into(),
+        source: src,
+        data: opts,
+        config: TrainConfig {
+            // The start adapter's rank and alpha replace these.
+            r: 2,
+            alpha: 2.0,
+            lr: 5e-3,
+            batch_size: 3,
+            max_steps: Some(6),
+            eval_every: 3,
+            checkpoint_every: 3,
+            objective: dramatis_core::train::Objective::Dpo {
+                beta: 0.5,
+                sft_weight: 0.0,
+            },
+            ..request(&w, 6).config
+        },
+        start_adapter_id: app.default_start_adapter(w.character, w.model).unwrap(),
+        ..request(&w, 6)
+    };
+    let mut margins = Vec::new();
+    let run = app
+        .train(req, &mut |e| {
+            if let TrainEvent::Progress(p) = e {
+                margins.push((p.margin.unwrap(), p.eval_margin));
+            }
+        })
+        .unwrap();
+    assert_eq!(run.status, "finished");
+    let used = run.request.as_ref().unwrap();
+    assert_eq!((used.config.r, used.config.alpha), (8, 16.0));
+    assert_eq!(used.start_adapter_id, Some(voice));
+    // The reference is the voice adapter, where the policy starts: margin 0 at first.
+    assert!(margins[0].0.abs() < 1e-4, "{margins:?}");
+    let held_out = margins.last().unwrap().1.unwrap();
+    assert!(held_out > 0.0, "the held-out margin rose: {margins:?}");
+    assert!(run.metrics.iter().all(|m| m.margin.is_some()));
+    let adapter = run.adapter_id.unwrap();
+    let listed = app.list_adapters().unwrap();
+    let a = listed.iter().find(|a| a.id == adapter).unwrap();
+    assert_eq!(a.characters, [w.character]);
+    assert_eq!(a.metrics["objective"], "dpo");
+    assert!(a.metrics["eval_margin"].as_f64().unwrap() > 0.0);
+    // The voice adapter is kept, no longer attached.
+    assert!(
+        listed
+            .iter()
+            .find(|a| a.id == voice)
+            .unwrap()
+            .characters
+            .is_empty()
+    );
 }

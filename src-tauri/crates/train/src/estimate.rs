@@ -47,6 +47,10 @@ pub struct EstimateInput {
     /// matmul rate).
     #[serde(default)]
     pub on_gpu: bool,
+    /// DPO: each example is a pair (two rows, chosen and rejected), and the
+    /// reference's forward pass comes on top of the training passes.
+    #[serde(default)]
+    pub dpo: bool,
 }
 
 fn four() -> usize {
@@ -100,7 +104,9 @@ pub fn estimate(input: &EstimateInput) -> Estimate {
     let dequant = (i * h * 4.0) as u64;
     let ckpt = input.gradient_checkpointing;
     let e = input.dtype_bytes.max(1);
-    let activation_bytes = activations(cfg, input.seq_len, input.batch, ckpt, e) as u64;
+    // A DPO pair is two rows.
+    let rows = input.batch * if input.dpo { 2 } else { 1 };
+    let activation_bytes = activations(cfg, input.seq_len, rows, ckpt, e) as u64;
     // Allocator and runtime overhead beyond the tensors themselves.
     let overhead = 64u64 << 20;
     let peak = input.weight_bytes + dequant + lora_bytes + activation_bytes + overhead;
@@ -112,7 +118,11 @@ pub fn estimate(input: &EstimateInput) -> Estimate {
     let attn = cfg.num_hidden_layers as f64 * 4.0 * input.seq_len as f64 * h;
     let head = 2.0 * cfg.vocab_size as f64 * h;
     let forwards = if ckpt { 2.0 } else { 1.0 };
-    let flops_per_token = (blocks + attn) * forwards + blocks + 2.0 * attn + 2.0 * head;
+    let mut flops_per_token = (blocks + attn) * forwards + blocks + 2.0 * attn + 2.0 * head;
+    if input.dpo {
+        // The reference's forward pass (once per pair; later epochs reuse it).
+        flops_per_token += blocks + attn + head;
+    }
     // Training reaches this fraction of the plain matmul rate (elementwise
     // work, LoRA's thin matmuls, launches): fitted to measured runs, on this
     // machine's CPU and on an H200 (BENCHMARKS.md).
@@ -125,16 +135,17 @@ pub fn estimate(input: &EstimateInput) -> Estimate {
     if fits == Some(false) {
         let m = input.device_memory.unwrap_or(0);
         let room = m.saturating_sub(input.weight_bytes + dequant + lora_bytes + overhead) as f64;
-        if !ckpt && activations(cfg, input.seq_len, input.batch, true, e) <= room {
+        if !ckpt && activations(cfg, input.seq_len, rows, true, e) <= room {
             advice.push("turn on gradient checkpointing".into());
         }
-        if input.batch > 1 && activations(cfg, input.seq_len, 1, ckpt, e) <= room {
+        let pair_rows = rows / input.batch.max(1);
+        if input.batch > 1 && activations(cfg, input.seq_len, pair_rows, ckpt, e) <= room {
             advice.push(
                 "use batch size 1 (with gradient accumulation to keep the effective batch)".into(),
             );
         }
         let mut seq = input.seq_len;
-        while seq > 64 && activations(cfg, seq, 1, ckpt, e) > room {
+        while seq > 64 && activations(cfg, seq, pair_rows, ckpt, e) > room {
             seq /= 2;
         }
         if seq < input.seq_len && seq >= 64 {
@@ -214,7 +225,21 @@ mod tests {
             gradient_checkpointing: false,
             dtype_bytes: 4,
             on_gpu: false,
+            dpo: false,
         }
+    }
+
+    #[test]
+    fn a_dpo_pair_costs_two_rows_and_a_reference_pass() {
+        let sft = estimate(&phi2(512, 2, 24 << 30));
+        let dpo = estimate(&EstimateInput {
+            dpo: true,
+            ..phi2(512, 2, 24 << 30)
+        });
+        let two_rows = estimate(&phi2(512, 4, 24 << 30));
+        assert_eq!(dpo.activation_bytes, two_rows.activation_bytes);
+        let (a, b) = (sft.tokens_per_sec.unwrap(), dpo.tokens_per_sec.unwrap());
+        assert!(b < a && b > 0.6 * a, "{a} {b}");
     }
 
     #[test]
