@@ -387,7 +387,17 @@ impl Dramatis {
     /// [`read_preference_file`]); all the file's usable pairs or none.
     pub fn import_preferences(&self, character_id: i64, path: &Path) -> Result<PrefsImport> {
         self.character(character_id)?;
-        let (pairs, mut report) = read_preference_file(path)?;
+        let (mut pairs, mut report) = read_preference_file(path)?;
+        // A pair its chats already hold (an export read back) is not added twice.
+        let held: std::collections::HashSet<(String, String, String)> = self
+            .preference_pairs(character_id)?
+            .into_iter()
+            .filter(|p| p.imported_id.is_none())
+            .map(|p| (p.prompt, p.chosen, p.rejected))
+            .collect();
+        let before = pairs.len();
+        pairs.retain(|p| !held.contains(p));
+        let in_chats = before - pairs.len();
         let source = path
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
@@ -396,7 +406,7 @@ impl Dramatis {
             .store()
             .insert_imported_pairs(character_id, &source, &pairs)?;
         report.added = counts.added;
-        report.duplicates = counts.duplicates;
+        report.duplicates = counts.duplicates + in_chats;
         Ok(report)
     }
 
