@@ -230,6 +230,22 @@ pub const SAMPLE_PROMPTS: [&str; 3] = [
     "What do you want most?",
 ];
 
+/// A pair report in the text report's terms (a pair counts as a row), for
+/// the step counts and the estimate.
+fn pair_counts(r: &PairReport) -> DataReport {
+    DataReport {
+        rows: r.pairs,
+        used: r.used,
+        truncated: r.truncated,
+        empty: r.empty,
+        malformed: 0,
+        tokens: r.tokens,
+        longest: r.longest,
+        train_rows: r.train_pairs,
+        eval_rows: r.eval_pairs,
+    }
+}
+
 /// The card extension key for Dramatis's own data.
 pub(crate) const EXT: &str = "dramatis";
 
@@ -414,17 +430,7 @@ impl Dramatis {
             None => None,
         };
         Ok(DataPreview {
-            report: DataReport {
-                rows: r.pairs,
-                used: r.used,
-                truncated: r.truncated,
-                empty: r.empty,
-                malformed: 0,
-                tokens: r.tokens,
-                longest: r.longest,
-                train_rows: r.train_pairs,
-                eval_rows: r.eval_pairs,
-            },
+            report: pair_counts(r),
             samples: Vec::new(),
             problems: Vec::new(),
             pairs: Some(PairPreview {
@@ -590,17 +596,7 @@ impl Dramatis {
             TrainInput::Pairs(pairs) => {
                 let p = prepare_pairs(&pairs, &tokenizer, &req.data).map_err(|e| fail(e.into()))?;
                 let r = &p.report;
-                let report = DataReport {
-                    rows: r.pairs,
-                    used: r.used,
-                    truncated: r.truncated,
-                    empty: r.empty,
-                    malformed: 0,
-                    tokens: r.tokens,
-                    longest: r.longest,
-                    train_rows: r.train_pairs,
-                    eval_rows: r.eval_pairs,
-                };
+                let report = pair_counts(r);
                 (p.into(), report)
             }
         };
