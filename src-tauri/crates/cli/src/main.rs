@@ -52,7 +52,7 @@ enum Cmd {
     /// Check and register a local .gguf file or Hugging Face folder.
     Import(models::ImportArgs),
     /// Fine-tune a LoRA adapter (resumable; Ctrl-C stops at a checkpoint).
-    Train(train::TrainArgs),
+    Train(Box<train::TrainArgs>),
     /// Write a training run's adapter: PEFT folder, llama.cpp GGUF LoRA, or merged model.
     Export(train::ExportArgs),
     /// Merge a PEFT adapter into a base model and write GGUF.
@@ -193,7 +193,7 @@ fn main() -> Result<()> {
         Cmd::Models(a) => models::list(a),
         Cmd::Download(a) => models::download(a, &cancel),
         Cmd::Import(a) => models::import(a),
-        Cmd::Train(a) => train::train(a, &cancel),
+        Cmd::Train(a) => train::train(*a, &cancel),
         Cmd::Export(a) => train::export(a, &cancel),
         Cmd::Merge(a) => train::merge(a, &cancel),
         Cmd::Card(a) => cards::run(a),

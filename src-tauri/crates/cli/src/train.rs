@@ -13,8 +13,8 @@ use dramatis_core::llm::{
 };
 use dramatis_train::data::prepare;
 use dramatis_train::{
-    DataOptions, LossOn, Objective, Outcome, PairText, Schedule, TrainConfig, TrainData,
-    TrainingRun, export_checkpoint, export_peft, prepare_pairs,
+    DataOptions, LossOn, Objective, Outcome, Schedule, TrainConfig, TrainData, TrainingRun,
+    export_checkpoint, export_peft, prepare_pairs,
 };
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -241,14 +241,6 @@ pub fn train(a: TrainArgs, cancel: &AtomicBool) -> Result<()> {
         for p in read.skipped.iter().take(5) {
             eprintln!("  line {}: {}", p.line, p.message);
         }
-        let pairs: Vec<PairText> = pairs
-            .into_iter()
-            .map(|(prompt, chosen, rejected)| PairText {
-                prompt,
-                chosen,
-                rejected,
-            })
-            .collect();
         let prepared = prepare_pairs(&pairs, &tokenizer, &data_opts)?;
         let r = &prepared.report;
         eprintln!(
@@ -295,18 +287,7 @@ pub fn train(a: TrainArgs, cancel: &AtomicBool) -> Result<()> {
     let start = match &a.start_adapter {
         Some(dir) => {
             let s = LoraAdapter::load_peft(dir, model.config(), &device)?;
-            let slots: Vec<_> = dramatis_core::llm::LoraTarget::ALL
-                .into_iter()
-                .filter(|&t| s.layers.first().and_then(|l| l.slot(t)).is_some())
-                .collect();
-            let first = s
-                .layers
-                .first()
-                .and_then(|l| slots.first().and_then(|&t| l.slot(t)))
-                .context("the starting adapter has no LoRA weights")?;
-            config.r = first.a.dims()[0];
-            config.alpha = first.scale * config.r as f64;
-            config.targets = slots.iter().map(|t| t.peft_name().to_owned()).collect();
+            config.take_shape_of(&s)?;
             Some(s)
         }
         None => None,

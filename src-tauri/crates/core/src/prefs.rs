@@ -123,7 +123,7 @@ fn field_text(v: &serde_json::Value, is_prompt: bool) -> std::result::Result<Str
 /// objects too). Lines it cannot use are skipped and listed; a file with no
 /// usable line is an error that says why. The report's `added` is the
 /// number of pairs read.
-pub fn read_preference_file(path: &Path) -> Result<(Vec<(String, String, String)>, PrefsImport)> {
+pub fn read_preference_file(path: &Path) -> Result<(Vec<dramatis_train::PairText>, PrefsImport)> {
     let io = |e: std::io::Error| crate::Error::Io {
         context: format!("cannot read {}", path.display()),
         source: e,
@@ -196,7 +196,16 @@ pub fn read_preference_file(path: &Path) -> Result<(Vec<(String, String, String)
         skipped_count,
         changed,
     };
-    Ok((parsed.pairs, report))
+    let pairs = parsed
+        .pairs
+        .into_iter()
+        .map(|(prompt, chosen, rejected)| dramatis_train::PairText {
+            prompt,
+            chosen,
+            rejected,
+        })
+        .collect();
+    Ok((pairs, report))
 }
 
 /// Parsed pairs, lines not used, and how many prompts were wrapped and NULs removed.
@@ -387,7 +396,7 @@ impl Dramatis {
     /// [`read_preference_file`]); all the file's usable pairs or none.
     pub fn import_preferences(&self, character_id: i64, path: &Path) -> Result<PrefsImport> {
         self.character(character_id)?;
-        let (mut pairs, mut report) = read_preference_file(path)?;
+        let (read, mut report) = read_preference_file(path)?;
         // A pair its chats already hold (an export read back) is not added twice.
         let held: std::collections::HashSet<(String, String, String)> = self
             .preference_pairs(character_id)?
@@ -395,8 +404,12 @@ impl Dramatis {
             .filter(|p| p.imported_id.is_none())
             .map(|p| (p.prompt, p.chosen, p.rejected))
             .collect();
-        let before = pairs.len();
-        pairs.retain(|p| !held.contains(p));
+        let before = read.len();
+        let pairs: Vec<(String, String, String)> = read
+            .into_iter()
+            .map(|p| (p.prompt, p.chosen, p.rejected))
+            .filter(|p| !held.contains(p))
+            .collect();
         let in_chats = before - pairs.len();
         let source = path
             .file_name()

@@ -519,20 +519,7 @@ impl Dramatis {
         // A start adapter's shape is the run's: its rank, alpha and targets.
         let info = dramatis_llm::inspect_model(Path::new(&m.path))?;
         if let Some(a) = self.start_adapter(&req, &info.config, &dramatis_llm::Device::Cpu)? {
-            let slots: Vec<&dramatis_llm::LoraSlot> = dramatis_llm::LoraTarget::ALL
-                .iter()
-                .filter_map(|&t| a.layers.first()?.slot(t))
-                .collect();
-            let first = slots.first().ok_or_else(|| {
-                Error::Conflict("the starting adapter has no LoRA weights".into())
-            })?;
-            req.config.r = first.a.dims()[0];
-            req.config.alpha = first.scale * req.config.r as f64;
-            req.config.targets = dramatis_llm::LoraTarget::ALL
-                .iter()
-                .filter(|&&t| a.layers.first().and_then(|l| l.slot(t)).is_some())
-                .map(|t| t.peft_name().to_owned())
-                .collect();
+            req.config.take_shape_of(&a)?;
         }
         // Check the data before anything is recorded.
         let input = self.training_input(&req.source)?;

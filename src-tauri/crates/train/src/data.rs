@@ -48,6 +48,23 @@ impl Default for DataOptions {
     }
 }
 
+impl DataOptions {
+    /// Refuses a length or eval share no run can use.
+    fn check(&self) -> Result<()> {
+        if self.max_len < 8 {
+            return Err(Error::Config(
+                "the maximum length must be at least 8 tokens".into(),
+            ));
+        }
+        if !(0.0..0.5).contains(&self.eval_fraction) {
+            return Err(Error::Config(
+                "the eval share must be between 0 and 0.5".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// One tokenized row.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Example {
@@ -140,16 +157,7 @@ pub fn prepare(
     tok: &PhiTokenizer,
     opts: &DataOptions,
 ) -> Result<Prepared> {
-    if opts.max_len < 8 {
-        return Err(Error::Config(
-            "the maximum length must be at least 8 tokens".into(),
-        ));
-    }
-    if !(0.0..0.5).contains(&opts.eval_fraction) {
-        return Err(Error::Config(
-            "the eval share must be between 0 and 0.5".into(),
-        ));
-    }
+    opts.check()?;
     let texts = &texts[..opts.limit.unwrap_or(texts.len()).min(texts.len())];
     let eos = tok
         .eos_id()
@@ -297,16 +305,7 @@ pub fn prepare_pairs(
     tok: &PhiTokenizer,
     opts: &DataOptions,
 ) -> Result<PreparedPairs> {
-    if opts.max_len < 8 {
-        return Err(Error::Config(
-            "the maximum length must be at least 8 tokens".into(),
-        ));
-    }
-    if !(0.0..0.5).contains(&opts.eval_fraction) {
-        return Err(Error::Config(
-            "the eval share must be between 0 and 0.5".into(),
-        ));
-    }
+    opts.check()?;
     let pairs = &pairs[..opts.limit.unwrap_or(pairs.len()).min(pairs.len())];
     let mut report = PairReport {
         pairs: pairs.len(),

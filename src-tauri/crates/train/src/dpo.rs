@@ -142,6 +142,32 @@ fn check_rows(b: &DpoBatch, reference: &[f64]) -> Result<usize> {
     Ok(rows)
 }
 
+impl DpoMetrics {
+    /// The field-by-field mean of `items` (zero for none).
+    pub fn mean(items: &[DpoMetrics]) -> DpoMetrics {
+        let n = items.len().max(1) as f64;
+        let sum = |f: fn(&DpoMetrics) -> f64| items.iter().map(f).sum::<f64>() / n;
+        DpoMetrics {
+            loss: sum(|m| m.loss),
+            margin: sum(|m| m.margin),
+            accuracy: sum(|m| m.accuracy),
+            chosen_reward: sum(|m| m.chosen_reward),
+            rejected_reward: sum(|m| m.rejected_reward),
+        }
+    }
+}
+
+/// The SFT term's weight per chosen-reply token, and its loss from the
+/// policy's sums `p` (chosen rows first).
+fn sft_term(b: &DpoBatch, p: &[f64], weight: f64) -> Result<(f64, f64)> {
+    let k = p.len() / 2;
+    let tokens = chosen_tokens(b, k)?;
+    Ok((
+        weight / tokens,
+        weight * (-p[..k].iter().sum::<f64>() / tokens),
+    ))
+}
+
 /// Tokens of the chosen replies (the SFT term's denominator).
 fn chosen_tokens(b: &DpoBatch, k: usize) -> Result<f64> {
     let n = b
@@ -163,12 +189,11 @@ pub fn dpo_eval(
     cfg: DpoConfig,
     dtype: DType,
 ) -> Result<DpoMetrics> {
-    let rows = check_rows(b, reference)?;
+    check_rows(b, reference)?;
     let p = sequence_logps(model, b, Some(policy), dtype)?;
     let (mut m, _) = pair_terms(&p, reference, cfg.beta);
     if cfg.sft_weight != 0.0 {
-        let k = rows / 2;
-        m.loss += cfg.sft_weight * (-p[..k].iter().sum::<f64>() / chosen_tokens(b, k)?);
+        m.loss += sft_term(b, &p, cfg.sft_weight)?.1;
     }
     Ok(m)
 }
@@ -209,11 +234,11 @@ pub fn dpo_step(
     let mut row_w: Vec<f64> = coef.iter().map(|c| -c / n).collect();
     row_w.extend(coef.iter().map(|c| c / n));
     if cfg.sft_weight != 0.0 {
-        let tokens = chosen_tokens(b, k)?;
+        let (per_token, loss) = sft_term(b, &p, cfg.sft_weight)?;
         for w in &mut row_w[..k] {
-            *w += cfg.sft_weight / tokens;
+            *w += per_token;
         }
-        metrics.loss += cfg.sft_weight * (-p[..k].iter().sum::<f64>() / tokens);
+        metrics.loss += loss;
     }
     let row_w: Vec<f32> = row_w.into_iter().map(|w| w as f32).collect();
     let weights = b

@@ -195,6 +195,24 @@ impl TrainConfig {
         }
     }
 
+    /// Takes `start`'s rank, alpha and targets (those in its first layer), so
+    /// a run can begin from it.
+    pub fn take_shape_of(&mut self, start: &LoraAdapter) -> Result<()> {
+        let layer = start.layers.first();
+        let targets: Vec<LoraTarget> = LoraTarget::ALL
+            .into_iter()
+            .filter(|&t| layer.and_then(|l| l.slot(t)).is_some())
+            .collect();
+        let first = targets
+            .first()
+            .and_then(|&t| layer?.slot(t))
+            .ok_or_else(|| Error::Config("the starting adapter has no LoRA weights".into()))?;
+        self.r = first.a.dims()[0];
+        self.alpha = first.scale * self.r as f64;
+        self.targets = targets.iter().map(|t| t.peft_name().to_owned()).collect();
+        Ok(())
+    }
+
     fn target_list(&self) -> Result<Vec<LoraTarget>> {
         self.targets
             .iter()
@@ -751,25 +769,20 @@ impl TrainingRun {
         let adapter = self.inference_adapter()?;
         let cfg = self.dpo_config();
         let dtype = self.pos.config.precision.dtype(self.model.device());
-        let mut sum = DpoMetrics::default();
+        let mut each = Vec::with_capacity(n);
         for i in 0..n {
             let reference = self.reference_sums(true, &[i])?;
             let b = self.pair_batch(&[&self.pairs().eval[i]])?;
-            let m = crate::dpo::dpo_eval(&self.model, &adapter, &reference, &b, cfg, dtype)?;
-            sum.loss += m.loss;
-            sum.margin += m.margin;
-            sum.accuracy += m.accuracy;
-            sum.chosen_reward += m.chosen_reward;
-            sum.rejected_reward += m.rejected_reward;
+            each.push(crate::dpo::dpo_eval(
+                &self.model,
+                &adapter,
+                &reference,
+                &b,
+                cfg,
+                dtype,
+            )?);
         }
-        let k = n as f64;
-        Ok(Some(DpoMetrics {
-            loss: sum.loss / k,
-            margin: sum.margin / k,
-            accuracy: sum.accuracy / k,
-            chosen_reward: sum.chosen_reward / k,
-            rejected_reward: sum.rejected_reward / k,
-        }))
+        Ok(Some(DpoMetrics::mean(&each)))
     }
 
     /// A DPO micro-batch's metrics, tokens and LoRA gradients.
@@ -857,7 +870,7 @@ impl TrainingRun {
             let c = self.pos.config.clone();
             let mut grads: Vec<Option<Tensor>> = vec![None; self.vars.len()];
             let mut loss_sum = 0.0;
-            let mut dpo = DpoMetrics::default();
+            let mut micro_dpo = Vec::new();
             for micro in 0..c.grad_accum {
                 let idx = self.next_batch();
                 let seed = c
@@ -872,10 +885,7 @@ impl TrainingRun {
                     }
                     TrainData::Pairs(_) => {
                         let (m, tokens, g) = self.dpo_grads(&idx, &adapter)?;
-                        dpo.margin += m.margin;
-                        dpo.accuracy += m.accuracy;
-                        dpo.chosen_reward += m.chosen_reward;
-                        dpo.rejected_reward += m.rejected_reward;
+                        micro_dpo.push(m);
                         (m.loss, tokens, g)
                     }
                 };
@@ -904,15 +914,8 @@ impl TrainingRun {
             let loss = loss_sum / c.grad_accum as f64;
             self.pos.losses.push(loss);
             let is_dpo = matches!(self.data, TrainData::Pairs(_));
+            let dpo = DpoMetrics::mean(&micro_dpo);
             if is_dpo {
-                let k = c.grad_accum as f64;
-                dpo = DpoMetrics {
-                    loss,
-                    margin: dpo.margin / k,
-                    accuracy: dpo.accuracy / k,
-                    chosen_reward: dpo.chosen_reward / k,
-                    rejected_reward: dpo.rejected_reward / k,
-                };
                 self.pos.dpo.push(dpo);
             }
             let last = self.pos.step == total;
