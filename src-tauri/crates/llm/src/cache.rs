@@ -16,10 +16,69 @@ struct LayerCache {
     /// `[b, heads, capacity, head_dim]` each.
     k: Option<Tensor>,
     v: Option<Tensor>,
+    /// The CPU kernels' buffers (a model runs either these or the tensors).
+    host: Option<HostKv>,
+}
+
+/// One layer's keys and values for the CPU kernels' forward pass: f16 (half
+/// the bytes the attention reads per token), `[heads, capacity, head_dim]`
+/// each, so a head's keys are one contiguous run.
+#[derive(Debug, Clone)]
+pub(crate) struct HostKv {
+    pub(crate) k: Vec<half::f16>,
+    pub(crate) v: Vec<half::f16>,
+    pub(crate) heads: usize,
+    pub(crate) head_dim: usize,
+    pub(crate) cap: usize,
+}
+
+impl HostKv {
+    fn new(heads: usize, head_dim: usize, cap: usize) -> Self {
+        let n = heads * cap * head_dim;
+        Self {
+            k: vec![half::f16::ZERO; n],
+            v: vec![half::f16::ZERO; n],
+            heads,
+            head_dim,
+            cap,
+        }
+    }
+
+    /// A copy with room for `cap` tokens holding the first `held` of these.
+    fn grown(&self, cap: usize, held: usize) -> Self {
+        let mut g = Self::new(self.heads, self.head_dim, cap);
+        let (old, new, n) = (
+            self.cap * self.head_dim,
+            cap * self.head_dim,
+            held * self.head_dim,
+        );
+        for h in 0..self.heads {
+            g.k[h * new..h * new + n].copy_from_slice(&self.k[h * old..h * old + n]);
+            g.v[h * new..h * new + n].copy_from_slice(&self.v[h * old..h * old + n]);
+        }
+        g
+    }
+
+    /// Head `h`'s keys and values at positions `0..n`.
+    pub(crate) fn head(&self, h: usize, n: usize) -> (&[half::f16], &[half::f16]) {
+        let at = h * self.cap * self.head_dim;
+        let len = n * self.head_dim;
+        (&self.k[at..at + len], &self.v[at..at + len])
+    }
 }
 
 /// Tokens added to a buffer's capacity at a time.
 const GROW: usize = 256;
+
+/// The capacity to allocate for `need` tokens when `cap` are there: whole
+/// steps, at least double, never past `max_len`.
+fn grow_to(need: usize, cap: usize, max_len: usize) -> usize {
+    need.div_ceil(GROW)
+        .saturating_mul(GROW)
+        .max(cap * 2)
+        .min(max_len)
+        .max(need)
+}
 
 impl KvCache {
     /// An empty cache for `layers` blocks and at most `max_len` tokens.
@@ -58,12 +117,71 @@ impl KvCache {
 
     /// Bytes held by the buffers.
     pub fn bytes(&self) -> usize {
-        self.layers
+        let tensors: usize = self
+            .layers
             .iter()
             .flat_map(|l| [&l.k, &l.v])
             .flatten()
             .map(|t| t.elem_count() * t.dtype().size_in_bytes())
-            .sum()
+            .sum();
+        let host: usize = self
+            .layers
+            .iter()
+            .filter_map(|l| l.host.as_ref())
+            .map(|h| (h.k.len() + h.v.len()) * 2)
+            .sum();
+        tensors + host
+    }
+
+    /// Writes a layer's new keys and values for the CPU kernels (`[new,
+    /// heads, head_dim]` rows of f32, as the qkv product lays them out) after
+    /// the held ones, stored as f16, and returns the layer's buffers.
+    /// [`KvCache::advance`] commits the length once every layer has appended.
+    pub(crate) fn append_host(
+        &mut self,
+        layer: usize,
+        k: &[f32],
+        v: &[f32],
+        heads: usize,
+        head_dim: usize,
+    ) -> Result<&HostKv> {
+        let new = k.len() / (heads * head_dim);
+        let need = self.len + new;
+        if need > self.max_len {
+            return Err(crate::Error::Invalid(format!(
+                "the context is full: {need} tokens exceed the model's {}",
+                self.max_len
+            )));
+        }
+        let held = self.len;
+        let cap = self.layers[layer].host.as_ref().map_or(0, |h| h.cap);
+        let new_cap = grow_to(need, cap, self.max_len);
+        let lc = &mut self.layers[layer];
+        match &mut lc.host {
+            Some(h) if h.heads == heads && h.head_dim == head_dim => {
+                if need > h.cap {
+                    *h = h.grown(new_cap, held);
+                }
+            }
+            slot => *slot = Some(HostKv::new(heads, head_dim, new_cap)),
+        }
+        let h = lc.host.as_mut().expect("set above");
+        let plane = h.cap * head_dim;
+        for t in 0..new {
+            for head in 0..heads {
+                let src = (t * heads + head) * head_dim;
+                let dst = head * plane + (held + t) * head_dim;
+                for (d, s) in [(&mut h.k, k), (&mut h.v, v)] {
+                    for (o, x) in d[dst..dst + head_dim]
+                        .iter_mut()
+                        .zip(&s[src..src + head_dim])
+                    {
+                        *o = half::f16::from_f32(*x);
+                    }
+                }
+            }
+        }
+        Ok(h)
     }
 
     /// Writes a layer's new keys and values (`[b, heads, new, d]`) after the
@@ -92,12 +210,7 @@ impl KvCache {
                     && t.dtype() == src.dtype()
             });
             if need > cap || !same_shape {
-                let new_cap = need
-                    .div_ceil(GROW)
-                    .saturating_mul(GROW)
-                    .max(cap * 2)
-                    .min(self.max_len)
-                    .max(need);
+                let new_cap = grow_to(need, cap, self.max_len);
                 let (b, h, _, d) = src.dims4()?;
                 let buf = Tensor::zeros((b, h, new_cap, d), src.dtype(), src.device())?;
                 if let Some(old) = slot.as_ref().filter(|_| same_shape && self.len > 0) {
@@ -133,7 +246,37 @@ impl KvCache {
         }
         let held = self.len;
         let mut tables = None;
+        let moves = MoveRows {
+            from,
+            to,
+            len,
+            rotate: None,
+        };
         for lc in &mut self.layers {
+            if let Some(h) = &mut lc.host {
+                if to + len > h.cap {
+                    *h = h.grown(grow_to(to + len, h.cap, self.max_len), held);
+                }
+                let plane = h.cap * h.head_dim;
+                let keys = MoveRows {
+                    rotate: Some(rotation),
+                    ..moves
+                };
+                keys.planes(
+                    &mut h.k,
+                    plane,
+                    h.head_dim,
+                    |x| x.to_f32(),
+                    half::f16::from_f32,
+                );
+                moves.planes(
+                    &mut h.v,
+                    plane,
+                    h.head_dim,
+                    |x| x.to_f32(),
+                    half::f16::from_f32,
+                );
+            }
             for (slot, is_key) in [(&mut lc.k, true), (&mut lc.v, false)] {
                 let Some(buf) = slot.as_ref() else { continue };
                 if to + len > buf.dim(2)? {
@@ -181,8 +324,11 @@ impl KvCache {
         let cap = self
             .layers
             .iter()
-            .filter_map(|l| l.k.as_ref())
-            .map(|t| t.dim(2).unwrap_or(0))
+            .filter_map(|l| match (&l.host, &l.k) {
+                (Some(h), _) => Some(h.cap),
+                (None, Some(t)) => Some(t.dim(2).unwrap_or(0)),
+                (None, None) => None,
+            })
             .min()
             .unwrap_or(0);
         if len > cap.min(self.max_len) {
@@ -260,6 +406,7 @@ impl KeyRotation {
 /// Moves rows `from..from+len` of every `[capacity, head_dim]` plane of a
 /// contiguous `[b, heads, capacity, head_dim]` buffer to start at `to`, in
 /// place, turning each moved row by `rotate` when given.
+#[derive(Clone, Copy)]
 struct MoveRows<'a> {
     from: usize,
     to: usize,
@@ -280,8 +427,21 @@ impl MoveRows<'_> {
             candle_core::bail!("the KV cache buffer is not contiguous");
         }
         let data = &mut data[layout.start_offset()..layout.start_offset() + b * h * cap * hd];
+        self.planes(data, cap * hd, hd, to_f32, from_f32);
+        Ok(())
+    }
+
+    /// The move on each `plane`-long run of `data` (rows of `hd`).
+    fn planes<T: Copy>(
+        &self,
+        data: &mut [T],
+        plane: usize,
+        hd: usize,
+        to_f32: impl Fn(T) -> f32,
+        from_f32: impl Fn(f32) -> T,
+    ) {
         let mut row = vec![0f32; hd];
-        for plane in data.chunks_exact_mut(cap * hd) {
+        for plane in data.chunks_exact_mut(plane) {
             let src = self.from * hd..(self.from + self.len) * hd;
             plane.copy_within(src, self.to * hd);
             let Some(r) = self.rotate else { continue };
@@ -295,7 +455,6 @@ impl MoveRows<'_> {
                 }
             }
         }
-        Ok(())
     }
 }
 
@@ -378,6 +537,54 @@ mod tests {
             // What lies before the destination is untouched.
             let before = to.min(from);
             assert_eq!(rows(&k1, 0, before), rows(&k0, 0, before));
+        }
+    }
+
+    #[test]
+    fn the_cpu_passes_f16_buffers_move_like_the_tensors() {
+        let (heads, hd, n) = (3, 20, 40);
+        let k = Tensor::randn(0f32, 1.0, (1, heads, n, hd), &Device::Cpu).unwrap();
+        let v = Tensor::randn(0f32, 1.0, (1, heads, n, hd), &Device::Cpu).unwrap();
+        // The CPU pass appends rows as [token, head, dim].
+        let token_rows = |t: &Tensor| -> Vec<f32> {
+            t.squeeze(0)
+                .unwrap()
+                .transpose(0, 1)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap()
+        };
+        for (from, to, len) in [(10, 4, 20), (2, 9, 25), (30, 0, 10), (5, 50, 12)] {
+            let mut tensors = KvCache::new(1, 64);
+            tensors.append(0, &k, &v).unwrap();
+            tensors.advance(n);
+            let mut host = KvCache::new(1, 64);
+            host.append_host(0, &token_rows(&k), &token_rows(&v), heads, hd)
+                .unwrap();
+            host.advance(n);
+            let r = rotation();
+            for c in [&mut tensors, &mut host] {
+                c.move_block(from, to, len, &r).unwrap();
+                c.set_len(to + len).unwrap();
+            }
+            let (k1, v1) = held(&tensors, to + len);
+            let h = host.layers[0].host.as_ref().unwrap();
+            for head in 0..heads {
+                let (hk, hv) = h.head(head, to + len);
+                for (got, want) in [(hk, &k1), (hv, &v1)] {
+                    let want = rows(&want.narrow(1, head, 1).unwrap(), to, len);
+                    let got: Vec<f32> = got[to * hd..].iter().map(|x| x.to_f32()).collect();
+                    let err = got
+                        .iter()
+                        .zip(&want)
+                        .map(|(a, b)| (a - b).abs() / b.abs().max(1.0))
+                        .fold(0f32, f32::max);
+                    // f16 keeps 11 bits: 2⁻¹¹ relative, twice rounded.
+                    assert!(err < 1.1e-3, "({from}->{to}) head {head}: {err}");
+                }
+            }
         }
     }
 

@@ -150,6 +150,65 @@ impl Linear {
         Ok(Tensor::from_vec(q.matmul_with(&flat, m, e), dims, x.device())?.to_dtype(x.dtype())?)
     }
 
+    /// The CPU forward pass's product: `x Wᵀ + b` for `m` rows of f32, plus
+    /// each LoRA slot's delta on its columns, then GELU when `gelu`. On the
+    /// CPU kernels with no delta the bias and GELU are applied as outputs are
+    /// computed; a weight on candle's kernels runs through them.
+    pub(crate) fn host_forward(
+        &self,
+        x: &[f32],
+        m: usize,
+        lora: &[&LoraSlot],
+        gelu: bool,
+    ) -> Result<Vec<f32>> {
+        let cpu = candle_core::Device::Cpu;
+        let as_rows = |x: &[f32]| Tensor::from_slice(x, (m, self.in_features), &cpu);
+        let mut y = match &self.weight {
+            Weight::Cpu(q, bias) => {
+                let fused = gelu && lora.is_empty();
+                let epilogue = crate::cpu::Epilogue {
+                    bias: bias.as_deref(),
+                    gelu: fused,
+                };
+                let y = q.matmul_with(x, m, epilogue);
+                if fused {
+                    return Ok(y);
+                }
+                y
+            }
+            Weight::Candle(_) => self
+                .forward(&as_rows(x)?, &[])?
+                .to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_vec1()?,
+        };
+        if !lora.is_empty() {
+            let xs = as_rows(x)?;
+            for slot in lora {
+                let d: Vec<f32> = slot
+                    .delta(&xs)?
+                    .to_dtype(DType::F32)?
+                    .flatten_all()?
+                    .to_vec1()?;
+                let w = d.len() / m;
+                for (row, delta) in y.chunks_exact_mut(self.out_features).zip(d.chunks_exact(w)) {
+                    for (o, v) in row[slot.out_offset..slot.out_offset + w]
+                        .iter_mut()
+                        .zip(delta)
+                    {
+                        *o += v;
+                    }
+                }
+            }
+        }
+        if gelu {
+            use rayon::prelude::*;
+            y.par_chunks_mut(4096)
+                .for_each(|c| c.iter_mut().for_each(|v| *v = crate::cpu::gelu(*v)));
+        }
+        Ok(y)
+    }
+
     /// `x Wᵀ + b`, plus each LoRA slot's delta on its slice of the output.
     pub fn forward(&self, x: &Tensor, lora: &[&LoraSlot]) -> Result<Tensor> {
         let y = match &self.weight {

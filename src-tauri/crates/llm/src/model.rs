@@ -3,6 +3,7 @@ use candle_core::{D, DType, Device, IndexOp, Module, Tensor};
 use candle_nn::LayerNorm;
 
 use crate::cache::KvCache;
+use crate::cpu::forward::HostParts;
 use crate::linear::Linear;
 use crate::lora::{LoraAdapter, LoraLayer, LoraTarget};
 use crate::{Error, PhiConfig, Result};
@@ -57,6 +58,16 @@ impl Embedding {
         }
     }
 
+    /// The rows of `ids`, `[ids.len(), width]` in f32 on the host.
+    pub(crate) fn rows(&self, ids: &[u32]) -> Result<Vec<f32>> {
+        let ids = Tensor::from_slice(ids, (1, ids.len()), &Device::Cpu)?;
+        Ok(self
+            .forward(&ids, &Device::Cpu)?
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1()?)
+    }
+
     fn forward(&self, ids: &Tensor, device: &Device) -> Result<Tensor> {
         match self {
             Self::Dense(t) => {
@@ -109,6 +120,15 @@ pub(crate) struct Block {
     pub(crate) fc2: Linear,
 }
 
+impl Block {
+    /// Whether every product of the block runs on this project's CPU kernels.
+    pub(crate) fn on_cpu_kernels(&self) -> bool {
+        [&self.qkv, &self.dense, &self.fc1, &self.fc2]
+            .iter()
+            .all(|l| l.on_cpu_kernels())
+    }
+}
+
 /// Phi-2 (Hugging Face `PhiForCausalLM`), frozen; see the crate docs.
 #[derive(Debug, Clone)]
 pub struct Phi {
@@ -120,6 +140,8 @@ pub struct Phi {
     pub(crate) cos: Tensor,
     pub(crate) sin: Tensor,
     device: Device,
+    /// Set where the CPU kernels run the whole pass (see [`crate::cpu::forward`]).
+    pub(crate) host: Option<std::sync::Arc<HostParts>>,
 }
 
 impl Phi {
@@ -141,7 +163,7 @@ impl Phi {
             .to_dtype(DType::F32)?
             .reshape((cfg.max_position_embeddings, 1))?;
         let freqs = t.matmul(&inv)?;
-        Ok(Self {
+        let mut phi = Self {
             cos: freqs.cos()?,
             sin: freqs.sin()?,
             cfg,
@@ -150,7 +172,10 @@ impl Phi {
             final_norm,
             lm_head,
             device: device.clone(),
-        })
+            host: None,
+        };
+        phi.host = HostParts::new(&phi)?.map(std::sync::Arc::new);
+        Ok(phi)
     }
 
     /// The model's shape.
@@ -228,6 +253,29 @@ impl Phi {
                 self.blocks.len()
             )));
         }
+        if let (Some(parts), Some(c), 1) = (&self.host, cache.as_deref_mut(), b) {
+            let ids: Vec<u32> = tokens.flatten_all()?.to_vec1()?;
+            let out = crate::cpu::forward::forward(self, parts, &ids, c, logits, lora)?;
+            let vocab = self.cfg.vocab_size;
+            return Ok(match logits {
+                Logits::Last => Tensor::from_vec(out, (1, vocab), &self.device)?,
+                Logits::All => Tensor::from_vec(out, (1, seq, vocab), &self.device)?,
+            });
+        }
+        self.run_tensors(tokens, cache, logits, lora)
+    }
+
+    /// [`Phi::forward`] through candle's tensor ops: every device, batches,
+    /// no cache; the reference the CPU pass is tested against.
+    pub(crate) fn run_tensors(
+        &self,
+        tokens: &Tensor,
+        mut cache: Option<&mut KvCache>,
+        logits: Logits,
+        lora: Option<&LoraAdapter>,
+    ) -> Result<Tensor> {
+        let (b, seq) = tokens.dims2()?;
+        let offset = cache.as_ref().map_or(0, |c| c.len());
         let mask = if seq > 1 {
             Some(causal_mask(seq, offset, &self.device)?)
         } else {

@@ -16,19 +16,61 @@ use std::arch::x86_64::*;
 
 use super::blocks::{Q8Block, Q8K, f16_at, k4_scales_packed};
 
-/// Proof that this CPU runs AVX2 and FMA (made only by [`Avx2::detect`]).
+/// Proof that this CPU runs AVX2, FMA and F16C (made only by [`Avx2::detect`]).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Avx2(());
 
 impl Avx2 {
-    /// `Some` on an x86-64 CPU with AVX2 and FMA.
+    /// `Some` on an x86-64 CPU with AVX2, FMA and F16C (every AVX2 CPU has F16C).
     pub(crate) fn detect() -> Option<Self> {
         #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        if std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+            && std::arch::is_x86_feature_detected!("f16c")
         {
             return Some(Self(()));
         }
         None
+    }
+
+    /// `dst[i] = src[i]` as f32 (the KV cache's f16 rows).
+    pub(crate) fn widen(self, src: &[half::f16], dst: &mut [f32]) {
+        assert_eq!(src.len(), dst.len());
+        // SAFETY: `self` exists only where AVX2, FMA and F16C were detected.
+        #[cfg(target_arch = "x86_64")]
+        unsafe {
+            widen(src, dst)
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        for (d, s) in dst.iter_mut().zip(src) {
+            *d = s.to_f32();
+        }
+    }
+
+    /// `Σ a[i]·b[i]`.
+    pub(crate) fn dot(self, a: &[f32], b: &[f32]) -> f32 {
+        assert_eq!(a.len(), b.len());
+        // SAFETY: as above.
+        #[cfg(target_arch = "x86_64")]
+        unsafe {
+            dot_f32(a, b)
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        a.iter().zip(b).map(|(x, y)| x * y).sum()
+    }
+
+    /// `y[i] += a·x[i]`.
+    pub(crate) fn axpy(self, a: f32, x: &[f32], y: &mut [f32]) {
+        assert_eq!(x.len(), y.len());
+        // SAFETY: as above.
+        #[cfg(target_arch = "x86_64")]
+        unsafe {
+            axpy(a, x, y)
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        for (o, v) in y.iter_mut().zip(x) {
+            *o += a * v;
+        }
     }
 
     /// `row` · each of `N` activation rows (the weights unpacked once for all).
@@ -316,4 +358,62 @@ fn q8_0<const N: usize>(row: &[u8], acts: [&[Q8Block]; N]) -> [f32; N] {
         }
     }
     acc.map(|v| hsum(v))
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn widen(src: &[half::f16], dst: &mut [f32]) {
+    let n = src.len() / 8 * 8;
+    for i in (0..n).step_by(8) {
+        // SAFETY: `i + 8 <= n <= len` for both slices (asserted equal by the caller).
+        unsafe {
+            let h = _mm_loadu_si128(src.as_ptr().add(i).cast());
+            _mm256_storeu_ps(dst.as_mut_ptr().add(i), _mm256_cvtph_ps(h));
+        }
+    }
+    for i in n..src.len() {
+        dst[i] = src[i].to_f32();
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len() / 8 * 8;
+    let mut acc = _mm256_setzero_ps();
+    for i in (0..n).step_by(8) {
+        // SAFETY: `i + 8 <= n <= len` for both slices.
+        unsafe {
+            acc = _mm256_fmadd_ps(
+                _mm256_loadu_ps(a.as_ptr().add(i)),
+                _mm256_loadu_ps(b.as_ptr().add(i)),
+                acc,
+            );
+        }
+    }
+    let mut s = hsum(acc);
+    for i in n..a.len() {
+        s += a[i] * b[i];
+    }
+    s
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
+    let n = x.len() / 8 * 8;
+    let av = _mm256_set1_ps(a);
+    for i in (0..n).step_by(8) {
+        // SAFETY: `i + 8 <= n <= len` for both slices.
+        unsafe {
+            let p = y.as_mut_ptr().add(i);
+            _mm256_storeu_ps(
+                p,
+                _mm256_fmadd_ps(av, _mm256_loadu_ps(x.as_ptr().add(i)), _mm256_loadu_ps(p)),
+            );
+        }
+    }
+    for i in n..x.len() {
+        y[i] += a * x[i];
+    }
 }

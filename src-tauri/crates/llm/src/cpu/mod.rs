@@ -7,9 +7,15 @@
 //! time against a tile of input rows, so the weights stay in its cache while
 //! the tile streams by. Used where [`Avx2`] is detected (every x86-64 CPU of
 //! the last ten years); elsewhere (Apple's NEON) candle's kernels serve.
+//!
+//! Where every block's products run here, the whole forward pass of a
+//! session runs here too ([`forward`]): plain f32 buffers on the engine's
+//! threads, an f16 KV cache and a fused attention over it ([`attention`]).
 
+mod attention;
 mod avx2;
 pub(crate) mod blocks;
+pub(crate) mod forward;
 pub mod threads;
 
 use std::sync::Arc;
