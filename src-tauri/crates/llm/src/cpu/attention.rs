@@ -141,7 +141,7 @@ mod tests {
                 random(seq * heads * hd),
             );
             let mut cache = KvCache::new(1, 64);
-            let kv = cache.append_host(0, &k, &v, heads, hd).unwrap();
+            let kv = cache.append_host(simd, 0, &k, &v, heads, hd).unwrap();
             let scale = 1.0 / (hd as f32).sqrt();
             let got = attend(simd, &q, seq, offset, kv, scale);
             // The definition, in f64, over the cache's f16 values.

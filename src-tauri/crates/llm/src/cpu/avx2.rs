@@ -47,6 +47,20 @@ impl Avx2 {
         }
     }
 
+    /// `dst[i] = src[i]` rounded to f16 (to the nearest, as `f16::from_f32`).
+    pub(crate) fn narrow(self, src: &[f32], dst: &mut [half::f16]) {
+        assert_eq!(src.len(), dst.len());
+        // SAFETY: as above.
+        #[cfg(target_arch = "x86_64")]
+        unsafe {
+            narrow(src, dst)
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        for (d, s) in dst.iter_mut().zip(src) {
+            *d = half::f16::from_f32(*s);
+        }
+    }
+
     /// `Σ a[i]·b[i]`.
     pub(crate) fn dot(self, a: &[f32], b: &[f32]) -> f32 {
         assert_eq!(a.len(), b.len());
@@ -373,6 +387,23 @@ fn widen(src: &[half::f16], dst: &mut [f32]) {
     }
     for i in n..src.len() {
         dst[i] = src[i].to_f32();
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn narrow(src: &[f32], dst: &mut [half::f16]) {
+    let n = src.len() / 8 * 8;
+    for i in (0..n).step_by(8) {
+        // SAFETY: `i + 8 <= n <= len` for both slices (asserted equal by the caller).
+        unsafe {
+            let h =
+                _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm256_loadu_ps(src.as_ptr().add(i)));
+            _mm_storeu_si128(dst.as_mut_ptr().add(i).cast(), h);
+        }
+    }
+    for i in n..src.len() {
+        dst[i] = half::f16::from_f32(src[i]);
     }
 }
 

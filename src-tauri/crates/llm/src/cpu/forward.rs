@@ -113,7 +113,7 @@ pub(crate) fn forward(
                     rotate(head, cos, sin);
                 }
             });
-        let kv = cache.append_host(i, &k, &v, heads, hd)?;
+        let kv = cache.append_host(simd, i, &k, &v, heads, hd)?;
         let y = super::attention::attend(simd, &q, seq, offset, kv, scale);
         let attn = block
             .dense
