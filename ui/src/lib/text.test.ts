@@ -52,6 +52,7 @@ describe("formatBytes / formatDuration", () => {
   });
   it("says minutes and hours plainly", () => {
     expect(formatDuration(42.4)).toBe("42 s");
+    expect(formatDuration(0.3)).toBe("under a second");
     expect(formatDuration(200)).toBe("3 min 20 s");
     expect(formatDuration(3 * 3600 + 120)).toBe("3 h 2 min");
     expect(formatDuration(Number.NaN)).toBe("");

@@ -59,6 +59,7 @@ export function formatBytes(n: number): string {
 /** "3 min 20 s"-style durations for an ETA. */
 export function formatDuration(secs: number): string {
   if (!Number.isFinite(secs) || secs < 0) return "";
+  if (secs < 1) return "under a second";
   const s = Math.round(secs);
   if (s < 60) return `${s} s`;
   const m = Math.floor(s / 60);
