@@ -14,6 +14,7 @@
 
 mod attention;
 mod avx2;
+mod avx512;
 pub(crate) mod blocks;
 pub(crate) mod forward;
 pub mod threads;
@@ -23,6 +24,7 @@ use std::sync::Arc;
 use rayon::prelude::*;
 
 pub(crate) use avx2::Avx2;
+use avx512::Avx512;
 use blocks::Kind;
 
 /// Bytes of a weight: a range of the mapped model file, or owned (a matrix
@@ -85,6 +87,8 @@ pub(crate) struct QMatrix {
     rows: usize,
     cols: usize,
     simd: Avx2,
+    /// The K-quants' wider kernels, where the CPU has AVX-512.
+    wide: Option<Avx512>,
 }
 
 /// Rows of the input multiplied against the same few weight rows before moving on.
@@ -112,6 +116,7 @@ impl QMatrix {
             rows,
             cols,
             simd,
+            wide: Avx512::detect(),
         })
     }
 
@@ -146,57 +151,75 @@ impl QMatrix {
             assert_eq!(b.len(), self.rows, "one bias per output");
         }
         let simd = self.simd;
-        match self.kind {
-            Kind::Q8_0 => {
-                let mut acts = Vec::with_capacity(x.len() / blocks::QK8_0);
-                blocks::quantize_q8(x, &mut acts);
-                self.run(
-                    &acts,
-                    m,
-                    epilogue,
-                    |w, a| simd.dot_q8_0::<1>(w, [a])[0],
-                    |w, a| simd.dot_q8_0::<4>(w, a),
-                )
-            }
-            kind => {
-                let mut acts = Vec::with_capacity(x.len() / blocks::QK_K);
-                blocks::quantize_q8k(x, &mut acts);
-                match kind {
-                    Kind::Q4K => self.run(
-                        &acts,
-                        m,
-                        epilogue,
-                        |w, a| simd.dot_q4k::<1>(w, [a])[0],
-                        |w, a| simd.dot_q4k::<4>(w, a),
-                    ),
-                    Kind::Q5K => self.run(
-                        &acts,
-                        m,
-                        epilogue,
-                        |w, a| simd.dot_q5k::<1>(w, [a])[0],
-                        |w, a| simd.dot_q5k::<4>(w, a),
-                    ),
-                    _ => self.run(
-                        &acts,
-                        m,
-                        epilogue,
-                        |w, a| simd.dot_q6k::<1>(w, [a])[0],
-                        |w, a| simd.dot_q6k::<4>(w, a),
-                    ),
-                }
-            }
+        if self.kind == Kind::Q8_0 {
+            let mut acts = Vec::with_capacity(x.len() / blocks::QK8_0);
+            blocks::quantize_q8(x, &mut acts);
+            return self.run(
+                &acts,
+                m,
+                epilogue,
+                |w, a| simd.dot_q8_0::<1>(w, [a])[0],
+                |w, a| simd.dot_q8_0::<4>(w, a),
+            );
+        }
+        let mut acts = Vec::with_capacity(x.len() / blocks::QK_K);
+        blocks::quantize_q8k(x, &mut acts);
+        // Eight input rows per weight row where the registers allow (AVX-512), else four.
+        match (self.kind, self.wide) {
+            (Kind::Q4K, Some(v)) => self.run(
+                &acts,
+                m,
+                epilogue,
+                |w, a| v.dot_q4k::<1>(w, [a])[0],
+                |w, a| v.dot_q4k::<8>(w, a),
+            ),
+            (Kind::Q5K, Some(v)) => self.run(
+                &acts,
+                m,
+                epilogue,
+                |w, a| v.dot_q5k::<1>(w, [a])[0],
+                |w, a| v.dot_q5k::<8>(w, a),
+            ),
+            (_, Some(v)) => self.run(
+                &acts,
+                m,
+                epilogue,
+                |w, a| v.dot_q6k::<1>(w, [a])[0],
+                |w, a| v.dot_q6k::<8>(w, a),
+            ),
+            (Kind::Q4K, None) => self.run(
+                &acts,
+                m,
+                epilogue,
+                |w, a| simd.dot_q4k::<1>(w, [a])[0],
+                |w, a| simd.dot_q4k::<4>(w, a),
+            ),
+            (Kind::Q5K, None) => self.run(
+                &acts,
+                m,
+                epilogue,
+                |w, a| simd.dot_q5k::<1>(w, [a])[0],
+                |w, a| simd.dot_q5k::<4>(w, a),
+            ),
+            (_, None) => self.run(
+                &acts,
+                m,
+                epilogue,
+                |w, a| simd.dot_q6k::<1>(w, [a])[0],
+                |w, a| simd.dot_q6k::<4>(w, a),
+            ),
         }
     }
 
     /// Every (input row, weight row) product, the weight rows split among
-    /// the threads; input rows four at a time (`dot4`) where there are four.
-    fn run<A: Sync>(
+    /// the threads; input rows `N` at a time (`dotn`) where there are `N`.
+    fn run<A: Sync, const N: usize>(
         &self,
         acts: &[A],
         m: usize,
         epilogue: Epilogue<'_>,
         dot: impl Fn(&[u8], &[A]) -> f32 + Sync,
-        dot4: impl Fn(&[u8], [&[A]; 4]) -> [f32; 4] + Sync,
+        dotn: impl Fn(&[u8], [&[A]; N]) -> [f32; N] + Sync,
     ) -> Vec<f32> {
         let rb = self.row_bytes();
         let per_row = acts.len() / m;
@@ -227,10 +250,10 @@ impl QMatrix {
                     let wr = &w[r * rb..(r + 1) * rb];
                     let a = |tok: usize| &acts[tok * per_row..(tok + 1) * per_row];
                     let mut tok = t0;
-                    while tok + 4 <= t1 {
-                        let v = dot4(wr, [a(tok), a(tok + 1), a(tok + 2), a(tok + 3)]);
-                        ys[i * m + tok..i * m + tok + 4].copy_from_slice(&v);
-                        tok += 4;
+                    while tok + N <= t1 {
+                        let v = dotn(wr, std::array::from_fn(|j| a(tok + j)));
+                        ys[i * m + tok..i * m + tok + N].copy_from_slice(&v);
+                        tok += N;
                     }
                     for tok in tok..t1 {
                         ys[i * m + tok] = dot(wr, a(tok));
