@@ -27,7 +27,7 @@ pub(crate) struct Avx512 {
 }
 
 impl Avx512 {
-    /// `Some` on an x86-64 CPU with AVX-512 F, BW and AVX2 with FMA. Off
+    /// `Some` on an x86-64 CPU with AVX-512 F and BW, AVX2, FMA and F16C. Off
     /// when `DRAMATIS_NO_AVX512` is set (to measure or test the AVX2 path
     /// on the same machine).
     pub(crate) fn detect() -> Option<Self> {
@@ -36,6 +36,7 @@ impl Avx512 {
             && std::arch::is_x86_feature_detected!("avx512bw")
             && std::arch::is_x86_feature_detected!("avx2")
             && std::arch::is_x86_feature_detected!("fma")
+            && std::arch::is_x86_feature_detected!("f16c")
             && std::env::var_os("DRAMATIS_NO_AVX512").is_none()
         {
             return Some(Self {
@@ -108,13 +109,24 @@ fn load64(s: &[u8]) -> __m512i {
     unsafe { _mm512_loadu_si512(s.as_ptr().cast()) }
 }
 
+/// Values `64c .. 64c + 64` of a super-block of activations.
 #[cfg(target_arch = "x86_64")]
 #[inline]
 #[target_feature(enable = "avx512f")]
-fn load64_i8(s: &[i8]) -> __m512i {
-    assert!(s.len() >= 64);
-    // SAFETY: as `load64`.
-    unsafe { _mm512_loadu_si512(s.as_ptr().cast()) }
+fn chunk64(qs: &[i8; 256], c: usize) -> __m512i {
+    assert!(c < 4);
+    // SAFETY: 64c + 64 <= 256 (checked above); unaligned load.
+    unsafe { _mm512_loadu_si512(qs.as_ptr().add(c * 64).cast()) }
+}
+
+/// The two f16 at the start of `b` (a K-quant block's `d` and `dmin`), by F16C.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2,f16c")]
+fn f16_pair(b: &[u8]) -> (f32, f32) {
+    let bits = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+    let v = _mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32));
+    (_mm_cvtss_f32(v), _mm_cvtss_f32(_mm_movehdup_ps(v)))
 }
 
 /// 32 bytes of `s` in both halves of a 512-bit register (checked).
@@ -149,17 +161,6 @@ fn pick(at: [i16; 4]) -> __m512i {
     }
     // SAFETY: 64 bytes.
     unsafe { _mm512_loadu_si512(idx.as_ptr().cast()) }
-}
-
-/// Σ of the eight 32-bit lanes of `v`, as f32.
-#[cfg(target_arch = "x86_64")]
-#[inline]
-#[target_feature(enable = "avx2,fma")]
-fn hsum256(v: __m256) -> f32 {
-    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-    _mm_cvtss_f32(s)
 }
 
 /// `acc + Σ pairs of (w × x)` weighted by `scale` (16-bit lanes), as
@@ -206,9 +207,9 @@ macro_rules! kernels {
                 pick([6, 6, 7, 7]),
             ];
             let mut acc = [_mm512_setzero_ps(); N];
-            let mut acc_min = [_mm256_setzero_ps(); N];
             for (k, b) in row.chunks_exact(bb).enumerate() {
-                let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
+                let a: [&Q8K; N] = std::array::from_fn(|t| &acts[t][k]);
+                let (d, dmin) = f16_pair(b);
                 let (sc, mn) = k4_scales_packed(&b[4..16]);
                 let sc16 = _mm512_castsi128_si512(_mm_cvtepu8_epi16(_mm_cvtsi64_si128(sc as i64)));
                 let mins32 = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(mn as i64));
@@ -217,38 +218,41 @@ macro_rules! kernels {
                 } else {
                     _mm512_setzero_si512()
                 };
-                let mut sumi = [_mm512_setzero_si512(); N];
-                for c in 0..4 {
+                // The four chunks' weights and scales, unpacked once for all rows.
+                let ws: [__m512i; 4] = std::array::from_fn(|c| {
                     let q = load32_twice(&b[qs_at + c * 32..]);
-                    let mut w = _mm512_and_si512(_mm512_srlv_epi16(q, nibbles), m4);
+                    let w = _mm512_and_si512(_mm512_srlv_epi16(q, nibbles), m4);
                     if FIFTH {
                         let top = _mm512_and_si512(_mm512_srlv_epi16(qh, fifth[c]), one);
-                        w = _mm512_or_si512(w, _mm512_slli_epi16::<4>(top));
+                        _mm512_or_si512(w, _mm512_slli_epi16::<4>(top))
+                    } else {
+                        w
                     }
-                    let s = _mm512_permutexvar_epi16(picks[c], sc16);
-                    for t in 0..N {
-                        let y = load64_i8(&acts[t][k].qs[c * 64..]);
-                        sumi[t] = scaled_add!($vnni, sumi[t], w, y, s);
-                    }
-                }
+                });
+                let ss: [__m512i; 4] =
+                    std::array::from_fn(|c| _mm512_permutexvar_epi16(picks[c], sc16));
                 for t in 0..N {
-                    let a = &acts[t][k];
+                    let mut sumi = _mm512_setzero_si512();
+                    for c in 0..4 {
+                        sumi = scaled_add!($vnni, sumi, ws[c], chunk64(&a[t].qs, c), ss[c]);
+                    }
+                    // SAFETY: 32 bytes.
+                    let sums = unsafe { _mm256_loadu_si256(a[t].sums32.as_ptr().cast()) };
+                    // Eight minimum terms in the low lanes, zeros above.
+                    let m = _mm512_zextsi256_si512(_mm256_mullo_epi32(mins32, sums));
                     acc[t] = _mm512_fmadd_ps(
-                        _mm512_set1_ps(d * a.d),
-                        _mm512_cvtepi32_ps(sumi[t]),
+                        _mm512_set1_ps(d * a[t].d),
+                        _mm512_cvtepi32_ps(sumi),
                         acc[t],
                     );
-                    // SAFETY: 32 bytes.
-                    let sums = unsafe { _mm256_loadu_si256(a.sums32.as_ptr().cast()) };
-                    let m = _mm256_mullo_epi32(mins32, sums);
-                    acc_min[t] = _mm256_fmadd_ps(
-                        _mm256_set1_ps(dmin * a.d),
-                        _mm256_cvtepi32_ps(m),
-                        acc_min[t],
+                    acc[t] = _mm512_fnmadd_ps(
+                        _mm512_set1_ps(dmin * a[t].d),
+                        _mm512_cvtepi32_ps(m),
+                        acc[t],
                     );
                 }
             }
-            std::array::from_fn(|t| _mm512_reduce_add_ps(acc[t]) - hsum256(acc_min[t]))
+            acc.map(|v| _mm512_reduce_add_ps(v))
         }
 
         /// Q6_K against `N` rows.
@@ -268,12 +272,15 @@ macro_rules! kernels {
             ];
             let mut acc = [_mm512_setzero_ps(); N];
             for (k, b) in row.chunks_exact(210).enumerate() {
+                let a: [&Q8K; N] = std::array::from_fn(|t| &acts[t][k]);
                 let d = f16_at(b, 208);
                 // SAFETY: 16 readable bytes.
                 let sc8 = unsafe { _mm_loadu_si128(b[192..208].as_ptr().cast()) };
                 let sc16 = _mm256_cvtepi8_epi16(sc8);
                 let sc512 = _mm512_castsi256_si512(sc16);
-                let mut sumi = [_mm512_setzero_si512(); N];
+                // Half h's register r holds values 128h + 64r .. + 64 (chunk 2h + r).
+                let mut ws = [_mm512_setzero_si512(); 4];
+                let mut ss = [_mm512_setzero_si512(); 4];
                 for h in 0..2 {
                     let ql = load64(&b[h * 64..]);
                     let qh = load32_twice(&b[128 + h * 32..]);
@@ -281,23 +288,25 @@ macro_rules! kernels {
                     let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(ql), m4);
                     for (r, low) in [lo, hi].into_iter().enumerate() {
                         let top = _mm512_and_si512(_mm512_srlv_epi16(qh, tops[r]), m2);
-                        let w = _mm512_or_si512(low, _mm512_slli_epi16::<4>(top));
-                        let s = _mm512_permutexvar_epi16(picks[h][r], sc512);
-                        for t in 0..N {
-                            let y = load64_i8(&acts[t][k].qs[h * 128 + r * 64..]);
-                            sumi[t] = scaled_add!($vnni, sumi[t], w, y, s);
-                        }
+                        ws[2 * h + r] = _mm512_or_si512(low, _mm512_slli_epi16::<4>(top));
+                        ss[2 * h + r] = _mm512_permutexvar_epi16(picks[h][r], sc512);
                     }
                 }
                 for t in 0..N {
-                    let a = &acts[t][k];
+                    let mut sumi = _mm512_setzero_si512();
+                    for c in 0..4 {
+                        sumi = scaled_add!($vnni, sumi, ws[c], chunk64(&a[t].qs, c), ss[c]);
+                    }
                     // The −32 offset: 32 · Σ scale × the sums of its 16 activations.
                     // SAFETY: 32 bytes.
-                    let bsums = unsafe { _mm256_loadu_si256(a.bsums.as_ptr().cast()) };
+                    let bsums = unsafe { _mm256_loadu_si256(a[t].bsums.as_ptr().cast()) };
                     let off = _mm256_slli_epi32::<5>(_mm256_madd_epi16(sc16, bsums));
-                    let total = _mm512_sub_epi32(sumi[t], _mm512_zextsi256_si512(off));
-                    acc[t] =
-                        _mm512_fmadd_ps(_mm512_set1_ps(d * a.d), _mm512_cvtepi32_ps(total), acc[t]);
+                    let total = _mm512_sub_epi32(sumi, _mm512_zextsi256_si512(off));
+                    acc[t] = _mm512_fmadd_ps(
+                        _mm512_set1_ps(d * a[t].d),
+                        _mm512_cvtepi32_ps(total),
+                        acc[t],
+                    );
                 }
             }
             acc.map(|v| _mm512_reduce_add_ps(v))
@@ -308,7 +317,7 @@ macro_rules! kernels {
 kernels!(
     kq_vnni,
     q6k_vnni,
-    "avx512f,avx512bw,avx512vnni,avx2,fma",
+    "avx512f,avx512bw,avx512vnni,avx2,fma,f16c",
     true
 );
-kernels!(kq_bw, q6k_bw, "avx512f,avx512bw,avx2,fma", false);
+kernels!(kq_bw, q6k_bw, "avx512f,avx512bw,avx2,fma,f16c", false);
