@@ -233,7 +233,15 @@ impl QMatrix {
                 let r0 = c * chunk;
                 for (i, y) in ys.iter_mut().enumerate() {
                     let r = r0 + i;
-                    *y = epilogue.apply(r, dot(&w[r * rb..(r + 1) * rb], acts));
+                    *y = dot(&w[r * rb..(r + 1) * rb], acts);
+                }
+                if let Some(b) = epilogue.bias {
+                    for (y, b) in ys.iter_mut().zip(&b[r0..]) {
+                        *y += b;
+                    }
+                }
+                if epilogue.gelu {
+                    self.simd.gelu(ys);
                 }
             });
             return out;
@@ -261,8 +269,11 @@ impl QMatrix {
                 }
             }
             for (i, col) in ys.chunks_exact_mut(m).enumerate() {
-                for v in col {
-                    *v = epilogue.apply(r0 + i, *v);
+                if let Some(b) = epilogue.bias {
+                    col.iter_mut().for_each(|v| *v += b[r0 + i]);
+                }
+                if epilogue.gelu {
+                    self.simd.gelu(col);
                 }
             }
         });
@@ -285,14 +296,6 @@ pub(crate) struct Epilogue<'a> {
     pub(crate) bias: Option<&'a [f32]>,
     /// Then GELU (the tanh approximation, Phi-2's `gelu_new`).
     pub(crate) gelu: bool,
-}
-
-impl Epilogue<'_> {
-    #[inline]
-    fn apply(&self, r: usize, v: f32) -> f32 {
-        let v = self.bias.map_or(v, |b| v + b[r]);
-        if self.gelu { gelu(v) } else { v }
-    }
 }
 
 /// GELU, tanh approximation: ½x(1 + tanh(√(2/π)(x + 0.044715x³))).

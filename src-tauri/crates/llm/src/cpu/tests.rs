@@ -262,3 +262,26 @@ fn avx512_dots_equal_the_plain_dots() {
         }
     }
 }
+
+#[test]
+fn vector_gelu_equals_the_scalar_one() {
+    let Some(simd) = Avx2::detect() else {
+        return;
+    };
+    // The whole range that matters, the tails where e^(−2u) under- or
+    // overflows, exact zeros, and a length that leaves a scalar tail.
+    let mut xs = vec![
+        -3e38, -1e20, -100.0, -30.0, -9.5, 0.0, -0.0, 1e-30, -1e-30, 9.5, 30.0, 100.0, 1e20, 3e38,
+        -5.0, 5.0,
+    ];
+    xs.extend((-4000..=4000).map(|i| i as f32 / 400.0));
+    let mut got = xs.clone();
+    simd.gelu(&mut got);
+    for (x, g) in xs.iter().zip(&got) {
+        let want = super::gelu(*x);
+        assert!(
+            (g - want).abs() <= 2e-6 * want.abs().max(1.0),
+            "gelu({x}): {g} vs {want}"
+        );
+    }
+}
