@@ -14,7 +14,7 @@
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
-use super::blocks::{Q8Block, Q8K, f16_at, k4_scales_packed};
+use super::blocks::{Q8Block, Q8K, k4_scales_packed};
 
 /// Proof that this CPU runs AVX2, FMA and F16C (made only by [`Avx2::detect`]).
 #[derive(Debug, Clone, Copy)]
@@ -190,6 +190,16 @@ fn hsum(v: __m256) -> f32 {
     _mm_cvtss_f32(s)
 }
 
+/// The f16 at `b[at..at + 2]` as f32, by F16C (a block's scale: one per
+/// 32 weights in Q8_0, where a software conversion showed in decode).
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2,f16c")]
+pub(super) fn f16c_at(b: &[u8], at: usize) -> f32 {
+    let bits = u16::from_le_bytes([b[at], b[at + 1]]);
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+}
+
 /// Σ over 32 bytes of `w` (0..=127 each) × `x` (signed), widened by `scale`: 8 × i32.
 #[cfg(target_arch = "x86_64")]
 #[inline]
@@ -243,7 +253,7 @@ fn pick16(lo: i8, hi: i8) -> __m256i {
 
 /// Q4_K (`FIFTH = false`) and Q5_K (`FIFTH = true`) against `N` rows of activations.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 fn kq<const N: usize, const FIFTH: bool>(row: &[u8], acts: [&[Q8K]; N]) -> [f32; N] {
     let bb = if FIFTH { 176 } else { 144 };
     let qs_at = if FIFTH { 48 } else { 16 };
@@ -253,7 +263,7 @@ fn kq<const N: usize, const FIFTH: bool>(row: &[u8], acts: [&[Q8K]; N]) -> [f32;
     let picks_hi = [pick16(4, 4), pick16(5, 5), pick16(6, 6), pick16(7, 7)];
     let mut acc = [_mm256_setzero_ps(); N];
     for (k, b) in row.chunks_exact(bb).enumerate() {
-        let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
+        let (d, dmin) = (f16c_at(b, 0), f16c_at(b, 2));
         let (sc, mn) = k4_scales_packed(&b[4..16]);
         // Eight 16-bit scales in both halves; element j picked per sub-block.
         let sc16 = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(_mm_cvtsi64_si128(sc as i64)));
@@ -308,14 +318,14 @@ fn kq<const N: usize, const FIFTH: bool>(row: &[u8], acts: [&[Q8K]; N]) -> [f32;
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 fn q6k<const N: usize>(row: &[u8], acts: [&[Q8K]; N]) -> [f32; N] {
     let m4 = _mm256_set1_epi8(0x0F);
     let m2 = _mm256_set1_epi8(3);
     let picks = [pick16(0, 1), pick16(2, 3), pick16(4, 5), pick16(6, 7)];
     let mut acc = [_mm256_setzero_ps(); N];
     for (k, b) in row.chunks_exact(210).enumerate() {
-        let d = f16_at(b, 208);
+        let d = f16c_at(b, 208);
         // SAFETY: 16 readable bytes.
         let sc8 = unsafe { _mm_loadu_si128(b[192..208].as_ptr().cast()) };
         let sc16 = _mm256_cvtepi8_epi16(sc8);
@@ -368,7 +378,7 @@ fn q6k<const N: usize>(row: &[u8], acts: [&[Q8K]; N]) -> [f32; N] {
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 fn q8_0<const N: usize>(row: &[u8], acts: [&[Q8Block]; N]) -> [f32; N] {
     let ones = _mm256_set1_epi16(1);
     let mut acc = [_mm256_setzero_ps(); N];
@@ -376,7 +386,7 @@ fn q8_0<const N: usize>(row: &[u8], acts: [&[Q8Block]; N]) -> [f32; N] {
         let w = load(&b[2..34]);
         // maddubs wants its first operand unsigned: |w|, and x with w's sign.
         let aw = _mm256_sign_epi8(w, w);
-        let dw = f16_at(b, 0);
+        let dw = f16c_at(b, 0);
         for t in 0..N {
             let a = &acts[t][k];
             let p = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(load_i8(&a.qs), w));

@@ -17,7 +17,7 @@
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
-use super::blocks::{Q8K, f16_at, k4_scales_packed};
+use super::blocks::{Q8K, k4_scales_packed};
 
 /// Proof that this CPU runs AVX-512 F and BW (made only by
 /// [`Avx512::detect`]), and whether it has VNNI.
@@ -273,7 +273,7 @@ macro_rules! kernels {
             let mut acc = [_mm512_setzero_ps(); N];
             for (k, b) in row.chunks_exact(210).enumerate() {
                 let a: [&Q8K; N] = std::array::from_fn(|t| &acts[t][k]);
-                let d = f16_at(b, 208);
+                let d = super::avx2::f16c_at(b, 208);
                 // SAFETY: 16 readable bytes.
                 let sc8 = unsafe { _mm_loadu_si128(b[192..208].as_ptr().cast()) };
                 let sc16 = _mm256_cvtepi8_epi16(sc8);
