@@ -381,20 +381,24 @@ fn q6k<const N: usize>(row: &[u8], acts: [&[Q8K]; N]) -> [f32; N] {
 #[target_feature(enable = "avx2,fma,f16c")]
 fn q8_0<const N: usize>(row: &[u8], acts: [&[Q8Block]; N]) -> [f32; N] {
     let ones = _mm256_set1_epi16(1);
-    let mut acc = [_mm256_setzero_ps(); N];
+    // Two accumulators per row, even and odd blocks: one chain of
+    // multiply-adds per row would wait on itself at every block.
+    let mut acc = [[_mm256_setzero_ps(); N]; 2];
     for (k, b) in row.chunks_exact(34).enumerate() {
         let w = load(&b[2..34]);
         // maddubs wants its first operand unsigned: |w|, and x with w's sign.
         let aw = _mm256_sign_epi8(w, w);
-        let dw = f16c_at(b, 0);
+        let dw = _mm256_set1_ps(f16c_at(b, 0));
+        let acc = &mut acc[k & 1];
         for t in 0..N {
             let a = &acts[t][k];
             let p = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(load_i8(&a.qs), w));
             let s = _mm256_madd_epi16(p, ones);
-            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(dw * a.d), _mm256_cvtepi32_ps(s), acc[t]);
+            let scale = _mm256_mul_ps(dw, _mm256_set1_ps(a.d));
+            acc[t] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(s), acc[t]);
         }
     }
-    acc.map(|v| hsum(v))
+    std::array::from_fn(|t| hsum(_mm256_add_ps(acc[0][t], acc[1][t])))
 }
 
 #[cfg(target_arch = "x86_64")]
