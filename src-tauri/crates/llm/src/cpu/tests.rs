@@ -5,7 +5,7 @@ use candle_core::{Device, Tensor};
 use rand::{Rng, SeedableRng};
 
 use super::blocks::{self, Kind};
-use super::{Avx2, Avx512, Bytes, QMatrix};
+use super::{Avx2, Avx512, Bytes, QMatrix, WIDE_ROWS};
 
 const KINDS: [GgmlDType; 4] = [
     GgmlDType::Q4K,
@@ -217,40 +217,40 @@ fn avx512_dots_equal_the_plain_dots() {
         return;
     };
     let cols = 1024;
-    let acts: Vec<Vec<_>> = (0..8)
+    let acts: Vec<Vec<_>> = (0..WIDE_ROWS as u64)
         .map(|i| {
             let mut v = Vec::new();
             blocks::quantize_q8k(&random(cols, 40 + i), &mut v);
             v
         })
         .collect();
-    let a8: [&[blocks::Q8K]; 8] = std::array::from_fn(|i| &acts[i][..]);
+    let a8: [&[blocks::Q8K]; WIDE_ROWS] = std::array::from_fn(|i| &acts[i][..]);
     for v in [wide, wide.without_vnni()] {
         for dtype in [GgmlDType::Q4K, GgmlDType::Q5K, GgmlDType::Q6K] {
             let (m, _) = quantized(dtype, 12, cols, 9);
             let rb = m.row_bytes();
             for r in 0..12 {
                 let row = &m.bytes()[r * rb..(r + 1) * rb];
-                let (plain, one, eight): (Vec<f32>, Vec<f32>, [f32; 8]) =
+                let (plain, one, many): (Vec<f32>, Vec<f32>, [f32; WIDE_ROWS]) =
                     match Kind::from_ggml(dtype).unwrap() {
                         Kind::Q4K => (
                             a8.map(|a| blocks::dot_q4k(row, a)).to_vec(),
                             a8.map(|a| v.dot_q4k::<1>(row, [a])[0]).to_vec(),
-                            v.dot_q4k::<8>(row, a8),
+                            v.dot_q4k::<WIDE_ROWS>(row, a8),
                         ),
                         Kind::Q5K => (
                             a8.map(|a| blocks::dot_q5k(row, a)).to_vec(),
                             a8.map(|a| v.dot_q5k::<1>(row, [a])[0]).to_vec(),
-                            v.dot_q5k::<8>(row, a8),
+                            v.dot_q5k::<WIDE_ROWS>(row, a8),
                         ),
                         _ => (
                             a8.map(|a| blocks::dot_q6k(row, a)).to_vec(),
                             a8.map(|a| v.dot_q6k::<1>(row, [a])[0]).to_vec(),
-                            v.dot_q6k::<8>(row, a8),
+                            v.dot_q6k::<WIDE_ROWS>(row, a8),
                         ),
                     };
-                for t in 0..8 {
-                    for (what, got) in [("one row", one[t]), ("eight rows", eight[t])] {
+                for t in 0..WIDE_ROWS {
+                    for (what, got) in [("one row", one[t]), ("many rows", many[t])] {
                         assert!(
                             (plain[t] - got).abs() <= 1e-4 * plain[t].abs().max(1.0),
                             "{dtype:?} {v:?} row {r}, input {t}, {what}: plain {} vs {got}",
