@@ -164,6 +164,12 @@ impl KvCache {
                     *h = h.grown(new_cap, held);
                 }
             }
+            Some(h) if held > 0 => {
+                return Err(crate::Error::Invalid(format!(
+                    "the cache holds {held} tokens of {} heads × {}, not {heads} × {head_dim}",
+                    h.heads, h.head_dim
+                )));
+            }
             slot => *slot = Some(HostKv::new(heads, head_dim, new_cap)),
         }
         let h = lc.host.as_mut().expect("set above");

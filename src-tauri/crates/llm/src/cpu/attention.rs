@@ -88,16 +88,7 @@ fn attend_block(
         }
     }
     for s in scores.chunks_exact_mut(n) {
-        let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = 0f32;
-        for v in s.iter_mut() {
-            *v = (*v - max).exp();
-            sum += *v;
-        }
-        let inv = 1.0 / sum;
-        for v in s.iter_mut() {
-            *v *= inv;
-        }
+        simd.softmax(s);
     }
     let mut out = vec![0f32; nq * hd];
     for j in 0..n {

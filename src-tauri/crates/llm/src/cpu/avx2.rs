@@ -74,6 +74,26 @@ impl Avx2 {
         v.iter_mut().for_each(|x| *x = super::gelu(*x));
     }
 
+    /// A softmax in place: `v[i] = e^(v[i] − max) / Σ`, eight at a time
+    /// (−∞, a masked position, gives exactly 0). `v` must hold a finite value.
+    pub(crate) fn softmax(self, v: &mut [f32]) {
+        // SAFETY: as above.
+        #[cfg(target_arch = "x86_64")]
+        unsafe {
+            softmax8(v)
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let max = v.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0f32;
+            for x in v.iter_mut() {
+                *x = (*x - max).exp();
+                sum += *x;
+            }
+            v.iter_mut().for_each(|x| *x /= sum);
+        }
+    }
+
     /// `Σ a[i]·b[i]`.
     pub(crate) fn dot(self, a: &[f32], b: &[f32]) -> f32 {
         assert_eq!(a.len(), b.len());
@@ -102,7 +122,7 @@ impl Avx2 {
 
     /// `row` · each of `N` activation rows (the weights unpacked once for all).
     pub(crate) fn dot_q4k<const N: usize>(self, row: &[u8], acts: [&[Q8K]; N]) -> [f32; N] {
-        // SAFETY: `self` exists only where AVX2 and FMA were detected.
+        // SAFETY: `self` exists only where AVX2, FMA and F16C were detected.
         #[cfg(target_arch = "x86_64")]
         unsafe {
             kq::<N, false>(row, acts)
@@ -404,9 +424,10 @@ fn q8_0<const N: usize>(row: &[u8], acts: [&[Q8Block]; N]) -> [f32; N] {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 fn widen(src: &[half::f16], dst: &mut [f32]) {
+    assert_eq!(src.len(), dst.len());
     let n = src.len() / 8 * 8;
     for i in (0..n).step_by(8) {
-        // SAFETY: `i + 8 <= n <= len` for both slices (asserted equal by the caller).
+        // SAFETY: `i + 8 <= n <= len` for both slices (asserted equal above).
         unsafe {
             let h = _mm_loadu_si128(src.as_ptr().add(i).cast());
             _mm256_storeu_ps(dst.as_mut_ptr().add(i), _mm256_cvtph_ps(h));
@@ -420,9 +441,10 @@ fn widen(src: &[half::f16], dst: &mut [f32]) {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 fn narrow(src: &[f32], dst: &mut [half::f16]) {
+    assert_eq!(src.len(), dst.len());
     let n = src.len() / 8 * 8;
     for i in (0..n).step_by(8) {
-        // SAFETY: `i + 8 <= n <= len` for both slices (asserted equal by the caller).
+        // SAFETY: `i + 8 <= n <= len` for both slices (asserted equal above).
         unsafe {
             let h =
                 _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm256_loadu_ps(src.as_ptr().add(i)));
@@ -437,10 +459,11 @@ fn narrow(src: &[f32], dst: &mut [half::f16]) {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
     let n = a.len() / 8 * 8;
     let mut acc = _mm256_setzero_ps();
     for i in (0..n).step_by(8) {
-        // SAFETY: `i + 8 <= n <= len` for both slices.
+        // SAFETY: `i + 8 <= n <= len` for both slices (asserted equal above).
         unsafe {
             acc = _mm256_fmadd_ps(
                 _mm256_loadu_ps(a.as_ptr().add(i)),
@@ -459,10 +482,11 @@ fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
+    assert_eq!(x.len(), y.len());
     let n = x.len() / 8 * 8;
     let av = _mm256_set1_ps(a);
     for i in (0..n).step_by(8) {
-        // SAFETY: `i + 8 <= n <= len` for both slices.
+        // SAFETY: `i + 8 <= n <= len` for both slices (asserted equal above).
         unsafe {
             let p = y.as_mut_ptr().add(i);
             _mm256_storeu_ps(
@@ -542,4 +566,31 @@ fn gelu8(v: &mut [f32]) {
     for x in &mut v[n..] {
         *x = super::gelu(*x);
     }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn softmax8(v: &mut [f32]) {
+    let n = v.len() / 8 * 8;
+    let max = v.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let (mx, floor) = (_mm256_set1_ps(max), _mm256_set1_ps(-87.0));
+    let mut sum = _mm256_setzero_ps();
+    for i in (0..n).step_by(8) {
+        // SAFETY: `i + 8 <= n <= len`.
+        unsafe {
+            let p = v.as_mut_ptr().add(i);
+            let t = _mm256_sub_ps(_mm256_loadu_ps(p), mx);
+            // Below e^−87 (masked positions among them) is 0, not the clamp's value.
+            let e = _mm256_andnot_ps(_mm256_cmp_ps::<_CMP_LT_OQ>(t, floor), exp8(t));
+            sum = _mm256_add_ps(sum, e);
+            _mm256_storeu_ps(p, e);
+        }
+    }
+    let mut total = hsum(sum);
+    for x in &mut v[n..] {
+        *x = (*x - max).exp();
+        total += *x;
+    }
+    let inv = 1.0 / total;
+    v.iter_mut().for_each(|x| *x *= inv);
 }
