@@ -395,12 +395,19 @@ impl KeyRotation {
     }
 
     fn turn(&self, row: &mut [f32]) {
-        let half = self.cos.len();
-        for i in 0..half {
-            let (x1, x2) = (row[i], row[i + half]);
-            row[i] = x1 * self.cos[i] - x2 * self.sin[i];
-            row[i + half] = x2 * self.cos[i] + x1 * self.sin[i];
-        }
+        rotate_pairs(row, &self.cos, &self.sin);
+    }
+}
+
+/// Turns the first `2·cos.len()` dimensions of one head (GPT-NeoX halves:
+/// pair `i` is `(i, i + half)`), as candle's `rope` does: the rotary
+/// embedding of the CPU pass and the re-rotation of moved keys.
+pub(crate) fn rotate_pairs(row: &mut [f32], cos: &[f32], sin: &[f32]) {
+    let half = cos.len();
+    for i in 0..half {
+        let (x1, x2) = (row[i], row[i + half]);
+        row[i] = x1 * cos[i] - x2 * sin[i];
+        row[i + half] = x2 * cos[i] + x1 * sin[i];
     }
 }
 

@@ -10,7 +10,7 @@ use candle_core::{DType, Tensor};
 use rayon::prelude::*;
 
 use super::Avx2;
-use crate::cache::KvCache;
+use crate::cache::{KvCache, rotate_pairs};
 use crate::lora::{LoraAdapter, LoraLayer, LoraSlot, LoraTarget};
 use crate::model::{Block, Phi};
 use crate::{Logits, Result};
@@ -110,7 +110,7 @@ pub(crate) fn forward(
                 let at = (offset + t) * half;
                 let (cos, sin) = (&parts.cos[at..at + half], &parts.sin[at..at + half]);
                 for head in q.chunks_exact_mut(hd).chain(k.chunks_exact_mut(hd)) {
-                    rotate(head, cos, sin);
+                    rotate_pairs(head, cos, sin);
                 }
             });
         let kv = cache.append_host(simd, i, &k, &v, heads, hd)?;
@@ -162,17 +162,6 @@ fn layer_norm(x: &[f32], w: &[f32], b: &[f32], eps: f32) -> Vec<f32> {
             }
         });
     out
-}
-
-/// Turns the first `2·cos.len()` dimensions of one head (GPT-NeoX halves:
-/// pair `i` is `(i, i + half)`), as candle's `rope` does.
-fn rotate(head: &mut [f32], cos: &[f32], sin: &[f32]) {
-    let half = cos.len();
-    for i in 0..half {
-        let (x1, x2) = (head[i], head[i + half]);
-        head[i] = x1 * cos[i] - x2 * sin[i];
-        head[i + half] = x2 * cos[i] + x1 * sin[i];
-    }
 }
 
 #[cfg(test)]
