@@ -258,25 +258,11 @@ impl KvCache {
                 if to + len > h.cap {
                     *h = h.grown(grow_to(to + len, h.cap, self.max_len), held);
                 }
-                let plane = h.cap * h.head_dim;
-                let keys = MoveRows {
-                    rotate: Some(rotation),
-                    ..moves
-                };
-                keys.planes(
-                    &mut h.k,
-                    plane,
-                    h.head_dim,
-                    |x| x.to_f32(),
-                    half::f16::from_f32,
-                );
-                moves.planes(
-                    &mut h.v,
-                    plane,
-                    h.head_dim,
-                    |x| x.to_f32(),
-                    half::f16::from_f32,
-                );
+                let (plane, hd) = (h.cap * h.head_dim, h.head_dim);
+                for (data, rotate) in [(&mut h.k, Some(rotation)), (&mut h.v, None)] {
+                    let m = MoveRows { rotate, ..moves };
+                    m.planes(data, plane, hd, |x| x.to_f32(), half::f16::from_f32);
+                }
             }
             for (slot, is_key) in [(&mut lc.k, true), (&mut lc.v, false)] {
                 let Some(buf) = slot.as_ref() else { continue };

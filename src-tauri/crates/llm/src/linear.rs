@@ -156,6 +156,7 @@ impl Linear {
     /// computed; a weight on candle's kernels runs through them.
     pub(crate) fn host_forward(
         &self,
+        simd: crate::cpu::Avx2,
         x: &[f32],
         m: usize,
         lora: &[&LoraSlot],
@@ -203,8 +204,7 @@ impl Linear {
         }
         if gelu {
             use rayon::prelude::*;
-            y.par_chunks_mut(4096)
-                .for_each(|c| c.iter_mut().for_each(|v| *v = crate::cpu::gelu(*v)));
+            y.par_chunks_mut(4096).for_each(|c| simd.gelu(c));
         }
         Ok(y)
     }

@@ -396,7 +396,8 @@ impl Phi {
     }
 }
 
-fn slots<'a>(l: &'a LoraLayer, targets: &[LoraTarget]) -> Vec<&'a crate::LoraSlot> {
+/// The adapter slots of `targets` present in layer `l`.
+pub(crate) fn slots<'a>(l: &'a LoraLayer, targets: &[LoraTarget]) -> Vec<&'a crate::LoraSlot> {
     targets.iter().filter_map(|t| l.slot(*t)).collect()
 }
 

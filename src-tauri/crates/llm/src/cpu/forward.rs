@@ -11,8 +11,8 @@ use rayon::prelude::*;
 
 use super::Avx2;
 use crate::cache::{KvCache, rotate_pairs};
-use crate::lora::{LoraAdapter, LoraLayer, LoraSlot, LoraTarget};
-use crate::model::{Block, Phi};
+use crate::lora::{LoraAdapter, LoraLayer, LoraTarget};
+use crate::model::{Block, Phi, slots};
 use crate::{Logits, Result};
 
 /// What the CPU pass needs beside the weights, in f32 on the host: read
@@ -89,6 +89,7 @@ pub(crate) fn forward(
         let (w, b) = &parts.norms[i];
         let h = layer_norm(&x, w, b, parts.eps);
         let qkv = block.qkv.host_forward(
+            simd,
             &h,
             seq,
             &slots(l, &[LoraTarget::Q, LoraTarget::K, LoraTarget::V]),
@@ -115,15 +116,16 @@ pub(crate) fn forward(
             });
         let kv = cache.append_host(simd, i, &k, &v, heads, hd)?;
         let y = super::attention::attend(simd, &q, seq, offset, kv, scale);
-        let attn = block
-            .dense
-            .host_forward(&y, seq, &slots(l, &[LoraTarget::Dense]), false)?;
+        let attn =
+            block
+                .dense
+                .host_forward(simd, &y, seq, &slots(l, &[LoraTarget::Dense]), false)?;
         let act = block
             .fc1
-            .host_forward(&h, seq, &slots(l, &[LoraTarget::Fc1]), true)?;
+            .host_forward(simd, &h, seq, &slots(l, &[LoraTarget::Fc1]), true)?;
         let mlp = block
             .fc2
-            .host_forward(&act, seq, &slots(l, &[LoraTarget::Fc2]), false)?;
+            .host_forward(simd, &act, seq, &slots(l, &[LoraTarget::Fc2]), false)?;
         x.par_chunks_mut(hidden)
             .zip(attn.par_chunks(hidden).zip(mlp.par_chunks(hidden)))
             .for_each(|(x, (a, m))| {
@@ -140,11 +142,7 @@ pub(crate) fn forward(
     let (w, b) = parts.norms.last().expect("the final norm");
     let h = layer_norm(rows, w, b, parts.eps);
     phi.lm_head
-        .host_forward(&h, rows.len() / hidden, &[], false)
-}
-
-fn slots<'a>(l: &'a LoraLayer, targets: &[LoraTarget]) -> Vec<&'a LoraSlot> {
-    targets.iter().filter_map(|t| l.slot(*t)).collect()
+        .host_forward(simd, &h, rows.len() / hidden, &[], false)
 }
 
 /// Layer norm of each `w.len()`-wide row of `x`.
@@ -170,6 +168,7 @@ mod tests {
     use rand::{Rng, SeedableRng};
 
     use super::*;
+    use crate::lora::LoraSlot;
     use crate::{PhiConfig, QuantType, write_synthetic_gguf};
 
     fn model(quant: QuantType, dir: &std::path::Path) -> Phi {

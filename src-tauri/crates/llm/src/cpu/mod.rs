@@ -170,48 +170,41 @@ impl QMatrix {
         let mut acts = Vec::with_capacity(x.len() / blocks::QK_K);
         blocks::quantize_q8k(x, &mut acts);
         // More input rows per weight row where the registers allow (AVX-512), else four.
-        match (self.kind, self.wide) {
-            (Kind::Q4K, Some(v)) => self.run(
-                &acts,
+        match self.wide {
+            Some(v) => self.run_k::<_, WIDE_ROWS>(v, &acts, m, epilogue),
+            None => self.run_k::<_, 4>(simd, &acts, m, epilogue),
+        }
+    }
+
+    /// [`QMatrix::run`] for this matrix's K-quant type on `dots`' kernels.
+    fn run_k<D: KDots, const N: usize>(
+        &self,
+        dots: D,
+        acts: &[blocks::Q8K],
+        m: usize,
+        epilogue: Epilogue<'_>,
+    ) -> Vec<f32> {
+        match self.kind {
+            Kind::Q4K => self.run(
+                acts,
                 m,
                 epilogue,
-                |w, a| v.dot_q4k::<1>(w, [a])[0],
-                |w, a| v.dot_q4k::<WIDE_ROWS>(w, a),
+                |w, a| dots.q4k::<1>(w, [a])[0],
+                |w, a| dots.q4k::<N>(w, a),
             ),
-            (Kind::Q5K, Some(v)) => self.run(
-                &acts,
+            Kind::Q5K => self.run(
+                acts,
                 m,
                 epilogue,
-                |w, a| v.dot_q5k::<1>(w, [a])[0],
-                |w, a| v.dot_q5k::<WIDE_ROWS>(w, a),
+                |w, a| dots.q5k::<1>(w, [a])[0],
+                |w, a| dots.q5k::<N>(w, a),
             ),
-            (_, Some(v)) => self.run(
-                &acts,
+            _ => self.run(
+                acts,
                 m,
                 epilogue,
-                |w, a| v.dot_q6k::<1>(w, [a])[0],
-                |w, a| v.dot_q6k::<WIDE_ROWS>(w, a),
-            ),
-            (Kind::Q4K, None) => self.run(
-                &acts,
-                m,
-                epilogue,
-                |w, a| simd.dot_q4k::<1>(w, [a])[0],
-                |w, a| simd.dot_q4k::<4>(w, a),
-            ),
-            (Kind::Q5K, None) => self.run(
-                &acts,
-                m,
-                epilogue,
-                |w, a| simd.dot_q5k::<1>(w, [a])[0],
-                |w, a| simd.dot_q5k::<4>(w, a),
-            ),
-            (_, None) => self.run(
-                &acts,
-                m,
-                epilogue,
-                |w, a| simd.dot_q6k::<1>(w, [a])[0],
-                |w, a| simd.dot_q6k::<4>(w, a),
+                |w, a| dots.q6k::<1>(w, [a])[0],
+                |w, a| dots.q6k::<N>(w, a),
             ),
         }
     }
@@ -240,14 +233,7 @@ impl QMatrix {
                     let r = r0 + i;
                     *y = dot(&w[r * rb..(r + 1) * rb], acts);
                 }
-                if let Some(b) = epilogue.bias {
-                    for (y, b) in ys.iter_mut().zip(&b[r0..]) {
-                        *y += b;
-                    }
-                }
-                if epilogue.gelu {
-                    self.simd.gelu(ys);
-                }
+                epilogue.apply(self.simd, ys, r0, 1);
             });
             return out;
         }
@@ -273,14 +259,7 @@ impl QMatrix {
                     }
                 }
             }
-            for (i, col) in ys.chunks_exact_mut(m).enumerate() {
-                if let Some(b) = epilogue.bias {
-                    col.iter_mut().for_each(|v| *v += b[r0 + i]);
-                }
-                if epilogue.gelu {
-                    self.simd.gelu(col);
-                }
-            }
+            epilogue.apply(self.simd, ys, r0, m);
         });
         let mut out = vec![0f32; self.rows * m];
         out.par_chunks_mut(self.rows)
@@ -294,6 +273,33 @@ impl QMatrix {
     }
 }
 
+/// One instruction set's K-quant dot products: a weight row against `N`
+/// rows of activations (the AVX2 and AVX-512 kernels).
+trait KDots: Copy + Sync {
+    fn q4k<const N: usize>(self, row: &[u8], acts: [&[blocks::Q8K]; N]) -> [f32; N];
+    fn q5k<const N: usize>(self, row: &[u8], acts: [&[blocks::Q8K]; N]) -> [f32; N];
+    fn q6k<const N: usize>(self, row: &[u8], acts: [&[blocks::Q8K]; N]) -> [f32; N];
+}
+
+/// Both proofs answer with their own kernels.
+macro_rules! k_dots {
+    ($t:ty) => {
+        impl KDots for $t {
+            fn q4k<const N: usize>(self, row: &[u8], acts: [&[blocks::Q8K]; N]) -> [f32; N] {
+                self.dot_q4k::<N>(row, acts)
+            }
+            fn q5k<const N: usize>(self, row: &[u8], acts: [&[blocks::Q8K]; N]) -> [f32; N] {
+                self.dot_q5k::<N>(row, acts)
+            }
+            fn q6k<const N: usize>(self, row: &[u8], acts: [&[blocks::Q8K]; N]) -> [f32; N] {
+                self.dot_q6k::<N>(row, acts)
+            }
+        }
+    };
+}
+k_dots!(Avx2);
+k_dots!(Avx512);
+
 /// What a product does to each output before storing it.
 #[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct Epilogue<'a> {
@@ -301,6 +307,21 @@ pub(crate) struct Epilogue<'a> {
     pub(crate) bias: Option<&'a [f32]>,
     /// Then GELU (the tanh approximation, Phi-2's `gelu_new`).
     pub(crate) gelu: bool,
+}
+
+impl Epilogue<'_> {
+    /// On outputs `ys` of weight rows `r0..`, `per` values per row (one per
+    /// input row): the row's bias, then GELU, by the thread that computed them.
+    fn apply(&self, simd: Avx2, ys: &mut [f32], r0: usize, per: usize) {
+        if let Some(b) = self.bias {
+            for (run, b) in ys.chunks_exact_mut(per).zip(&b[r0..]) {
+                run.iter_mut().for_each(|v| *v += b);
+            }
+        }
+        if self.gelu {
+            simd.gelu(ys);
+        }
+    }
 }
 
 /// GELU, tanh approximation: ½x(1 + tanh(√(2/π)(x + 0.044715x³))).
