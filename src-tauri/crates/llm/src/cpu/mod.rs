@@ -18,6 +18,7 @@ mod avx512;
 pub(crate) mod blocks;
 pub(crate) mod forward;
 pub mod threads;
+mod tiled;
 
 use std::sync::Arc;
 
@@ -89,6 +90,8 @@ pub(crate) struct QMatrix {
     simd: Avx2,
     /// The K-quants' wider kernels, where the CPU has AVX-512.
     wide: Option<Avx512>,
+    /// The K-quants' tiled products for many tokens, where it has VNNI too.
+    vnni: Option<tiled::Vnni>,
 }
 
 /// Rows of the input multiplied against the same few weight rows before moving on.
@@ -122,6 +125,7 @@ impl QMatrix {
             cols,
             simd,
             wide: Avx512::detect(),
+            vnni: tiled::Vnni::detect(),
         })
     }
 
@@ -166,6 +170,12 @@ impl QMatrix {
                 |w, a| simd.dot_q8_0::<1>(w, [a])[0],
                 |w, a| simd.dot_q8_0::<4>(w, a),
             );
+        }
+        if let Some(v) = self.vnni
+            && m >= tiled::TOKENS
+            && self.rows.is_multiple_of(tiled::ROWS)
+        {
+            return self.run_tiled(v, x, m, epilogue);
         }
         let mut acts = Vec::with_capacity(x.len() / blocks::QK_K);
         blocks::quantize_q8k(x, &mut acts);
@@ -261,16 +271,47 @@ impl QMatrix {
             }
             epilogue.apply(self.simd, ys, r0, m);
         });
-        let mut out = vec![0f32; self.rows * m];
-        out.par_chunks_mut(self.rows)
-            .enumerate()
-            .for_each(|(tok, o)| {
-                for (r, v) in o.iter_mut().enumerate() {
-                    *v = t[r * m + tok];
-                }
-            });
-        out
+        transpose(&t, self.rows, m)
     }
+
+    /// The K-quant product for many tokens as [`tiled`] products: the
+    /// input quantized into panels once, the weight rows split among the
+    /// threads [`tiled::ROWS`] at a time.
+    fn run_tiled(&self, v: tiled::Vnni, x: &[f32], m: usize, epilogue: Epilogue<'_>) -> Vec<f32> {
+        let p = tiled::Panels::new(x, m, self.cols);
+        let rb = self.row_bytes();
+        let w = self.bytes.as_slice();
+        let threads = rayon::current_num_threads();
+        let chunk = self
+            .rows
+            .div_ceil(threads * 4)
+            .next_multiple_of(tiled::ROWS)
+            .clamp(tiled::ROWS, 64);
+        let mut t = vec![0f32; self.rows * m];
+        t.par_chunks_mut(chunk * m).enumerate().for_each_init(
+            || tiled::Unpacked::new(self.cols),
+            |scratch, (c, ys)| {
+                let r0 = c * chunk;
+                for (i, out) in ys.chunks_mut(tiled::ROWS * m).enumerate() {
+                    let r = r0 + i * tiled::ROWS;
+                    v.rows(self.kind, &w[r * rb..(r + tiled::ROWS) * rb], rb, &p, scratch, out);
+                }
+                epilogue.apply(self.simd, ys, r0, m);
+            },
+        );
+        transpose(&t, self.rows, m)
+    }
+}
+
+/// `[m, rows]` from `[rows, m]`, on the engine's threads.
+fn transpose(t: &[f32], rows: usize, m: usize) -> Vec<f32> {
+    let mut out = vec![0f32; rows * m];
+    out.par_chunks_mut(rows).enumerate().for_each(|(tok, o)| {
+        for (r, v) in o.iter_mut().enumerate() {
+            *v = t[r * m + tok];
+        }
+    });
+    out
 }
 
 /// One instruction set's K-quant dot products: a weight row against `N`

@@ -1,0 +1,359 @@
+//! Prefill's K-quant products as an 8-bit matrix product (AVX-512 VNNI):
+//! 16 tokens per register, one weight value broadcast per multiply.
+//!
+//! The row kernels of [`super::avx512`] multiply one weight row by eight
+//! activation rows with `maddubs` then a scale multiply per 64 values — two
+//! multiplies per 64 products. Here the activations are laid out as panels
+//! of 16 tokens: a 64-byte line holds four consecutive values of each of 16
+//! tokens, so `dpbusd` with four weight bytes broadcast (unsigned, the
+//! unpacked K-quant values) adds 64 products into 16 per-token sums in one
+//! instruction, and a sub-block's scale is one integer multiply per 32 (or
+//! 16) values × 16 tokens. The weights are unpacked to one byte per value a
+//! few rows at a time into the thread's scratch (from the mapped blocks,
+//! never a second copy of the model), and every token panel reuses them.
+//!
+//! The integer sums are those of the plain dot products in
+//! [`super::blocks`]; only the float accumulation order differs, so the
+//! tests compare them up to float rounding.
+#![allow(unsafe_code)]
+
+#[cfg(target_arch = "x86_64")]
+use std::arch::x86_64::*;
+
+use super::blocks::{self, Kind, QK_K};
+
+/// Tokens per panel: one 32-bit lane each in a 512-bit register.
+pub(crate) const TOKENS: usize = 16;
+/// Weight rows multiplied against a panel at once (their eight sums and
+/// eight scaled sums stay in registers).
+pub(crate) const ROWS: usize = 8;
+
+/// 64 bytes on a cache line: four values of each of 16 tokens.
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Line([i8; 64]);
+
+/// 16 lanes of 32 bits on a cache line: one per token.
+#[derive(Clone, Copy, Default)]
+#[repr(C, align(64))]
+struct Lanes([i32; TOKENS]);
+
+/// The activations of a product, quantized to 8 bits (as [`blocks::Q8K`]) and laid
+/// out in panels of 16 tokens (the last padded with zeros).
+pub(crate) struct Panels {
+    m: usize,
+    nb: usize,
+    /// `[panel][super-block][64 lines]`: line `g` holds values `4g..4g + 4`.
+    q: Vec<Line>,
+    /// `[panel][super-block]`: each token's scale (f32 bits).
+    d: Vec<Lanes>,
+    /// `[panel][super-block][16]`: each token's sums of 16 values.
+    bsums: Vec<Lanes>,
+    /// `[panel][super-block][4]`: the sums of 32 values of sub-blocks 2p
+    /// (low 16 bits) and 2p + 1 (high), for the minimums' `dpwssd`.
+    pairs: Vec<Lanes>,
+}
+
+impl Panels {
+    /// Quantizes `x` (`[m, cols]`) panel by panel on the engine's threads.
+    pub(crate) fn new(x: &[f32], m: usize, cols: usize) -> Self {
+        use rayon::prelude::*;
+        assert!(cols.is_multiple_of(QK_K) && x.len() == m * cols);
+        let nb = cols / QK_K;
+        let panels = m.div_ceil(TOKENS);
+        let mut q = vec![Line([0; 64]); panels * nb * 64];
+        let mut d = vec![Lanes::default(); panels * nb];
+        let mut bsums = vec![Lanes::default(); panels * nb * 16];
+        let mut pairs = vec![Lanes::default(); panels * nb * 4];
+        q.par_chunks_mut(nb * 64)
+            .zip(d.par_chunks_mut(nb))
+            .zip(bsums.par_chunks_mut(nb * 16))
+            .zip(pairs.par_chunks_mut(nb * 4))
+            .enumerate()
+            .for_each(|(p, (((q, d), bsums), pairs))| {
+                let t0 = p * TOKENS;
+                let t1 = (t0 + TOKENS).min(m);
+                let mut acts = Vec::with_capacity(nb);
+                for (t, tok) in (t0..t1).enumerate() {
+                    acts.clear();
+                    blocks::quantize_q8k(&x[tok * cols..(tok + 1) * cols], &mut acts);
+                    for (k, a) in acts.iter().enumerate() {
+                        for (g, four) in a.qs.chunks_exact(4).enumerate() {
+                            q[k * 64 + g].0[t * 4..t * 4 + 4].copy_from_slice(four);
+                        }
+                        d[k].0[t] = a.d.to_bits() as i32;
+                        for (j, &s) in a.bsums.iter().enumerate() {
+                            bsums[k * 16 + j].0[t] = s as i32;
+                        }
+                        for pp in 0..4 {
+                            let lo = a.sums32[2 * pp] as i16 as u16 as u32;
+                            let hi = a.sums32[2 * pp + 1] as i16 as u16 as u32;
+                            pairs[k * 4 + pp].0[t] = (lo | hi << 16) as i32;
+                        }
+                    }
+                }
+            });
+        Self {
+            m,
+            nb,
+            q,
+            d,
+            bsums,
+            pairs,
+        }
+    }
+
+    fn panels(&self) -> usize {
+        self.m.div_ceil(TOKENS)
+    }
+}
+
+/// [`ROWS`] weight rows unpacked to one byte per value, with their
+/// sub-blocks' scales: a thread's scratch, refilled for each group of rows.
+pub(crate) struct Unpacked {
+    nb: usize,
+    /// `[row][super-block]`: values 0–63 (Q6_K's offset of 32 kept).
+    q: Vec<[u8; QK_K]>,
+    /// `[row][super-block][16]`: sub-block scales (Q4_K/Q5_K use 8).
+    sc: Vec<[i32; 16]>,
+    /// `[row][super-block][4]`: minimums of sub-blocks 2p and 2p + 1 as
+    /// 16-bit pairs (Q4_K/Q5_K).
+    mn: Vec<[i32; 4]>,
+    /// `[row][super-block]`: `d` and `dmin`.
+    d: Vec<[f32; 2]>,
+}
+
+impl Unpacked {
+    pub(crate) fn new(cols: usize) -> Self {
+        let nb = cols / QK_K;
+        Self {
+            nb,
+            q: vec![[0; QK_K]; ROWS * nb],
+            sc: vec![[0; 16]; ROWS * nb],
+            mn: vec![[0; 4]; ROWS * nb],
+            d: vec![[0.0; 2]; ROWS * nb],
+        }
+    }
+
+    /// Unpacks `rows` (`ROWS` rows of `kind` blocks, `row_bytes` each).
+    fn fill(&mut self, kind: Kind, rows: &[u8], row_bytes: usize) {
+        let bb = kind.block_bytes();
+        for r in 0..ROWS {
+            let row = &rows[r * row_bytes..(r + 1) * row_bytes];
+            for (k, b) in row.chunks_exact(bb).enumerate() {
+                let i = r * self.nb + k;
+                match kind {
+                    Kind::Q4K | Kind::Q5K => {
+                        let fifth = kind == Kind::Q5K;
+                        let (sc, mn) = blocks::k4_scales(&b[4..16]);
+                        for j in 0..8 {
+                            self.sc[i][j] = sc[j] as i32;
+                        }
+                        for p in 0..4 {
+                            self.mn[i][p] = mn[2 * p] as i32 | (mn[2 * p + 1] as i32) << 16;
+                        }
+                        self.d[i] = [blocks::f16_at(b, 0), blocks::f16_at(b, 2)];
+                        let q = &mut self.q[i];
+                        let qs = if fifth { &b[48..176] } else { &b[16..144] };
+                        for c in 0..4 {
+                            for l in 0..32 {
+                                let v = qs[c * 32 + l];
+                                q[c * 64 + l] = v & 15;
+                                q[c * 64 + 32 + l] = v >> 4;
+                            }
+                        }
+                        if fifth {
+                            let qh = &b[16..48];
+                            for c in 0..4 {
+                                for l in 0..32 {
+                                    q[c * 64 + l] |= ((qh[l] >> (2 * c)) & 1) << 4;
+                                    q[c * 64 + 32 + l] |= ((qh[l] >> (2 * c + 1)) & 1) << 4;
+                                }
+                            }
+                        }
+                    }
+                    Kind::Q6K => {
+                        for j in 0..16 {
+                            self.sc[i][j] = b[192 + j] as i8 as i32;
+                        }
+                        self.d[i] = [blocks::f16_at(b, 208), 0.0];
+                        let q = &mut self.q[i];
+                        for h in 0..2 {
+                            let ql = &b[h * 64..h * 64 + 64];
+                            let qh = &b[128 + h * 32..128 + h * 32 + 32];
+                            let o = h * 128;
+                            for l in 0..32 {
+                                q[o + l] = (ql[l] & 15) | ((qh[l] & 3) << 4);
+                                q[o + 32 + l] = (ql[l + 32] & 15) | (((qh[l] >> 2) & 3) << 4);
+                                q[o + 64 + l] = (ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4);
+                                q[o + 96 + l] = (ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4);
+                            }
+                        }
+                    }
+                    Kind::Q8_0 => unreachable!("Q8_0 is not a K-quant"),
+                }
+            }
+        }
+    }
+}
+
+/// Proof that this CPU runs AVX-512 F, BW and VNNI (made only by
+/// [`Vnni::detect`]).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Vnni(());
+
+impl Vnni {
+    pub(crate) fn detect() -> Option<Self> {
+        #[cfg(target_arch = "x86_64")]
+        if super::avx512::Avx512::detect().is_some()
+            && std::arch::is_x86_feature_detected!("avx512vnni")
+        {
+            return Some(Self(()));
+        }
+        None
+    }
+
+    /// `[ROWS, m]` products of the rows in `rows` (`ROWS` rows of `kind`
+    /// blocks) with every token of `p`, into `out` (row `r`'s outputs at
+    /// `r * m`), using `scratch` for the unpacked weights.
+    pub(crate) fn rows(
+        self,
+        kind: Kind,
+        rows: &[u8],
+        row_bytes: usize,
+        p: &Panels,
+        scratch: &mut Unpacked,
+        out: &mut [f32],
+    ) {
+        assert_eq!(out.len(), ROWS * p.m);
+        assert_eq!(scratch.nb, p.nb);
+        scratch.fill(kind, rows, row_bytes);
+        let mut tile = [[0f32; TOKENS]; ROWS];
+        for panel in 0..p.panels() {
+            // SAFETY: `self` exists only where AVX-512 F/BW and VNNI were detected.
+            #[cfg(target_arch = "x86_64")]
+            unsafe {
+                match kind {
+                    Kind::Q6K => tile_k::<16, false>(scratch, p, panel, &mut tile),
+                    _ => tile_k::<32, true>(scratch, p, panel, &mut tile),
+                }
+            }
+            let t0 = panel * TOKENS;
+            let n = (p.m - t0).min(TOKENS);
+            for (r, sums) in tile.iter().enumerate() {
+                out[r * p.m + t0..r * p.m + t0 + n].copy_from_slice(&sums[..n]);
+            }
+        }
+    }
+}
+
+/// The `ROWS × TOKENS` products of the unpacked rows with one panel, over
+/// every super-block. `SUB` values per sub-block (32 for Q4_K/Q5_K, with
+/// minimums; 16 for Q6_K, with its offset of 32 taken out through the
+/// tokens' sums).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma")]
+fn tile_k<const SUB: usize, const MINS: bool>(
+    w: &Unpacked,
+    p: &Panels,
+    panel: usize,
+    out: &mut [[f32; TOKENS]; ROWS],
+) {
+    let nb = p.nb;
+    let mut acc = [_mm512_setzero_ps(); ROWS];
+    for k in 0..nb {
+        let pk = panel * nb + k;
+        let lines: &[Line; 64] = p.q[pk * 64..pk * 64 + 64].try_into().unwrap();
+        let wq: [&[u8; QK_K]; ROWS] = std::array::from_fn(|r| &w.q[r * nb + k]);
+        let mut s1 = [_mm512_setzero_si512(); ROWS];
+        for s in 0..QK_K / SUB {
+            let mut a = [_mm512_setzero_si512(); ROWS];
+            for g in s * SUB / 4..(s + 1) * SUB / 4 {
+                // SAFETY: a 64-byte aligned line.
+                let x = unsafe { _mm512_load_si512(lines[g].0.as_ptr().cast()) };
+                for r in 0..ROWS {
+                    let four = i32::from_le_bytes(wq[r][g * 4..g * 4 + 4].try_into().unwrap());
+                    a[r] = _mm512_dpbusd_epi32(a[r], _mm512_set1_epi32(four), x);
+                }
+            }
+            if !MINS {
+                // Q6_K's values are stored + 32: take 32 × the 16 values' sums out.
+                // SAFETY: a 64-byte aligned line.
+                let bs = unsafe { _mm512_load_si512(p.bsums[pk * 16 + s].0.as_ptr().cast()) };
+                let off = _mm512_slli_epi32::<5>(bs);
+                for v in &mut a {
+                    *v = _mm512_sub_epi32(*v, off);
+                }
+            }
+            for r in 0..ROWS {
+                let sc = _mm512_set1_epi32(w.sc[r * nb + k][s]);
+                s1[r] = _mm512_add_epi32(s1[r], _mm512_mullo_epi32(a[r], sc));
+            }
+        }
+        // SAFETY: a 64-byte aligned line.
+        let d1 = unsafe { _mm512_load_ps(p.d[pk].0.as_ptr().cast()) };
+        for r in 0..ROWS {
+            let [d, dmin] = w.d[r * nb + k];
+            let mut f = _mm512_mul_ps(_mm512_cvtepi32_ps(s1[r]), _mm512_set1_ps(d));
+            if MINS {
+                let mut m = _mm512_setzero_si512();
+                for pp in 0..4 {
+                    // SAFETY: a 64-byte aligned line.
+                    let sums =
+                        unsafe { _mm512_load_si512(p.pairs[pk * 4 + pp].0.as_ptr().cast()) };
+                    m = _mm512_dpwssd_epi32(m, sums, _mm512_set1_epi32(w.mn[r * nb + k][pp]));
+                }
+                f = _mm512_fnmadd_ps(_mm512_set1_ps(dmin), _mm512_cvtepi32_ps(m), f);
+            }
+            acc[r] = _mm512_fmadd_ps(f, d1, acc[r]);
+        }
+    }
+    for (o, v) in out.iter_mut().zip(acc) {
+        // SAFETY: 16 floats.
+        unsafe { _mm512_storeu_ps(o.as_mut_ptr(), v) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every (row, token) of the tiled product equals the plain dot product
+    /// of the same blocks (the same integer sums; float order differs).
+    #[test]
+    fn tiles_equal_the_plain_dots() {
+        let Some(v) = Vnni::detect() else {
+            eprintln!("no AVX-512 VNNI here: the tiled products are not used on this CPU");
+            return;
+        };
+        let cols = 512;
+        for kind in [Kind::Q4K, Kind::Q5K, Kind::Q6K] {
+            let (m_q, _) = super::super::tests::quantized(kind.ggml(), ROWS, cols, 21);
+            let rb = m_q.row_bytes();
+            for m in [1usize, 16, 17, 40] {
+                let x = super::super::tests::random(m * cols, 300 + m as u64);
+                let p = Panels::new(&x, m, cols);
+                let mut scratch = Unpacked::new(cols);
+                let mut out = vec![f32::NAN; ROWS * m];
+                v.rows(kind, m_q.bytes(), rb, &p, &mut scratch, &mut out);
+                for t in 0..m {
+                    let mut acts = Vec::new();
+                    blocks::quantize_q8k(&x[t * cols..(t + 1) * cols], &mut acts);
+                    for r in 0..ROWS {
+                        let row = &m_q.bytes()[r * rb..(r + 1) * rb];
+                        let want = match kind {
+                            Kind::Q4K => blocks::dot_q4k(row, &acts),
+                            Kind::Q5K => blocks::dot_q5k(row, &acts),
+                            _ => blocks::dot_q6k(row, &acts),
+                        };
+                        let got = out[r * m + t];
+                        assert!(
+                            (want - got).abs() <= 1e-4 * want.abs().max(1.0),
+                            "{kind:?} m={m} row {r} token {t}: plain {want} vs tiled {got}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
