@@ -274,32 +274,17 @@ impl QMatrix {
         transpose(&t, self.rows, m)
     }
 
-    /// The K-quant product for many tokens as [`tiled`] products: the
-    /// input quantized into panels once, the weight rows split among the
-    /// threads [`tiled::ROWS`] at a time.
+    /// The K-quant product for many tokens as [`tiled`] products.
     fn run_tiled(&self, v: tiled::Vnni, x: &[f32], m: usize, epilogue: Epilogue<'_>) -> Vec<f32> {
-        let p = tiled::Panels::new(x, m, self.cols);
-        let rb = self.row_bytes();
-        let w = self.bytes.as_slice();
-        let threads = rayon::current_num_threads();
-        let chunk = self
-            .rows
-            .div_ceil(threads * 4)
-            .next_multiple_of(tiled::ROWS)
-            .clamp(tiled::ROWS, 64);
-        let mut t = vec![0f32; self.rows * m];
-        t.par_chunks_mut(chunk * m).enumerate().for_each_init(
-            || tiled::Unpacked::new(self.cols),
-            |scratch, (c, ys)| {
-                let r0 = c * chunk;
-                for (i, out) in ys.chunks_mut(tiled::ROWS * m).enumerate() {
-                    let r = r0 + i * tiled::ROWS;
-                    v.rows(self.kind, &w[r * rb..(r + tiled::ROWS) * rb], rb, &p, scratch, out);
-                }
-                epilogue.apply(self.simd, ys, r0, m);
-            },
-        );
-        transpose(&t, self.rows, m)
+        v.product(
+            self.kind,
+            self.bytes.as_slice(),
+            self.rows,
+            self.cols,
+            x,
+            m,
+            |tile, r0| epilogue.apply(self.simd, tile, r0, tiled::TOKENS),
+        )
     }
 }
 

@@ -136,6 +136,8 @@ impl Unpacked {
     }
 
     /// Unpacks `rows` (`ROWS` rows of `kind` blocks, `row_bytes` each).
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
     fn fill(&mut self, kind: Kind, rows: &[u8], row_bytes: usize) {
         let bb = kind.block_bytes();
         for r in 0..ROWS {
@@ -146,54 +148,95 @@ impl Unpacked {
                     Kind::Q4K | Kind::Q5K => {
                         let fifth = kind == Kind::Q5K;
                         let (sc, mn) = blocks::k4_scales(&b[4..16]);
-                        for j in 0..8 {
-                            self.sc[i][j] = sc[j] as i32;
+                        for (o, &v) in self.sc[i].iter_mut().zip(&sc) {
+                            *o = v as i32;
                         }
                         for p in 0..4 {
                             self.mn[i][p] = mn[2 * p] as i32 | (mn[2 * p + 1] as i32) << 16;
                         }
                         self.d[i] = [blocks::f16_at(b, 0), blocks::f16_at(b, 2)];
-                        let q = &mut self.q[i];
                         let qs = if fifth { &b[48..176] } else { &b[16..144] };
-                        for c in 0..4 {
-                            for l in 0..32 {
-                                let v = qs[c * 32 + l];
-                                q[c * 64 + l] = v & 15;
-                                q[c * 64 + 32 + l] = v >> 4;
-                            }
-                        }
-                        if fifth {
-                            let qh = &b[16..48];
-                            for c in 0..4 {
-                                for l in 0..32 {
-                                    q[c * 64 + l] |= ((qh[l] >> (2 * c)) & 1) << 4;
-                                    q[c * 64 + 32 + l] |= ((qh[l] >> (2 * c + 1)) & 1) << 4;
-                                }
-                            }
-                        }
+                        let qh = if fifth { Some(&b[16..48]) } else { None };
+                        unpack_k4(qs, qh, &mut self.q[i]);
                     }
                     Kind::Q6K => {
-                        for j in 0..16 {
-                            self.sc[i][j] = b[192 + j] as i8 as i32;
+                        for (o, &v) in self.sc[i].iter_mut().zip(&b[192..208]) {
+                            *o = v as i8 as i32;
                         }
                         self.d[i] = [blocks::f16_at(b, 208), 0.0];
-                        let q = &mut self.q[i];
-                        for h in 0..2 {
-                            let ql = &b[h * 64..h * 64 + 64];
-                            let qh = &b[128 + h * 32..128 + h * 32 + 32];
-                            let o = h * 128;
-                            for l in 0..32 {
-                                q[o + l] = (ql[l] & 15) | ((qh[l] & 3) << 4);
-                                q[o + 32 + l] = (ql[l + 32] & 15) | (((qh[l] >> 2) & 3) << 4);
-                                q[o + 64 + l] = (ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4);
-                                q[o + 96 + l] = (ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4);
-                            }
-                        }
+                        unpack_q6k(&b[..192], &mut self.q[i]);
                     }
                     Kind::Q8_0 => unreachable!("Q8_0 is not a K-quant"),
                 }
             }
         }
+    }
+}
+
+/// 32 bytes of `s` from `at` (checked).
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2")]
+fn load32(s: &[u8], at: usize) -> __m256i {
+    assert!(at + 32 <= s.len());
+    // SAFETY: 32 readable bytes (checked above); unaligned load.
+    unsafe { _mm256_loadu_si256(s.as_ptr().add(at).cast()) }
+}
+
+/// Stores 32 bytes at `q[at..]` (checked).
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2")]
+fn store32(q: &mut [u8; QK_K], at: usize, v: __m256i) {
+    assert!(at + 32 <= QK_K);
+    // SAFETY: 32 writable bytes (checked above); unaligned store.
+    unsafe { _mm256_storeu_si256(q.as_mut_ptr().add(at).cast(), v) }
+}
+
+/// Q4_K's 128 bytes of nibbles (and Q5_K's 32 bytes of fifth bits) as 256
+/// values in order: chunk c's low nibbles are values 64c.., its high ones 64c + 32...
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn unpack_k4(qs: &[u8], qh: Option<&[u8]>, q: &mut [u8; QK_K]) {
+    let m4 = _mm256_set1_epi8(0x0F);
+    let one = _mm256_set1_epi8(1);
+    for c in 0..4 {
+        let v = load32(qs, c * 32);
+        let mut lo = _mm256_and_si256(v, m4);
+        let mut hi = _mm256_and_si256(_mm256_srli_epi16::<4>(v), m4);
+        if let Some(qh) = qh {
+            // Bit 2c of byte l tops value l of the low half, bit 2c + 1 the high.
+            let h = _mm256_srl_epi16(load32(qh, 0), _mm_cvtsi32_si128(2 * c as i32));
+            let top = |h| _mm256_slli_epi16::<4>(_mm256_and_si256(h, one));
+            lo = _mm256_or_si256(lo, top(h));
+            hi = _mm256_or_si256(hi, top(_mm256_srli_epi16::<1>(h)));
+        }
+        store32(q, c * 64, lo);
+        store32(q, c * 64 + 32, hi);
+    }
+}
+
+/// Q6_K's 128 bytes of low nibbles and 64 of high bit pairs as 256 values
+/// 0–63 in order (see [`blocks::dot_q6k`] for the layout).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn unpack_q6k(b: &[u8], q: &mut [u8; QK_K]) {
+    let m4 = _mm256_set1_epi8(0x0F);
+    let m2 = _mm256_set1_epi8(0x03);
+    let m2hi = _mm256_set1_epi8(0x30);
+    for h in 0..2 {
+        let ql0 = load32(b, h * 64);
+        let ql1 = load32(b, h * 64 + 32);
+        let qh = load32(b, 128 + h * 32);
+        let qh2 = _mm256_srli_epi16::<2>(qh);
+        let low = |v| _mm256_and_si256(v, m4);
+        let high = |v| _mm256_and_si256(_mm256_srli_epi16::<4>(v), m4);
+        let top = |v| _mm256_slli_epi16::<4>(_mm256_and_si256(v, m2));
+        let o = h * 128;
+        store32(q, o, _mm256_or_si256(low(ql0), top(qh)));
+        store32(q, o + 32, _mm256_or_si256(low(ql1), top(qh2)));
+        store32(q, o + 64, _mm256_or_si256(high(ql0), _mm256_and_si256(qh, m2hi)));
+        store32(q, o + 96, _mm256_or_si256(high(ql1), _mm256_and_si256(qh2, m2hi)));
     }
 }
 
@@ -213,9 +256,65 @@ impl Vnni {
         None
     }
 
-    /// `[ROWS, m]` products of the rows in `rows` (`ROWS` rows of `kind`
-    /// blocks) with every token of `p`, into `out` (row `r`'s outputs at
-    /// `r * m`), using `scratch` for the unpacked weights.
+    /// `x Wᵀ` (`x` `[m, cols]`, `W` `[rows, cols]` of `kind` blocks,
+    /// `rows` a multiple of [`ROWS`]): the input quantized into panels
+    /// once, the weight rows split among the threads `ROWS` at a time, each
+    /// tile's outputs passed through `epilogue(tile, first row)` (a
+    /// `ROWS × TOKENS` row-major tile) and written straight to their places
+    /// in `[m, rows]`.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn product(
+        self,
+        kind: Kind,
+        w: &[u8],
+        rows: usize,
+        cols: usize,
+        x: &[f32],
+        m: usize,
+        epilogue: impl Fn(&mut [f32], usize) + Sync,
+    ) -> Vec<f32> {
+        use rayon::prelude::*;
+        assert!(rows.is_multiple_of(ROWS));
+        let rb = cols / QK_K * kind.block_bytes();
+        assert_eq!(w.len(), rows * rb);
+        let p = Panels::new(x, m, cols);
+        let threads = rayon::current_num_threads();
+        // Several chunks per thread so a slow thread's share is taken up by others.
+        let chunk = rows
+            .div_ceil(threads * 4)
+            .next_multiple_of(ROWS)
+            .clamp(ROWS, 64);
+        let mut out = vec![0f32; rows * m];
+        let dst = Shared(out.as_mut_ptr());
+        (0..rows.div_ceil(chunk)).into_par_iter().for_each_init(
+            || Unpacked::new(cols),
+            |scratch, c| {
+                let dst = &dst;
+                for r in (c * chunk..((c + 1) * chunk).min(rows)).step_by(ROWS) {
+                    let group = &w[r * rb..(r + ROWS) * rb];
+                    self.rows(kind, group, rb, &p, scratch, |t0, n, tile| {
+                        epilogue(tile.as_flattened_mut(), r);
+                        for t in t0..t0 + n {
+                            assert!((t + 1) * rows <= m * rows);
+                            for (i, sums) in tile.iter().enumerate() {
+                                // SAFETY: in bounds (checked above: r + i <
+                                // rows); chunk c's threads alone write rows
+                                // c·chunk.., and `out` is read only after
+                                // every chunk is done.
+                                unsafe { *dst.0.add(t * rows + r + i) = sums[t - t0] };
+                            }
+                        }
+                    });
+                }
+            },
+        );
+        out
+    }
+
+    /// The products of `rows` (`ROWS` rows of `kind` blocks, `row_bytes`
+    /// each) with every token of `p`: `emit(t0, n, tile)` takes each panel's
+    /// `ROWS × TOKENS` tile (tokens `t0..t0 + n` are real, the rest
+    /// padding). `scratch` holds the unpacked weights.
     pub(crate) fn rows(
         self,
         kind: Kind,
@@ -223,14 +322,17 @@ impl Vnni {
         row_bytes: usize,
         p: &Panels,
         scratch: &mut Unpacked,
-        out: &mut [f32],
+        mut emit: impl FnMut(usize, usize, &mut [[f32; TOKENS]; ROWS]),
     ) {
-        assert_eq!(out.len(), ROWS * p.m);
         assert_eq!(scratch.nb, p.nb);
-        scratch.fill(kind, rows, row_bytes);
+        // SAFETY: `self` exists only where AVX-512 F/BW and VNNI (and so AVX2) were detected.
+        #[cfg(target_arch = "x86_64")]
+        unsafe {
+            scratch.fill(kind, rows, row_bytes)
+        };
         let mut tile = [[0f32; TOKENS]; ROWS];
         for panel in 0..p.panels() {
-            // SAFETY: `self` exists only where AVX-512 F/BW and VNNI were detected.
+            // SAFETY: as above.
             #[cfg(target_arch = "x86_64")]
             unsafe {
                 match kind {
@@ -239,13 +341,16 @@ impl Vnni {
                 }
             }
             let t0 = panel * TOKENS;
-            let n = (p.m - t0).min(TOKENS);
-            for (r, sums) in tile.iter().enumerate() {
-                out[r * p.m + t0..r * p.m + t0 + n].copy_from_slice(&sums[..n]);
-            }
+            emit(t0, (p.m - t0).min(TOKENS), &mut tile);
         }
     }
 }
+
+/// The output buffer of [`Vnni::product`], written by many threads at
+/// disjoint places.
+struct Shared(*mut f32);
+// SAFETY: the threads write disjoint elements (see `Vnni::product`).
+unsafe impl Sync for Shared {}
 
 /// The `ROWS × TOKENS` products of the unpacked rows with one panel, over
 /// every super-block. `SUB` values per sub-block (32 for Q4_K/Q5_K, with
@@ -335,7 +440,15 @@ mod tests {
                 let p = Panels::new(&x, m, cols);
                 let mut scratch = Unpacked::new(cols);
                 let mut out = vec![f32::NAN; ROWS * m];
-                v.rows(kind, m_q.bytes(), rb, &p, &mut scratch, &mut out);
+                let mut seen = 0;
+                v.rows(kind, m_q.bytes(), rb, &p, &mut scratch, |t0, n, tile| {
+                    assert_eq!(t0, seen, "panels in order");
+                    seen += n;
+                    for (r, sums) in tile.iter().enumerate() {
+                        out[r * m + t0..r * m + t0 + n].copy_from_slice(&sums[..n]);
+                    }
+                });
+                assert_eq!(seen, m, "every token once");
                 for t in 0..m {
                     let mut acts = Vec::new();
                     blocks::quantize_q8k(&x[t * cols..(t + 1) * cols], &mut acts);
