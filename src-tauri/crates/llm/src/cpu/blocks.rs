@@ -91,6 +91,7 @@ pub(crate) struct Q8Block {
 }
 
 /// The scale that maps the largest magnitude onto ±127, and its inverse.
+/// (Values are rounded to nearest even, as the vector conversions do.)
 fn scale_of(x: &[f32]) -> (f32, f32) {
     let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
     if amax == 0.0 || !amax.is_finite() {
@@ -111,7 +112,7 @@ pub(crate) fn quantize_q8k(x: &[f32], out: &mut Vec<Q8K>) {
             sums32: [0; QK_K / 32],
         };
         for (q, v) in b.qs.iter_mut().zip(chunk) {
-            *q = (v * id).round().clamp(-127.0, 127.0) as i8;
+            *q = (v * id).clamp(-127.0, 127.0).round_ties_even() as i8;
         }
         for (s, g) in b.bsums.iter_mut().zip(b.qs.chunks_exact(16)) {
             *s = g.iter().map(|&q| q as i16).sum();
@@ -129,7 +130,7 @@ pub(crate) fn quantize_q8(x: &[f32], out: &mut Vec<Q8Block>) {
         let (d, id) = scale_of(chunk);
         let mut b = Q8Block { qs: [0; QK8_0], d };
         for (q, v) in b.qs.iter_mut().zip(chunk) {
-            *q = (v * id).round().clamp(-127.0, 127.0) as i8;
+            *q = (v * id).clamp(-127.0, 127.0).round_ties_even() as i8;
         }
         out.push(b);
     }

@@ -90,7 +90,7 @@ pub(crate) struct QMatrix {
     simd: Avx2,
     /// The K-quants' wider kernels, where the CPU has AVX-512.
     wide: Option<Avx512>,
-    /// The K-quants' tiled products for many tokens, where it has VNNI too.
+    /// The tiled products for many tokens, where it has VNNI too.
     vnni: Option<tiled::Vnni>,
 }
 
@@ -160,6 +160,13 @@ impl QMatrix {
             assert_eq!(b.len(), self.rows, "one bias per output");
         }
         let simd = self.simd;
+        if let Some(v) = self.vnni
+            && m >= tiled::TOKENS
+            && self.rows.is_multiple_of(tiled::ROWS)
+            && self.cols.is_multiple_of(blocks::QK_K)
+        {
+            return self.run_tiled(v, x, m, epilogue);
+        }
         if self.kind == Kind::Q8_0 {
             let mut acts = Vec::with_capacity(x.len() / blocks::QK8_0);
             blocks::quantize_q8(x, &mut acts);
@@ -170,12 +177,6 @@ impl QMatrix {
                 |w, a| simd.dot_q8_0::<1>(w, [a])[0],
                 |w, a| simd.dot_q8_0::<4>(w, a),
             );
-        }
-        if let Some(v) = self.vnni
-            && m >= tiled::TOKENS
-            && self.rows.is_multiple_of(tiled::ROWS)
-        {
-            return self.run_tiled(v, x, m, epilogue);
         }
         let mut acts = Vec::with_capacity(x.len() / blocks::QK_K);
         blocks::quantize_q8k(x, &mut acts);
@@ -274,7 +275,7 @@ impl QMatrix {
         transpose(&t, self.rows, m)
     }
 
-    /// The K-quant product for many tokens as [`tiled`] products.
+    /// The product for many tokens as [`tiled`] products.
     fn run_tiled(&self, v: tiled::Vnni, x: &[f32], m: usize, epilogue: Epilogue<'_>) -> Vec<f32> {
         v.product(
             self.kind,

@@ -38,14 +38,16 @@ struct Line([i8; 64]);
 #[repr(C, align(64))]
 struct Lanes([i32; TOKENS]);
 
-/// The activations of a product, quantized to 8 bits (as [`blocks::Q8K`]) and laid
-/// out in panels of 16 tokens (the last padded with zeros).
+/// The activations of a product, quantized to 8 bits and laid out in
+/// panels of 16 tokens (the last padded with zeros): one scale per 256
+/// values for the K-quants (as [`blocks::quantize_q8k`]), one per 32 for
+/// Q8_0 (as [`blocks::quantize_q8`]).
 pub(crate) struct Panels {
     m: usize,
     nb: usize,
     /// `[panel][super-block][64 lines]`: line `g` holds values `4g..4g + 4`.
     q: Vec<Line>,
-    /// `[panel][super-block]`: each token's scale (f32 bits).
+    /// `[panel][super-block][256 / values per scale]`: each token's scales (f32 bits).
     d: Vec<Lanes>,
     /// `[panel][super-block][16]`: each token's sums of 16 values.
     bsums: Vec<Lanes>,
@@ -55,39 +57,53 @@ pub(crate) struct Panels {
 }
 
 impl Panels {
-    /// Quantizes `x` (`[m, cols]`) panel by panel on the engine's threads.
-    pub(crate) fn new(x: &[f32], m: usize, cols: usize) -> Self {
+    /// Quantizes `x` (`[m, cols]`) panel by panel on the engine's threads,
+    /// one scale per `per` values (256 or 32).
+    pub(crate) fn new(x: &[f32], m: usize, cols: usize, per: usize, v: Vnni) -> Self {
         use rayon::prelude::*;
         assert!(cols.is_multiple_of(QK_K) && x.len() == m * cols);
+        assert!(per == QK_K || per == blocks::QK8_0);
+        let _ = v;
         let nb = cols / QK_K;
+        let nd = QK_K / per;
         let panels = m.div_ceil(TOKENS);
         let mut q = vec![Line([0; 64]); panels * nb * 64];
-        let mut d = vec![Lanes::default(); panels * nb];
+        let mut d = vec![Lanes::default(); panels * nb * nd];
         let mut bsums = vec![Lanes::default(); panels * nb * 16];
         let mut pairs = vec![Lanes::default(); panels * nb * 4];
         q.par_chunks_mut(nb * 64)
-            .zip(d.par_chunks_mut(nb))
+            .zip(d.par_chunks_mut(nb * nd))
             .zip(bsums.par_chunks_mut(nb * 16))
             .zip(pairs.par_chunks_mut(nb * 4))
             .enumerate()
             .for_each(|(p, (((q, d), bsums), pairs))| {
                 let t0 = p * TOKENS;
                 let t1 = (t0 + TOKENS).min(m);
-                let mut acts = Vec::with_capacity(nb);
+                let mut qs = [0i8; QK_K];
+                let mut ds = [0f32; 8];
                 for (t, tok) in (t0..t1).enumerate() {
-                    acts.clear();
-                    blocks::quantize_q8k(&x[tok * cols..(tok + 1) * cols], &mut acts);
-                    for (k, a) in acts.iter().enumerate() {
-                        for (g, four) in a.qs.chunks_exact(4).enumerate() {
+                    for (k, xs) in x[tok * cols..(tok + 1) * cols].chunks_exact(QK_K).enumerate() {
+                        // SAFETY: `v` proves AVX2.
+                        #[cfg(target_arch = "x86_64")]
+                        unsafe {
+                            quantize(xs, per, &mut qs, &mut ds[..nd])
+                        };
+                        for (g, four) in qs.chunks_exact(4).enumerate() {
                             q[k * 64 + g].0[t * 4..t * 4 + 4].copy_from_slice(four);
                         }
-                        d[k].0[t] = a.d.to_bits() as i32;
-                        for (j, &s) in a.bsums.iter().enumerate() {
-                            bsums[k * 16 + j].0[t] = s as i32;
+                        for (j, dj) in ds[..nd].iter().enumerate() {
+                            d[k * nd + j].0[t] = dj.to_bits() as i32;
+                        }
+                        let mut s16 = [0i32; 16];
+                        for (s, g) in s16.iter_mut().zip(qs.chunks_exact(16)) {
+                            *s = g.iter().map(|&v| v as i32).sum();
+                        }
+                        for (j, &s) in s16.iter().enumerate() {
+                            bsums[k * 16 + j].0[t] = s;
                         }
                         for pp in 0..4 {
-                            let lo = a.sums32[2 * pp] as i16 as u16 as u32;
-                            let hi = a.sums32[2 * pp + 1] as i16 as u16 as u32;
+                            let lo = (s16[4 * pp] + s16[4 * pp + 1]) as i16 as u16 as u32;
+                            let hi = (s16[4 * pp + 2] + s16[4 * pp + 3]) as i16 as u16 as u32;
                             pairs[k * 4 + pp].0[t] = (lo | hi << 16) as i32;
                         }
                     }
@@ -108,6 +124,48 @@ impl Panels {
     }
 }
 
+/// 256 values to 8 bits, one scale per `per` values: the largest magnitude
+/// maps onto ±127, rounding to nearest even — the same numbers as
+/// [`blocks::quantize_q8k`] and [`blocks::quantize_q8`], eight at a time.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn quantize(x: &[f32], per: usize, q: &mut [i8; QK_K], d: &mut [f32]) {
+    assert!(x.len() == QK_K && d.len() * per == QK_K && per.is_multiple_of(8));
+    let abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+    for ((xs, qs), d) in x.chunks_exact(per).zip(q.chunks_exact_mut(per)).zip(d) {
+        let load = |i: usize| {
+            // SAFETY: 8 floats at 8i < per (the loops below).
+            unsafe { _mm256_loadu_ps(xs.as_ptr().add(8 * i)) }
+        };
+        let mut m = _mm256_setzero_ps();
+        for i in 0..per / 8 {
+            m = _mm256_max_ps(m, _mm256_and_ps(load(i), abs));
+        }
+        let m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
+        let m2 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        let amax = _mm_cvtss_f32(_mm_max_ss(m2, _mm_movehdup_ps(m2)));
+        if amax == 0.0 || !amax.is_finite() {
+            // As the plain version: a zero scale and zeros.
+            *d = 0.0;
+            qs.fill(0);
+            continue;
+        }
+        *d = amax / 127.0;
+        let id = _mm256_set1_ps(127.0 / amax);
+        let (lo, hi) = (_mm256_set1_ps(-127.0), _mm256_set1_ps(127.0));
+        for (i, out) in qs.chunks_exact_mut(8).enumerate() {
+            let v = _mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(load(i), id), lo), hi);
+            let n = _mm256_cvtps_epi32(v);
+            let mut lanes = [0i32; 8];
+            // SAFETY: 32 bytes.
+            unsafe { _mm256_storeu_si256(lanes.as_mut_ptr().cast(), n) };
+            for (o, l) in out.iter_mut().zip(lanes) {
+                *o = l as i8;
+            }
+        }
+    }
+}
+
 /// [`ROWS`] weight rows unpacked to one byte per value, with their
 /// sub-blocks' scales: a thread's scratch, refilled for each group of rows.
 pub(crate) struct Unpacked {
@@ -121,6 +179,8 @@ pub(crate) struct Unpacked {
     mn: Vec<[i32; 4]>,
     /// `[row][super-block]`: `d` and `dmin`.
     d: Vec<[f32; 2]>,
+    /// `[row][256 values]`: Q8_0's eight block scales.
+    d8: Vec<[f32; 8]>,
 }
 
 impl Unpacked {
@@ -132,6 +192,7 @@ impl Unpacked {
             sc: vec![[0; 16]; ROWS * nb],
             mn: vec![[0; 4]; ROWS * nb],
             d: vec![[0.0; 2]; ROWS * nb],
+            d8: vec![[0.0; 8]; ROWS * nb],
         }
     }
 
@@ -139,7 +200,8 @@ impl Unpacked {
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2")]
     fn fill(&mut self, kind: Kind, rows: &[u8], row_bytes: usize) {
-        let bb = kind.block_bytes();
+        // Bytes per 256 values (eight blocks of Q8_0).
+        let bb = kind.block_bytes() * (QK_K / kind.block_elems());
         for r in 0..ROWS {
             let row = &rows[r * row_bytes..(r + 1) * row_bytes];
             for (k, b) in row.chunks_exact(bb).enumerate() {
@@ -166,7 +228,15 @@ impl Unpacked {
                         self.d[i] = [blocks::f16_at(b, 208), 0.0];
                         unpack_q6k(&b[..192], &mut self.q[i]);
                     }
-                    Kind::Q8_0 => unreachable!("Q8_0 is not a K-quant"),
+                    Kind::Q8_0 => {
+                        // Signed values stored + 128 (unsigned for dpbusd).
+                        let flip = _mm256_set1_epi8(i8::MIN);
+                        for (j, blk) in b.chunks_exact(34).enumerate() {
+                            self.d8[i][j] = blocks::f16_at(blk, 0);
+                            let v = _mm256_xor_si256(load32(blk, 2), flip);
+                            store32(&mut self.q[i], j * 32, v);
+                        }
+                    }
                 }
             }
         }
@@ -275,9 +345,10 @@ impl Vnni {
     ) -> Vec<f32> {
         use rayon::prelude::*;
         assert!(rows.is_multiple_of(ROWS));
-        let rb = cols / QK_K * kind.block_bytes();
+        let rb = cols / kind.block_elems() * kind.block_bytes();
         assert_eq!(w.len(), rows * rb);
-        let p = Panels::new(x, m, cols);
+        let per = if kind == Kind::Q8_0 { blocks::QK8_0 } else { QK_K };
+        let p = Panels::new(x, m, cols, per, self);
         let threads = rayon::current_num_threads();
         // Several chunks per thread so a slow thread's share is taken up by others.
         let chunk = rows
@@ -337,6 +408,7 @@ impl Vnni {
             unsafe {
                 match kind {
                     Kind::Q6K => tile_k::<16, false>(scratch, p, panel, &mut tile),
+                    Kind::Q8_0 => tile_q8(scratch, p, panel, &mut tile),
                     _ => tile_k::<32, true>(scratch, p, panel, &mut tile),
                 }
             }
@@ -419,6 +491,49 @@ fn tile_k<const SUB: usize, const MINS: bool>(
     }
 }
 
+/// As [`tile_k`] for Q8_0: a scale per 32 values on both sides, and the
+/// weights' offset of 128 taken out through the tokens' sums.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma")]
+fn tile_q8(w: &Unpacked, p: &Panels, panel: usize, out: &mut [[f32; TOKENS]; ROWS]) {
+    let nb = p.nb;
+    let mut acc = [_mm512_setzero_ps(); ROWS];
+    for k in 0..nb {
+        let pk = panel * nb + k;
+        let lines: &[Line; 64] = p.q[pk * 64..pk * 64 + 64].try_into().unwrap();
+        let wq: [&[u8; QK_K]; ROWS] = std::array::from_fn(|r| &w.q[r * nb + k]);
+        for b in 0..8 {
+            let mut a = [_mm512_setzero_si512(); ROWS];
+            for g in b * 8..(b + 1) * 8 {
+                // SAFETY: a 64-byte aligned line.
+                let x = unsafe { _mm512_load_si512(lines[g].0.as_ptr().cast()) };
+                for r in 0..ROWS {
+                    let four = i32::from_le_bytes(wq[r][g * 4..g * 4 + 4].try_into().unwrap());
+                    a[r] = _mm512_dpbusd_epi32(a[r], _mm512_set1_epi32(four), x);
+                }
+            }
+            // SAFETY: 64-byte aligned lines.
+            let (s0, s1, da) = unsafe {
+                (
+                    _mm512_load_si512(p.bsums[pk * 16 + 2 * b].0.as_ptr().cast()),
+                    _mm512_load_si512(p.bsums[pk * 16 + 2 * b + 1].0.as_ptr().cast()),
+                    _mm512_load_ps(p.d[pk * 8 + b].0.as_ptr().cast()),
+                )
+            };
+            let off = _mm512_slli_epi32::<7>(_mm512_add_epi32(s0, s1));
+            for r in 0..ROWS {
+                let v = _mm512_cvtepi32_ps(_mm512_sub_epi32(a[r], off));
+                let scale = _mm512_mul_ps(da, _mm512_set1_ps(w.d8[r * nb + k][b]));
+                acc[r] = _mm512_fmadd_ps(v, scale, acc[r]);
+            }
+        }
+    }
+    for (o, v) in out.iter_mut().zip(acc) {
+        // SAFETY: 16 floats.
+        unsafe { _mm512_storeu_ps(o.as_mut_ptr(), v) };
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -432,12 +547,13 @@ mod tests {
             return;
         };
         let cols = 512;
-        for kind in [Kind::Q4K, Kind::Q5K, Kind::Q6K] {
+        for kind in [Kind::Q4K, Kind::Q5K, Kind::Q6K, Kind::Q8_0] {
             let (m_q, _) = super::super::tests::quantized(kind.ggml(), ROWS, cols, 21);
             let rb = m_q.row_bytes();
             for m in [1usize, 16, 17, 40] {
                 let x = super::super::tests::random(m * cols, 300 + m as u64);
-                let p = Panels::new(&x, m, cols);
+                let per = if kind == Kind::Q8_0 { blocks::QK8_0 } else { QK_K };
+                let p = Panels::new(&x, m, cols, per, v);
                 let mut scratch = Unpacked::new(cols);
                 let mut out = vec![f32::NAN; ROWS * m];
                 let mut seen = 0;
@@ -450,14 +566,17 @@ mod tests {
                 });
                 assert_eq!(seen, m, "every token once");
                 for t in 0..m {
-                    let mut acts = Vec::new();
-                    blocks::quantize_q8k(&x[t * cols..(t + 1) * cols], &mut acts);
+                    let xt = &x[t * cols..(t + 1) * cols];
+                    let (mut acts, mut acts8) = (Vec::new(), Vec::new());
+                    blocks::quantize_q8k(xt, &mut acts);
+                    blocks::quantize_q8(xt, &mut acts8);
                     for r in 0..ROWS {
                         let row = &m_q.bytes()[r * rb..(r + 1) * rb];
                         let want = match kind {
                             Kind::Q4K => blocks::dot_q4k(row, &acts),
                             Kind::Q5K => blocks::dot_q5k(row, &acts),
-                            _ => blocks::dot_q6k(row, &acts),
+                            Kind::Q6K => blocks::dot_q6k(row, &acts),
+                            Kind::Q8_0 => blocks::dot_q8_0(row, &acts8),
                         };
                         let got = out[r * m + t];
                         assert!(
