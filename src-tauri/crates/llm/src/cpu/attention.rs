@@ -10,7 +10,7 @@ use super::Avx2;
 use crate::cache::HostKv;
 
 /// Queries that share one pass over a head's keys and values.
-const QUERY_BLOCK: usize = 4;
+const QUERY_BLOCK: usize = 16;
 
 /// `q`: `[seq, heads, head_dim]` rows (rotated), for positions
 /// `offset..offset + seq`; `kv` holds positions `0..offset + seq` (these
@@ -78,10 +78,20 @@ fn attend_block(
     };
     let mut row = vec![0f32; hd];
     let mut scores = vec![f32::NEG_INFINITY; nq * n];
+    // Queries four at a time share each widened key's loads.
+    let full = nq / 4 * 4;
     for j in 0..n {
         simd.widen(&keys[j * hd..(j + 1) * hd], &mut row);
-        for k in 0..nq {
-            // Query k (at position offset + start + k) sees keys up to itself.
+        for k0 in (0..full).step_by(4) {
+            let s = simd.dots::<4>(std::array::from_fn(|i| query(k0 + i)), &row);
+            for (i, s) in s.into_iter().enumerate() {
+                // Query k (at position offset + start + k) sees keys up to itself.
+                if j <= offset + range.start + k0 + i {
+                    scores[(k0 + i) * n + j] = s * scale;
+                }
+            }
+        }
+        for k in full..nq {
             if j <= offset + range.start + k {
                 scores[k * n + j] = simd.dot(query(k), &row) * scale;
             }
@@ -91,10 +101,21 @@ fn attend_block(
         simd.softmax(s);
     }
     let mut out = vec![0f32; nq * hd];
+    let (quads, rest) = out.split_at_mut(full * hd);
     for j in 0..n {
         simd.widen(&values[j * hd..(j + 1) * hd], &mut row);
-        for (k, o) in out.chunks_exact_mut(hd).enumerate() {
-            let p = scores[k * n + j];
+        for (g, quad) in quads.chunks_exact_mut(4 * hd).enumerate() {
+            let k0 = g * 4;
+            let p: [f32; 4] = std::array::from_fn(|i| scores[(k0 + i) * n + j]);
+            if p.iter().any(|&p| p != 0.0) {
+                let [a, b, c, d] = quad
+                    .get_disjoint_mut([0..hd, hd..2 * hd, 2 * hd..3 * hd, 3 * hd..4 * hd])
+                    .expect("four rows");
+                simd.axpys(p, &row, [a, b, c, d]);
+            }
+        }
+        for (i, o) in rest.chunks_exact_mut(hd).enumerate() {
+            let p = scores[(full + i) * n + j];
             if p != 0.0 {
                 simd.axpy(p, &row, o);
             }
@@ -120,7 +141,7 @@ mod tests {
         // A head width that is not a multiple of 8 (the vector tails), queries
         // that fill no whole block, and a cached prefix before them.
         for (heads, hd, offset, seq) in
-            [(3, 20, 7, 9), (2, 64, 0, 1), (4, 16, 30, 4), (1, 8, 0, 13)]
+            [(3, 20, 7, 9), (2, 64, 0, 1), (4, 16, 30, 4), (1, 8, 0, 13), (2, 24, 5, 37)]
         {
             let n = offset + seq;
             let mut random = |len: usize| -> Vec<f32> {

@@ -106,6 +106,34 @@ impl Avx2 {
         a.iter().zip(b).map(|(x, y)| x * y).sum()
     }
 
+    /// `a[r] · b` for each of `N` rows (each value of `b` loaded once for all).
+    pub(crate) fn dots<const N: usize>(self, a: [&[f32]; N], b: &[f32]) -> [f32; N] {
+        assert!(a.iter().all(|r| r.len() == b.len()));
+        // SAFETY: as above.
+        #[cfg(target_arch = "x86_64")]
+        unsafe {
+            dots_f32(a, b)
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        a.map(|r| r.iter().zip(b).map(|(x, y)| x * y).sum())
+    }
+
+    /// `y[r][i] += a[r]·x[i]` for each of `N` rows (each value of `x` loaded once).
+    pub(crate) fn axpys<const N: usize>(self, a: [f32; N], x: &[f32], y: [&mut [f32]; N]) {
+        assert!(y.iter().all(|r| r.len() == x.len()));
+        // SAFETY: as above.
+        #[cfg(target_arch = "x86_64")]
+        unsafe {
+            axpys(a, x, y)
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        for (a, y) in a.into_iter().zip(y) {
+            for (o, v) in y.iter_mut().zip(x) {
+                *o += a * v;
+            }
+        }
+    }
+
     /// `y[i] += a·x[i]`.
     pub(crate) fn axpy(self, a: f32, x: &[f32], y: &mut [f32]) {
         assert_eq!(x.len(), y.len());
@@ -477,6 +505,53 @@ fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
         s += a[i] * b[i];
     }
     s
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn dots_f32<const N: usize>(a: [&[f32]; N], b: &[f32]) -> [f32; N] {
+    assert!(a.iter().all(|r| r.len() == b.len()));
+    let n = b.len() / 8 * 8;
+    let mut acc = [_mm256_setzero_ps(); N];
+    for i in (0..n).step_by(8) {
+        // SAFETY: `i + 8 <= n <= len` for every slice (asserted equal above).
+        unsafe {
+            let bv = _mm256_loadu_ps(b.as_ptr().add(i));
+            for (acc, r) in acc.iter_mut().zip(&a) {
+                *acc = _mm256_fmadd_ps(_mm256_loadu_ps(r.as_ptr().add(i)), bv, *acc);
+            }
+        }
+    }
+    std::array::from_fn(|r| {
+        let mut s = hsum(acc[r]);
+        for i in n..b.len() {
+            s += a[r][i] * b[i];
+        }
+        s
+    })
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn axpys<const N: usize>(a: [f32; N], x: &[f32], y: [&mut [f32]; N]) {
+    assert!(y.iter().all(|r| r.len() == x.len()));
+    let n = x.len() / 8 * 8;
+    let av = a.map(|a| _mm256_set1_ps(a));
+    for i in (0..n).step_by(8) {
+        // SAFETY: `i + 8 <= n <= len` for every slice (asserted equal above).
+        unsafe {
+            let xv = _mm256_loadu_ps(x.as_ptr().add(i));
+            for (av, y) in av.iter().zip(&y) {
+                let p = y.as_ptr().add(i).cast_mut();
+                _mm256_storeu_ps(p, _mm256_fmadd_ps(*av, xv, _mm256_loadu_ps(p)));
+            }
+        }
+    }
+    for (a, y) in a.into_iter().zip(y) {
+        for i in n..x.len() {
+            y[i] += a * x[i];
+        }
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
