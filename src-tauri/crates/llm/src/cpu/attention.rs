@@ -140,9 +140,13 @@ mod tests {
         let mut rng = rand::rngs::StdRng::seed_from_u64(5);
         // A head width that is not a multiple of 8 (the vector tails), queries
         // that fill no whole block, and a cached prefix before them.
-        for (heads, hd, offset, seq) in
-            [(3, 20, 7, 9), (2, 64, 0, 1), (4, 16, 30, 4), (1, 8, 0, 13), (2, 24, 5, 37)]
-        {
+        for (heads, hd, offset, seq) in [
+            (3, 20, 7, 9),
+            (2, 64, 0, 1),
+            (4, 16, 30, 4),
+            (1, 8, 0, 13),
+            (2, 24, 5, 37),
+        ] {
             let n = offset + seq;
             let mut random = |len: usize| -> Vec<f32> {
                 (0..len).map(|_| rng.random_range(-2.0..2.0)).collect()

@@ -82,7 +82,10 @@ impl Panels {
                 let mut qs = [0i8; QK_K];
                 let mut ds = [0f32; 8];
                 for (t, tok) in (t0..t1).enumerate() {
-                    for (k, xs) in x[tok * cols..(tok + 1) * cols].chunks_exact(QK_K).enumerate() {
+                    for (k, xs) in x[tok * cols..(tok + 1) * cols]
+                        .chunks_exact(QK_K)
+                        .enumerate()
+                    {
                         // SAFETY: `v` proves AVX2.
                         #[cfg(target_arch = "x86_64")]
                         unsafe {
@@ -305,8 +308,16 @@ fn unpack_q6k(b: &[u8], q: &mut [u8; QK_K]) {
         let o = h * 128;
         store32(q, o, _mm256_or_si256(low(ql0), top(qh)));
         store32(q, o + 32, _mm256_or_si256(low(ql1), top(qh2)));
-        store32(q, o + 64, _mm256_or_si256(high(ql0), _mm256_and_si256(qh, m2hi)));
-        store32(q, o + 96, _mm256_or_si256(high(ql1), _mm256_and_si256(qh2, m2hi)));
+        store32(
+            q,
+            o + 64,
+            _mm256_or_si256(high(ql0), _mm256_and_si256(qh, m2hi)),
+        );
+        store32(
+            q,
+            o + 96,
+            _mm256_or_si256(high(ql1), _mm256_and_si256(qh2, m2hi)),
+        );
     }
 }
 
@@ -347,7 +358,11 @@ impl Vnni {
         assert!(rows.is_multiple_of(ROWS));
         let rb = cols / kind.block_elems() * kind.block_bytes();
         assert_eq!(w.len(), rows * rb);
-        let per = if kind == Kind::Q8_0 { blocks::QK8_0 } else { QK_K };
+        let per = if kind == Kind::Q8_0 {
+            blocks::QK8_0
+        } else {
+            QK_K
+        };
         let p = Panels::new(x, m, cols, per, self);
         let threads = rayon::current_num_threads();
         // Several chunks per thread so a slow thread's share is taken up by others.
@@ -476,8 +491,7 @@ fn tile_k<const SUB: usize, const MINS: bool>(
                 let mut m = _mm512_setzero_si512();
                 for pp in 0..4 {
                     // SAFETY: a 64-byte aligned line.
-                    let sums =
-                        unsafe { _mm512_load_si512(p.pairs[pk * 4 + pp].0.as_ptr().cast()) };
+                    let sums = unsafe { _mm512_load_si512(p.pairs[pk * 4 + pp].0.as_ptr().cast()) };
                     m = _mm512_dpwssd_epi32(m, sums, _mm512_set1_epi32(w.mn[r * nb + k][pp]));
                 }
                 f = _mm512_fnmadd_ps(_mm512_set1_ps(dmin), _mm512_cvtepi32_ps(m), f);
@@ -552,7 +566,11 @@ mod tests {
             let rb = m_q.row_bytes();
             for m in [1usize, 16, 17, 40] {
                 let x = super::super::tests::random(m * cols, 300 + m as u64);
-                let per = if kind == Kind::Q8_0 { blocks::QK8_0 } else { QK_K };
+                let per = if kind == Kind::Q8_0 {
+                    blocks::QK8_0
+                } else {
+                    QK_K
+                };
                 let p = Panels::new(&x, m, cols, per, v);
                 let mut scratch = Unpacked::new(cols);
                 let mut out = vec![f32::NAN; ROWS * m];
