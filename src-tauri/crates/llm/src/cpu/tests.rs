@@ -31,7 +31,12 @@ pub(super) fn random(n: usize, seed: u64) -> Vec<f32> {
 
 /// A `[rows, cols]` matrix quantized by candle (the file's bytes), and its
 /// dequantized values (what the bytes mean, by candle's reading).
-pub(super) fn quantized(dtype: GgmlDType, rows: usize, cols: usize, seed: u64) -> (QMatrix, Vec<f32>) {
+pub(super) fn quantized(
+    dtype: GgmlDType,
+    rows: usize,
+    cols: usize,
+    seed: u64,
+) -> (QMatrix, Vec<f32>) {
     let w = Tensor::from_vec(random(rows * cols, seed), (rows, cols), &Device::Cpu).unwrap();
     let q = QTensor::quantize(&w, dtype).unwrap();
     let dense: Vec<f32> = q
