@@ -321,20 +321,43 @@ fn unpack_q6k(b: &[u8], q: &mut [u8; QK_K]) {
     }
 }
 
-/// Proof that this CPU runs AVX-512 F, BW and VNNI (made only by
-/// [`Vnni::detect`]).
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Vnni(());
+/// Proof that this CPU has an 8-bit dot product instruction (made only by
+/// [`Vnni::detect`]): AVX-512 VNNI (16 tokens per register), or AVX-VNNI
+/// (the same instruction on 256 bits, eight tokens: Intel's cores since
+/// 2021, which have no AVX-512, and AMD's since Zen 5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Vnni {
+    Avx512,
+    Avx,
+}
 
 impl Vnni {
+    /// The widest this CPU has. `DRAMATIS_NO_AVX512` leaves AVX-512 out
+    /// (as for the row kernels), so AVX-VNNI can be measured and tested on
+    /// a CPU with both.
     pub(crate) fn detect() -> Option<Self> {
         #[cfg(target_arch = "x86_64")]
-        if super::avx512::Avx512::detect().is_some()
-            && std::arch::is_x86_feature_detected!("avx512vnni")
         {
-            return Some(Self(()));
+            if super::avx512::Avx512::detect().is_some()
+                && std::arch::is_x86_feature_detected!("avx512vnni")
+            {
+                return Some(Self::Avx512);
+            }
+            if super::Avx2::detect().is_some() && std::arch::is_x86_feature_detected!("avxvnni") {
+                return Some(Self::Avx);
+            }
         }
         None
+    }
+
+    /// Every variant this CPU runs (the tests compare them all).
+    #[cfg(test)]
+    fn all() -> Vec<Self> {
+        #[cfg(target_arch = "x86_64")]
+        if Self::detect() == Some(Self::Avx512) && std::arch::is_x86_feature_detected!("avxvnni") {
+            return vec![Self::Avx512, Self::Avx];
+        }
+        Self::detect().into_iter().collect()
     }
 
     /// `x Wᵀ` (`x` `[m, cols]`, `W` `[rows, cols]` of `kind` blocks,
@@ -411,20 +434,32 @@ impl Vnni {
         mut emit: impl FnMut(usize, usize, &mut [[f32; TOKENS]; ROWS]),
     ) {
         assert_eq!(scratch.nb, p.nb);
-        // SAFETY: `self` exists only where AVX-512 F/BW and VNNI (and so AVX2) were detected.
+        // SAFETY: `self` exists only where AVX2 (and more) was detected.
         #[cfg(target_arch = "x86_64")]
         unsafe {
             scratch.fill(kind, rows, row_bytes)
         };
         let mut tile = [[0f32; TOKENS]; ROWS];
         for panel in 0..p.panels() {
-            // SAFETY: as above.
+            // SAFETY: `self` is the proof of each variant's features.
             #[cfg(target_arch = "x86_64")]
             unsafe {
-                match kind {
-                    Kind::Q6K => tile_k::<16, false>(scratch, p, panel, &mut tile),
-                    Kind::Q8_0 => tile_q8(scratch, p, panel, &mut tile),
-                    _ => tile_k::<32, true>(scratch, p, panel, &mut tile),
+                match (self, kind) {
+                    (Self::Avx512, Kind::Q6K) => tile_k::<16, false>(scratch, p, panel, &mut tile),
+                    (Self::Avx512, Kind::Q8_0) => tile_q8(scratch, p, panel, &mut tile),
+                    (Self::Avx512, _) => tile_k::<32, true>(scratch, p, panel, &mut tile),
+                    (Self::Avx, _) => {
+                        for (r0, half) in [(0, 0), (0, 1), (4, 0), (4, 1)] {
+                            let t = match kind {
+                                Kind::Q6K => avx::tile_k::<16, false>(scratch, r0, p, panel, half),
+                                Kind::Q8_0 => avx::tile_q8(scratch, r0, p, panel, half),
+                                _ => avx::tile_k::<32, true>(scratch, r0, p, panel, half),
+                            };
+                            for (i, sums) in t.iter().enumerate() {
+                                tile[r0 + i][half * 8..half * 8 + 8].copy_from_slice(sums);
+                            }
+                        }
+                    }
                 }
             }
             let t0 = panel * TOKENS;
@@ -548,6 +583,140 @@ fn tile_q8(w: &Unpacked, p: &Panels, panel: usize, out: &mut [[f32; TOKENS]; ROW
     }
 }
 
+/// The same tiles on 256 bits with AVX-VNNI: four weight rows against
+/// half a panel (eight tokens) at a time — sixteen registers hold no more.
+#[cfg(target_arch = "x86_64")]
+mod avx {
+    use std::arch::x86_64::*;
+
+    use super::{Line, Panels, QK_K, Unpacked};
+
+    /// Rows `r0..r0 + 4` of the unpacked weights.
+    const R: usize = 4;
+
+    /// 32 bytes of a line or lanes: tokens `8·half..8·half + 8`.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn half_of(line: &[i32; 16], half: usize) -> __m256i {
+        assert!(half < 2);
+        // SAFETY: 8 lanes at 8·half ≤ 8 (checked above).
+        unsafe { _mm256_loadu_si256(line.as_ptr().add(8 * half).cast()) }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn half_line(line: &Line, half: usize) -> __m256i {
+        assert!(half < 2);
+        // SAFETY: 32 bytes at 32·half ≤ 32 (checked above).
+        unsafe { _mm256_loadu_si256(line.0.as_ptr().add(32 * half).cast()) }
+    }
+
+    /// As [`super::tile_k`]: rows `r0..r0 + 4`, tokens `8·half..`.
+    #[target_feature(enable = "avx2,fma,avxvnni")]
+    pub(super) fn tile_k<const SUB: usize, const MINS: bool>(
+        w: &Unpacked,
+        r0: usize,
+        p: &Panels,
+        panel: usize,
+        half: usize,
+    ) -> [[f32; 8]; R] {
+        let nb = p.nb;
+        let mut acc = [_mm256_setzero_ps(); R];
+        for k in 0..nb {
+            let pk = panel * nb + k;
+            let lines: &[Line; 64] = p.q[pk * 64..pk * 64 + 64].try_into().unwrap();
+            let wq: [&[u8; QK_K]; R] = std::array::from_fn(|r| &w.q[(r0 + r) * nb + k]);
+            let mut s1 = [_mm256_setzero_si256(); R];
+            for s in 0..QK_K / SUB {
+                let mut a = [_mm256_setzero_si256(); R];
+                for g in s * SUB / 4..(s + 1) * SUB / 4 {
+                    let x = half_line(&lines[g], half);
+                    for r in 0..R {
+                        let four = i32::from_le_bytes(wq[r][g * 4..g * 4 + 4].try_into().unwrap());
+                        a[r] = _mm256_dpbusd_avx_epi32(a[r], _mm256_set1_epi32(four), x);
+                    }
+                }
+                if !MINS {
+                    let off = _mm256_slli_epi32::<5>(half_of(&p.bsums[pk * 16 + s].0, half));
+                    for v in &mut a {
+                        *v = _mm256_sub_epi32(*v, off);
+                    }
+                }
+                for r in 0..R {
+                    let sc = _mm256_set1_epi32(w.sc[(r0 + r) * nb + k][s]);
+                    s1[r] = _mm256_add_epi32(s1[r], _mm256_mullo_epi32(a[r], sc));
+                }
+            }
+            let d1 = _mm256_castsi256_ps(half_of(&p.d[pk].0, half));
+            for r in 0..R {
+                let [d, dmin] = w.d[(r0 + r) * nb + k];
+                let mut f = _mm256_mul_ps(_mm256_cvtepi32_ps(s1[r]), _mm256_set1_ps(d));
+                if MINS {
+                    let mut m = _mm256_setzero_si256();
+                    for pp in 0..4 {
+                        let sums = half_of(&p.pairs[pk * 4 + pp].0, half);
+                        let mn = _mm256_set1_epi32(w.mn[(r0 + r) * nb + k][pp]);
+                        m = _mm256_dpwssd_avx_epi32(m, sums, mn);
+                    }
+                    f = _mm256_fnmadd_ps(_mm256_set1_ps(dmin), _mm256_cvtepi32_ps(m), f);
+                }
+                acc[r] = _mm256_fmadd_ps(f, d1, acc[r]);
+            }
+        }
+        acc.map(|v| {
+            let mut o = [0f32; 8];
+            // SAFETY: 8 floats.
+            unsafe { _mm256_storeu_ps(o.as_mut_ptr(), v) };
+            o
+        })
+    }
+
+    /// As [`super::tile_q8`]: rows `r0..r0 + 4`, tokens `8·half..`.
+    #[target_feature(enable = "avx2,fma,avxvnni")]
+    pub(super) fn tile_q8(
+        w: &Unpacked,
+        r0: usize,
+        p: &Panels,
+        panel: usize,
+        half: usize,
+    ) -> [[f32; 8]; R] {
+        let nb = p.nb;
+        let mut acc = [_mm256_setzero_ps(); R];
+        for k in 0..nb {
+            let pk = panel * nb + k;
+            let lines: &[Line; 64] = p.q[pk * 64..pk * 64 + 64].try_into().unwrap();
+            let wq: [&[u8; QK_K]; R] = std::array::from_fn(|r| &w.q[(r0 + r) * nb + k]);
+            for b in 0..8 {
+                let mut a = [_mm256_setzero_si256(); R];
+                for g in b * 8..(b + 1) * 8 {
+                    let x = half_line(&lines[g], half);
+                    for r in 0..R {
+                        let four = i32::from_le_bytes(wq[r][g * 4..g * 4 + 4].try_into().unwrap());
+                        a[r] = _mm256_dpbusd_avx_epi32(a[r], _mm256_set1_epi32(four), x);
+                    }
+                }
+                let s = _mm256_add_epi32(
+                    half_of(&p.bsums[pk * 16 + 2 * b].0, half),
+                    half_of(&p.bsums[pk * 16 + 2 * b + 1].0, half),
+                );
+                let off = _mm256_slli_epi32::<7>(s);
+                let da = _mm256_castsi256_ps(half_of(&p.d[pk * 8 + b].0, half));
+                for r in 0..R {
+                    let v = _mm256_cvtepi32_ps(_mm256_sub_epi32(a[r], off));
+                    let scale = _mm256_mul_ps(da, _mm256_set1_ps(w.d8[(r0 + r) * nb + k][b]));
+                    acc[r] = _mm256_fmadd_ps(v, scale, acc[r]);
+                }
+            }
+        }
+        acc.map(|v| {
+            let mut o = [0f32; 8];
+            // SAFETY: 8 floats.
+            unsafe { _mm256_storeu_ps(o.as_mut_ptr(), v) };
+            o
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -556,10 +725,16 @@ mod tests {
     /// of the same blocks (the same integer sums; float order differs).
     #[test]
     fn tiles_equal_the_plain_dots() {
-        let Some(v) = Vnni::detect() else {
-            eprintln!("no AVX-512 VNNI here: the tiled products are not used on this CPU");
-            return;
-        };
+        let variants = Vnni::all();
+        if variants.is_empty() {
+            eprintln!("no VNNI here: the tiled products are not used on this CPU");
+        }
+        for v in variants {
+            check_variant(v);
+        }
+    }
+
+    fn check_variant(v: Vnni) {
         let cols = 512;
         for kind in [Kind::Q4K, Kind::Q5K, Kind::Q6K, Kind::Q8_0] {
             let (m_q, _) = super::super::tests::quantized(kind.ggml(), ROWS, cols, 21);
@@ -599,7 +774,7 @@ mod tests {
                         let got = out[r * m + t];
                         assert!(
                             (want - got).abs() <= 1e-4 * want.abs().max(1.0),
-                            "{kind:?} m={m} row {r} token {t}: plain {want} vs tiled {got}"
+                            "{v:?} {kind:?} m={m} row {r} token {t}: plain {want} vs tiled {got}"
                         );
                     }
                 }
