@@ -334,10 +334,11 @@ pub(crate) enum Vnni {
 impl Vnni {
     /// The widest this CPU has. `DRAMATIS_NO_AVX512` leaves AVX-512 out
     /// (as for the row kernels), so AVX-VNNI can be measured and tested on
-    /// a CPU with both.
+    /// a CPU with both; `DRAMATIS_NO_VNNI` leaves both out (the row kernels
+    /// serve every product, as on a CPU without VNNI).
     pub(crate) fn detect() -> Option<Self> {
         #[cfg(target_arch = "x86_64")]
-        {
+        if std::env::var_os("DRAMATIS_NO_VNNI").is_none() {
             if super::avx512::Avx512::detect().is_some()
                 && std::arch::is_x86_feature_detected!("avx512vnni")
             {
