@@ -2,10 +2,15 @@
 # The CPU engine against llama.cpp, side by side, on the files users download.
 #   tests/device/cpu_bench.sh prep  CLI LLAMA_SRC WORK   build llama.cpp (CPU), write a synthetic
 #                                                         F16 Phi-2, quantize it to Q4_K_M and Q8_0
+#   tests/device/cpu_bench.sh prep-avx2 CLI LLAMA_SRC WORK  llama.cpp again in WORK/llama-avx2 with
+#                                                         AVX2 as its widest unit (no AVX-512, no
+#                                                         VNNI): an AVX2-only CPU's build
 #   tests/device/cpu_bench.sh bench CLI WORK THREADS...  llama-bench (pp512, tg128, tg128 at depth
 #                                                         1024) then dramatis-cli bench, per file and
 #                                                         thread count, one after the other
 # CLI is a release dramatis-cli; LLAMA_SRC is vendor/llama.cpp of the llama-cpp-python sdist.
+# LLAMA_BUILD=WORK/llama-avx2 makes `bench` use the AVX2 build; DRAMATIS_NO_AVX512=1 and
+# DRAMATIS_NO_VNNI=1 do the same to dramatis (see BENCHMARKS.md).
 set -euo pipefail
 cmd=$1; cli=$2
 case $cmd in
@@ -24,9 +29,17 @@ prep)
   grep -oE "converting to q[0-9a-zA-Z_]+" "$work/q4km.log" | sort | uniq -c
   ls -la "$work"/*.gguf
   ;;
+prep-avx2)
+  src=$3; work=$4
+  cmake -S "$src" -B "$work/llama-avx2" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=OFF -DGGML_AVX=ON \
+    -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_AVX512=OFF -DGGML_AVX_VNNI=OFF \
+    -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF \
+    >"$work/cmake-avx2.log" 2>&1
+  cmake --build "$work/llama-avx2" -j"$(nproc)" --target llama-bench >"$work/build-avx2.log" 2>&1
+  ;;
 bench)
   work=$3; shift 3
-  lb="$work/llama-build/bin/llama-bench"
+  lb="${LLAMA_BUILD:-$work/llama-build}/bin/llama-bench"
   if grep -q -w avx512f /proc/cpuinfo; then echo "widest vector unit: avx512f"; else echo "widest vector unit: avx2"; fi
   for f in phi2-q4km phi2-q8_0; do
     for t in "$@"; do

@@ -90,8 +90,8 @@ pub(crate) struct QMatrix {
     simd: Avx2,
     /// The K-quants' wider kernels, where the CPU has AVX-512.
     wide: Option<Avx512>,
-    /// The tiled products for many tokens, where it has VNNI too.
-    vnni: Option<tiled::Vnni>,
+    /// The tiled products for many tokens (see [`tiled::Tiles`]).
+    tiles: Option<tiled::Tiles>,
 }
 
 /// Rows of the input multiplied against the same few weight rows before moving on.
@@ -125,7 +125,7 @@ impl QMatrix {
             cols,
             simd,
             wide: Avx512::detect(),
-            vnni: tiled::Vnni::detect(),
+            tiles: tiled::Tiles::detect(),
         })
     }
 
@@ -160,7 +160,8 @@ impl QMatrix {
             assert_eq!(b.len(), self.rows, "one bias per output");
         }
         let simd = self.simd;
-        if let Some(v) = self.vnni
+        if let Some(v) = self.tiles
+            && v.supports(self.kind)
             && m >= tiled::TOKENS
             && self.rows.is_multiple_of(tiled::ROWS)
             && self.cols.is_multiple_of(blocks::QK_K)
@@ -276,7 +277,7 @@ impl QMatrix {
     }
 
     /// The product for many tokens as [`tiled`] products.
-    fn run_tiled(&self, v: tiled::Vnni, x: &[f32], m: usize, epilogue: Epilogue<'_>) -> Vec<f32> {
+    fn run_tiled(&self, v: tiled::Tiles, x: &[f32], m: usize, epilogue: Epilogue<'_>) -> Vec<f32> {
         v.product(
             self.kind,
             self.bytes.as_slice(),

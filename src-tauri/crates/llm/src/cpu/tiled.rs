@@ -59,7 +59,7 @@ pub(crate) struct Panels {
 impl Panels {
     /// Quantizes `x` (`[m, cols]`) panel by panel on the engine's threads,
     /// one scale per `per` values (256 or 32).
-    pub(crate) fn new(x: &[f32], m: usize, cols: usize, per: usize, v: Vnni) -> Self {
+    pub(crate) fn new(x: &[f32], m: usize, cols: usize, per: usize, v: Tiles) -> Self {
         use rayon::prelude::*;
         assert!(cols.is_multiple_of(QK_K) && x.len() == m * cols);
         assert!(per == QK_K || per == blocks::QK8_0);
@@ -321,44 +321,65 @@ fn unpack_q6k(b: &[u8], q: &mut [u8; QK_K]) {
     }
 }
 
-/// Proof that this CPU has an 8-bit dot product instruction (made only by
-/// [`Vnni::detect`]): AVX-512 VNNI (16 tokens per register), or AVX-VNNI
-/// (the same instruction on 256 bits, eight tokens: Intel's cores since
-/// 2021, which have no AVX-512, and AMD's since Zen 5).
+/// Which tiles this CPU runs (made only by [`Tiles::detect`], the proof of
+/// their instructions): AVX-512 VNNI (16 tokens per register), AVX-VNNI
+/// (the same 8-bit dot product on 256 bits, eight tokens: Intel's cores
+/// since 2021, which have no AVX-512, and AMD's since Zen 5), or plain AVX2
+/// (no dot product instruction: `maddubs` pairs summed in 16 bits over a
+/// sub-block, then one multiply by its scale — the K-quants only).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Vnni {
-    Avx512,
-    Avx,
+pub(crate) enum Tiles {
+    Avx512Vnni,
+    AvxVnni,
+    Avx2,
 }
 
-impl Vnni {
+impl Tiles {
     /// The widest this CPU has. `DRAMATIS_NO_AVX512` leaves AVX-512 out
-    /// (as for the row kernels), so AVX-VNNI can be measured and tested on
-    /// a CPU with both; `DRAMATIS_NO_VNNI` leaves both out (the row kernels
-    /// serve every product, as on a CPU without VNNI).
+    /// (as for the row kernels), `DRAMATIS_NO_VNNI` both dot product
+    /// instructions: each variant can be measured and tested on a CPU with
+    /// all three.
     pub(crate) fn detect() -> Option<Self> {
         #[cfg(target_arch = "x86_64")]
-        if std::env::var_os("DRAMATIS_NO_VNNI").is_none() {
-            if super::avx512::Avx512::detect().is_some()
+        {
+            let vnni = std::env::var_os("DRAMATIS_NO_VNNI").is_none();
+            if vnni
+                && super::avx512::Avx512::detect().is_some()
                 && std::arch::is_x86_feature_detected!("avx512vnni")
             {
-                return Some(Self::Avx512);
+                return Some(Self::Avx512Vnni);
             }
-            if super::Avx2::detect().is_some() && std::arch::is_x86_feature_detected!("avxvnni") {
-                return Some(Self::Avx);
+            super::Avx2::detect()?;
+            if vnni && std::arch::is_x86_feature_detected!("avxvnni") {
+                return Some(Self::AvxVnni);
             }
+            return Some(Self::Avx2);
         }
+        #[allow(unreachable_code)]
         None
+    }
+
+    /// Whether these tiles multiply weights of `kind` (plain AVX2's 16-bit
+    /// sums would overflow on Q8_0's full bytes: its row kernel serves).
+    pub(crate) fn supports(self, kind: Kind) -> bool {
+        self != Self::Avx2 || kind != Kind::Q8_0
     }
 
     /// Every variant this CPU runs (the tests compare them all).
     #[cfg(test)]
     fn all() -> Vec<Self> {
+        let mut v = Vec::new();
         #[cfg(target_arch = "x86_64")]
-        if Self::detect() == Some(Self::Avx512) && std::arch::is_x86_feature_detected!("avxvnni") {
-            return vec![Self::Avx512, Self::Avx];
+        if let Some(best) = Self::detect() {
+            if best == Self::Avx512Vnni {
+                v.push(best);
+            }
+            if best != Self::Avx2 && std::arch::is_x86_feature_detected!("avxvnni") {
+                v.push(Self::AvxVnni);
+            }
+            v.push(Self::Avx2);
         }
-        Self::detect().into_iter().collect()
+        v
     }
 
     /// `x Wᵀ` (`x` `[m, cols]`, `W` `[rows, cols]` of `kind` blocks,
@@ -379,7 +400,7 @@ impl Vnni {
         epilogue: impl Fn(&mut [f32], usize) + Sync,
     ) -> Vec<f32> {
         use rayon::prelude::*;
-        assert!(rows.is_multiple_of(ROWS));
+        assert!(rows.is_multiple_of(ROWS) && self.supports(kind));
         let rb = cols / kind.block_elems() * kind.block_bytes();
         assert_eq!(w.len(), rows * rb);
         let per = if kind == Kind::Q8_0 {
@@ -446,15 +467,28 @@ impl Vnni {
             #[cfg(target_arch = "x86_64")]
             unsafe {
                 match (self, kind) {
-                    (Self::Avx512, Kind::Q6K) => tile_k::<16, false>(scratch, p, panel, &mut tile),
-                    (Self::Avx512, Kind::Q8_0) => tile_q8(scratch, p, panel, &mut tile),
-                    (Self::Avx512, _) => tile_k::<32, true>(scratch, p, panel, &mut tile),
-                    (Self::Avx, _) => {
+                    (Self::Avx512Vnni, Kind::Q6K) => {
+                        tile_k::<16, false>(scratch, p, panel, &mut tile)
+                    }
+                    (Self::Avx512Vnni, Kind::Q8_0) => tile_q8(scratch, p, panel, &mut tile),
+                    (Self::Avx512Vnni, _) => tile_k::<32, true>(scratch, p, panel, &mut tile),
+                    (_, _) => {
                         for (r0, half) in [(0, 0), (0, 1), (4, 0), (4, 1)] {
+                            let (w, plain) = (&*scratch, self == Self::Avx2);
                             let t = match kind {
-                                Kind::Q6K => avx::tile_k::<16, false>(scratch, r0, p, panel, half),
-                                Kind::Q8_0 => avx::tile_q8(scratch, r0, p, panel, half),
-                                _ => avx::tile_k::<32, true>(scratch, r0, p, panel, half),
+                                Kind::Q4K if plain => {
+                                    avx::tile_k_plain::<32, true, 8>(w, r0, p, panel, half)
+                                }
+                                Kind::Q5K if plain => {
+                                    avx::tile_k_plain::<32, true, 4>(w, r0, p, panel, half)
+                                }
+                                Kind::Q6K if plain => {
+                                    avx::tile_k_plain::<16, false, 2>(w, r0, p, panel, half)
+                                }
+                                Kind::Q8_0 if plain => unreachable!("checked by `supports`"),
+                                Kind::Q6K => avx::tile_k::<16, false>(w, r0, p, panel, half),
+                                Kind::Q8_0 => avx::tile_q8(w, r0, p, panel, half),
+                                _ => avx::tile_k::<32, true>(w, r0, p, panel, half),
                             };
                             for (i, sums) in t.iter().enumerate() {
                                 tile[r0 + i][half * 8..half * 8 + 8].copy_from_slice(sums);
@@ -469,10 +503,10 @@ impl Vnni {
     }
 }
 
-/// The output buffer of [`Vnni::product`], written by many threads at
+/// The output buffer of [`Tiles::product`], written by many threads at
 /// disjoint places.
 struct Shared(*mut f32);
-// SAFETY: the threads write disjoint elements (see `Vnni::product`).
+// SAFETY: the threads write disjoint elements (see `Tiles::product`).
 unsafe impl Sync for Shared {}
 
 /// The `ROWS × TOKENS` products of the unpacked rows with one panel, over
@@ -672,6 +706,78 @@ mod avx {
         })
     }
 
+    /// As [`tile_k`] without a dot product instruction: `maddubs` pairs of
+    /// `G16` groups of four values summed in 16 bits (they cannot overflow:
+    /// Q4_K's values are at most 15, so 8 groups give at most
+    /// 8 · 2 · 15 · 127 = 30,480; Q5_K's 31 allow 4, Q6_K's 63 allow 2), then
+    /// one `madd` by the sub-block's scale.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn tile_k_plain<const SUB: usize, const MINS: bool, const G16: usize>(
+        w: &Unpacked,
+        r0: usize,
+        p: &Panels,
+        panel: usize,
+        half: usize,
+    ) -> [[f32; 8]; R] {
+        let nb = p.nb;
+        let mut acc = [_mm256_setzero_ps(); R];
+        for k in 0..nb {
+            let pk = panel * nb + k;
+            let lines: &[Line; 64] = p.q[pk * 64..pk * 64 + 64].try_into().unwrap();
+            let wq: [&[u8; QK_K]; R] = std::array::from_fn(|r| &w.q[(r0 + r) * nb + k]);
+            let mut s1 = [_mm256_setzero_si256(); R];
+            for s in 0..QK_K / SUB {
+                let sc: [i32; R] = std::array::from_fn(|r| w.sc[(r0 + r) * nb + k][s]);
+                for part in 0..SUB / 4 / G16 {
+                    let g0 = s * SUB / 4 + part * G16;
+                    let mut h = [_mm256_setzero_si256(); R];
+                    for g in g0..g0 + G16 {
+                        let x = half_line(&lines[g], half);
+                        for r in 0..R {
+                            let four =
+                                i32::from_le_bytes(wq[r][g * 4..g * 4 + 4].try_into().unwrap());
+                            let pairs = _mm256_maddubs_epi16(_mm256_set1_epi32(four), x);
+                            h[r] = _mm256_add_epi16(h[r], pairs);
+                        }
+                    }
+                    for r in 0..R {
+                        let scaled = _mm256_madd_epi16(h[r], _mm256_set1_epi16(sc[r] as i16));
+                        s1[r] = _mm256_add_epi32(s1[r], scaled);
+                    }
+                }
+                if !MINS {
+                    // Q6_K's offset: 32 · scale · the 16 values' sum (which fits in 16 bits).
+                    let bs = half_of(&p.bsums[pk * 16 + s].0, half);
+                    for r in 0..R {
+                        let t = _mm256_madd_epi16(bs, _mm256_set1_epi32(sc[r] & 0xFFFF));
+                        s1[r] = _mm256_sub_epi32(s1[r], _mm256_slli_epi32::<5>(t));
+                    }
+                }
+            }
+            let d1 = _mm256_castsi256_ps(half_of(&p.d[pk].0, half));
+            for r in 0..R {
+                let [d, dmin] = w.d[(r0 + r) * nb + k];
+                let mut f = _mm256_mul_ps(_mm256_cvtepi32_ps(s1[r]), _mm256_set1_ps(d));
+                if MINS {
+                    let mut m = _mm256_setzero_si256();
+                    for pp in 0..4 {
+                        let sums = half_of(&p.pairs[pk * 4 + pp].0, half);
+                        let mn = _mm256_set1_epi32(w.mn[(r0 + r) * nb + k][pp]);
+                        m = _mm256_add_epi32(m, _mm256_madd_epi16(sums, mn));
+                    }
+                    f = _mm256_fnmadd_ps(_mm256_set1_ps(dmin), _mm256_cvtepi32_ps(m), f);
+                }
+                acc[r] = _mm256_fmadd_ps(f, d1, acc[r]);
+            }
+        }
+        acc.map(|v| {
+            let mut o = [0f32; 8];
+            // SAFETY: 8 floats.
+            unsafe { _mm256_storeu_ps(o.as_mut_ptr(), v) };
+            o
+        })
+    }
+
     /// As [`super::tile_q8`]: rows `r0..r0 + 4`, tokens `8·half..`.
     #[target_feature(enable = "avx2,fma,avxvnni")]
     pub(super) fn tile_q8(
@@ -726,7 +832,7 @@ mod tests {
     /// of the same blocks (the same integer sums; float order differs).
     #[test]
     fn tiles_equal_the_plain_dots() {
-        let variants = Vnni::all();
+        let variants = Tiles::all();
         if variants.is_empty() {
             eprintln!("no VNNI here: the tiled products are not used on this CPU");
         }
@@ -735,9 +841,69 @@ mod tests {
         }
     }
 
-    fn check_variant(v: Vnni) {
+    /// The largest values each type holds against the largest activations
+    /// (±127): where the 16-bit sums of plain AVX2 come closest to overflowing.
+    #[test]
+    fn the_largest_values_do_not_overflow() {
+        let f16_one = [0x00, 0x3C];
+        // Scales 63 and minimums 0 (see `blocks::k4_scales`).
+        let k4_scales = [[0xFF; 4], [0; 4], [0x0F; 4]].concat();
+        let q4k = [&f16_one[..], &[0, 0], &k4_scales, &[0xFF; 128]].concat();
+        let q5k = [&f16_one[..], &[0, 0], &k4_scales, &[0xFF; 32], &[0xFF; 128]].concat();
+        let q6k = [&[0xFF; 192][..], &[127; 16], &f16_one].concat();
+        let q8 = [&f16_one[..], &[127; 32]].concat().repeat(8);
+        for v in Tiles::all() {
+            for (kind, block) in [
+                (Kind::Q4K, &q4k),
+                (Kind::Q5K, &q5k),
+                (Kind::Q6K, &q6k),
+                (Kind::Q8_0, &q8),
+            ] {
+                if !v.supports(kind) {
+                    continue;
+                }
+                let rows = block.repeat(ROWS);
+                for sign in [1.0f32, -1.0] {
+                    let x = vec![sign; TOKENS * QK_K];
+                    let p = Panels::new(
+                        &x,
+                        TOKENS,
+                        QK_K,
+                        if kind == Kind::Q8_0 { 32 } else { QK_K },
+                        v,
+                    );
+                    let mut scratch = Unpacked::new(QK_K);
+                    let mut got = Vec::new();
+                    v.rows(kind, &rows, block.len(), &p, &mut scratch, |_, n, tile| {
+                        got.extend(tile.iter().flat_map(|r| r[..n].to_vec()));
+                    });
+                    let (mut a, mut a8) = (Vec::new(), Vec::new());
+                    blocks::quantize_q8k(&x[..QK_K], &mut a);
+                    blocks::quantize_q8(&x[..QK_K], &mut a8);
+                    let want = match kind {
+                        Kind::Q4K => blocks::dot_q4k(block, &a),
+                        Kind::Q5K => blocks::dot_q5k(block, &a),
+                        Kind::Q6K => blocks::dot_q6k(block, &a),
+                        Kind::Q8_0 => blocks::dot_q8_0(block, &a8),
+                    };
+                    assert!(want.abs() > 100.0, "{kind:?}: a large product ({want})");
+                    for g in got {
+                        assert!(
+                            (g - want).abs() <= 1e-5 * want.abs(),
+                            "{v:?} {kind:?} sign {sign}: plain {want} vs tiled {g}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    fn check_variant(v: Tiles) {
         let cols = 512;
         for kind in [Kind::Q4K, Kind::Q5K, Kind::Q6K, Kind::Q8_0] {
+            if !v.supports(kind) {
+                continue;
+            }
             let (m_q, _) = super::super::tests::quantized(kind.ggml(), ROWS, cols, 21);
             let rb = m_q.row_bytes();
             for m in [1usize, 16, 17, 40] {
