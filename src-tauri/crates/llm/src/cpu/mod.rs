@@ -161,7 +161,6 @@ impl QMatrix {
         }
         let simd = self.simd;
         if let Some(v) = self.tiles
-            && v.supports(self.kind)
             && m >= tiled::TOKENS
             && self.rows.is_multiple_of(tiled::ROWS)
             && self.cols.is_multiple_of(blocks::QK_K)

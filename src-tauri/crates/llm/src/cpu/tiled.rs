@@ -202,7 +202,7 @@ impl Unpacked {
     /// Unpacks `rows` (`ROWS` rows of `kind` blocks, `row_bytes` each).
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2")]
-    fn fill(&mut self, kind: Kind, rows: &[u8], row_bytes: usize) {
+    fn fill(&mut self, kind: Kind, rows: &[u8], row_bytes: usize, tiles: Tiles) {
         // Bytes per 256 values (eight blocks of Q8_0).
         let bb = kind.block_bytes() * (QK_K / kind.block_elems());
         for r in 0..ROWS {
@@ -232,8 +232,13 @@ impl Unpacked {
                         unpack_q6k(&b[..192], &mut self.q[i]);
                     }
                     Kind::Q8_0 => {
-                        // Signed values stored + 128 (unsigned for dpbusd).
-                        let flip = _mm256_set1_epi8(i8::MIN);
+                        // Signed values stored + 128 (unsigned for dpbusd);
+                        // as they are for plain AVX2's sign trick.
+                        let flip = if tiles == Tiles::Avx2 {
+                            _mm256_setzero_si256()
+                        } else {
+                            _mm256_set1_epi8(i8::MIN)
+                        };
                         for (j, blk) in b.chunks_exact(34).enumerate() {
                             self.d8[i][j] = blocks::f16_at(blk, 0);
                             let v = _mm256_xor_si256(load32(blk, 2), flip);
@@ -325,8 +330,8 @@ fn unpack_q6k(b: &[u8], q: &mut [u8; QK_K]) {
 /// their instructions): AVX-512 VNNI (16 tokens per register), AVX-VNNI
 /// (the same 8-bit dot product on 256 bits, eight tokens: Intel's cores
 /// since 2021, which have no AVX-512, and AMD's since Zen 5), or plain AVX2
-/// (no dot product instruction: `maddubs` pairs summed in 16 bits over a
-/// sub-block, then one multiply by its scale — the K-quants only).
+/// (no dot product instruction: for the K-quants `maddubs` pairs summed in
+/// 16 bits over a sub-block, then one multiply by its scale).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Tiles {
     Avx512Vnni,
@@ -357,12 +362,6 @@ impl Tiles {
         }
         #[allow(unreachable_code)]
         None
-    }
-
-    /// Whether these tiles multiply weights of `kind` (plain AVX2's 16-bit
-    /// sums would overflow on Q8_0's full bytes: its row kernel serves).
-    pub(crate) fn supports(self, kind: Kind) -> bool {
-        self != Self::Avx2 || kind != Kind::Q8_0
     }
 
     /// Every variant this CPU runs (the tests compare them all).
@@ -400,7 +399,7 @@ impl Tiles {
         epilogue: impl Fn(&mut [f32], usize) + Sync,
     ) -> Vec<f32> {
         use rayon::prelude::*;
-        assert!(rows.is_multiple_of(ROWS) && self.supports(kind));
+        assert!(rows.is_multiple_of(ROWS));
         let rb = cols / kind.block_elems() * kind.block_bytes();
         assert_eq!(w.len(), rows * rb);
         let per = if kind == Kind::Q8_0 {
@@ -459,7 +458,7 @@ impl Tiles {
         // SAFETY: `self` exists only where AVX2 (and more) was detected.
         #[cfg(target_arch = "x86_64")]
         unsafe {
-            scratch.fill(kind, rows, row_bytes)
+            scratch.fill(kind, rows, row_bytes, self)
         };
         let mut tile = [[0f32; TOKENS]; ROWS];
         for panel in 0..p.panels() {
@@ -485,7 +484,7 @@ impl Tiles {
                                 Kind::Q6K if plain => {
                                     avx::tile_k_plain::<16, false, 2>(w, r0, p, panel, half)
                                 }
-                                Kind::Q8_0 if plain => unreachable!("checked by `supports`"),
+                                Kind::Q8_0 if plain => avx::tile_q8_plain(w, r0, p, panel, half),
                                 Kind::Q6K => avx::tile_k::<16, false>(w, r0, p, panel, half),
                                 Kind::Q8_0 => avx::tile_q8(w, r0, p, panel, half),
                                 _ => avx::tile_k::<32, true>(w, r0, p, panel, half),
@@ -778,6 +777,51 @@ mod avx {
         })
     }
 
+    /// As [`tile_q8`] without a dot product instruction: the weights' own
+    /// signs moved onto the activations (`maddubs` wants one operand
+    /// unsigned), each pair of products (at most 2 · 127 · 127) widened at once.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn tile_q8_plain(
+        w: &Unpacked,
+        r0: usize,
+        p: &Panels,
+        panel: usize,
+        half: usize,
+    ) -> [[f32; 8]; R] {
+        let nb = p.nb;
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [_mm256_setzero_ps(); R];
+        for k in 0..nb {
+            let pk = panel * nb + k;
+            let lines: &[Line; 64] = p.q[pk * 64..pk * 64 + 64].try_into().unwrap();
+            let wq: [&[u8; QK_K]; R] = std::array::from_fn(|r| &w.q[(r0 + r) * nb + k]);
+            for b in 0..8 {
+                let mut a = [_mm256_setzero_si256(); R];
+                for g in b * 8..(b + 1) * 8 {
+                    let x = half_line(&lines[g], half);
+                    for r in 0..R {
+                        let four = i32::from_le_bytes(wq[r][g * 4..g * 4 + 4].try_into().unwrap());
+                        let ws = _mm256_set1_epi32(four);
+                        let pairs =
+                            _mm256_maddubs_epi16(_mm256_abs_epi8(ws), _mm256_sign_epi8(x, ws));
+                        a[r] = _mm256_add_epi32(a[r], _mm256_madd_epi16(pairs, ones));
+                    }
+                }
+                let da = _mm256_castsi256_ps(half_of(&p.d[pk * 8 + b].0, half));
+                for r in 0..R {
+                    let scale = _mm256_mul_ps(da, _mm256_set1_ps(w.d8[(r0 + r) * nb + k][b]));
+                    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a[r]), scale, acc[r]);
+                }
+            }
+        }
+        acc.map(|v| {
+            let mut o = [0f32; 8];
+            // SAFETY: 8 floats.
+            unsafe { _mm256_storeu_ps(o.as_mut_ptr(), v) };
+            o
+        })
+    }
+
     /// As [`super::tile_q8`]: rows `r0..r0 + 4`, tokens `8·half..`.
     #[target_feature(enable = "avx2,fma,avxvnni")]
     pub(super) fn tile_q8(
@@ -859,9 +903,6 @@ mod tests {
                 (Kind::Q6K, &q6k),
                 (Kind::Q8_0, &q8),
             ] {
-                if !v.supports(kind) {
-                    continue;
-                }
                 let rows = block.repeat(ROWS);
                 for sign in [1.0f32, -1.0] {
                     let x = vec![sign; TOKENS * QK_K];
@@ -901,9 +942,6 @@ mod tests {
     fn check_variant(v: Tiles) {
         let cols = 512;
         for kind in [Kind::Q4K, Kind::Q5K, Kind::Q6K, Kind::Q8_0] {
-            if !v.supports(kind) {
-                continue;
-            }
             let (m_q, _) = super::super::tests::quantized(kind.ggml(), ROWS, cols, 21);
             let rb = m_q.row_bytes();
             for m in [1usize, 16, 17, 40] {
