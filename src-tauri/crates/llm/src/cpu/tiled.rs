@@ -617,8 +617,9 @@ fn tile_q8(w: &Unpacked, p: &Panels, panel: usize, out: &mut [[f32; TOKENS]; ROW
     }
 }
 
-/// The same tiles on 256 bits with AVX-VNNI: four weight rows against
-/// half a panel (eight tokens) at a time — sixteen registers hold no more.
+/// The same tiles on 256 bits: four weight rows against half a panel
+/// (eight tokens) at a time — sixteen registers hold no more — with
+/// AVX-VNNI's `vpdpbusd`, or with plain AVX2's `maddubs`.
 #[cfg(target_arch = "x86_64")]
 mod avx {
     use std::arch::x86_64::*;
@@ -645,6 +646,92 @@ mod avx {
         unsafe { _mm256_loadu_si256(line.0.as_ptr().add(32 * half).cast()) }
     }
 
+    /// Super-block `pk`'s 64 lines, and rows `r0..r0 + 4`'s unpacked bytes of super-block `k`.
+    #[inline]
+    fn operands<'a>(
+        w: &'a Unpacked,
+        r0: usize,
+        p: &'a Panels,
+        pk: usize,
+        k: usize,
+    ) -> (&'a [Line; 64], [&'a [u8; QK_K]; R]) {
+        let lines = p.q[pk * 64..pk * 64 + 64].try_into().unwrap();
+        (lines, std::array::from_fn(|r| &w.q[(r0 + r) * p.nb + k]))
+    }
+
+    /// Four weight bytes (values `4g..4g + 4`) in every lane.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn four(q: &[u8; QK_K], g: usize) -> __m256i {
+        _mm256_set1_epi32(i32::from_le_bytes(q[g * 4..g * 4 + 4].try_into().unwrap()))
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn out(acc: [__m256; R]) -> [[f32; 8]; R] {
+        acc.map(|v| {
+            let mut o = [0f32; 8];
+            // SAFETY: 8 floats.
+            unsafe { _mm256_storeu_ps(o.as_mut_ptr(), v) };
+            o
+        })
+    }
+
+    /// A K-quant super-block's sums, scaled by their sub-blocks' scales
+    /// (`s1`), into the float sums: × `d`, less `dmin` × the minimums' terms,
+    /// × each token's scale.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    fn finish_k<const MINS: bool>(
+        w: &Unpacked,
+        r0: usize,
+        p: &Panels,
+        pk: usize,
+        k: usize,
+        half: usize,
+        s1: [__m256i; R],
+        acc: &mut [__m256; R],
+    ) {
+        let d1 = _mm256_castsi256_ps(half_of(&p.d[pk].0, half));
+        for r in 0..R {
+            let [d, dmin] = w.d[(r0 + r) * p.nb + k];
+            let mut f = _mm256_mul_ps(_mm256_cvtepi32_ps(s1[r]), _mm256_set1_ps(d));
+            if MINS {
+                let mut m = _mm256_setzero_si256();
+                for pp in 0..4 {
+                    let sums = half_of(&p.pairs[pk * 4 + pp].0, half);
+                    let mn = _mm256_set1_epi32(w.mn[(r0 + r) * p.nb + k][pp]);
+                    m = _mm256_add_epi32(m, _mm256_madd_epi16(sums, mn));
+                }
+                f = _mm256_fnmadd_ps(_mm256_set1_ps(dmin), _mm256_cvtepi32_ps(m), f);
+            }
+            acc[r] = _mm256_fmadd_ps(f, d1, acc[r]);
+        }
+    }
+
+    /// Q8_0 block `b`'s integer sums into the float sums: × both sides' scales.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    fn finish_q8(
+        w: &Unpacked,
+        r0: usize,
+        p: &Panels,
+        pk: usize,
+        k: usize,
+        b: usize,
+        half: usize,
+        a: [__m256i; R],
+        acc: &mut [__m256; R],
+    ) {
+        let da = _mm256_castsi256_ps(half_of(&p.d[pk * 8 + b].0, half));
+        for r in 0..R {
+            let scale = _mm256_mul_ps(da, _mm256_set1_ps(w.d8[(r0 + r) * p.nb + k][b]));
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a[r]), scale, acc[r]);
+        }
+    }
+
     /// As [`super::tile_k`]: rows `r0..r0 + 4`, tokens `8·half..`.
     #[target_feature(enable = "avx2,fma,avxvnni")]
     pub(super) fn tile_k<const SUB: usize, const MINS: bool>(
@@ -654,20 +741,18 @@ mod avx {
         panel: usize,
         half: usize,
     ) -> [[f32; 8]; R] {
-        let nb = p.nb;
         let mut acc = [_mm256_setzero_ps(); R];
-        for k in 0..nb {
-            let pk = panel * nb + k;
-            let lines: &[Line; 64] = p.q[pk * 64..pk * 64 + 64].try_into().unwrap();
-            let wq: [&[u8; QK_K]; R] = std::array::from_fn(|r| &w.q[(r0 + r) * nb + k]);
+        for k in 0..p.nb {
+            let pk = panel * p.nb + k;
+            let (lines, wq) = operands(w, r0, p, pk, k);
             let mut s1 = [_mm256_setzero_si256(); R];
             for s in 0..QK_K / SUB {
                 let mut a = [_mm256_setzero_si256(); R];
+                #[allow(clippy::needless_range_loop)] // g also picks the weights
                 for g in s * SUB / 4..(s + 1) * SUB / 4 {
                     let x = half_line(&lines[g], half);
                     for r in 0..R {
-                        let four = i32::from_le_bytes(wq[r][g * 4..g * 4 + 4].try_into().unwrap());
-                        a[r] = _mm256_dpbusd_avx_epi32(a[r], _mm256_set1_epi32(four), x);
+                        a[r] = _mm256_dpbusd_avx_epi32(a[r], four(wq[r], g), x);
                     }
                 }
                 if !MINS {
@@ -677,32 +762,13 @@ mod avx {
                     }
                 }
                 for r in 0..R {
-                    let sc = _mm256_set1_epi32(w.sc[(r0 + r) * nb + k][s]);
+                    let sc = _mm256_set1_epi32(w.sc[(r0 + r) * p.nb + k][s]);
                     s1[r] = _mm256_add_epi32(s1[r], _mm256_mullo_epi32(a[r], sc));
                 }
             }
-            let d1 = _mm256_castsi256_ps(half_of(&p.d[pk].0, half));
-            for r in 0..R {
-                let [d, dmin] = w.d[(r0 + r) * nb + k];
-                let mut f = _mm256_mul_ps(_mm256_cvtepi32_ps(s1[r]), _mm256_set1_ps(d));
-                if MINS {
-                    let mut m = _mm256_setzero_si256();
-                    for pp in 0..4 {
-                        let sums = half_of(&p.pairs[pk * 4 + pp].0, half);
-                        let mn = _mm256_set1_epi32(w.mn[(r0 + r) * nb + k][pp]);
-                        m = _mm256_dpwssd_avx_epi32(m, sums, mn);
-                    }
-                    f = _mm256_fnmadd_ps(_mm256_set1_ps(dmin), _mm256_cvtepi32_ps(m), f);
-                }
-                acc[r] = _mm256_fmadd_ps(f, d1, acc[r]);
-            }
+            finish_k::<MINS>(w, r0, p, pk, k, half, s1, &mut acc);
         }
-        acc.map(|v| {
-            let mut o = [0f32; 8];
-            // SAFETY: 8 floats.
-            unsafe { _mm256_storeu_ps(o.as_mut_ptr(), v) };
-            o
-        })
+        out(acc)
     }
 
     /// As [`tile_k`] without a dot product instruction: `maddubs` pairs of
@@ -718,24 +784,21 @@ mod avx {
         panel: usize,
         half: usize,
     ) -> [[f32; 8]; R] {
-        let nb = p.nb;
         let mut acc = [_mm256_setzero_ps(); R];
-        for k in 0..nb {
-            let pk = panel * nb + k;
-            let lines: &[Line; 64] = p.q[pk * 64..pk * 64 + 64].try_into().unwrap();
-            let wq: [&[u8; QK_K]; R] = std::array::from_fn(|r| &w.q[(r0 + r) * nb + k]);
+        for k in 0..p.nb {
+            let pk = panel * p.nb + k;
+            let (lines, wq) = operands(w, r0, p, pk, k);
             let mut s1 = [_mm256_setzero_si256(); R];
             for s in 0..QK_K / SUB {
-                let sc: [i32; R] = std::array::from_fn(|r| w.sc[(r0 + r) * nb + k][s]);
+                let sc: [i32; R] = std::array::from_fn(|r| w.sc[(r0 + r) * p.nb + k][s]);
                 for part in 0..SUB / 4 / G16 {
                     let g0 = s * SUB / 4 + part * G16;
                     let mut h = [_mm256_setzero_si256(); R];
+                    #[allow(clippy::needless_range_loop)] // g also picks the weights
                     for g in g0..g0 + G16 {
                         let x = half_line(&lines[g], half);
                         for r in 0..R {
-                            let four =
-                                i32::from_le_bytes(wq[r][g * 4..g * 4 + 4].try_into().unwrap());
-                            let pairs = _mm256_maddubs_epi16(_mm256_set1_epi32(four), x);
+                            let pairs = _mm256_maddubs_epi16(four(wq[r], g), x);
                             h[r] = _mm256_add_epi16(h[r], pairs);
                         }
                     }
@@ -753,73 +816,9 @@ mod avx {
                     }
                 }
             }
-            let d1 = _mm256_castsi256_ps(half_of(&p.d[pk].0, half));
-            for r in 0..R {
-                let [d, dmin] = w.d[(r0 + r) * nb + k];
-                let mut f = _mm256_mul_ps(_mm256_cvtepi32_ps(s1[r]), _mm256_set1_ps(d));
-                if MINS {
-                    let mut m = _mm256_setzero_si256();
-                    for pp in 0..4 {
-                        let sums = half_of(&p.pairs[pk * 4 + pp].0, half);
-                        let mn = _mm256_set1_epi32(w.mn[(r0 + r) * nb + k][pp]);
-                        m = _mm256_add_epi32(m, _mm256_madd_epi16(sums, mn));
-                    }
-                    f = _mm256_fnmadd_ps(_mm256_set1_ps(dmin), _mm256_cvtepi32_ps(m), f);
-                }
-                acc[r] = _mm256_fmadd_ps(f, d1, acc[r]);
-            }
+            finish_k::<MINS>(w, r0, p, pk, k, half, s1, &mut acc);
         }
-        acc.map(|v| {
-            let mut o = [0f32; 8];
-            // SAFETY: 8 floats.
-            unsafe { _mm256_storeu_ps(o.as_mut_ptr(), v) };
-            o
-        })
-    }
-
-    /// As [`tile_q8`] without a dot product instruction: the weights' own
-    /// signs moved onto the activations (`maddubs` wants one operand
-    /// unsigned), each pair of products (at most 2 · 127 · 127) widened at once.
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) fn tile_q8_plain(
-        w: &Unpacked,
-        r0: usize,
-        p: &Panels,
-        panel: usize,
-        half: usize,
-    ) -> [[f32; 8]; R] {
-        let nb = p.nb;
-        let ones = _mm256_set1_epi16(1);
-        let mut acc = [_mm256_setzero_ps(); R];
-        for k in 0..nb {
-            let pk = panel * nb + k;
-            let lines: &[Line; 64] = p.q[pk * 64..pk * 64 + 64].try_into().unwrap();
-            let wq: [&[u8; QK_K]; R] = std::array::from_fn(|r| &w.q[(r0 + r) * nb + k]);
-            for b in 0..8 {
-                let mut a = [_mm256_setzero_si256(); R];
-                for g in b * 8..(b + 1) * 8 {
-                    let x = half_line(&lines[g], half);
-                    for r in 0..R {
-                        let four = i32::from_le_bytes(wq[r][g * 4..g * 4 + 4].try_into().unwrap());
-                        let ws = _mm256_set1_epi32(four);
-                        let pairs =
-                            _mm256_maddubs_epi16(_mm256_abs_epi8(ws), _mm256_sign_epi8(x, ws));
-                        a[r] = _mm256_add_epi32(a[r], _mm256_madd_epi16(pairs, ones));
-                    }
-                }
-                let da = _mm256_castsi256_ps(half_of(&p.d[pk * 8 + b].0, half));
-                for r in 0..R {
-                    let scale = _mm256_mul_ps(da, _mm256_set1_ps(w.d8[(r0 + r) * nb + k][b]));
-                    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a[r]), scale, acc[r]);
-                }
-            }
-        }
-        acc.map(|v| {
-            let mut o = [0f32; 8];
-            // SAFETY: 8 floats.
-            unsafe { _mm256_storeu_ps(o.as_mut_ptr(), v) };
-            o
-        })
+        out(acc)
     }
 
     /// As [`super::tile_q8`]: rows `r0..r0 + 4`, tokens `8·half..`.
@@ -831,40 +830,64 @@ mod avx {
         panel: usize,
         half: usize,
     ) -> [[f32; 8]; R] {
-        let nb = p.nb;
         let mut acc = [_mm256_setzero_ps(); R];
-        for k in 0..nb {
-            let pk = panel * nb + k;
-            let lines: &[Line; 64] = p.q[pk * 64..pk * 64 + 64].try_into().unwrap();
-            let wq: [&[u8; QK_K]; R] = std::array::from_fn(|r| &w.q[(r0 + r) * nb + k]);
+        for k in 0..p.nb {
+            let pk = panel * p.nb + k;
+            let (lines, wq) = operands(w, r0, p, pk, k);
             for b in 0..8 {
-                let mut a = [_mm256_setzero_si256(); R];
-                for g in b * 8..(b + 1) * 8 {
-                    let x = half_line(&lines[g], half);
-                    for r in 0..R {
-                        let four = i32::from_le_bytes(wq[r][g * 4..g * 4 + 4].try_into().unwrap());
-                        a[r] = _mm256_dpbusd_avx_epi32(a[r], _mm256_set1_epi32(four), x);
-                    }
-                }
+                // Σ (w + 128)·x − 128·Σx.
                 let s = _mm256_add_epi32(
                     half_of(&p.bsums[pk * 16 + 2 * b].0, half),
                     half_of(&p.bsums[pk * 16 + 2 * b + 1].0, half),
                 );
-                let off = _mm256_slli_epi32::<7>(s);
-                let da = _mm256_castsi256_ps(half_of(&p.d[pk * 8 + b].0, half));
-                for r in 0..R {
-                    let v = _mm256_cvtepi32_ps(_mm256_sub_epi32(a[r], off));
-                    let scale = _mm256_mul_ps(da, _mm256_set1_ps(w.d8[(r0 + r) * nb + k][b]));
-                    acc[r] = _mm256_fmadd_ps(v, scale, acc[r]);
+                let mut a =
+                    [_mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32::<7>(s)); R];
+                #[allow(clippy::needless_range_loop)] // g also picks the weights
+                for g in b * 8..(b + 1) * 8 {
+                    let x = half_line(&lines[g], half);
+                    for r in 0..R {
+                        a[r] = _mm256_dpbusd_avx_epi32(a[r], four(wq[r], g), x);
+                    }
                 }
+                finish_q8(w, r0, p, pk, k, b, half, a, &mut acc);
             }
         }
-        acc.map(|v| {
-            let mut o = [0f32; 8];
-            // SAFETY: 8 floats.
-            unsafe { _mm256_storeu_ps(o.as_mut_ptr(), v) };
-            o
-        })
+        out(acc)
+    }
+
+    /// As [`tile_q8`] without a dot product instruction: the weights' own
+    /// signs moved onto the activations (`maddubs` wants one operand
+    /// unsigned), each pair of products (at most 2 · 127 · 127) widened at
+    /// once. The weights were unpacked signed for this variant.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn tile_q8_plain(
+        w: &Unpacked,
+        r0: usize,
+        p: &Panels,
+        panel: usize,
+        half: usize,
+    ) -> [[f32; 8]; R] {
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [_mm256_setzero_ps(); R];
+        for k in 0..p.nb {
+            let pk = panel * p.nb + k;
+            let (lines, wq) = operands(w, r0, p, pk, k);
+            for b in 0..8 {
+                let mut a = [_mm256_setzero_si256(); R];
+                #[allow(clippy::needless_range_loop)] // g also picks the weights
+                for g in b * 8..(b + 1) * 8 {
+                    let x = half_line(&lines[g], half);
+                    for r in 0..R {
+                        let ws = four(wq[r], g);
+                        let pairs =
+                            _mm256_maddubs_epi16(_mm256_abs_epi8(ws), _mm256_sign_epi8(x, ws));
+                        a[r] = _mm256_add_epi32(a[r], _mm256_madd_epi16(pairs, ones));
+                    }
+                }
+                finish_q8(w, r0, p, pk, k, b, half, a, &mut acc);
+            }
+        }
+        out(acc)
     }
 }
 
