@@ -56,17 +56,18 @@ fn a_chat_reply_waits_for_a_running_api_request_and_stop_works_while_waiting() {
     )
     .unwrap();
 
+    // When the API request's last token came out: inside the engine's
+    // turn, so before anything queued behind it can start (a time taken
+    // after `complete` returns would race the reply that starts then).
     let api_done = Arc::new(std::sync::Mutex::new(None::<Instant>));
     let api = {
         let (app, done) = (app.clone(), api_done.clone());
         std::thread::spawn(move || {
-            let c = app
-                .complete(&request(200), &AtomicBool::new(false), &mut |_| {
-                    std::thread::sleep(Duration::from_millis(2));
-                })
-                .unwrap();
-            *done.lock().unwrap() = Some(Instant::now());
-            c
+            app.complete(&request(200), &AtomicBool::new(false), &mut |_| {
+                std::thread::sleep(Duration::from_millis(2));
+                *done.lock().unwrap() = Some(Instant::now());
+            })
+            .unwrap()
         })
     };
     while !app.engine_load().0 {
@@ -91,7 +92,7 @@ fn a_chat_reply_waits_for_a_running_api_request_and_stop_works_while_waiting() {
     );
     assert!(
         started_at.unwrap() >= api_done.lock().unwrap().unwrap(),
-        "the reply started only after the API request ended"
+        "the reply started only after the API request's last token"
     );
 
     // A request cancelled while it waits leaves the queue and never runs.
