@@ -107,11 +107,19 @@ fn attend_block(
         for (g, quad) in quads.chunks_exact_mut(4 * hd).enumerate() {
             let k0 = g * 4;
             let p: [f32; 4] = std::array::from_fn(|i| scores[(k0 + i) * n + j]);
-            if p.iter().any(|&p| p != 0.0) {
+            if p.iter().all(|&p| p != 0.0) {
                 let [a, b, c, d] = quad
                     .get_disjoint_mut([0..hd, hd..2 * hd, 2 * hd..3 * hd, 3 * hd..4 * hd])
                     .expect("four rows");
                 simd.axpys(p, &row, [a, b, c, d]);
+            } else {
+                // A key some of these queries cannot see (or weigh at 0)
+                // adds nothing to them, not even 0 · an infinite value.
+                for (o, p) in quad.chunks_exact_mut(hd).zip(p) {
+                    if p != 0.0 {
+                        simd.axpy(p, &row, o);
+                    }
+                }
             }
         }
         for (i, o) in rest.chunks_exact_mut(hd).enumerate() {

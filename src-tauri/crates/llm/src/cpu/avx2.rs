@@ -533,16 +533,17 @@ fn dots_f32<const N: usize>(a: [&[f32]; N], b: &[f32]) -> [f32; N] {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-fn axpys<const N: usize>(a: [f32; N], x: &[f32], y: [&mut [f32]; N]) {
+fn axpys<const N: usize>(a: [f32; N], x: &[f32], mut y: [&mut [f32]; N]) {
     assert!(y.iter().all(|r| r.len() == x.len()));
     let n = x.len() / 8 * 8;
     let av = a.map(|a| _mm256_set1_ps(a));
     for i in (0..n).step_by(8) {
-        // SAFETY: `i + 8 <= n <= len` for every slice (asserted equal above).
+        // SAFETY: `i + 8 <= n <= len` for every slice (asserted equal above);
+        // each row is written through its own `&mut`.
         unsafe {
             let xv = _mm256_loadu_ps(x.as_ptr().add(i));
-            for (av, y) in av.iter().zip(&y) {
-                let p = y.as_ptr().add(i).cast_mut();
+            for (av, y) in av.iter().zip(y.iter_mut()) {
+                let p = y.as_mut_ptr().add(i);
                 _mm256_storeu_ps(p, _mm256_fmadd_ps(*av, xv, _mm256_loadu_ps(p)));
             }
         }

@@ -190,7 +190,8 @@ fn the_epilogue_adds_the_bias_then_gelu() {
     }
     let (q, _) = quantized(GgmlDType::Q4K, 24, 256, 9);
     let bias: Vec<f32> = (0..24).map(|i| i as f32 * 0.25 - 3.0).collect();
-    for m in [1usize, 6] {
+    // Decode, the row kernels' prompt path, and the tiles' (16 or more tokens).
+    for m in [1usize, 6, 20] {
         let x = random(m * 256, 40);
         let plain = q.matmul(&x, m);
         let fused = q.matmul_with(

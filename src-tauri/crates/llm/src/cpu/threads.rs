@@ -58,7 +58,7 @@ pub unsafe fn init_process(threads: Option<usize>) -> usize {
 /// tens of megabytes (512 tokens × 10,240 for fc1: 21 MB). Above the mmap
 /// threshold (128 KB, raised only by what has been freed) each is a fresh
 /// mapping whose pages the kernel zeroes on first touch — 5% of a prefill:
-/// serve up to 64 MB from the heap and keep up to 128 MB of freed memory for
+/// serve up to 32 MB from the heap and keep up to 128 MB of freed memory for
 /// the next layer (Q4_K_M pp512 on 2 threads +8–10%). And one arena: the
 /// pass runs on a pool thread, whose own arena kept what earlier layers
 /// freed apart from the main heap (peak RSS after a 2,044-token chat 1.15×
@@ -70,8 +70,12 @@ fn tune_allocator() {
     // SAFETY: mallopt only sets the allocator's parameters; it is called
     // once, before the engine's threads start (see `init_process`).
     unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 64 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 128 << 20);
+        // 32 MB is the most glibc documents; where one refuses it, the trim
+        // threshold is left alone too (setting it would freeze the mmap
+        // threshold at its 128 KB start).
+        if libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20) == 1 {
+            libc::mallopt(libc::M_TRIM_THRESHOLD, 128 << 20);
+        }
         libc::mallopt(libc::M_ARENA_MAX, 1);
     }
 }

@@ -142,7 +142,9 @@ fn quantize(x: &[f32], per: usize, q: &mut [i8; QK_K], d: &mut [f32]) {
         };
         let mut m = _mm256_setzero_ps();
         for i in 0..per / 8 {
-            m = _mm256_max_ps(m, _mm256_and_ps(load(i), abs));
+            // maxps answers its second operand where either is NaN: NaN
+            // values are passed over, as `f32::max` does in the plain version.
+            m = _mm256_max_ps(_mm256_and_ps(load(i), abs), m);
         }
         let m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
         let m2 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
@@ -157,7 +159,10 @@ fn quantize(x: &[f32], per: usize, q: &mut [i8; QK_K], d: &mut [f32]) {
         let id = _mm256_set1_ps(127.0 / amax);
         let (lo, hi) = (_mm256_set1_ps(-127.0), _mm256_set1_ps(127.0));
         for (i, out) in qs.chunks_exact_mut(8).enumerate() {
-            let v = _mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(load(i), id), lo), hi);
+            // NaN (a NaN value, or 0 · an infinite inverse scale) stays NaN
+            // through the clamp and converts to 0x8000_0000, whose low byte
+            // is 0 — as `NaN as i8` is in the plain version.
+            let v = _mm256_min_ps(hi, _mm256_max_ps(lo, _mm256_mul_ps(load(i), id)));
             let n = _mm256_cvtps_epi32(v);
             let mut lanes = [0i32; 8];
             // SAFETY: 32 bytes.
@@ -234,7 +239,7 @@ impl Unpacked {
                     Kind::Q8_0 => {
                         // Signed values stored + 128 (unsigned for dpbusd);
                         // as they are for plain AVX2's sign trick.
-                        let flip = if tiles == Tiles::Avx2 {
+                        let flip = if tiles.0 == Isa::Avx2 {
                             _mm256_setzero_si256()
                         } else {
                             _mm256_set1_epi8(i8::MIN)
@@ -333,7 +338,12 @@ fn unpack_q6k(b: &[u8], q: &mut [u8; QK_K]) {
 /// (no dot product instruction: for the K-quants `maddubs` pairs summed in
 /// 16 bits over a sub-block, then one multiply by its scale).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Tiles {
+pub(crate) struct Tiles(Isa);
+
+/// The instruction sets; private, so only [`Tiles::detect`] (and the tests'
+/// [`Tiles::all`], which checks the same features) make a [`Tiles`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Isa {
     Avx512Vnni,
     AvxVnni,
     Avx2,
@@ -352,13 +362,13 @@ impl Tiles {
                 && super::avx512::Avx512::detect().is_some()
                 && std::arch::is_x86_feature_detected!("avx512vnni")
             {
-                return Some(Self::Avx512Vnni);
+                return Some(Self(Isa::Avx512Vnni));
             }
             super::Avx2::detect()?;
             if vnni && std::arch::is_x86_feature_detected!("avxvnni") {
-                return Some(Self::AvxVnni);
+                return Some(Self(Isa::AvxVnni));
             }
-            return Some(Self::Avx2);
+            return Some(Self(Isa::Avx2));
         }
         #[allow(unreachable_code)]
         None
@@ -370,13 +380,13 @@ impl Tiles {
         let mut v = Vec::new();
         #[cfg(target_arch = "x86_64")]
         if let Some(best) = Self::detect() {
-            if best == Self::Avx512Vnni {
+            if best.0 == Isa::Avx512Vnni {
                 v.push(best);
             }
-            if best != Self::Avx2 && std::arch::is_x86_feature_detected!("avxvnni") {
-                v.push(Self::AvxVnni);
+            if best.0 != Isa::Avx2 && std::arch::is_x86_feature_detected!("avxvnni") {
+                v.push(Self(Isa::AvxVnni));
             }
-            v.push(Self::Avx2);
+            v.push(Self(Isa::Avx2));
         }
         v
     }
@@ -424,13 +434,13 @@ impl Tiles {
                     let group = &w[r * rb..(r + ROWS) * rb];
                     self.rows(kind, group, rb, &p, scratch, |t0, n, tile| {
                         epilogue(tile.as_flattened_mut(), r);
+                        assert!(r + ROWS <= rows && t0 + n <= m);
                         for t in t0..t0 + n {
-                            assert!((t + 1) * rows <= m * rows);
                             for (i, sums) in tile.iter().enumerate() {
                                 // SAFETY: in bounds (checked above: r + i <
-                                // rows); chunk c's threads alone write rows
-                                // c·chunk.., and `out` is read only after
-                                // every chunk is done.
+                                // rows, t < m); chunk c's task alone writes
+                                // rows c·chunk..(c + 1)·chunk, and `out` is
+                                // read only after every chunk is done.
                                 unsafe { *dst.0.add(t * rows + r + i) = sums[t - t0] };
                             }
                         }
@@ -455,6 +465,11 @@ impl Tiles {
         mut emit: impl FnMut(usize, usize, &mut [[f32; TOKENS]; ROWS]),
     ) {
         assert_eq!(scratch.nb, p.nb);
+        assert_eq!(
+            row_bytes,
+            p.nb * QK_K / kind.block_elems() * kind.block_bytes()
+        );
+        assert_eq!(rows.len(), ROWS * row_bytes);
         // SAFETY: `self` exists only where AVX2 (and more) was detected.
         #[cfg(target_arch = "x86_64")]
         unsafe {
@@ -465,15 +480,15 @@ impl Tiles {
             // SAFETY: `self` is the proof of each variant's features.
             #[cfg(target_arch = "x86_64")]
             unsafe {
-                match (self, kind) {
-                    (Self::Avx512Vnni, Kind::Q6K) => {
+                match (self.0, kind) {
+                    (Isa::Avx512Vnni, Kind::Q6K) => {
                         tile_k::<16, false>(scratch, p, panel, &mut tile)
                     }
-                    (Self::Avx512Vnni, Kind::Q8_0) => tile_q8(scratch, p, panel, &mut tile),
-                    (Self::Avx512Vnni, _) => tile_k::<32, true>(scratch, p, panel, &mut tile),
+                    (Isa::Avx512Vnni, Kind::Q8_0) => tile_q8(scratch, p, panel, &mut tile),
+                    (Isa::Avx512Vnni, _) => tile_k::<32, true>(scratch, p, panel, &mut tile),
                     (_, _) => {
                         for (r0, half) in [(0, 0), (0, 1), (4, 0), (4, 1)] {
-                            let (w, plain) = (&*scratch, self == Self::Avx2);
+                            let (w, plain) = (&*scratch, self.0 == Isa::Avx2);
                             let t = match kind {
                                 Kind::Q4K if plain => {
                                     avx::tile_k_plain::<32, true, 8>(w, r0, p, panel, half)
@@ -901,7 +916,7 @@ mod tests {
     fn tiles_equal_the_plain_dots() {
         let variants = Tiles::all();
         if variants.is_empty() {
-            eprintln!("no VNNI here: the tiled products are not used on this CPU");
+            eprintln!("no AVX2 here: the tiled products are not used on this CPU");
         }
         for v in variants {
             check_variant(v);
@@ -958,6 +973,70 @@ mod tests {
                         );
                     }
                 }
+            }
+        }
+    }
+
+    /// The vector quantizer gives the plain one's bytes and scales exactly:
+    /// ties, zeros, infinities, NaN anywhere in a block, and subnormals.
+    #[test]
+    fn the_vector_quantizer_equals_the_plain_one() {
+        if Tiles::detect().is_none() {
+            return;
+        }
+        let mut blocks_in: Vec<Vec<f32>> = vec![
+            super::super::tests::random(QK_K, 77),
+            // amax 127: every value · 1, with exact ties at .5.
+            (0..QK_K)
+                .map(|i| {
+                    if i == 3 {
+                        127.0
+                    } else {
+                        (i as f32 - 128.0) * 0.5
+                    }
+                })
+                .collect(),
+            vec![0.0; QK_K],
+            (0..QK_K)
+                .map(|i| if i == 100 { f32::INFINITY } else { 1.0 })
+                .collect(),
+            (0..QK_K)
+                .map(|i| if i == 9 { f32::NAN } else { i as f32 })
+                .collect(),
+            (0..QK_K)
+                .map(|i| if i == 255 { f32::NAN } else { -(i as f32) })
+                .collect(),
+            (0..QK_K)
+                .map(|i| if i % 3 == 0 { 0.0 } else { 1e-40 * i as f32 })
+                .collect(),
+        ];
+        blocks_in.push(blocks_in[1].iter().map(|v| -v).collect());
+        for x in &blocks_in {
+            for per in [QK_K, blocks::QK8_0] {
+                let (mut q, mut d) = ([0i8; QK_K], vec![0f32; QK_K / per]);
+                // SAFETY: `Tiles::detect` found AVX2 and FMA.
+                #[cfg(target_arch = "x86_64")]
+                unsafe {
+                    quantize(x, per, &mut q, &mut d)
+                };
+                let (want_q, want_d): (Vec<i8>, Vec<f32>) = if per == QK_K {
+                    let mut a = Vec::new();
+                    blocks::quantize_q8k(x, &mut a);
+                    (a[0].qs.to_vec(), vec![a[0].d])
+                } else {
+                    let mut a = Vec::new();
+                    blocks::quantize_q8(x, &mut a);
+                    (
+                        a.iter().flat_map(|b| b.qs).collect(),
+                        a.iter().map(|b| b.d).collect(),
+                    )
+                };
+                assert_eq!(q.to_vec(), want_q, "per {per}: {:?}", &x[..8]);
+                assert_eq!(
+                    d.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    want_d.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    "per {per}"
+                );
             }
         }
     }
