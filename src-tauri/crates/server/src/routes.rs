@@ -41,6 +41,8 @@ pub struct Shared {
     pending: std::sync::atomic::AtomicUsize,
     running: Mutex<Vec<Arc<AtomicBool>>>,
     requests: AtomicU64,
+    /// The largest request body read.
+    max_body: usize,
 }
 
 impl Shared {
@@ -75,6 +77,7 @@ pub(crate) fn router(app: Arc<Dramatis>, cfg: &ServerConfig) -> (Router, Arc<Sha
         pending: std::sync::atomic::AtomicUsize::new(0),
         running: Mutex::new(Vec::new()),
         requests: AtomicU64::new(0),
+        max_body: cfg.max_body_bytes,
     });
     let mut r = Router::new()
         .route("/v1/models", get(models))
@@ -230,6 +233,20 @@ async fn guard(
             .into_response();
         }
     }
+    // A body declared larger than the limit is read and dropped (up to a
+    // bound, for a while) before the answer: a client still sending it gets
+    // the 413, not a connection closed under its upload.
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if declared.is_some_and(|n| n > s.max_body as u64) {
+        drain(req.into_body()).await;
+        return refuse(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "the request body is too large",
+        );
+    }
     let res = next.run(req).await;
     if res.status() == StatusCode::PAYLOAD_TOO_LARGE {
         return ApiError {
@@ -240,6 +257,26 @@ async fn guard(
         .into_response();
     }
     res
+}
+
+/// The most of a refused body read before answering, and for how long.
+const DRAIN_BYTES: usize = 64 << 20;
+const DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Reads and drops `body`, up to [`DRAIN_BYTES`] within [`DRAIN_TIME`].
+async fn drain(body: axum::body::Body) {
+    use futures_util::StreamExt;
+    let mut stream = body.into_data_stream();
+    let _ = tokio::time::timeout(DRAIN_TIME, async {
+        let mut seen = 0;
+        while let Some(Ok(chunk)) = stream.next().await {
+            seen += chunk.len();
+            if seen > DRAIN_BYTES {
+                break;
+            }
+        }
+    })
+    .await;
 }
 
 async fn not_found() -> ApiError {
