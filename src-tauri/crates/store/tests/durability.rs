@@ -105,6 +105,10 @@ fn a_reader_sees_consistent_data_while_a_writer_writes() {
     let writer = Store::open(&path).unwrap();
 
     let reader_path = path.clone();
+    // The writer starts once the reader has looked once, so the reader's
+    // later looks see writes in progress (on a loaded machine its opening
+    // could otherwise take as long as all the writes).
+    let (looked_once, first_look) = std::sync::mpsc::channel::<()>();
     let reader = std::thread::spawn(move || {
         let reader = Store::open(&reader_path).unwrap();
         let (mut seen, mut checks) = (0usize, 0usize);
@@ -114,9 +118,14 @@ fn a_reader_sees_consistent_data_while_a_writer_writes() {
             assert!(now >= seen, "the count went back from {seen} to {now}");
             seen = now;
             checks += 1;
+            if checks == 1 {
+                looked_once.send(()).unwrap();
+            }
         }
         (seen, checks)
     });
+    // (A reader that failed before its first look shows at the join below.)
+    let _ = first_look.recv_timeout(Duration::from_secs(30));
     for n in 0..TOTAL {
         insert_one(&writer, n);
     }
