@@ -82,50 +82,42 @@ fn attend_block(
     let full = nq / 4 * 4;
     for j in 0..n {
         simd.widen(&keys[j * hd..(j + 1) * hd], &mut row);
+        // Query k (at position offset + start + k) sees keys up to itself.
+        let sees = |k: usize| j <= offset + range.start + k;
         for k0 in (0..full).step_by(4) {
             let s = simd.dots::<4>(std::array::from_fn(|i| query(k0 + i)), &row);
             for (i, s) in s.into_iter().enumerate() {
-                // Query k (at position offset + start + k) sees keys up to itself.
-                if j <= offset + range.start + k0 + i {
+                if sees(k0 + i) {
                     scores[(k0 + i) * n + j] = s * scale;
                 }
             }
         }
-        for k in full..nq {
-            if j <= offset + range.start + k {
-                scores[k * n + j] = simd.dot(query(k), &row) * scale;
-            }
+        for k in (full..nq).filter(|&k| sees(k)) {
+            scores[k * n + j] = simd.dot(query(k), &row) * scale;
         }
     }
     for s in scores.chunks_exact_mut(n) {
         simd.softmax(s);
     }
     let mut out = vec![0f32; nq * hd];
-    let (quads, rest) = out.split_at_mut(full * hd);
     for j in 0..n {
         simd.widen(&values[j * hd..(j + 1) * hd], &mut row);
-        for (g, quad) in quads.chunks_exact_mut(4 * hd).enumerate() {
-            let k0 = g * 4;
-            let p: [f32; 4] = std::array::from_fn(|i| scores[(k0 + i) * n + j]);
-            if p.iter().all(|&p| p != 0.0) {
-                let [a, b, c, d] = quad
-                    .get_disjoint_mut([0..hd, hd..2 * hd, 2 * hd..3 * hd, 3 * hd..4 * hd])
-                    .expect("four rows");
-                simd.axpys(p, &row, [a, b, c, d]);
-            } else {
-                // A key some of these queries cannot see (or weigh at 0)
-                // adds nothing to them, not even 0 · an infinite value.
-                for (o, p) in quad.chunks_exact_mut(hd).zip(p) {
-                    if p != 0.0 {
-                        simd.axpy(p, &row, o);
-                    }
-                }
+        for (g, group) in out.chunks_mut(4 * hd).enumerate() {
+            let weight = |i: usize| scores[(g * 4 + i) * n + j];
+            if let Ok([a, b, c, d]) =
+                group.get_disjoint_mut([0..hd, hd..2 * hd, 2 * hd..3 * hd, 3 * hd..4 * hd])
+                && (0..4).all(|i| weight(i) != 0.0)
+            {
+                simd.axpys(std::array::from_fn(weight), &row, [a, b, c, d]);
+                continue;
             }
-        }
-        for (i, o) in rest.chunks_exact_mut(hd).enumerate() {
-            let p = scores[(full + i) * n + j];
-            if p != 0.0 {
-                simd.axpy(p, &row, o);
+            // A partial group, or a key some of these queries cannot see
+            // (or weigh at 0): it adds nothing to those, not even 0 · an
+            // infinite value.
+            for (i, o) in group.chunks_exact_mut(hd).enumerate() {
+                if weight(i) != 0.0 {
+                    simd.axpy(weight(i), &row, o);
+                }
             }
         }
     }

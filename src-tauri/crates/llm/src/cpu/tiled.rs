@@ -1,16 +1,19 @@
-//! Prefill's K-quant products as an 8-bit matrix product (AVX-512 VNNI):
-//! 16 tokens per register, one weight value broadcast per multiply.
+//! Prefill's quantized products (Q4_K, Q5_K, Q6_K, Q8_0) as an 8-bit
+//! matrix product: the activations of 16 tokens side by side, one weight
+//! value broadcast against all of them per multiply.
 //!
 //! The row kernels of [`super::avx512`] multiply one weight row by eight
 //! activation rows with `maddubs` then a scale multiply per 64 values — two
 //! multiplies per 64 products. Here the activations are laid out as panels
 //! of 16 tokens: a 64-byte line holds four consecutive values of each of 16
 //! tokens, so `dpbusd` with four weight bytes broadcast (unsigned, the
-//! unpacked K-quant values) adds 64 products into 16 per-token sums in one
+//! unpacked values) adds 64 products into 16 per-token sums in one
 //! instruction, and a sub-block's scale is one integer multiply per 32 (or
 //! 16) values × 16 tokens. The weights are unpacked to one byte per value a
 //! few rows at a time into the thread's scratch (from the mapped blocks,
 //! never a second copy of the model), and every token panel reuses them.
+//! [`Tiles`] says which instructions do it on this CPU: AVX-512 VNNI, or on
+//! 256 bits AVX-VNNI or plain AVX2 (module `avx`).
 //!
 //! The integer sums are those of the plain dot products in
 //! [`super::blocks`]; only the float accumulation order differs, so the
@@ -58,12 +61,13 @@ pub(crate) struct Panels {
 
 impl Panels {
     /// Quantizes `x` (`[m, cols]`) panel by panel on the engine's threads,
-    /// one scale per `per` values (256 or 32).
-    pub(crate) fn new(x: &[f32], m: usize, cols: usize, per: usize, v: Tiles) -> Self {
+    /// for weights of `kind`: one scale per 32 values for Q8_0's blocks, per
+    /// 256 for the K-quants' super-blocks. `v` proves AVX2.
+    pub(crate) fn new(x: &[f32], m: usize, cols: usize, kind: Kind, v: Tiles) -> Self {
         use rayon::prelude::*;
         assert!(cols.is_multiple_of(QK_K) && x.len() == m * cols);
-        assert!(per == QK_K || per == blocks::QK8_0);
         let _ = v;
+        let per = kind.block_elems();
         let nb = cols / QK_K;
         let nd = QK_K / per;
         let panels = m.div_ceil(TOKENS);
@@ -412,12 +416,7 @@ impl Tiles {
         assert!(rows.is_multiple_of(ROWS));
         let rb = cols / kind.block_elems() * kind.block_bytes();
         assert_eq!(w.len(), rows * rb);
-        let per = if kind == Kind::Q8_0 {
-            blocks::QK8_0
-        } else {
-            QK_K
-        };
-        let p = Panels::new(x, m, cols, per, self);
+        let p = Panels::new(x, m, cols, kind, self);
         let threads = rayon::current_num_threads();
         // Several chunks per thread so a slow thread's share is taken up by others.
         let chunk = rows
@@ -523,6 +522,21 @@ struct Shared(*mut f32);
 // SAFETY: the threads write disjoint elements (see `Tiles::product`).
 unsafe impl Sync for Shared {}
 
+/// Super-block `pk`'s 64 lines of the panels, and rows `r0..r0 + N`'s
+/// unpacked bytes of super-block `k`: what each tile multiplies. (Always
+/// inlined: as a call, the AVX-512 tiles lost 5% of a prefill.)
+#[inline(always)]
+fn operands<'a, const N: usize>(
+    w: &'a Unpacked,
+    r0: usize,
+    p: &'a Panels,
+    pk: usize,
+    k: usize,
+) -> (&'a [Line; 64], [&'a [u8; QK_K]; N]) {
+    let lines = p.q[pk * 64..pk * 64 + 64].try_into().unwrap();
+    (lines, std::array::from_fn(|r| &w.q[(r0 + r) * p.nb + k]))
+}
+
 /// The `ROWS × TOKENS` products of the unpacked rows with one panel, over
 /// every super-block. `SUB` values per sub-block (32 for Q4_K/Q5_K, with
 /// minimums; 16 for Q6_K, with its offset of 32 taken out through the
@@ -539,8 +553,7 @@ fn tile_k<const SUB: usize, const MINS: bool>(
     let mut acc = [_mm512_setzero_ps(); ROWS];
     for k in 0..nb {
         let pk = panel * nb + k;
-        let lines: &[Line; 64] = p.q[pk * 64..pk * 64 + 64].try_into().unwrap();
-        let wq: [&[u8; QK_K]; ROWS] = std::array::from_fn(|r| &w.q[r * nb + k]);
+        let (lines, wq) = operands::<ROWS>(w, 0, p, pk, k);
         let mut s1 = [_mm512_setzero_si512(); ROWS];
         for s in 0..QK_K / SUB {
             let mut a = [_mm512_setzero_si512(); ROWS];
@@ -598,8 +611,7 @@ fn tile_q8(w: &Unpacked, p: &Panels, panel: usize, out: &mut [[f32; TOKENS]; ROW
     let mut acc = [_mm512_setzero_ps(); ROWS];
     for k in 0..nb {
         let pk = panel * nb + k;
-        let lines: &[Line; 64] = p.q[pk * 64..pk * 64 + 64].try_into().unwrap();
-        let wq: [&[u8; QK_K]; ROWS] = std::array::from_fn(|r| &w.q[r * nb + k]);
+        let (lines, wq) = operands::<ROWS>(w, 0, p, pk, k);
         for b in 0..8 {
             let mut a = [_mm512_setzero_si512(); ROWS];
             for g in b * 8..(b + 1) * 8 {
@@ -639,7 +651,7 @@ fn tile_q8(w: &Unpacked, p: &Panels, panel: usize, out: &mut [[f32; TOKENS]; ROW
 mod avx {
     use std::arch::x86_64::*;
 
-    use super::{Line, Panels, QK_K, Unpacked};
+    use super::{Line, Panels, QK_K, Unpacked, operands};
 
     /// Rows `r0..r0 + 4` of the unpacked weights.
     const R: usize = 4;
@@ -659,19 +671,6 @@ mod avx {
         assert!(half < 2);
         // SAFETY: 32 bytes at 32·half ≤ 32 (checked above).
         unsafe { _mm256_loadu_si256(line.0.as_ptr().add(32 * half).cast()) }
-    }
-
-    /// Super-block `pk`'s 64 lines, and rows `r0..r0 + 4`'s unpacked bytes of super-block `k`.
-    #[inline]
-    fn operands<'a>(
-        w: &'a Unpacked,
-        r0: usize,
-        p: &'a Panels,
-        pk: usize,
-        k: usize,
-    ) -> (&'a [Line; 64], [&'a [u8; QK_K]; R]) {
-        let lines = p.q[pk * 64..pk * 64 + 64].try_into().unwrap();
-        (lines, std::array::from_fn(|r| &w.q[(r0 + r) * p.nb + k]))
     }
 
     /// Four weight bytes (values `4g..4g + 4`) in every lane.
@@ -759,7 +758,7 @@ mod avx {
         let mut acc = [_mm256_setzero_ps(); R];
         for k in 0..p.nb {
             let pk = panel * p.nb + k;
-            let (lines, wq) = operands(w, r0, p, pk, k);
+            let (lines, wq) = operands::<R>(w, r0, p, pk, k);
             let mut s1 = [_mm256_setzero_si256(); R];
             for s in 0..QK_K / SUB {
                 let mut a = [_mm256_setzero_si256(); R];
@@ -802,7 +801,7 @@ mod avx {
         let mut acc = [_mm256_setzero_ps(); R];
         for k in 0..p.nb {
             let pk = panel * p.nb + k;
-            let (lines, wq) = operands(w, r0, p, pk, k);
+            let (lines, wq) = operands::<R>(w, r0, p, pk, k);
             let mut s1 = [_mm256_setzero_si256(); R];
             for s in 0..QK_K / SUB {
                 let sc: [i32; R] = std::array::from_fn(|r| w.sc[(r0 + r) * p.nb + k][s]);
@@ -848,7 +847,7 @@ mod avx {
         let mut acc = [_mm256_setzero_ps(); R];
         for k in 0..p.nb {
             let pk = panel * p.nb + k;
-            let (lines, wq) = operands(w, r0, p, pk, k);
+            let (lines, wq) = operands::<R>(w, r0, p, pk, k);
             for b in 0..8 {
                 // Σ (w + 128)·x − 128·Σx.
                 let s = _mm256_add_epi32(
@@ -886,7 +885,7 @@ mod avx {
         let mut acc = [_mm256_setzero_ps(); R];
         for k in 0..p.nb {
             let pk = panel * p.nb + k;
-            let (lines, wq) = operands(w, r0, p, pk, k);
+            let (lines, wq) = operands::<R>(w, r0, p, pk, k);
             for b in 0..8 {
                 let mut a = [_mm256_setzero_si256(); R];
                 #[allow(clippy::needless_range_loop)] // g also picks the weights
@@ -944,13 +943,7 @@ mod tests {
                 let rows = block.repeat(ROWS);
                 for sign in [1.0f32, -1.0] {
                     let x = vec![sign; TOKENS * QK_K];
-                    let p = Panels::new(
-                        &x,
-                        TOKENS,
-                        QK_K,
-                        if kind == Kind::Q8_0 { 32 } else { QK_K },
-                        v,
-                    );
+                    let p = Panels::new(&x, TOKENS, QK_K, kind, v);
                     let mut scratch = Unpacked::new(QK_K);
                     let mut got = Vec::new();
                     v.rows(kind, &rows, block.len(), &p, &mut scratch, |_, n, tile| {
@@ -1048,12 +1041,7 @@ mod tests {
             let rb = m_q.row_bytes();
             for m in [1usize, 16, 17, 40] {
                 let x = super::super::tests::random(m * cols, 300 + m as u64);
-                let per = if kind == Kind::Q8_0 {
-                    blocks::QK8_0
-                } else {
-                    QK_K
-                };
-                let p = Panels::new(&x, m, cols, per, v);
+                let p = Panels::new(&x, m, cols, kind, v);
                 let mut scratch = Unpacked::new(cols);
                 let mut out = vec![f32::NAN; ROWS * m];
                 let mut seen = 0;
