@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Runs on a machine with an NVIDIA GPU, from the repository root, with a CUDA
 # build of dramatis-cli at $CLI (default ./dramatis-cli). Checks that CUDA
-# gives the same greedy tokens as the CPU on the tiny fixture (f32 and Q4_K),
-# then benchmarks a synthetic Phi-2 Q4_K on the GPU. Results go to $OUT.
+# gives the same greedy tokens as the CPU on the tiny fixture (f32, Q4_K, Q5_K, Q8_0,
+# each with and without its LoRA adapter; decode kernels and tensor path),
+# then (unless CHECK_ONLY=1) benchmarks a synthetic Phi-2 Q4_K on the GPU. Results go to $OUT.
 set -euo pipefail
 CLI=${CLI:-./dramatis-cli}
 OUT=${OUT:-/tmp/dramatis-cuda}
@@ -11,20 +12,40 @@ fx=src-tauri/crates/llm/tests/fixtures/tiny
 prompt=$(python3 -c 'import json;print(json.load(open("'$fx'/reference.json"))["prompt"])')
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 
-"$CLI" quantize --input "$fx" --output "$OUT/tiny-q4k.gguf" --type q4_k
-for model in "$fx" "$OUT/tiny-q4k.gguf"; do
-  for dev in cpu cuda; do
-    "$CLI" generate --model "$model" --tokenizer "$fx/tokenizer.json" --device "$dev" \
-      --temperature 0 --max-tokens 32 --json --prompt "$prompt" > "$OUT/greedy-$(basename "$model")-$dev.json"
-  done
-  python3 - "$OUT/greedy-$(basename "$model")-cpu.json" "$OUT/greedy-$(basename "$model")-cuda.json" <<'PY'
-import json, sys
-a, b = (json.load(open(p)) for p in sys.argv[1:3])
-same = a["token_ids"] == b["token_ids"]
-print(f"{sys.argv[1].split('greedy-')[1]}: CPU and CUDA greedy tokens {'identical' if same else 'DIFFER'} ({len(a['token_ids'])} tokens)")
-sys.exit(0 if same else 1)
-PY
+work=$(mktemp -d)
+# Greedy tokens of each model on the CPU, on CUDA with the decode kernels and
+# on CUDA with the tensor path only (DRAMATIS_NO_GPU_DECODE=1), with and
+# without the fixture's adapter: every CUDA run must match the CPU's.
+models=("$fx")
+for q in q4_k q5_k q8_0; do
+  "$CLI" quantize --input "$fx" --output "$work/tiny-$q.gguf" --type "$q" >/dev/null
+  models+=("$work/tiny-$q.gguf")
 done
+failed=0
+for model in "${models[@]}"; do
+  for adapter in "" "$fx/adapter"; do
+    name="$(basename "$model")${adapter:+ + adapter}"
+    for run in cpu cuda cuda-tensors; do
+      dev=${run%-tensors}
+      env $([ "$run" = cuda-tensors ] && echo DRAMATIS_NO_GPU_DECODE=1) \
+        "$CLI" generate --model "$model" --tokenizer "$fx/tokenizer.json" --device "$dev" \
+        ${adapter:+--adapter "$adapter"} --temperature 0 --max-tokens 32 --json \
+        --prompt "$prompt" > "$work/$run.json"
+    done
+    python3 - "$work" "$name" <<'PY' || failed=1
+import json, sys
+w, name = sys.argv[1:3]
+ids = {r: json.load(open(f"{w}/{r}.json"))["token_ids"] for r in ("cpu", "cuda", "cuda-tensors")}
+ok = ids["cuda"] == ids["cpu"] and ids["cuda-tensors"] == ids["cpu"]
+print(f"{name}: CUDA (decode kernels, tensor path) and CPU greedy tokens {'identical' if ok else 'DIFFER'} ({len(ids['cpu'])} tokens)")
+if not ok:
+    print(ids)
+sys.exit(0 if ok else 1)
+PY
+  done
+done
+[ $failed = 0 ] || exit 1
 
+[ "${CHECK_ONLY:-0}" = 1 ] && exit 0
 "$CLI" bench --synthetic phi-2 --quant q4_k --synthetic-path "$OUT/phi2-q4k.gguf" --device cuda --json > "$OUT/bench-cuda-q4k.json"
 cat "$OUT/bench-cuda-q4k.json"

@@ -1,9 +1,11 @@
-//! With the `cuda` feature, compiles the training kernels (kernels/train.cu)
-//! to PTX with nvcc, as candle's own kernels are; without it, nothing.
+//! With the `cuda` feature, compiles this crate's kernels (kernels/train.cu
+//! for training, kernels/infer.cu for decoding) to PTX with nvcc, as
+//! candle's own kernels are; without it, nothing.
 
 fn main() {
     println!("cargo::rerun-if-changed=build.rs");
     println!("cargo::rerun-if-changed=kernels/train.cu");
+    println!("cargo::rerun-if-changed=kernels/infer.cu");
     println!("cargo::rerun-if-env-changed=CUDA_COMPUTE_CAP");
     if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
         return;
@@ -18,18 +20,20 @@ fn main() {
         .map(|r| std::path::PathBuf::from(r).join("bin").join("nvcc"))
         .filter(|p| p.exists())
         .unwrap_or_else(|| "nvcc".into());
-    let status = std::process::Command::new(&nvcc)
-        .args(["--ptx", "-O3", "-std=c++17"])
-        .arg(format!("-arch=compute_{cap}"))
-        .arg("kernels/train.cu")
-        .arg("-o")
-        .arg(out.join("train.ptx"))
-        .status()
-        .unwrap_or_else(|e| {
-            panic!(
-                "cannot run {}: {e} (the cuda feature needs nvcc)",
-                nvcc.display()
-            )
-        });
-    assert!(status.success(), "nvcc failed on kernels/train.cu");
+    for name in ["train", "infer"] {
+        let status = std::process::Command::new(&nvcc)
+            .args(["--ptx", "-O3", "-std=c++17"])
+            .arg(format!("-arch=compute_{cap}"))
+            .arg(format!("kernels/{name}.cu"))
+            .arg("-o")
+            .arg(out.join(format!("{name}.ptx")))
+            .status()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot run {}: {e} (the cuda feature needs nvcc)",
+                    nvcc.display()
+                )
+            });
+        assert!(status.success(), "nvcc failed on kernels/{name}.cu");
+    }
 }

@@ -202,29 +202,62 @@ impl KvCache {
                 self.max_len
             )));
         }
+        let (b, h, _, d) = k.dims4()?;
+        let (kb, vb) = self.reserve(layer, need, (b, h, d), k.dtype(), k.device())?;
+        kb.slice_set(&k.contiguous()?, 2, self.len)?;
+        vb.slice_set(&v.contiguous()?, 2, self.len)?;
+        Ok((kb.narrow(2, 0, need)?, vb.narrow(2, 0, need)?))
+    }
+
+    /// Layer `layer`'s key and value buffers, `[b, heads, capacity,
+    /// head_dim]` in `dtype` on `device`, grown to hold `need` tokens with the
+    /// held ones kept. Buffers of another shape or dtype are replaced while
+    /// nothing is held, and an error once something is.
+    pub(crate) fn reserve(
+        &mut self,
+        layer: usize,
+        need: usize,
+        (b, h, d): (usize, usize, usize),
+        dtype: DType,
+        device: &candle_core::Device,
+    ) -> Result<(Tensor, Tensor)> {
+        if need > self.max_len {
+            return Err(crate::Error::Invalid(format!(
+                "the context is full: {need} tokens exceed the model's {}",
+                self.max_len
+            )));
+        }
+        let held = self.len;
         let lc = &mut self.layers[layer];
-        for (slot, src) in [(&mut lc.k, k), (&mut lc.v, v)] {
+        for slot in [&mut lc.k, &mut lc.v] {
             let cap = slot.as_ref().map_or(0, |t| t.dim(2).unwrap_or(0));
             let same_shape = slot.as_ref().is_some_and(|t| {
-                t.dim(0).ok() == src.dim(0).ok()
-                    && t.dim(1).ok() == src.dim(1).ok()
-                    && t.dtype() == src.dtype()
+                t.dim(0).ok() == Some(b)
+                    && t.dim(1).ok() == Some(h)
+                    && t.dim(3).ok() == Some(d)
+                    && t.dtype() == dtype
             });
+            if slot.is_some() && !same_shape && held > 0 {
+                let t = slot.as_ref().expect("checked");
+                return Err(crate::Error::Invalid(format!(
+                    "the cache holds {held} tokens as {:?} {:?}, not [{b}, {h}, _, {d}] {dtype:?}",
+                    t.dims(),
+                    t.dtype()
+                )));
+            }
             if need > cap || !same_shape {
-                let new_cap = grow_to(need, cap, self.max_len);
-                let (b, h, _, d) = src.dims4()?;
-                let buf = Tensor::zeros((b, h, new_cap, d), src.dtype(), src.device())?;
-                if let Some(old) = slot.as_ref().filter(|_| same_shape && self.len > 0) {
-                    buf.slice_set(&old.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
+                let new_cap = grow_to(need, if same_shape { cap } else { 0 }, self.max_len);
+                let buf = Tensor::zeros((b, h, new_cap, d), dtype, device)?;
+                if let Some(old) = slot.as_ref().filter(|_| same_shape && held > 0) {
+                    buf.slice_set(&old.narrow(2, 0, held)?.contiguous()?, 2, 0)?;
                 }
                 *slot = Some(buf);
             }
-            let buf = slot.as_ref().expect("allocated above");
-            buf.slice_set(&src.contiguous()?, 2, self.len)?;
         }
-        let k_all = lc.k.as_ref().expect("set").narrow(2, 0, need)?;
-        let v_all = lc.v.as_ref().expect("set").narrow(2, 0, need)?;
-        Ok((k_all, v_all))
+        Ok((
+            lc.k.clone().expect("allocated above"),
+            lc.v.clone().expect("allocated above"),
+        ))
     }
 
     /// Moves the `len` tokens held at `from` to start at `to` in every layer,
@@ -598,5 +631,37 @@ mod tests {
         assert_eq!(c.len(), 40);
         let (k1, _) = held(&c, 40);
         assert_eq!(rows(&k0, 0, 40), rows(&k1, 0, 40));
+    }
+
+    /// Growing keeps what is held; buffers of another shape or dtype are an
+    /// error once tokens are held (the GPU decode step asks for f16), and
+    /// the held tokens survive the refusal.
+    #[test]
+    fn reserving_grows_keeps_and_refuses_another_layout() {
+        let mut c = filled(40);
+        let (k0, v0) = held(&c, 40);
+        let (k, v) = c
+            .reserve(0, 64, (1, 3, 20), DType::F32, &Device::Cpu)
+            .unwrap();
+        assert_eq!((k.dim(2).unwrap(), v.dim(2).unwrap()), (64, 64));
+        assert_eq!(rows(&k, 0, 40), rows(&k0, 0, 40));
+        assert_eq!(rows(&v, 0, 40), rows(&v0, 0, 40));
+        let err = c.reserve(0, 41, (1, 3, 20), DType::F16, &Device::Cpu);
+        assert!(err.unwrap_err().to_string().contains("40 tokens"));
+        assert!(
+            c.reserve(0, 41, (1, 4, 20), DType::F32, &Device::Cpu)
+                .is_err()
+        );
+        assert!(
+            c.reserve(0, 65, (1, 3, 20), DType::F32, &Device::Cpu)
+                .is_err()
+        );
+        assert_eq!(rows(&held(&c, 40).0, 0, 40), rows(&k0, 0, 40));
+        // Empty, another layout replaces the buffers.
+        c.clear();
+        let (k, _) = c
+            .reserve(0, 10, (1, 3, 20), DType::F16, &Device::Cpu)
+            .unwrap();
+        assert_eq!(k.dtype(), DType::F16);
     }
 }

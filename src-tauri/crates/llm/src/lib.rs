@@ -13,6 +13,9 @@ mod cpu;
 mod device;
 mod error;
 mod export;
+#[cfg(feature = "cuda")]
+#[allow(unsafe_code)]
+mod gpu;
 mod grad;
 mod kernels;
 mod linear;

@@ -15,6 +15,14 @@ pub struct Linear {
     out_features: usize,
 }
 
+/// A weight as candle holds it, for the CUDA decode step.
+#[cfg(feature = "cuda")]
+pub(crate) enum GpuWeight<'a> {
+    Quantized(&'a std::sync::Arc<QTensor>),
+    /// `[out, in]`.
+    Dense(&'a Tensor),
+}
+
 /// A weight on candle's kernels, or quantized blocks on this project's CPU
 /// kernels (read where they lie in the mapped model file).
 #[derive(Debug, Clone)]
@@ -84,6 +92,18 @@ impl Linear {
     /// Output width.
     pub fn out_features(&self) -> usize {
         self.out_features
+    }
+
+    /// The weight as candle holds it (on the GPU, for the decode step's
+    /// kernels) and the bias; `None` for the CPU kernels' weights.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn gpu_weight(&self) -> Option<(GpuWeight<'_>, Option<&Tensor>)> {
+        let w = match &self.weight {
+            Weight::Candle(QMatMul::QTensor(q)) => GpuWeight::Quantized(q),
+            Weight::Candle(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => GpuWeight::Dense(t),
+            Weight::Cpu(..) => return None,
+        };
+        Some((w, self.bias.as_ref()))
     }
 
     /// Whether the weight runs on this project's CPU kernels.

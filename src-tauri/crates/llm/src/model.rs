@@ -71,10 +71,15 @@ impl Embedding {
     fn forward(&self, ids: &Tensor, device: &Device) -> Result<Tensor> {
         match self {
             Self::Dense(t) => {
+                // A GGUF's dense table stays on the host while the model
+                // runs on a GPU: select there, then move the rows.
                 let (b, s) = ids.dims2()?;
-                let flat = ids.flatten_all()?;
+                let flat = ids.flatten_all()?.to_device(t.device())?;
                 let rows = t.index_select(&flat, 0)?;
-                Ok(rows.reshape((b, s, t.dim(1)?))?.to_dtype(DType::F32)?)
+                Ok(rows
+                    .reshape((b, s, t.dim(1)?))?
+                    .to_dtype(DType::F32)?
+                    .to_device(device)?)
             }
             Self::Quantized {
                 raw,
@@ -142,6 +147,9 @@ pub struct Phi {
     device: Device,
     /// Set where the CPU kernels run the whole pass (see [`crate::cpu::forward`]).
     pub(crate) host: Option<std::sync::Arc<HostParts>>,
+    /// Set where the CUDA kernels run the decode step (see [`crate::gpu`]).
+    #[cfg(feature = "cuda")]
+    pub(crate) gpu: Option<std::sync::Arc<crate::gpu::GpuParts>>,
 }
 
 impl Phi {
@@ -173,8 +181,14 @@ impl Phi {
             lm_head,
             device: device.clone(),
             host: None,
+            #[cfg(feature = "cuda")]
+            gpu: None,
         };
         phi.host = HostParts::new(&phi)?.map(std::sync::Arc::new);
+        #[cfg(feature = "cuda")]
+        {
+            phi.gpu = crate::gpu::GpuParts::new(&phi)?.map(std::sync::Arc::new);
+        }
         Ok(phi)
     }
 
@@ -266,7 +280,21 @@ impl Phi {
                 Logits::All => Tensor::from_vec(out, (1, seq, vocab), &self.device)?,
             });
         }
+        #[cfg(feature = "cuda")]
+        if let (Some(g), Some(c), 1, 1, Logits::Last) =
+            (&self.gpu, cache.as_deref_mut(), b, seq, logits)
+            && crate::gpu::takes(lora)
+        {
+            let id: Vec<u32> = tokens.flatten_all()?.to_vec1()?;
+            return crate::gpu::decode(self, g, id[0], c, lora);
+        }
         self.run_tensors(tokens, cache, logits, lora)
+    }
+
+    /// Whether one-token steps run on the CUDA decode kernels.
+    #[cfg(all(feature = "cuda", test))]
+    pub(crate) fn gpu_decode(&self) -> bool {
+        self.gpu.is_some()
     }
 
     /// [`Phi::forward`] through candle's tensor ops: every device, batches,
@@ -352,6 +380,13 @@ impl Phi {
         let q = self.rope(&q, cos, sin)?;
         let k = self.rope(&k, cos, sin)?;
         let (k, v) = match cache {
+            // On CUDA the cache is f16 (half the bytes a decode step reads),
+            // shared with the decode kernels (see crate::gpu).
+            Some(c) if k.device().is_cuda() => {
+                let dt = k.dtype();
+                let (k, v) = c.append(layer, &k.to_dtype(DType::F16)?, &v.to_dtype(DType::F16)?)?;
+                (k.to_dtype(dt)?, v.to_dtype(dt)?)
+            }
             Some(c) => c.append(layer, &k, &v)?,
             None => (k, v),
         };
