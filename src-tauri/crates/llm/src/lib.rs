@@ -6,6 +6,12 @@
 //! ([`LoraAdapter`]), so switching adapters never reloads or mutates the base;
 //! the KV cache only ever holds keys and values for the tokens in
 //! [`Session`]'s history, so prefix reuse is exact.
+//!
+//! [`Phi::forward`] runs candle's tensor ops on every device (the reference),
+//! except where a faster pass over the same weights and cache takes over: on
+//! x86 CPUs the whole pass on this crate's kernels (`cpu`), on CUDA the
+//! one-token decode step (`gpu`, kernels/infer.cu). Each is tested against
+//! the tensor path.
 
 mod cache;
 mod config;
