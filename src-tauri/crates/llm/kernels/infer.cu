@@ -57,7 +57,7 @@ __device__ __forceinline__ void quant_block(float v, int k, int8_t* q, float* qd
 }
 
 // Layer norm of x [n] (n a multiple of 32), quantized, and in f32 to hf
-// unless it is null (an adapter's input). One block.
+// unless it is null (the input of adapters and dense weights). One block.
 extern "C" __global__ void ln_q8(const float* x, const float* w, const float* b, int n, float eps,
                                  int8_t* q, float* qd, float* qs, float* hf) {
     float acc = 0.f;

@@ -12,8 +12,11 @@
 //! An adapter's slots add `scale · B (A x)` through two small f32 kernels
 //! each (fc1's before GELU).
 //!
-//! It runs where the model is on CUDA, one sequence, one new token, an
-//! adapter (if any) on the device, and every block weight and the output head is one of those types
+//! It runs where the model is on CUDA, for one sequence, one new token
+//! after a cache, the last position's logits, an adapter (if any) that
+//! `takes` admits, hidden and intermediate sizes multiples of 32, a head
+//! size that is a multiple of 8 and at most 256, and every block weight and
+//! the output head is one of those types
 //! in whole blocks (otherwise [`Phi::forward`] takes the tensor path, which
 //! stays the reference it is tested against). Prompts (several tokens) take
 //! the tensor path, which writes the same f16 cache. `DRAMATIS_NO_GPU_DECODE=1`
@@ -84,8 +87,8 @@ struct Scratch {
     h: Q8,
     y: Q8,
     a: Q8,
-    /// For adapters: the normalized input and the attention output in f32,
-    /// and a slot's down projection.
+    /// The normalized input and the attention output in f32 (the input of
+    /// adapters and of dense f16/f32 weights), and a slot's down projection.
     hf: CudaSlice<f32>,
     yf: CudaSlice<f32>,
     t: CudaSlice<f32>,
@@ -143,13 +146,22 @@ fn ptr<T>(s: &CudaSlice<T>, stream: &CudaStream) -> u64 {
 
 impl GpuParts {
     /// `None` unless the decode step can run this model (see the module docs).
-    pub(crate) fn new(phi: &Phi) -> Result<Option<Self>> {
+    /// A GPU that cannot take the kernels (their PTX, or memory for the
+    /// buffers) leaves the model on the tensor path, with a warning.
+    pub(crate) fn new(phi: &Phi) -> Option<Self> {
         let Device::Cuda(dev) = phi.device() else {
-            return Ok(None);
+            return None;
         };
         if std::env::var_os("DRAMATIS_NO_GPU_DECODE").is_some_and(|v| v == "1") {
-            return Ok(None);
+            return None;
         }
+        Self::build(phi, dev).unwrap_or_else(|e| {
+            tracing::warn!("the CUDA decode kernels are off: {e}");
+            None
+        })
+    }
+
+    fn build(phi: &Phi, dev: &CudaDevice) -> Result<Option<Self>> {
         let cfg = &phi.cfg;
         let (hidden, heads, hd) = (cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim());
         let inter = cfg.intermediate_size;
@@ -276,9 +288,9 @@ impl GpuParts {
             pl: dev.alloc_zeros::<f32>(heads * splits)?,
             po: dev.alloc_zeros::<f32>(heads * splits * hd)?,
         };
-        Ok(Some(Self {
+        let parts = Self {
             dev: dev.clone(),
-            stream,
+            stream: stream.clone(),
             funcs,
             layers,
             final_norm: norm(&phi.final_norm)?,
@@ -287,7 +299,16 @@ impl GpuParts {
             sin: upload(&phi.sin)?,
             eps: cfg.layer_norm_eps as f32,
             scratch: Mutex::new(scratch),
-        }))
+        };
+        // The uploads land before any thread's stream reads them (candle's
+        // streams are per thread; the step may run on another).
+        stream.synchronize().w()?;
+        Ok(Some(parts))
+    }
+
+    /// The number of blocks the buffers were made for.
+    pub(crate) fn layers(&self) -> usize {
+        self.layers.len()
     }
 
     fn launch(&self, name: &str, cfg: LaunchConfig, args: &[Arg]) -> Result<()> {
@@ -304,7 +325,10 @@ impl GpuParts {
             };
         }
         // SAFETY: every pointer is a live device buffer of the size the
-        // kernel indexes, as the callers below derive from the model's shape.
+        // kernel indexes: the model's shape for the weights and buffers, the
+        // checked shapes of adapter slots (`takes`). Temporaries (adapter
+        // copies, a grown cache's old buffer) are freed in stream order,
+        // after the kernels queued before on this thread's stream.
         unsafe { b.launch(cfg) }.w()?;
         Ok(())
     }
@@ -411,17 +435,29 @@ impl GpuParts {
     }
 }
 
-/// Whether the decode step takes `adapter` (every slot of a rank it has
-/// room for, on the model's device).
-pub(crate) fn takes(adapter: Option<&LoraAdapter>) -> bool {
+/// Whether the decode step takes `adapter`: every slot of the shape and
+/// offset its target has in `phi`, of a rank it has room for, in f32 or a
+/// type that converts, without dropout, on the model's device. (The kernels
+/// index by these shapes; anything else takes the tensor path, which
+/// reports it.)
+pub(crate) fn takes(phi: &Phi, adapter: Option<&LoraAdapter>) -> bool {
+    let cfg = &phi.cfg;
     adapter.is_none_or(|a| {
-        a.layers.iter().all(|l| {
-            LoraTarget::ALL.iter().filter_map(|t| l.slot(*t)).all(|s| {
-                s.a.dim(0).is_ok_and(|r| r <= MAX_RANK)
-                    && s.a.device().is_cuda()
-                    && s.b.device().is_cuda()
+        a.layers.len() == phi.blocks.len()
+            && a.layers.iter().all(|l| {
+                LoraTarget::ALL.iter().all(|&t| {
+                    let Some(s) = l.slot(t) else { return true };
+                    let (inp, out) = t.shape(cfg);
+                    let r = s.a.dim(0).unwrap_or(usize::MAX);
+                    r <= MAX_RANK
+                        && s.a.dims() == [r, inp]
+                        && s.b.dims() == [out, r]
+                        && s.out_offset == t.fused_offset(cfg)
+                        && s.dropout == 0.0
+                        && s.a.device().same_device(phi.device())
+                        && s.b.device().same_device(phi.device())
+                })
             })
-        })
     })
 }
 
@@ -475,10 +511,8 @@ pub(crate) fn decode(
         Embedding::Dense(t) => t.get(id as usize)?.to_dtype(DType::F32)?.to_vec1()?,
         Embedding::Quantized { .. } => phi.embed.rows(&[id])?,
     };
-    let mut guard = g
-        .scratch
-        .lock()
-        .map_err(|_| Error::Invalid("the GPU decode buffers were poisoned".into()))?;
+    // A panic while holding the buffers left nothing they need: take them back.
+    let mut guard = g.scratch.lock().unwrap_or_else(|p| p.into_inner());
     let s = &mut *guard;
     g.dev.memcpy_htod(&x, &mut s.x)?;
     let splits = n.div_ceil(CHUNK);
@@ -613,6 +647,11 @@ pub(crate) fn decode(
     // SAFETY: the head's mat-vec writes every element.
     let logits = unsafe { g.dev.alloc::<f32>(vocab)? };
     g.mmvq(&g.lm_head, &s.h, hf, "store", ptr(&logits, &g.stream))?;
+    // The buffers are shared by every thread decoding on this model, each on
+    // its own stream: release them only once this step is done with them
+    // (the caller waits for the logits right after anyway).
+    g.stream.synchronize().w()?;
+    drop(guard);
     let storage = Storage::Cuda(CudaStorage::wrap_cuda_slice(logits, g.dev.clone()));
     Ok(Tensor::from_storage(
         storage,
@@ -639,7 +678,7 @@ mod tests {
 
     /// A synthetic model whose qkv, dense, fc1, fc2 and output weights are
     /// `TYPES` rotated by `r` (every type at every place over four models);
-    /// model 4 is all f32.
+    /// model 4 is all f32, model 5 all Q8_0 with head size 80.
     fn model(r: usize, dir: &std::path::Path, dev: &Device) -> Phi {
         let cfg = PhiConfig {
             vocab_size: 320,
@@ -656,6 +695,19 @@ mod tests {
         write_synthetic_gguf(&cfg, QuantType::F32, 5, &base, |_, _, _| {}).unwrap();
         if r == 4 {
             return crate::load_model(&base, dev).unwrap();
+        }
+        if r == 5 {
+            // Phi-2's head size (80): rotary threads past it idle, and the
+            // merge's 32-value blocks straddle heads. Q8_0 throughout (the
+            // K-quants need 256-wide rows), its token table quantized.
+            let cfg = PhiConfig {
+                hidden_size: 320,
+                intermediate_size: 640,
+                ..cfg
+            };
+            let path = dir.join("q8-80.gguf");
+            write_synthetic_gguf(&cfg, QuantType::Q8_0, 6, &path, |_, _, _| {}).unwrap();
+            return crate::load_model(&path, dev).unwrap();
         }
         let mut f = std::fs::File::open(&base).unwrap();
         let content = gguf_file::Content::read(&mut f).unwrap();
@@ -691,8 +743,8 @@ mod tests {
         crate::load_model(&path, dev).unwrap()
     }
 
-    /// Random slots of rank 8 on every target, on `dev`.
-    fn adapter(phi: &Phi, dev: &Device) -> LoraAdapter {
+    /// Random slots of rank 8 on every target (but fc1 unless `fc1`), on `dev`.
+    fn adapter(phi: &Phi, dev: &Device, fc1: bool) -> LoraAdapter {
         let cfg = phi.config();
         let mut rng = rand::rngs::StdRng::seed_from_u64(9);
         let mut random =
@@ -701,6 +753,9 @@ mod tests {
             .map(|_| {
                 let mut l = LoraLayer::default();
                 for t in LoraTarget::ALL {
+                    if t == LoraTarget::Fc1 && !fc1 {
+                        continue;
+                    }
                     let (inp, out) = t.shape(cfg);
                     l.set(
                         t,
@@ -723,76 +778,75 @@ mod tests {
         }
     }
 
-    /// Each decode step on the kernels against the tensor path from the same
-    /// cache: 150 prompt tokens (two attention splits from the first step),
-    /// then 60 steps, every weight type in every place and dense f32, models
-    /// 1, 3 and 4 with an adapter on every target. Logits within 2% of the largest; the
-    /// greedy token the same wherever the reference's top two are further
-    /// apart than that.
+    /// Each decode step on the kernels against the tensor path from equal
+    /// caches: 250 prompt tokens, then 60 steps (the cache grows past 256
+    /// and the attention goes from two splits to three on the way), then 5
+    /// tokens through the tensor path on both caches (a next turn reading
+    /// what the kernels wrote). Models: every quantized type in every place
+    /// (0–3), dense f32 (4), head size 80 in Q8_0 (5); adapters on 1 (no
+    /// fc1 slot), 3 (every target) and 4 (no fc1 slot), so fc1 runs both
+    /// with GELU in the product and with the delta before GELU. Logits within
+    /// 2% of the largest; the greedy token the same wherever the reference's
+    /// top two are further apart than that.
     #[test]
     fn decode_steps_equal_the_tensor_path() {
-        let dev = Device::new_cuda(0).expect("these tests need a CUDA device");
+        let dev = crate::DeviceChoice::Cuda(0)
+            .open()
+            .expect("these tests need a CUDA device");
         let dir = tempfile::tempdir().unwrap();
         let mut rng = rand::rngs::StdRng::seed_from_u64(3);
-        for r in 0..5 {
+        for r in 0..6 {
             eprintln!("model {r}");
             let phi = model(r, dir.path(), &dev);
             assert!(
                 phi.gpu_decode(),
                 "model {r} does not run on the decode kernels"
             );
-            let lora = (r % 2 == 1 || r == 4).then(|| adapter(&phi, &dev));
+            let lora = [1, 3, 4].contains(&r).then(|| adapter(&phi, &dev, r == 3));
             let lora = lora.as_ref();
-            assert!(takes(lora));
-            let prompt: Vec<u32> = (0..150).map(|_| rng.random_range(0..320)).collect();
-            let input = Tensor::new(prompt.as_slice(), &dev)
-                .unwrap()
-                .unsqueeze(0)
-                .unwrap();
+            assert!(takes(&phi, lora));
+            let vocab = phi.config().vocab_size as u32;
+            let prompt: Vec<u32> = (0..250).map(|_| rng.random_range(0..vocab)).collect();
             let (mut fast, mut reference) = (phi.new_cache(), phi.new_cache());
-            let first = phi
-                .forward(&input, Some(&mut fast), Logits::Last, lora)
-                .unwrap();
-            phi.forward(&input, Some(&mut reference), Logits::Last, lora)
-                .unwrap();
-            let mut token = argmax(&first.flatten_all().unwrap().to_vec1().unwrap());
+            let run = |ids: &[u32], cache: &mut KvCache, tensors: bool| -> Vec<f32> {
+                let t = Tensor::new(ids, &dev).unwrap().unsqueeze(0).unwrap();
+                let out = if tensors {
+                    phi.run_tensors(&t, Some(cache), Logits::Last, lora)
+                } else {
+                    phi.forward(&t, Some(cache), Logits::Last, lora)
+                };
+                out.unwrap().flatten_all().unwrap().to_vec1().unwrap()
+            };
+            let first = run(&prompt, &mut fast, false);
+            run(&prompt, &mut reference, true);
+            let mut token = argmax(&first);
             let (mut worst, mut compared) = (0f32, 0);
-            for step in 0..60 {
-                let t = Tensor::new(&[[token]], &dev).unwrap();
-                let a: Vec<f32> = phi
-                    .forward(&t, Some(&mut fast), Logits::Last, lora)
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1()
-                    .unwrap();
-                let b: Vec<f32> = phi
-                    .run_tensors(&t, Some(&mut reference), Logits::Last, lora)
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1()
-                    .unwrap();
-                assert_eq!(fast.len(), reference.len());
+            let mut check = |step: usize, a: &[f32], b: &[f32]| {
                 let top = b.iter().fold(0f32, |m, v| m.max(v.abs()));
-                let diff = a
-                    .iter()
-                    .zip(&b)
-                    .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+                let diff = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
                 assert!(
                     diff.is_finite() && diff <= 0.02 * top,
                     "model {r} step {step}: {diff} of {top}"
                 );
                 worst = worst.max(diff / top);
-                let (ta, tb) = (argmax(&a), argmax(&b));
-                let mut sorted = b.clone();
+                let mut sorted = b.to_vec();
                 sorted.sort_by(|x, y| y.total_cmp(x));
                 if sorted[0] - sorted[1] > 0.02 * top {
-                    assert_eq!(ta, tb, "model {r} step {step}");
+                    assert_eq!(argmax(a), argmax(b), "model {r} step {step}");
                     compared += 1;
                 }
-                token = tb;
+                argmax(b)
+            };
+            for step in 0..60 {
+                let a = run(&[token], &mut fast, false);
+                let b = run(&[token], &mut reference, true);
+                assert_eq!(fast.len(), reference.len());
+                token = check(step, &a, &b);
             }
+            let next: Vec<u32> = (0..5).map(|_| rng.random_range(0..vocab)).collect();
+            let a = run(&next, &mut fast, true);
+            let b = run(&next, &mut reference, true);
+            check(60, &a, &b);
             assert!(
                 compared >= 30,
                 "model {r}: only {compared} clear greedy tokens"

@@ -187,7 +187,7 @@ impl Phi {
         phi.host = HostParts::new(&phi)?.map(std::sync::Arc::new);
         #[cfg(feature = "cuda")]
         {
-            phi.gpu = crate::gpu::GpuParts::new(&phi)?.map(std::sync::Arc::new);
+            phi.gpu = crate::gpu::GpuParts::new(&phi).map(std::sync::Arc::new);
         }
         Ok(phi)
     }
@@ -283,7 +283,8 @@ impl Phi {
         #[cfg(feature = "cuda")]
         if let (Some(g), Some(c), 1, 1, Logits::Last) =
             (&self.gpu, cache.as_deref_mut(), b, seq, logits)
-            && crate::gpu::takes(lora)
+            && g.layers() == self.blocks.len()
+            && crate::gpu::takes(self, lora)
         {
             let id: Vec<u32> = tokens.flatten_all()?.to_vec1()?;
             return crate::gpu::decode(self, g, id[0], c, lora);
@@ -298,7 +299,8 @@ impl Phi {
     }
 
     /// [`Phi::forward`] through candle's tensor ops: every device, batches,
-    /// no cache; the reference the CPU pass is tested against.
+    /// with or without a cache; the reference the CPU pass and the CUDA
+    /// decode step are tested against.
     pub(crate) fn run_tensors(
         &self,
         tokens: &Tensor,
@@ -380,9 +382,9 @@ impl Phi {
         let q = self.rope(&q, cos, sin)?;
         let k = self.rope(&k, cos, sin)?;
         let (k, v) = match cache {
-            // On CUDA the cache is f16 (half the bytes a decode step reads),
-            // shared with the decode kernels (see crate::gpu).
-            Some(c) if k.device().is_cuda() => {
+            // On CUDA an f32 model's cache is f16 (half the bytes a decode
+            // step reads), shared with the decode kernels (see crate::gpu).
+            Some(c) if k.device().is_cuda() && k.dtype() == DType::F32 => {
                 let dt = k.dtype();
                 let (k, v) = c.append(layer, &k.to_dtype(DType::F16)?, &v.to_dtype(DType::F16)?)?;
                 (k.to_dtype(dt)?, v.to_dtype(dt)?)
