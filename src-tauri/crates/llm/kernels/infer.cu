@@ -224,6 +224,16 @@ __device__ __forceinline__ float unit_dot(const uint8_t* row, int u, Act a) {
 #define GELU 1
 #define ADD 2
 
+// Row `row` of a product's output, from its dot product: + bias, then
+// stored, stored through GELU, or added to out (the residual).
+template <int MODE>
+__device__ __forceinline__ void epilogue(float acc, const float* bias, float* out, int row) {
+    float y = acc + (bias ? bias[row] : 0.f);
+    if (MODE == GELU) y = gelu(y);
+    if (MODE == ADD) out[row] += y;
+    else out[row] = y;
+}
+
 // y = W x + bias for W [rows, cols] of type T, one warp per row, then per
 // MODE: stored, stored through GELU, or added to out (the residual).
 template <int T, int MODE>
@@ -238,12 +248,7 @@ __device__ void mmvq(const uint8_t* w, uint64_t row_bytes, int rows, int units, 
 #pragma unroll 4
     for (int u = lane; u < units; u += 32) acc += unit_dot<T>(r, u, a);
     acc = warp_sum(acc);
-    if (lane == 0) {
-        float y = acc + (bias ? bias[row] : 0.f);
-        if (MODE == GELU) y = gelu(y);
-        if (MODE == ADD) out[row] += y;
-        else out[row] = y;
-    }
+    if (lane == 0) epilogue<MODE>(acc, bias, out, row);
 }
 
 #define MMVQ(NAME, T, MODE)                                                                      \
@@ -275,12 +280,7 @@ __device__ void mmv_dense(const uint8_t* w, uint64_t row_bytes, int rows, int co
     float acc = 0.f;
     for (int i = lane; i < cols; i += 32) acc += to_f(r[i]) * x[i];
     acc = warp_sum(acc);
-    if (lane == 0) {
-        float y = acc + (bias ? bias[row] : 0.f);
-        if (MODE == GELU) y = gelu(y);
-        if (MODE == ADD) out[row] += y;
-        else out[row] = y;
-    }
+    if (lane == 0) epilogue<MODE>(acc, bias, out, row);
 }
 #define MMV(NAME, W, MODE)                                                                      \
     extern "C" __global__ void NAME(const uint8_t* w, uint64_t row_bytes, int rows, int cols,   \

@@ -49,6 +49,24 @@ struct HfConfig {
 }
 
 impl PhiConfig {
+    /// The synthetic models of the unit tests: Phi-2's layout at a tenth of
+    /// its width (2 blocks, 4 heads of 64, quarter-size rotary part, rows of
+    /// one K-quant block), `vocab` tokens and `positions` at most.
+    #[cfg(test)]
+    pub(crate) fn tiny(vocab: usize, positions: usize) -> Self {
+        Self {
+            vocab_size: vocab,
+            hidden_size: 256,
+            intermediate_size: 512,
+            num_hidden_layers: 2,
+            num_attention_heads: 4,
+            partial_rotary_factor: 0.5,
+            rope_theta: 10000.0,
+            layer_norm_eps: 1e-5,
+            max_position_embeddings: positions,
+        }
+    }
+
     /// microsoft/phi-2.
     pub fn phi2() -> Self {
         Self {

@@ -680,17 +680,7 @@ mod tests {
     /// `TYPES` rotated by `r` (every type at every place over four models);
     /// model 4 is all f32, model 5 all Q8_0 with head size 80.
     fn model(r: usize, dir: &std::path::Path, dev: &Device) -> Phi {
-        let cfg = PhiConfig {
-            vocab_size: 320,
-            hidden_size: 256,
-            intermediate_size: 512,
-            num_hidden_layers: 2,
-            num_attention_heads: 4,
-            partial_rotary_factor: 0.5,
-            rope_theta: 10000.0,
-            layer_norm_eps: 1e-5,
-            max_position_embeddings: 512,
-        };
+        let cfg = PhiConfig::tiny(320, 512);
         let base = dir.join("base.gguf");
         write_synthetic_gguf(&cfg, QuantType::F32, 5, &base, |_, _, _| {}).unwrap();
         if r == 4 {

@@ -154,17 +154,7 @@ mod tests {
 
     #[test]
     fn a_tiny_synthetic_model_loads_and_runs() {
-        let cfg = PhiConfig {
-            vocab_size: 300,
-            hidden_size: 256,
-            intermediate_size: 512,
-            num_hidden_layers: 2,
-            num_attention_heads: 4,
-            partial_rotary_factor: 0.5,
-            rope_theta: 10000.0,
-            layer_norm_eps: 1e-5,
-            max_position_embeddings: 128,
-        };
+        let cfg = PhiConfig::tiny(300, 128);
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s.gguf");
         write_synthetic_gguf(&cfg, QuantType::Q4K, 1, &path, |_, _, _| {}).unwrap();

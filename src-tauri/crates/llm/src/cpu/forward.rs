@@ -172,17 +172,7 @@ mod tests {
     use crate::{PhiConfig, QuantType, write_synthetic_gguf};
 
     fn model(quant: QuantType, dir: &std::path::Path) -> Phi {
-        let cfg = PhiConfig {
-            vocab_size: 320,
-            hidden_size: 256,
-            intermediate_size: 512,
-            num_hidden_layers: 2,
-            num_attention_heads: 4,
-            partial_rotary_factor: 0.5,
-            rope_theta: 10000.0,
-            layer_norm_eps: 1e-5,
-            max_position_embeddings: 128,
-        };
+        let cfg = PhiConfig::tiny(320, 128);
         let path = dir.join(format!("{quant:?}.gguf"));
         write_synthetic_gguf(&cfg, quant, 11, &path, |_, _, _| {}).unwrap();
         crate::load_model(&path, &Device::Cpu).unwrap()
