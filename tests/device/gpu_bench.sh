@@ -10,6 +10,16 @@
 #                                                         decode kernels and with the tensor path
 # CLI is a release dramatis-cli built with `--features cuda`; LLAMA_SRC is vendor/llama.cpp of the
 # llama-cpp-python sdist. Run the CLI with LD_LIBRARY_PATH set to CUDA's libraries.
+#
+# One call of about seven minutes does it all (2026-12-05: 414 s), with the CLI, the llm crate's
+# CUDA unit-test binary (`cargo test --release -p dramatis-llm --features cuda --target-dir
+# target/cuda --no-run --lib`) and the llama.cpp tree compressed into an ignored folder that
+# travels with the call (the CLI is 72 MB, 11 MB as .xz):
+#   xz -dc cli.xz >/tmp/cli; xz -dc llm-tests.xz >/tmp/llmt; tar xJf llama.tar.xz -C /tmp/ll
+#   (setsid nohup tests/device/gpu_bench.sh prep /tmp/cli /tmp/ll/llama.cpp /tmp/w >/tmp/prep.log 2>&1 &)
+#   CARGO_MANIFEST_DIR=$PWD/src-tauri/crates/llm /tmp/llmt gpu:: --test-threads 1 --nocapture
+#   CLI=/tmp/cli CHECK_ONLY=1 tests/device/cuda_check.sh
+#   (wait for prep.log to list the .gguf files) tests/device/gpu_bench.sh bench /tmp/cli /tmp/w
 set -euo pipefail
 cmd=$1; cli=$2
 case $cmd in
