@@ -7,7 +7,8 @@
 #   tests/device/gpu_bench.sh bench CLI WORK             per file: llama-bench (pp512, pp2048 in
 #                                                         512-token batches, tg128, tg128 at depth
 #                                                         1024), then dramatis-cli bench with the
-#                                                         decode kernels and with the tensor path
+#                                                         decode kernels, replayed as a CUDA graph,
+#                                                         and with the tensor path
 # CLI is a release dramatis-cli built with `--features cuda`; LLAMA_SRC is vendor/llama.cpp of the
 # llama-cpp-python sdist. Run the CLI with LD_LIBRARY_PATH set to CUDA's libraries.
 #
@@ -47,12 +48,15 @@ bench)
     echo "== $f"
     "$lb" -m "$work/$f.gguf" -ngl 99 -p 512,2048 -b 512 -n 128 -r 3 -o md 2>/dev/null | grep -E "pp|tg"
     "$lb" -m "$work/$f.gguf" -ngl 99 -p 0 -n 128 -d 1024 -r 3 -o md 2>/dev/null | grep -E "tg"
-    for path in kernels tensors; do
+    for path in kernels graphs tensors; do
       echo "-- dramatis, decode on the $path"
-      env $([ $path = tensors ] && echo DRAMATIS_NO_GPU_DECODE=1) \
-        "$cli" bench --model "$work/$f.gguf" --device cuda 2>&1 | grep -v '^{'
-      env $([ $path = tensors ] && echo DRAMATIS_NO_GPU_DECODE=1) \
-        "$cli" bench --model "$work/$f.gguf" --device cuda --prompt-tokens 1024 \
+      case $path in
+        kernels) vars=() ;;
+        graphs) vars=(DRAMATIS_GPU_GRAPH=1) ;;
+        tensors) vars=(DRAMATIS_NO_GPU_DECODE=1) ;;
+      esac
+      env "${vars[@]}" "$cli" bench --model "$work/$f.gguf" --device cuda 2>&1 | grep -v '^{'
+      env "${vars[@]}" "$cli" bench --model "$work/$f.gguf" --device cuda --prompt-tokens 1024 \
         --turn-tokens 8 2>&1 | grep -E "decode|prefill"
     done
   done

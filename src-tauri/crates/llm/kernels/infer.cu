@@ -297,10 +297,13 @@ MMV(mmv_f32_add, float, ADD)
 // qkv [3·hidden] → q rotated (q_out), k rotated and v appended to the cache
 // at `pos`. One block per head, a thread per dimension. Rotation as the
 // tensor path's rope: pair i is (i, i + rotary_dim / 2).
+// The position is `pos`, or step[0] where `step` is not null (a captured
+// graph replays one launch for every position).
 extern "C" __global__ void rope_append(const float* qkv, const float* cos, const float* sin,
-                                       int hidden, int hd, int rd, int pos, int cap, half* kc,
-                                       half* vc, float* q_out) {
+                                       int hidden, int hd, int rd, int pos, const int* step,
+                                       int cap, half* kc, half* vc, float* q_out) {
     int h = blockIdx.x, d = threadIdx.x;
+    if (step) pos = step[0];
     if (d >= hd) return;
     int half_rd = rd / 2;
     const float* qh = qkv + h * hd;
@@ -329,12 +332,25 @@ extern "C" __global__ void rope_append(const float* qkv, const float* cos, const
 // values; attn_merge_q8 combines the splits. head_dim a multiple of 8, at
 // most 256.
 #define CHUNK 128
+//
+// n is the count given, or step[0] + 1 where `step` is not null; the grid
+// may have more splits than n needs (a graph's grid covers the window):
+// those write a partial that weighs nothing.
 extern "C" __global__ void attn_part(const float* q, const half* kc, const half* vc, int hd,
-                                     int cap, int n, float scale, float* pm, float* pl,
-                                     float* po) {
+                                     int cap, int n, const int* step, float scale, float* pm,
+                                     float* pl, float* po) {
     __shared__ float sq[256];
     __shared__ float sp[CHUNK];
     int h = blockIdx.x, s = blockIdx.y, splits = gridDim.y, t = threadIdx.x;
+    if (step) n = step[0] + 1;
+    if (s * CHUNK >= n) {
+        for (int d = t; d < hd; d += blockDim.x) po[((size_t)h * splits + s) * hd + d] = 0.f;
+        if (t == 0) {
+            pm[h * splits + s] = -INFINITY;
+            pl[h * splits + s] = 0.f;
+        }
+        return;
+    }
     for (int d = t; d < hd; d += blockDim.x) sq[d] = q[h * hd + d] * scale;
     __syncthreads();
     int j = s * CHUNK + t;
@@ -374,18 +390,22 @@ extern "C" __global__ void attn_part(const float* q, const half* kc, const half*
 // The splits of every head combined into the attention output [hidden],
 // quantized for the dense product, and in f32 to yf unless it is null. One
 // block.
+// `splits` is attn_part's grid (the partials' stride); the splits read are
+// those the n keys fill (n as attn_part takes it).
 extern "C" __global__ void attn_merge_q8(const float* pm, const float* pl, const float* po,
-                                         int hd, int hidden, int splits, int8_t* q, float* qd,
-                                         float* qs, float* yf) {
+                                         int hd, int hidden, int splits, int n, const int* step,
+                                         int8_t* q, float* qd, float* qs, float* yf) {
     int warps = blockDim.x >> 5, lane = threadIdx.x & 31;
+    if (step) n = step[0] + 1;
+    int used = min(splits, (n + CHUNK - 1) / CHUNK);
     for (int k = threadIdx.x >> 5; k < hidden / 32; k += warps) {
         int i = k * 32 + lane, h = i / hd, d = i % hd;
         const float* m = pm + h * splits;
         const float* l = pl + h * splits;
         float mx = -INFINITY;
-        for (int s = 0; s < splits; ++s) mx = fmaxf(mx, m[s]);
+        for (int s = 0; s < used; ++s) mx = fmaxf(mx, m[s]);
         float num = 0.f, den = 0.f;
-        for (int s = 0; s < splits; ++s) {
+        for (int s = 0; s < used; ++s) {
             float e = expf(m[s] - mx);
             num += e * po[((size_t)h * splits + s) * hd + d];
             den += e * l[s];

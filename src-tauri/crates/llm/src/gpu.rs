@@ -21,12 +21,19 @@
 //! stays the reference it is tested against). Prompts (several tokens) take
 //! the tensor path, which writes the same f16 cache. `DRAMATIS_NO_GPU_DECODE=1`
 //! turns it off, to compare the two.
+//!
+//! With `DRAMATIS_GPU_GRAPH=1` a step without an adapter is captured once as
+//! a CUDA graph and replayed: the kernels read the position from device
+//! memory, the attention grid covers the whole window (splits past the
+//! cache weigh nothing), and the graph is captured again when a cache
+//! buffer moves (growth, another cache). Off by default until measured; a
+//! capture the driver refuses turns it off with a warning.
 
 use std::sync::{Arc, Mutex};
 
 use candle_core::cuda_backend::WrapErr;
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg,
+    CudaFunction, CudaGraph, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg, sys,
 };
 use candle_core::op::BackpropOp;
 use candle_core::quantized::GgmlDType;
@@ -92,6 +99,11 @@ struct Scratch {
     hf: CudaSlice<f32>,
     yf: CudaSlice<f32>,
     t: CudaSlice<f32>,
+    /// The position a captured step reads, the logits it writes, and the
+    /// step itself once captured.
+    step: CudaSlice<i32>,
+    logits: CudaSlice<f32>,
+    graph: Option<StepGraph>,
     /// Per head and split: maximum score, sum, weighted values.
     pm: CudaSlice<f32>,
     pl: CudaSlice<f32>,
@@ -109,6 +121,10 @@ pub(crate) struct GpuParts {
     cos: CudaSlice<f32>,
     sin: CudaSlice<f32>,
     eps: f32,
+    /// Whether steps without an adapter replay a captured graph
+    /// (`DRAMATIS_GPU_GRAPH=1`), and the attention splits its grid covers.
+    graphs: std::sync::atomic::AtomicBool,
+    max_splits: usize,
     scratch: Mutex<Scratch>,
 }
 
@@ -284,6 +300,9 @@ impl GpuParts {
             hf: dev.alloc_zeros::<f32>(hidden)?,
             yf: dev.alloc_zeros::<f32>(hidden)?,
             t: dev.alloc_zeros::<f32>(MAX_RANK)?,
+            step: dev.alloc_zeros::<i32>(1)?,
+            logits: dev.alloc_zeros::<f32>(lm_head.rows)?,
+            graph: None,
             pm: dev.alloc_zeros::<f32>(heads * splits)?,
             pl: dev.alloc_zeros::<f32>(heads * splits)?,
             po: dev.alloc_zeros::<f32>(heads * splits * hd)?,
@@ -298,12 +317,28 @@ impl GpuParts {
             cos: upload(&phi.cos)?,
             sin: upload(&phi.sin)?,
             eps: cfg.layer_norm_eps as f32,
+            graphs: std::env::var_os("DRAMATIS_GPU_GRAPH")
+                .is_some_and(|v| v == "1")
+                .into(),
+            max_splits: splits,
             scratch: Mutex::new(scratch),
         };
         // The uploads land before any thread's stream reads them (candle's
         // streams are per thread; the step may run on another).
         stream.synchronize().w()?;
         Ok(Some(parts))
+    }
+
+    /// Turns graph replay on or off (tests run both).
+    #[cfg(test)]
+    fn set_graphs(&self, on: bool) {
+        self.graphs.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether graph replay is on (a failed capture turns it off).
+    #[cfg(test)]
+    fn graphs_on(&self) -> bool {
+        self.graphs.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The number of blocks the buffers were made for.
@@ -504,18 +539,142 @@ pub(crate) fn decode(
     adapter: Option<&LoraAdapter>,
 ) -> Result<Tensor> {
     let cfg = &phi.cfg;
-    let (hidden, heads, hd) = (cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim());
+    let (heads, hd) = (cfg.num_attention_heads, cfg.head_dim());
     let pos = cache.len();
     let n = pos + 1;
     let x = match &phi.embed {
         Embedding::Dense(t) => t.get(id as usize)?.to_dtype(DType::F32)?.to_vec1()?,
         Embedding::Quantized { .. } => phi.embed.rows(&[id])?,
     };
+    // Every layer's cache buffers first, grown where needed: nothing
+    // allocates between the launches (a graph capture could not hold it).
+    let mut caches = Vec::with_capacity(g.layers.len());
+    for i in 0..g.layers.len() {
+        let (k, v) = cache.reserve(i, n, (1, heads, hd), DType::F16, phi.device())?;
+        caches.push(CacheAt {
+            k: address(&k, &g.stream)?,
+            v: address(&v, &g.stream)?,
+            cap: k.dim(2)?,
+        });
+    }
     // A panic while holding the buffers left nothing they need: take them back.
     let mut guard = g.scratch.lock().unwrap_or_else(|p| p.into_inner());
     let s = &mut *guard;
     g.dev.memcpy_htod(&x, &mut s.x)?;
-    let splits = n.div_ceil(CHUNK);
+    let vocab = g.lm_head.rows;
+    // SAFETY: the head's mat-vec (or the copy from the graph's buffer)
+    // writes every element.
+    let mut logits = unsafe { g.dev.alloc::<f32>(vocab)? };
+    let replayed = g.graphs.load(std::sync::atomic::Ordering::Relaxed)
+        && adapter.is_none()
+        && match replay(phi, g, s, &caches, pos) {
+            Ok(()) => true,
+            Err(e) => {
+                // Capture or replay refused (a driver, a stream that cannot
+                // be captured): one step at a time from now on.
+                tracing::warn!("decode graphs are off: {e}");
+                g.graphs.store(false, std::sync::atomic::Ordering::Relaxed);
+                s.graph = None;
+                false
+            }
+        };
+    if replayed {
+        g.dev.memcpy_dtod(&s.logits, &mut logits)?;
+    } else {
+        let out = ptr(&logits, &g.stream);
+        record(phi, g, s, &caches, Position::At(pos), adapter, out)?;
+    }
+    cache.advance(1);
+    // The buffers are shared by every thread decoding on this model, each on
+    // its own stream: release them only once this step is done with them
+    // (the caller waits for the logits right after anyway).
+    g.stream.synchronize().w()?;
+    drop(guard);
+    let storage = Storage::Cuda(CudaStorage::wrap_cuda_slice(logits, g.dev.clone()));
+    Ok(Tensor::from_storage(
+        storage,
+        (1, vocab),
+        BackpropOp::none(),
+        false,
+    ))
+}
+
+/// Queues the step as the graph captured for these cache buffers (capturing
+/// it first if there is none or they moved), its logits into `s.logits`.
+fn replay(phi: &Phi, g: &GpuParts, s: &mut Scratch, caches: &[CacheAt], pos: usize) -> Result<()> {
+    g.dev.memcpy_htod(&[pos as i32], &mut s.step)?;
+    if s.graph.as_ref().is_none_or(|sg| sg.caches != caches) {
+        s.graph = None;
+        let at = Position::Graph {
+            step: ptr(&s.step, &g.stream),
+            splits: g.max_splits,
+        };
+        let out = ptr(&s.logits, &g.stream);
+        g.stream
+            .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .w()?;
+        let recorded = record(phi, g, s, caches, at, None, out);
+        // Capture ends whatever happened, or the stream stays captured.
+        let graph = g.stream.end_capture(sys::CUgraphInstantiate_flags(0)).w();
+        recorded?;
+        let graph = graph?
+            .ok_or_else(|| Error::Invalid("capturing the decode step gave no graph".into()))?;
+        s.graph = Some(StepGraph {
+            graph,
+            caches: caches.to_vec(),
+        });
+    }
+    let sg = s.graph.as_ref().expect("captured above");
+    sg.graph.launch().w()?;
+    Ok(())
+}
+
+/// A layer's cache buffers as the kernels address them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct CacheAt {
+    k: u64,
+    v: u64,
+    cap: usize,
+}
+
+/// The decode step captured as a CUDA graph, valid while the cache buffers
+/// it was captured with stay where they are.
+struct StepGraph {
+    graph: CudaGraph,
+    caches: Vec<CacheAt>,
+}
+
+// SAFETY: a CUDA graph may be used from any thread as long as the uses are
+// serialized; this one lives in the scratch buffers' mutex.
+unsafe impl Send for StepGraph {}
+
+/// Where the new token goes: a position given with each launch (one step),
+/// or read by the kernels from device memory (a graph replayed for every
+/// step, its attention grid covering the whole window).
+#[derive(Clone, Copy)]
+enum Position {
+    At(usize),
+    Graph { step: u64, splits: usize },
+}
+
+/// Queues the whole step on the stream: every block, the final norm and the
+/// output head into `logits`.
+fn record(
+    phi: &Phi,
+    g: &GpuParts,
+    s: &Scratch,
+    caches: &[CacheAt],
+    at: Position,
+    adapter: Option<&LoraAdapter>,
+    logits: u64,
+) -> Result<()> {
+    let cfg = &phi.cfg;
+    let (hidden, heads, hd) = (cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim());
+    let (pos, step, splits) = match at {
+        Position::At(pos) => (pos, 0, (pos + 1).div_ceil(CHUNK)),
+        Position::Graph { step, splits } => (0, step, splits),
+    };
+    let n = pos + 1;
     let xp = ptr(&s.x, &g.stream);
     let no_lora = LoraLayer::default();
     for (i, l) in g.layers.iter().enumerate() {
@@ -533,9 +692,7 @@ pub(crate) fn decode(
         } else {
             0
         };
-        let (k, v) = cache.reserve(i, n, (1, heads, hd), DType::F16, phi.device())?;
-        let cap = k.dim(2)?;
-        let (kp, vp) = (address(&k, &g.stream)?, address(&v, &g.stream)?);
+        let CacheAt { k: kp, v: vp, cap } = caches[i];
         g.layer_norm(&s.x, &l.norm, &s.h, hf)?;
         let qkv = ptr(&s.qkv, &g.stream);
         g.mmvq(&l.qkv, &s.h, hf, "store", qkv)?;
@@ -559,6 +716,7 @@ pub(crate) fn decode(
                 Arg::I(hd as i32),
                 Arg::I(cfg.rotary_dim() as i32),
                 Arg::I(pos as i32),
+                Arg::P(step),
                 Arg::I(cap as i32),
                 Arg::P(kp),
                 Arg::P(vp),
@@ -579,6 +737,7 @@ pub(crate) fn decode(
                 Arg::I(hd as i32),
                 Arg::I(cap as i32),
                 Arg::I(n as i32),
+                Arg::P(step),
                 Arg::F(1.0 / (hd as f32).sqrt()),
                 g.p(&s.pm),
                 g.p(&s.pl),
@@ -595,6 +754,8 @@ pub(crate) fn decode(
                 Arg::I(hd as i32),
                 Arg::I(hidden as i32),
                 Arg::I(splits as i32),
+                Arg::I(n as i32),
+                Arg::P(step),
                 g.p(&s.y.q),
                 g.p(&s.y.d),
                 g.p(&s.y.s),
@@ -636,29 +797,13 @@ pub(crate) fn decode(
             g.lora(sl, act, &s.t, xp)?;
         }
     }
-    cache.advance(1);
     let hf = if g.lm_head.dense {
         ptr(&s.hf, &g.stream)
     } else {
         0
     };
     g.layer_norm(&s.x, &g.final_norm, &s.h, hf)?;
-    let vocab = g.lm_head.rows;
-    // SAFETY: the head's mat-vec writes every element.
-    let logits = unsafe { g.dev.alloc::<f32>(vocab)? };
-    g.mmvq(&g.lm_head, &s.h, hf, "store", ptr(&logits, &g.stream))?;
-    // The buffers are shared by every thread decoding on this model, each on
-    // its own stream: release them only once this step is done with them
-    // (the caller waits for the logits right after anyway).
-    g.stream.synchronize().w()?;
-    drop(guard);
-    let storage = Storage::Cuda(CudaStorage::wrap_cuda_slice(logits, g.dev.clone()));
-    Ok(Tensor::from_storage(
-        storage,
-        (1, vocab),
-        BackpropOp::none(),
-        false,
-    ))
+    g.mmvq(&g.lm_head, &s.h, hf, "store", logits)
 }
 
 #[cfg(test)]
@@ -775,7 +920,9 @@ mod tests {
     /// what the kernels wrote). Models: every quantized type in every place
     /// (0–3), dense f32 (4), head size 80 in Q8_0 (5); adapters on 1 (no
     /// fc1 slot), 3 (every target) and 4 (no fc1 slot), so fc1 runs both
-    /// with GELU in the product and with the delta before GELU. Logits within
+    /// with GELU in the product and with the delta before GELU; the models
+    /// without an adapter again with the step replayed as a CUDA graph
+    /// (recaptured when the cache grows). Logits within
     /// 2% of the largest; the greedy token the same wherever the reference's
     /// top two are further apart than that.
     #[test]
@@ -795,56 +942,82 @@ mod tests {
             let lora = [1, 3, 4].contains(&r).then(|| adapter(&phi, &dev, r == 3));
             let lora = lora.as_ref();
             assert!(takes(&phi, lora));
-            let vocab = phi.config().vocab_size as u32;
-            let prompt: Vec<u32> = (0..250).map(|_| rng.random_range(0..vocab)).collect();
-            let (mut fast, mut reference) = (phi.new_cache(), phi.new_cache());
-            let run = |ids: &[u32], cache: &mut KvCache, tensors: bool| -> Vec<f32> {
-                let t = Tensor::new(ids, &dev).unwrap().unsqueeze(0).unwrap();
-                let out = if tensors {
-                    phi.run_tensors(&t, Some(cache), Logits::Last, lora)
-                } else {
-                    phi.forward(&t, Some(cache), Logits::Last, lora)
-                };
-                out.unwrap().flatten_all().unwrap().to_vec1().unwrap()
-            };
-            let first = run(&prompt, &mut fast, false);
-            run(&prompt, &mut reference, true);
-            let mut token = argmax(&first);
-            let (mut worst, mut compared) = (0f32, 0);
-            let mut check = |step: usize, a: &[f32], b: &[f32]| {
-                let top = b.iter().fold(0f32, |m, v| m.max(v.abs()));
-                let diff = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
-                assert!(
-                    diff.is_finite() && diff <= 0.02 * top,
-                    "model {r} step {step}: {diff} of {top}"
-                );
-                worst = worst.max(diff / top);
-                let mut sorted = b.to_vec();
-                sorted.sort_by(|x, y| y.total_cmp(x));
-                if sorted[0] - sorted[1] > 0.02 * top {
-                    assert_eq!(argmax(a), argmax(b), "model {r} step {step}");
-                    compared += 1;
+            // Steps without an adapter also as a replayed graph.
+            for graphs in [false, true] {
+                if graphs && lora.is_some() {
+                    continue;
                 }
-                argmax(b)
-            };
-            for step in 0..60 {
-                let a = run(&[token], &mut fast, false);
-                let b = run(&[token], &mut reference, true);
-                assert_eq!(fast.len(), reference.len());
-                token = check(step, &a, &b);
+                let g = phi.gpu.as_ref().expect("checked");
+                g.set_graphs(graphs);
+                compare(
+                    &phi,
+                    &dev,
+                    lora,
+                    &mut rng,
+                    &format!("model {r}, graphs {graphs}"),
+                );
+                assert_eq!(g.graphs_on(), graphs, "model {r}: the graph fell back");
             }
-            let next: Vec<u32> = (0..5).map(|_| rng.random_range(0..vocab)).collect();
-            let a = run(&next, &mut fast, true);
-            let b = run(&next, &mut reference, true);
-            check(60, &a, &b);
-            assert!(
-                compared >= 30,
-                "model {r}: only {compared} clear greedy tokens"
-            );
-            eprintln!(
-                "model {r}: worst logit difference {worst:.2e} of the largest; {compared} greedy tokens compared"
-            );
         }
+    }
+
+    /// One model's run of [`decode_steps_equal_the_tensor_path`].
+    fn compare(
+        phi: &Phi,
+        dev: &Device,
+        lora: Option<&LoraAdapter>,
+        rng: &mut rand::rngs::StdRng,
+        name: &str,
+    ) {
+        let vocab = phi.config().vocab_size as u32;
+        let prompt: Vec<u32> = (0..250).map(|_| rng.random_range(0..vocab)).collect();
+        let (mut fast, mut reference) = (phi.new_cache(), phi.new_cache());
+        let run = |ids: &[u32], cache: &mut KvCache, tensors: bool| -> Vec<f32> {
+            let t = Tensor::new(ids, dev).unwrap().unsqueeze(0).unwrap();
+            let out = if tensors {
+                phi.run_tensors(&t, Some(cache), Logits::Last, lora)
+            } else {
+                phi.forward(&t, Some(cache), Logits::Last, lora)
+            };
+            out.unwrap().flatten_all().unwrap().to_vec1().unwrap()
+        };
+        let first = run(&prompt, &mut fast, false);
+        run(&prompt, &mut reference, true);
+        let mut token = argmax(&first);
+        let (mut worst, mut compared) = (0f32, 0);
+        let mut check = |step: usize, a: &[f32], b: &[f32]| {
+            let top = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let diff = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+            assert!(
+                diff.is_finite() && diff <= 0.02 * top,
+                "{name} step {step}: {diff} of {top}"
+            );
+            worst = worst.max(diff / top);
+            let mut sorted = b.to_vec();
+            sorted.sort_by(|x, y| y.total_cmp(x));
+            if sorted[0] - sorted[1] > 0.02 * top {
+                assert_eq!(argmax(a), argmax(b), "{name} step {step}");
+                compared += 1;
+            }
+            argmax(b)
+        };
+        for step in 0..60 {
+            let a = run(&[token], &mut fast, false);
+            let b = run(&[token], &mut reference, true);
+            assert_eq!(fast.len(), reference.len());
+            token = check(step, &a, &b);
+        }
+        let next: Vec<u32> = (0..5).map(|_| rng.random_range(0..vocab)).collect();
+        let a = run(&next, &mut fast, true);
+        let b = run(&next, &mut reference, true);
+        check(60, &a, &b);
+        assert!(
+            compared >= 30,
+            "{name}: only {compared} clear greedy tokens"
+        );
+        eprintln!(
+            "{name}: worst logit difference {worst:.2e} of the largest; {compared} greedy tokens compared"
+        );
     }
 
     fn argmax(v: &[f32]) -> u32 {
