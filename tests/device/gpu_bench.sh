@@ -55,8 +55,8 @@ bench)
         graphs) vars=(DRAMATIS_GPU_GRAPH=1) ;;
         tensors) vars=(DRAMATIS_NO_GPU_DECODE=1) ;;
       esac
-      env "${vars[@]}" "$cli" bench --model "$work/$f.gguf" --device cuda 2>&1 | grep -v '^{'
-      env "${vars[@]}" "$cli" bench --model "$work/$f.gguf" --device cuda --prompt-tokens 1024 \
+      env ${vars[@]+"${vars[@]}"} "$cli" bench --model "$work/$f.gguf" --device cuda 2>&1 | grep -v '^{'
+      env ${vars[@]+"${vars[@]}"} "$cli" bench --model "$work/$f.gguf" --device cuda --prompt-tokens 1024 \
         --turn-tokens 8 2>&1 | grep -E "decode|prefill"
     done
   done

@@ -67,6 +67,8 @@ struct Report {
     decode_s: f64,
     decode_tok_s: f64,
     decode_empty_tok_s: f64,
+    /// What ran the one-token steps (after them: a refused CUDA graph shows).
+    decode_path: &'static str,
     turn_tokens: usize,
     second_turn_ttft_s: f64,
     new_tokens_prefill_s: f64,
@@ -222,6 +224,7 @@ pub fn run(a: BenchArgs, cancel: &AtomicBool) -> Result<()> {
         decode_s,
         decode_tok_s: (a.gen_tokens - 1) as f64 / decode_s,
         decode_empty_tok_s,
+        decode_path: model.decode_path(),
         turn_tokens: a.turn_tokens,
         second_turn_ttft_s,
         new_tokens_prefill_s,
@@ -255,6 +258,7 @@ pub fn run(a: BenchArgs, cancel: &AtomicBool) -> Result<()> {
         "decode     {:>5} tokens  {:>8.1} tok/s  (from an empty context)",
         r.gen_tokens, r.decode_empty_tok_s
     );
+    println!("decode on  {}", r.decode_path);
     println!("first token after the prompt        {:.3} s", r.ttft_s);
     println!(
         "second turn, {} new tokens: first token {:.3} s; those tokens alone {:.3} s ({:.2}×)",

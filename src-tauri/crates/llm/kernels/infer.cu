@@ -297,13 +297,21 @@ MMV(mmv_f32_add, float, ADD)
 // qkv [3·hidden] → q rotated (q_out), k rotated and v appended to the cache
 // at `pos`. One block per head, a thread per dimension. Rotation as the
 // tensor path's rope: pair i is (i, i + rotary_dim / 2).
-// The position is `pos`, or step[0] where `step` is not null (a captured
-// graph replays one launch for every position).
+// The position and the layer's cache are `pos`, `kc`, `vc`, `cap`, or where
+// `step` is not null step[0] and the layer's row of the cache table `lay`
+// ({k, v, capacity}): a captured graph replays one launch for every
+// position and every cache.
 extern "C" __global__ void rope_append(const float* qkv, const float* cos, const float* sin,
                                        int hidden, int hd, int rd, int pos, const int* step,
-                                       int cap, half* kc, half* vc, float* q_out) {
+                                       const uint64_t* lay, int cap, half* kc, half* vc,
+                                       float* q_out) {
     int h = blockIdx.x, d = threadIdx.x;
-    if (step) pos = step[0];
+    if (step) {
+        pos = step[0];
+        kc = (half*)lay[0];
+        vc = (half*)lay[1];
+        cap = (int)lay[2];
+    }
     if (d >= hd) return;
     int half_rd = rd / 2;
     const float* qh = qkv + h * hd;
@@ -333,16 +341,22 @@ extern "C" __global__ void rope_append(const float* qkv, const float* cos, const
 // most 256.
 #define CHUNK 128
 //
-// n is the count given, or step[0] + 1 where `step` is not null; the grid
-// may have more splits than n needs (a graph's grid covers the window):
-// those write a partial that weighs nothing.
+// n, the cache and its capacity are as given, or where `step` is not null
+// step[0] + 1 and the layer's row of the cache table (as rope_append); the
+// grid may have more splits than n needs (a graph's grid covers the
+// window): those write a partial that weighs nothing.
 extern "C" __global__ void attn_part(const float* q, const half* kc, const half* vc, int hd,
-                                     int cap, int n, const int* step, float scale, float* pm,
-                                     float* pl, float* po) {
+                                     int cap, int n, const int* step, const uint64_t* lay,
+                                     float scale, float* pm, float* pl, float* po) {
     __shared__ float sq[256];
     __shared__ float sp[CHUNK];
     int h = blockIdx.x, s = blockIdx.y, splits = gridDim.y, t = threadIdx.x;
-    if (step) n = step[0] + 1;
+    if (step) {
+        n = step[0] + 1;
+        kc = (const half*)lay[0];
+        vc = (const half*)lay[1];
+        cap = (int)lay[2];
+    }
     if (s * CHUNK >= n) {
         for (int d = t; d < hd; d += blockDim.x) po[((size_t)h * splits + s) * hd + d] = 0.f;
         if (t == 0) {

@@ -23,10 +23,11 @@
 //! turns it off, to compare the two.
 //!
 //! With `DRAMATIS_GPU_GRAPH=1` a step without an adapter is captured once as
-//! a CUDA graph and replayed: the kernels read the position from device
-//! memory, the attention grid covers the whole window (splits past the
-//! cache weigh nothing), and the graph is captured again when a cache
-//! buffer moves (growth, another cache). Off by default until measured; a
+//! a CUDA graph and replayed: the kernels read the position and each
+//! layer's cache buffers from device memory, written before each replay, so
+//! one graph serves every position and every cache (growth, the summary's
+//! cache beside the chat's); the attention grid covers the whole window
+//! (splits past the cache weigh nothing). Off by default until measured; a
 //! capture the driver refuses turns it off with a warning.
 
 use std::sync::{Arc, Mutex};
@@ -102,6 +103,8 @@ struct Scratch {
     /// The position a captured step reads, the logits it writes, and the
     /// step itself once captured.
     step: CudaSlice<i32>,
+    /// Per layer {k, v, capacity} of the cache the step runs on.
+    table: CudaSlice<u64>,
     logits: CudaSlice<f32>,
     graph: Option<StepGraph>,
     /// Per head and split: maximum score, sum, weighted values.
@@ -125,6 +128,10 @@ pub(crate) struct GpuParts {
     /// (`DRAMATIS_GPU_GRAPH=1`), and the attention splits its grid covers.
     graphs: std::sync::atomic::AtomicBool,
     max_splits: usize,
+    /// Graphs captured, and why replay was last turned off (for tests and
+    /// diagnostics).
+    captures: std::sync::atomic::AtomicUsize,
+    graph_error: Mutex<Option<String>>,
     scratch: Mutex<Scratch>,
 }
 
@@ -301,6 +308,7 @@ impl GpuParts {
             yf: dev.alloc_zeros::<f32>(hidden)?,
             t: dev.alloc_zeros::<f32>(MAX_RANK)?,
             step: dev.alloc_zeros::<i32>(1)?,
+            table: dev.alloc_zeros::<u64>(3 * phi.blocks.len())?,
             logits: dev.alloc_zeros::<f32>(lm_head.rows)?,
             graph: None,
             pm: dev.alloc_zeros::<f32>(heads * splits)?,
@@ -321,6 +329,8 @@ impl GpuParts {
                 .is_some_and(|v| v == "1")
                 .into(),
             max_splits: splits,
+            captures: 0.into(),
+            graph_error: Mutex::new(None),
             scratch: Mutex::new(scratch),
         };
         // The uploads land before any thread's stream reads them (candle's
@@ -335,10 +345,21 @@ impl GpuParts {
         self.graphs.store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
-    /// Whether graph replay is on (a failed capture turns it off).
-    #[cfg(test)]
-    fn graphs_on(&self) -> bool {
+    /// Whether steps without an adapter replay a graph (a capture the driver
+    /// refused turns it off).
+    pub(crate) fn graphs(&self) -> bool {
         self.graphs.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Whether graph replay is on (a failed capture turns it off), the
+    /// graphs captured, and why it was turned off.
+    #[cfg(test)]
+    fn graph_state(&self) -> (bool, usize, Option<String>) {
+        (
+            self.graphs.load(std::sync::atomic::Ordering::Relaxed),
+            self.captures.load(std::sync::atomic::Ordering::Relaxed),
+            self.graph_error.lock().unwrap().clone(),
+        )
     }
 
     /// The number of blocks the buffers were made for.
@@ -567,18 +588,25 @@ pub(crate) fn decode(
     let mut logits = unsafe { g.dev.alloc::<f32>(vocab)? };
     let replayed = g.graphs.load(std::sync::atomic::Ordering::Relaxed)
         && adapter.is_none()
-        && match replay(phi, g, s, &caches, pos) {
+        && match capture(phi, g, s) {
             Ok(()) => true,
             Err(e) => {
-                // Capture or replay refused (a driver, a stream that cannot
-                // be captured): one step at a time from now on.
+                // The driver refused the capture (or could not instantiate
+                // it): one launch at a time from now on.
                 tracing::warn!("decode graphs are off: {e}");
                 g.graphs.store(false, std::sync::atomic::Ordering::Relaxed);
-                s.graph = None;
+                *g.graph_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
                 false
             }
         };
     if replayed {
+        let table: Vec<u64> = caches
+            .iter()
+            .flat_map(|c| [c.k, c.v, c.cap as u64])
+            .collect();
+        g.dev.memcpy_htod(&table, &mut s.table)?;
+        g.dev.memcpy_htod(&[pos as i32], &mut s.step)?;
+        s.graph.as_ref().expect("captured").graph.launch().w()?;
         g.dev.memcpy_dtod(&s.logits, &mut logits)?;
     } else {
         let out = ptr(&logits, &g.stream);
@@ -599,34 +627,51 @@ pub(crate) fn decode(
     ))
 }
 
-/// Queues the step as the graph captured for these cache buffers (capturing
-/// it first if there is none or they moved), its logits into `s.logits`.
-fn replay(phi: &Phi, g: &GpuParts, s: &mut Scratch, caches: &[CacheAt], pos: usize) -> Result<()> {
-    g.dev.memcpy_htod(&[pos as i32], &mut s.step)?;
-    if s.graph.as_ref().is_none_or(|sg| sg.caches != caches) {
-        s.graph = None;
-        let at = Position::Graph {
-            step: ptr(&s.step, &g.stream),
-            splits: g.max_splits,
-        };
-        let out = ptr(&s.logits, &g.stream);
-        g.stream
-            .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
-            .w()?;
-        let recorded = record(phi, g, s, caches, at, None, out);
-        // Capture ends whatever happened, or the stream stays captured.
-        let graph = g.stream.end_capture(sys::CUgraphInstantiate_flags(0)).w();
-        recorded?;
-        let graph = graph?
-            .ok_or_else(|| Error::Invalid("capturing the decode step gave no graph".into()))?;
-        s.graph = Some(StepGraph {
-            graph,
-            caches: caches.to_vec(),
-        });
+/// Captures the step as a graph once: the kernels read the position and
+/// each layer's cache from `s.step` and `s.table`, written before every
+/// replay, so one graph serves every position and every cache.
+fn capture(phi: &Phi, g: &GpuParts, s: &mut Scratch) -> Result<()> {
+    if s.graph.is_some() {
+        return Ok(());
     }
-    let sg = s.graph.as_ref().expect("captured above");
-    sg.graph.launch().w()?;
+    let at = Position::Graph {
+        step: ptr(&s.step, &g.stream),
+        table: ptr(&s.table, &g.stream),
+        splits: g.max_splits,
+    };
+    let out = ptr(&s.logits, &g.stream);
+    g.stream
+        .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+        .w()?;
+    let mut capturing = Capturing(Some(&g.stream));
+    let recorded = record(phi, g, s, &[], at, None, out);
+    let graph = capturing.end();
+    recorded?;
+    let graph =
+        graph?.ok_or_else(|| Error::Invalid("capturing the decode step gave no graph".into()))?;
+    s.graph = Some(StepGraph { graph });
+    g.captures
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     Ok(())
+}
+
+/// Ends a stream capture, also when what was being captured unwinds (a
+/// stream left capturing would refuse all later work on its thread).
+struct Capturing<'a>(Option<&'a Arc<CudaStream>>);
+
+impl Capturing<'_> {
+    fn end(&mut self) -> Result<Option<CudaGraph>> {
+        match self.0.take() {
+            Some(stream) => Ok(stream.end_capture(sys::CUgraphInstantiate_flags(0)).w()?),
+            None => Ok(None),
+        }
+    }
+}
+
+impl Drop for Capturing<'_> {
+    fn drop(&mut self) {
+        let _ = self.end();
+    }
 }
 
 /// A layer's cache buffers as the kernels address them.
@@ -637,11 +682,9 @@ struct CacheAt {
     cap: usize,
 }
 
-/// The decode step captured as a CUDA graph, valid while the cache buffers
-/// it was captured with stay where they are.
+/// The decode step captured as a CUDA graph.
 struct StepGraph {
     graph: CudaGraph,
-    caches: Vec<CacheAt>,
 }
 
 // SAFETY: a CUDA graph may be used from any thread as long as the uses are
@@ -649,12 +692,17 @@ struct StepGraph {
 unsafe impl Send for StepGraph {}
 
 /// Where the new token goes: a position given with each launch (one step),
-/// or read by the kernels from device memory (a graph replayed for every
-/// step, its attention grid covering the whole window).
+/// or read by the kernels from device memory with each layer's cache (a
+/// graph replayed for every step, its attention grid covering the whole
+/// window).
 #[derive(Clone, Copy)]
 enum Position {
     At(usize),
-    Graph { step: u64, splits: usize },
+    Graph {
+        step: u64,
+        table: u64,
+        splits: usize,
+    },
 }
 
 /// Queues the whole step on the stream: every block, the final norm and the
@@ -670,9 +718,13 @@ fn record(
 ) -> Result<()> {
     let cfg = &phi.cfg;
     let (hidden, heads, hd) = (cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim());
-    let (pos, step, splits) = match at {
-        Position::At(pos) => (pos, 0, (pos + 1).div_ceil(CHUNK)),
-        Position::Graph { step, splits } => (0, step, splits),
+    let (pos, step, table, splits) = match at {
+        Position::At(pos) => (pos, 0, 0, (pos + 1).div_ceil(CHUNK)),
+        Position::Graph {
+            step,
+            table,
+            splits,
+        } => (0, step, table, splits),
     };
     let n = pos + 1;
     let xp = ptr(&s.x, &g.stream);
@@ -692,7 +744,13 @@ fn record(
         } else {
             0
         };
-        let CacheAt { k: kp, v: vp, cap } = caches[i];
+        // Graphs read the cache from the table (`caches` is then empty).
+        let CacheAt { k: kp, v: vp, cap } =
+            caches
+                .get(i)
+                .copied()
+                .unwrap_or(CacheAt { k: 0, v: 0, cap: 0 });
+        let lay = if table == 0 { 0 } else { table + 24 * i as u64 };
         g.layer_norm(&s.x, &l.norm, &s.h, hf)?;
         let qkv = ptr(&s.qkv, &g.stream);
         g.mmvq(&l.qkv, &s.h, hf, "store", qkv)?;
@@ -717,6 +775,7 @@ fn record(
                 Arg::I(cfg.rotary_dim() as i32),
                 Arg::I(pos as i32),
                 Arg::P(step),
+                Arg::P(lay),
                 Arg::I(cap as i32),
                 Arg::P(kp),
                 Arg::P(vp),
@@ -738,6 +797,7 @@ fn record(
                 Arg::I(cap as i32),
                 Arg::I(n as i32),
                 Arg::P(step),
+                Arg::P(lay),
                 Arg::F(1.0 / (hd as f32).sqrt()),
                 g.p(&s.pm),
                 g.p(&s.pl),
@@ -956,8 +1016,64 @@ mod tests {
                     &mut rng,
                     &format!("model {r}, graphs {graphs}"),
                 );
-                assert_eq!(g.graphs_on(), graphs, "model {r}: the graph fell back");
+                let (on, captures, error) = g.graph_state();
+                assert_eq!(on, graphs, "model {r}: the graph fell back: {error:?}");
+                // One capture served every step and the cache's growth past 256.
+                assert_eq!(captures, usize::from(graphs), "model {r}");
             }
+        }
+    }
+
+    /// Steps on two caches at once, from two threads (each on its own CUDA
+    /// stream, sharing the step's buffers), against the tensor path; one
+    /// capture serves both caches.
+    #[test]
+    fn two_threads_on_two_caches_decode_alike() {
+        let dev = crate::DeviceChoice::Cuda(0)
+            .open()
+            .expect("these tests need a CUDA device");
+        let dir = tempfile::tempdir().unwrap();
+        for graphs in [false, true] {
+            let phi = model(0, dir.path(), &dev);
+            let g = phi.gpu.as_ref().expect("on the decode kernels");
+            g.set_graphs(graphs);
+            let (phi, dev) = (&phi, &dev);
+            std::thread::scope(|scope| {
+                for t in 0..2u32 {
+                    scope.spawn(move || {
+                        let (mut fast, mut reference) = (phi.new_cache(), phi.new_cache());
+                        let run = |ids: &[u32], cache: &mut KvCache, tensors: bool| -> Vec<f32> {
+                            let x = Tensor::new(ids, dev).unwrap().unsqueeze(0).unwrap();
+                            let out = if tensors {
+                                phi.run_tensors(&x, Some(cache), Logits::Last, None)
+                            } else {
+                                phi.forward(&x, Some(cache), Logits::Last, None)
+                            };
+                            out.unwrap().flatten_all().unwrap().to_vec1().unwrap()
+                        };
+                        let prompt: Vec<u32> = (0..40).map(|i| (i * 7 + t * 13) % 320).collect();
+                        run(&prompt, &mut fast, false);
+                        run(&prompt, &mut reference, true);
+                        for step in 0..40u32 {
+                            let id = (step * 11 + t * 5) % 320;
+                            let a = run(&[id], &mut fast, false);
+                            let b = run(&[id], &mut reference, true);
+                            let top = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+                            let diff = a
+                                .iter()
+                                .zip(&b)
+                                .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+                            assert!(
+                                diff.is_finite() && diff <= 0.02 * top,
+                                "thread {t} step {step} graphs {graphs}: {diff} of {top}"
+                            );
+                        }
+                    });
+                }
+            });
+            let (on, captures, error) = g.graph_state();
+            assert_eq!(on, graphs, "the graph fell back: {error:?}");
+            assert_eq!(captures, usize::from(graphs));
         }
     }
 

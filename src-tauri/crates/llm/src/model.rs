@@ -292,6 +292,25 @@ impl Phi {
         self.run_tensors(tokens, cache, logits, lora)
     }
 
+    /// Which code runs a one-token step without an adapter: this project's
+    /// CPU or CUDA kernels (on CUDA, replayed as a graph or launched one by
+    /// one), or candle's tensor ops.
+    pub fn decode_path(&self) -> &'static str {
+        #[cfg(feature = "cuda")]
+        if let Some(g) = &self.gpu {
+            return if g.graphs() {
+                "CUDA kernels, replayed as a graph"
+            } else {
+                "CUDA kernels"
+            };
+        }
+        if self.host.is_some() {
+            "CPU kernels"
+        } else {
+            "tensor ops"
+        }
+    }
+
     /// Whether one-token steps run on the CUDA decode kernels.
     #[cfg(all(feature = "cuda", test))]
     pub(crate) fn gpu_decode(&self) -> bool {
