@@ -1042,14 +1042,8 @@ mod tests {
                 for t in 0..2u32 {
                     scope.spawn(move || {
                         let (mut fast, mut reference) = (phi.new_cache(), phi.new_cache());
-                        let run = |ids: &[u32], cache: &mut KvCache, tensors: bool| -> Vec<f32> {
-                            let x = Tensor::new(ids, dev).unwrap().unsqueeze(0).unwrap();
-                            let out = if tensors {
-                                phi.run_tensors(&x, Some(cache), Logits::Last, None)
-                            } else {
-                                phi.forward(&x, Some(cache), Logits::Last, None)
-                            };
-                            out.unwrap().flatten_all().unwrap().to_vec1().unwrap()
+                        let run = |ids: &[u32], cache: &mut KvCache, tensors: bool| {
+                            pass(phi, dev, None, ids, cache, tensors)
                         };
                         let prompt: Vec<u32> = (0..40).map(|i| (i * 7 + t * 13) % 320).collect();
                         run(&prompt, &mut fast, false);
@@ -1058,11 +1052,7 @@ mod tests {
                             let id = (step * 11 + t * 5) % 320;
                             let a = run(&[id], &mut fast, false);
                             let b = run(&[id], &mut reference, true);
-                            let top = b.iter().fold(0f32, |m, v| m.max(v.abs()));
-                            let diff = a
-                                .iter()
-                                .zip(&b)
-                                .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+                            let (diff, top) = difference(&a, &b);
                             assert!(
                                 diff.is_finite() && diff <= 0.02 * top,
                                 "thread {t} step {step} graphs {graphs}: {diff} of {top}"
@@ -1088,22 +1078,15 @@ mod tests {
         let vocab = phi.config().vocab_size as u32;
         let prompt: Vec<u32> = (0..250).map(|_| rng.random_range(0..vocab)).collect();
         let (mut fast, mut reference) = (phi.new_cache(), phi.new_cache());
-        let run = |ids: &[u32], cache: &mut KvCache, tensors: bool| -> Vec<f32> {
-            let t = Tensor::new(ids, dev).unwrap().unsqueeze(0).unwrap();
-            let out = if tensors {
-                phi.run_tensors(&t, Some(cache), Logits::Last, lora)
-            } else {
-                phi.forward(&t, Some(cache), Logits::Last, lora)
-            };
-            out.unwrap().flatten_all().unwrap().to_vec1().unwrap()
+        let run = |ids: &[u32], cache: &mut KvCache, tensors: bool| {
+            pass(phi, dev, lora, ids, cache, tensors)
         };
         let first = run(&prompt, &mut fast, false);
         run(&prompt, &mut reference, true);
         let mut token = argmax(&first);
         let (mut worst, mut compared) = (0f32, 0);
         let mut check = |step: usize, a: &[f32], b: &[f32]| {
-            let top = b.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let diff = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+            let (diff, top) = difference(a, b);
             assert!(
                 diff.is_finite() && diff <= 0.02 * top,
                 "{name} step {step}: {diff} of {top}"
@@ -1134,6 +1117,33 @@ mod tests {
         eprintln!(
             "{name}: worst logit difference {worst:.2e} of the largest; {compared} greedy tokens compared"
         );
+    }
+
+    /// `ids` after `cache`, through the kernels (or the tensor path), as
+    /// the last position's logits.
+    fn pass(
+        phi: &Phi,
+        dev: &Device,
+        lora: Option<&LoraAdapter>,
+        ids: &[u32],
+        cache: &mut KvCache,
+        tensors: bool,
+    ) -> Vec<f32> {
+        let x = Tensor::new(ids, dev).unwrap().unsqueeze(0).unwrap();
+        let out = if tensors {
+            phi.run_tensors(&x, Some(cache), Logits::Last, lora)
+        } else {
+            phi.forward(&x, Some(cache), Logits::Last, lora)
+        };
+        out.unwrap().flatten_all().unwrap().to_vec1().unwrap()
+    }
+
+    /// The largest difference between two logit vectors, and the largest
+    /// magnitude of the second (the reference).
+    fn difference(a: &[f32], b: &[f32]) -> (f32, f32) {
+        let top = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let diff = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        (diff, top)
     }
 
     fn argmax(v: &[f32]) -> u32 {
