@@ -43,7 +43,7 @@ use candle_core::{CudaDevice, CudaStorage, DType, Device, Storage, Tensor};
 use crate::cache::KvCache;
 use crate::linear::{GpuWeight, Linear};
 use crate::lora::{LoraAdapter, LoraLayer, LoraSlot, LoraTarget};
-use crate::model::{Embedding, Phi};
+use crate::model::Phi;
 use crate::{Error, Result};
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/infer.ptx"));
@@ -61,7 +61,8 @@ const MAX_RANK: usize = 1024;
 struct Mat {
     _keep: Box<dyn std::any::Any + Send + Sync>,
     ptr: u64,
-    kind: &'static str,
+    /// Its mat-vec kernel per [`Mode`], looked up once at load.
+    kernels: [CudaFunction; 3],
     row_bytes: u64,
     rows: usize,
     /// Units of the quantized mat-vec's inner loop per row; a dense
@@ -69,6 +70,27 @@ struct Mat {
     units: usize,
     dense: bool,
     bias: Option<CudaSlice<f32>>,
+}
+
+/// What a mat-vec does with its output: store it, store it through GELU,
+/// or add it to the residual.
+#[derive(Clone, Copy)]
+enum Mode {
+    Store = 0,
+    Gelu = 1,
+    Add = 2,
+}
+
+/// The step's other kernels, looked up once at load (not by name per
+/// launch, on the token's path).
+struct Kernels {
+    ln_q8: CudaFunction,
+    quant_q8: CudaFunction,
+    rope_append: CudaFunction,
+    attn_part: CudaFunction,
+    attn_merge_q8: CudaFunction,
+    lora_down: CudaFunction,
+    lora_up: CudaFunction,
 }
 
 /// An activation quantized to 8 bits in blocks of 32.
@@ -117,7 +139,7 @@ struct Scratch {
 pub(crate) struct GpuParts {
     dev: CudaDevice,
     stream: Arc<CudaStream>,
-    funcs: std::collections::HashMap<String, CudaFunction>,
+    kernels: Kernels,
     layers: Vec<Layer>,
     final_norm: (CudaSlice<f32>, CudaSlice<f32>),
     lm_head: Mat,
@@ -152,16 +174,6 @@ fn kind(dtype: GgmlDType) -> Option<(&'static str, usize, usize, usize)> {
         _ => return None,
     })
 }
-
-const KERNELS: [&str; 7] = [
-    "ln_q8",
-    "quant_q8",
-    "rope_append",
-    "attn_part",
-    "attn_merge_q8",
-    "lora_down",
-    "lora_up",
-];
 
 fn ptr<T>(s: &CudaSlice<T>, stream: &CudaStream) -> u64 {
     s.device_ptr(stream).0
@@ -204,6 +216,18 @@ impl GpuParts {
             };
             Ok((w, b))
         };
+        let load = |name: &str| -> Result<CudaFunction> {
+            Ok(dev
+                .get_or_load_custom_func(name, MODULE, PTX)?
+                .into_cuda_function())
+        };
+        let products = |op: &str, kind: &str| -> Result<[CudaFunction; 3]> {
+            Ok([
+                load(&format!("{op}_{kind}_store"))?,
+                load(&format!("{op}_{kind}_gelu"))?,
+                load(&format!("{op}_{kind}_add"))?,
+            ])
+        };
         let mat = |l: &Linear| -> Result<Option<Mat>> {
             let Some((w, bias)) = l.gpu_weight() else {
                 return Ok(None);
@@ -222,7 +246,7 @@ impl GpuParts {
                     Some(Mat {
                         ptr: q.device_ptr()? as u64,
                         _keep: Box::new(q.clone()),
-                        kind,
+                        kernels: products("mmvq", kind)?,
                         row_bytes: (blocks * bytes) as u64,
                         rows,
                         units: blocks * units,
@@ -243,7 +267,7 @@ impl GpuParts {
                     Some(Mat {
                         ptr: address(t, &stream)?,
                         _keep: Box::new(t.clone()),
-                        kind,
+                        kernels: products("mmv", kind)?,
                         row_bytes: (cols * t.dtype().size_in_bytes()) as u64,
                         rows,
                         units: cols,
@@ -271,23 +295,15 @@ impl GpuParts {
         let Some(lm_head) = mat(&phi.lm_head)? else {
             return Ok(None);
         };
-        let mut funcs = std::collections::HashMap::new();
-        let products = ["q4k", "q5k", "q6k", "q80", "f16", "f32"]
-            .into_iter()
-            .flat_map(|t| {
-                let op = if matches!(t, "f16" | "f32") {
-                    "mmv"
-                } else {
-                    "mmvq"
-                };
-                ["store", "gelu", "add"]
-                    .into_iter()
-                    .map(move |m| format!("{op}_{t}_{m}"))
-            });
-        for name in KERNELS.into_iter().map(String::from).chain(products) {
-            let f = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
-            funcs.insert(name, f.into_cuda_function());
-        }
+        let kernels = Kernels {
+            ln_q8: load("ln_q8")?,
+            quant_q8: load("quant_q8")?,
+            rope_append: load("rope_append")?,
+            attn_part: load("attn_part")?,
+            attn_merge_q8: load("attn_merge_q8")?,
+            lora_down: load("lora_down")?,
+            lora_up: load("lora_up")?,
+        };
         let splits = cfg.max_position_embeddings.div_ceil(CHUNK);
         let q8 = |n: usize| -> Result<Q8> {
             Ok(Q8 {
@@ -318,7 +334,7 @@ impl GpuParts {
         let parts = Self {
             dev: dev.clone(),
             stream: stream.clone(),
-            funcs,
+            kernels,
             layers,
             final_norm: norm(&phi.final_norm)?,
             lm_head,
@@ -356,7 +372,7 @@ impl GpuParts {
     #[cfg(test)]
     fn graph_state(&self) -> (bool, usize, Option<String>) {
         (
-            self.graphs.load(std::sync::atomic::Ordering::Relaxed),
+            self.graphs(),
             self.captures.load(std::sync::atomic::Ordering::Relaxed),
             self.graph_error.lock().unwrap().clone(),
         )
@@ -367,11 +383,7 @@ impl GpuParts {
         self.layers.len()
     }
 
-    fn launch(&self, name: &str, cfg: LaunchConfig, args: &[Arg]) -> Result<()> {
-        let f = self
-            .funcs
-            .get(name)
-            .ok_or_else(|| Error::Invalid(format!("no kernel {name}")))?;
+    fn launch(&self, f: &CudaFunction, cfg: LaunchConfig, args: &[Arg]) -> Result<()> {
         let mut b = self.stream.launch_builder(f);
         for a in args {
             match a {
@@ -393,35 +405,31 @@ impl GpuParts {
         Arg::P(ptr(s, &self.stream))
     }
 
-    /// `out (=|+=) m · x (+ bias)`, per `mode` ("store", "gelu", "add"):
-    /// `x` quantized for a quantized weight, `xf` (f32) for a dense one.
-    fn mmvq(&self, m: &Mat, x: &Q8, xf: u64, mode: &str, out: u64) -> Result<()> {
+    /// `out (=|+=) m · x (+ bias)`, per `mode`: `x` quantized for a
+    /// quantized weight, `xf` (f32) for a dense one.
+    fn mmvq(&self, m: &Mat, x: &Q8, xf: u64, mode: Mode, out: u64) -> Result<()> {
         let bias = m.bias.as_ref().map_or(Arg::P(0), |b| self.p(b));
         let cfg = LaunchConfig {
             grid_dim: (m.rows.div_ceil(ROWS_PER_BLOCK) as u32, 1, 1),
             block_dim: (32 * ROWS_PER_BLOCK as u32, 1, 1),
             shared_mem_bytes: 0,
         };
-        let head = [
-            Arg::P(m.ptr),
-            Arg::U(m.row_bytes),
-            Arg::I(m.rows as i32),
-            Arg::I(m.units as i32),
-        ];
+        let f = &m.kernels[mode as usize];
+        let (w, rows, units) = (Arg::P(m.ptr), Arg::I(m.rows as i32), Arg::I(m.units as i32));
+        let row_bytes = Arg::U(m.row_bytes);
         if m.dense {
-            let name = format!("mmv_{}_{mode}", m.kind);
-            let args: Vec<Arg> = head
-                .into_iter()
-                .chain([Arg::P(xf), bias, Arg::P(out)])
-                .collect();
-            return self.launch(&name, cfg, &args);
+            return self.launch(
+                f,
+                cfg,
+                &[w, row_bytes, rows, units, Arg::P(xf), bias, Arg::P(out)],
+            );
         }
-        let name = format!("mmvq_{}_{mode}", m.kind);
-        let args: Vec<Arg> = head
-            .into_iter()
-            .chain([self.p(&x.q), self.p(&x.d), self.p(&x.s), bias, Arg::P(out)])
-            .collect();
-        self.launch(&name, cfg, &args)
+        let (q, d, sums) = (self.p(&x.q), self.p(&x.d), self.p(&x.s));
+        self.launch(
+            f,
+            cfg,
+            &[w, row_bytes, rows, units, q, d, sums, bias, Arg::P(out)],
+        )
     }
 
     /// Layer norm of `x` into `out`, and in f32 to `hf` unless it is 0.
@@ -434,7 +442,7 @@ impl GpuParts {
     ) -> Result<()> {
         let n = x.len();
         self.launch(
-            "ln_q8",
+            &self.kernels.ln_q8,
             one_block(1024),
             &[
                 self.p(x),
@@ -458,7 +466,7 @@ impl GpuParts {
         let (r, n) = a.dims2()?;
         let m = b.dim(0)?;
         self.launch(
-            "lora_down",
+            &self.kernels.lora_down,
             LaunchConfig {
                 grid_dim: (r.div_ceil(ROWS_PER_BLOCK) as u32, 1, 1),
                 block_dim: (32 * ROWS_PER_BLOCK as u32, 1, 1),
@@ -473,7 +481,7 @@ impl GpuParts {
             ],
         )?;
         self.launch(
-            "lora_up",
+            &self.kernels.lora_up,
             LaunchConfig {
                 grid_dim: (m.div_ceil(256) as u32, 1, 1),
                 block_dim: (256, 1, 1),
@@ -563,10 +571,7 @@ pub(crate) fn decode(
     let (heads, hd) = (cfg.num_attention_heads, cfg.head_dim());
     let pos = cache.len();
     let n = pos + 1;
-    let x = match &phi.embed {
-        Embedding::Dense(t) => t.get(id as usize)?.to_dtype(DType::F32)?.to_vec1()?,
-        Embedding::Quantized { .. } => phi.embed.rows(&[id])?,
-    };
+    let x = phi.embed.rows(&[id])?;
     // Every layer's cache buffers first, grown where needed: nothing
     // allocates between the launches (a graph capture could not hold it).
     let mut caches = Vec::with_capacity(g.layers.len());
@@ -588,7 +593,7 @@ pub(crate) fn decode(
     let mut logits = unsafe { g.dev.alloc::<f32>(vocab)? };
     let replayed = g.graphs.load(std::sync::atomic::Ordering::Relaxed)
         && adapter.is_none()
-        && match capture(phi, g, s) {
+        && match capture(phi, g, s, &caches) {
             Ok(()) => true,
             Err(e) => {
                 // The driver refused the capture (or could not instantiate
@@ -630,7 +635,7 @@ pub(crate) fn decode(
 /// Captures the step as a graph once: the kernels read the position and
 /// each layer's cache from `s.step` and `s.table`, written before every
 /// replay, so one graph serves every position and every cache.
-fn capture(phi: &Phi, g: &GpuParts, s: &mut Scratch) -> Result<()> {
+fn capture(phi: &Phi, g: &GpuParts, s: &mut Scratch, caches: &[CacheAt]) -> Result<()> {
     if s.graph.is_some() {
         return Ok(());
     }
@@ -644,7 +649,7 @@ fn capture(phi: &Phi, g: &GpuParts, s: &mut Scratch) -> Result<()> {
         .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
         .w()?;
     let mut capturing = Capturing(Some(&g.stream));
-    let recorded = record(phi, g, s, &[], at, None, out);
+    let recorded = record(phi, g, s, caches, at, None, out);
     let graph = capturing.end();
     recorded?;
     let graph =
@@ -744,23 +749,19 @@ fn record(
         } else {
             0
         };
-        // Graphs read the cache from the table (`caches` is then empty).
-        let CacheAt { k: kp, v: vp, cap } =
-            caches
-                .get(i)
-                .copied()
-                .unwrap_or(CacheAt { k: 0, v: 0, cap: 0 });
+        // (A graph reads the cache from the table instead.)
+        let CacheAt { k: kp, v: vp, cap } = caches[i];
         let lay = if table == 0 { 0 } else { table + 24 * i as u64 };
         g.layer_norm(&s.x, &l.norm, &s.h, hf)?;
         let qkv = ptr(&s.qkv, &g.stream);
-        g.mmvq(&l.qkv, &s.h, hf, "store", qkv)?;
+        g.mmvq(&l.qkv, &s.h, hf, Mode::Store, qkv)?;
         for t in [LoraTarget::Q, LoraTarget::K, LoraTarget::V] {
             if let Some(sl) = slot(t) {
                 g.lora(sl, hf, &s.t, qkv + 4 * sl.out_offset as u64)?;
             }
         }
         g.launch(
-            "rope_append",
+            &g.kernels.rope_append,
             LaunchConfig {
                 grid_dim: (heads as u32, 1, 1),
                 block_dim: (hd.next_multiple_of(32) as u32, 1, 1),
@@ -783,7 +784,7 @@ fn record(
             ],
         )?;
         g.launch(
-            "attn_part",
+            &g.kernels.attn_part,
             LaunchConfig {
                 grid_dim: (heads as u32, splits as u32, 1),
                 block_dim: (CHUNK as u32, 1, 1),
@@ -805,7 +806,7 @@ fn record(
             ],
         )?;
         g.launch(
-            "attn_merge_q8",
+            &g.kernels.attn_merge_q8,
             one_block(1024),
             &[
                 g.p(&s.pm),
@@ -822,7 +823,7 @@ fn record(
                 Arg::P(yf),
             ],
         )?;
-        g.mmvq(&l.dense, &s.y, yf, "add", xp)?;
+        g.mmvq(&l.dense, &s.y, yf, Mode::Add, xp)?;
         if let Some(sl) = slot(LoraTarget::Dense) {
             g.lora(sl, yf, &s.t, xp)?;
         }
@@ -830,14 +831,14 @@ fn record(
         // With an adapter on fc1 its delta goes in before GELU.
         let fc1 = slot(LoraTarget::Fc1);
         if let Some(sl) = fc1 {
-            g.mmvq(&l.fc1, &s.h, hf, "store", act)?;
+            g.mmvq(&l.fc1, &s.h, hf, Mode::Store, act)?;
             g.lora(sl, hf, &s.t, act)?;
         } else {
-            g.mmvq(&l.fc1, &s.h, hf, "gelu", act)?;
+            g.mmvq(&l.fc1, &s.h, hf, Mode::Gelu, act)?;
         }
         let inter = s.act.len();
         g.launch(
-            "quant_q8",
+            &g.kernels.quant_q8,
             LaunchConfig {
                 grid_dim: ((inter / 32).div_ceil(8) as u32, 1, 1),
                 block_dim: (256, 1, 1),
@@ -852,7 +853,7 @@ fn record(
                 g.p(&s.a.s),
             ],
         )?;
-        g.mmvq(&l.fc2, &s.a, act, "add", xp)?;
+        g.mmvq(&l.fc2, &s.a, act, Mode::Add, xp)?;
         if let Some(sl) = slot(LoraTarget::Fc2) {
             g.lora(sl, act, &s.t, xp)?;
         }
@@ -863,7 +864,7 @@ fn record(
         0
     };
     g.layer_norm(&s.x, &g.final_norm, &s.h, hf)?;
-    g.mmvq(&g.lm_head, &s.h, hf, "store", logits)
+    g.mmvq(&g.lm_head, &s.h, hf, Mode::Store, logits)
 }
 
 #[cfg(test)]
@@ -996,7 +997,7 @@ mod tests {
             eprintln!("model {r}");
             let phi = model(r, dir.path(), &dev);
             assert!(
-                phi.gpu_decode(),
+                phi.gpu.is_some(),
                 "model {r} does not run on the decode kernels"
             );
             let lora = [1, 3, 4].contains(&r).then(|| adapter(&phi, &dev, r == 3));

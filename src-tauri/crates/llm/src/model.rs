@@ -311,12 +311,6 @@ impl Phi {
         }
     }
 
-    /// Whether one-token steps run on the CUDA decode kernels.
-    #[cfg(all(feature = "cuda", test))]
-    pub(crate) fn gpu_decode(&self) -> bool {
-        self.gpu.is_some()
-    }
-
     /// [`Phi::forward`] through candle's tensor ops: every device, batches,
     /// with or without a cache; the reference the CPU pass and the CUDA
     /// decode step are tested against.
