@@ -425,28 +425,53 @@ fn q6k<const N: usize>(row: &[u8], acts: [&[Q8K]; N]) -> [f32; N] {
     acc.map(|v| hsum(v))
 }
 
+/// One Q8_0 block `b` (34 bytes) · `a`, added to `acc` (8 partial sums).
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn q8_0_block(b: &[u8], a: &Q8Block, acc: __m256) -> __m256 {
+    let w = load(&b[2..34]);
+    // maddubs wants its first operand unsigned: |w|, and x with w's sign.
+    let p = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(load_i8(&a.qs), w));
+    let s = _mm256_madd_epi16(p, _mm256_set1_epi16(1));
+    let scale = _mm256_set1_ps(f16c_at(b, 0) * a.d);
+    _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(s), acc)
+}
+
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 fn q8_0<const N: usize>(row: &[u8], acts: [&[Q8Block]; N]) -> [f32; N] {
-    let ones = _mm256_set1_epi16(1);
-    // Two accumulators per row, even and odd blocks: one chain of
-    // multiply-adds per row would wait on itself at every block.
-    let mut acc = [[_mm256_setzero_ps(); N]; 2];
-    for (k, b) in row.chunks_exact(34).enumerate() {
-        let w = load(&b[2..34]);
-        // maddubs wants its first operand unsigned: |w|, and x with w's sign.
-        let aw = _mm256_sign_epi8(w, w);
-        let dw = _mm256_set1_ps(f16c_at(b, 0));
-        let acc = &mut acc[k & 1];
+    // Four chains of multiply-adds per activation row, blocks k, k+1, k+2,
+    // k+3, in locals the compiler keeps in registers. One chain waits on the
+    // multiply-add's latency at every block (~4 cycles for ~3 cycles of
+    // work); chains in an array indexed by the block's parity were kept on
+    // the stack, and the store and reload lengthened each chain further
+    // (5.9 cycles a block on one core, BENCHMARKS.md).
+    let mut acc = [[_mm256_setzero_ps(); N]; 4];
+    let quads = row.chunks_exact(4 * 34);
+    let rest = quads.remainder();
+    let mut k = 0;
+    for q in quads {
         for t in 0..N {
-            let a = &acts[t][k];
-            let p = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(load_i8(&a.qs), w));
-            let s = _mm256_madd_epi16(p, ones);
-            let scale = _mm256_mul_ps(dw, _mm256_set1_ps(a.d));
-            acc[t] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(s), acc[t]);
+            let a = &acts[t][k..k + 4];
+            acc[0][t] = q8_0_block(&q[..34], &a[0], acc[0][t]);
+            acc[1][t] = q8_0_block(&q[34..68], &a[1], acc[1][t]);
+            acc[2][t] = q8_0_block(&q[68..102], &a[2], acc[2][t]);
+            acc[3][t] = q8_0_block(&q[102..], &a[3], acc[3][t]);
+        }
+        k += 4;
+    }
+    for (j, b) in rest.chunks_exact(34).enumerate() {
+        for t in 0..N {
+            acc[j][t] = q8_0_block(b, &acts[t][k + j], acc[j][t]);
         }
     }
-    std::array::from_fn(|t| hsum(_mm256_add_ps(acc[0][t], acc[1][t])))
+    std::array::from_fn(|t| {
+        hsum(_mm256_add_ps(
+            _mm256_add_ps(acc[0][t], acc[1][t]),
+            _mm256_add_ps(acc[2][t], acc[3][t]),
+        ))
+    })
 }
 
 #[cfg(target_arch = "x86_64")]

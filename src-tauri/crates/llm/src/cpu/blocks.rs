@@ -101,6 +101,17 @@ fn scale_of(x: &[f32]) -> (f32, f32) {
     }
 }
 
+/// `x` (|x| ≤ 127, or NaN) rounded to the nearest integer, ties to even:
+/// adding and taking away 1.5 · 2²³ leaves no bits below the units, and the
+/// float addition rounds to nearest even. Two additions that vectorize,
+/// where `round_ties_even` is a call into the C library on x86-64 (SSE4.1's
+/// `roundps` is not in its baseline): 2% of a decode step.
+#[inline]
+fn round_small(x: f32) -> f32 {
+    const M: f32 = 12_582_912.0;
+    (x + M) - M
+}
+
 /// Quantizes `x` (a multiple of 256 long) into super-blocks.
 pub(crate) fn quantize_q8k(x: &[f32], out: &mut Vec<Q8K>) {
     for chunk in x.chunks_exact(QK_K) {
@@ -112,7 +123,7 @@ pub(crate) fn quantize_q8k(x: &[f32], out: &mut Vec<Q8K>) {
             sums32: [0; QK_K / 32],
         };
         for (q, v) in b.qs.iter_mut().zip(chunk) {
-            *q = (v * id).clamp(-127.0, 127.0).round_ties_even() as i8;
+            *q = round_small((v * id).clamp(-127.0, 127.0)) as i8;
         }
         for (s, g) in b.bsums.iter_mut().zip(b.qs.chunks_exact(16)) {
             *s = g.iter().map(|&q| q as i16).sum();
@@ -130,7 +141,7 @@ pub(crate) fn quantize_q8(x: &[f32], out: &mut Vec<Q8Block>) {
         let (d, id) = scale_of(chunk);
         let mut b = Q8Block { qs: [0; QK8_0], d };
         for (q, v) in b.qs.iter_mut().zip(chunk) {
-            *q = (v * id).clamp(-127.0, 127.0).round_ties_even() as i8;
+            *q = round_small((v * id).clamp(-127.0, 127.0)) as i8;
         }
         out.push(b);
     }
