@@ -1,11 +1,12 @@
 //! With the `cuda` feature, compiles this crate's kernels (kernels/train.cu
-//! for training, kernels/infer.cu for decoding) to PTX with nvcc, as
+//! and kernels/flash.cu for training, kernels/infer.cu for decoding) to PTX with nvcc, as
 //! candle's own kernels are; without it, nothing.
 
 fn main() {
     println!("cargo::rerun-if-changed=build.rs");
     println!("cargo::rerun-if-changed=kernels/train.cu");
     println!("cargo::rerun-if-changed=kernels/infer.cu");
+    println!("cargo::rerun-if-changed=kernels/flash.cu");
     println!("cargo::rerun-if-env-changed=CUDA_COMPUTE_CAP");
     if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
         return;
@@ -20,7 +21,7 @@ fn main() {
         .map(|r| std::path::PathBuf::from(r).join("bin").join("nvcc"))
         .filter(|p| p.exists())
         .unwrap_or_else(|| "nvcc".into());
-    for name in ["train", "infer"] {
+    for name in ["train", "infer", "flash"] {
         let status = std::process::Command::new(&nvcc)
             .args(["--ptx", "-O3", "-std=c++17"])
             .arg(format!("-arch=compute_{cap}"))

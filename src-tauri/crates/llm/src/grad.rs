@@ -76,13 +76,24 @@ pub struct BlockActivations {
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    /// Attention probabilities, `[b, heads, seq, seq]`.
-    p: Tensor,
+    /// What attention keeps for its backward pass.
+    attn: Attn,
     /// Attention output before the dense projection, `[n, hidden]`.
     o: Tensor,
     /// fc1's output before and after the activation, `[n, intermediate]`.
     u: Tensor,
     a: Tensor,
+}
+
+/// What the attention forward pass keeps for the backward pass.
+#[derive(Debug)]
+enum Attn {
+    /// The probabilities, `[b, heads, seq, seq]`.
+    Probs(Tensor),
+    /// Each query's log-sum-exp, `[b, heads, seq]` (the flash kernels
+    /// recompute the probabilities from it).
+    #[cfg(feature = "cuda")]
+    Lse(Tensor),
 }
 
 /// The gradients of one LoRA slot (f32, shaped like the slot's A and B).
@@ -364,14 +375,19 @@ impl Phi {
             )
         })?;
         let (q, k, v) = phase(dev, "fwd rope", || self.split_rotate(&qkv, b, seq))?;
-        let (p, o) = phase(dev, "fwd attention", || {
+        let (attn_kept, o) = phase(dev, "fwd attention", || {
+            #[cfg(feature = "cuda")]
+            if crate::flash::takes(&q) {
+                let (o, lse) = crate::flash::forward(&q, &k, &v)?;
+                return Ok((Attn::Lse(lse), o));
+            }
             let scores = phase(dev, "  fwd q·k", || Ok(q.matmul(&k.t()?)?))?;
             let p = phase(dev, "  fwd softmax", || kernels::causal_softmax(&scores))?;
             drop(scores);
             let o = phase(dev, "  fwd p·v", || {
                 Ok(p.matmul(&v)?.transpose(1, 2)?.reshape((n, hidden))?)
             })?;
-            Ok((p, o))
+            Ok((Attn::Probs(p), o))
         })?;
         let attn = phase(dev, "fwd dense", || {
             adapted(&block.dense, &o, &targets(lora, &[LoraTarget::Dense]))
@@ -388,7 +404,7 @@ impl Phi {
             q,
             k,
             v,
-            p,
+            attn: attn_kept,
             o,
             u,
             a,
@@ -429,7 +445,7 @@ impl Phi {
             q,
             k,
             v,
-            p,
+            attn,
             o,
             u,
             a,
@@ -449,21 +465,26 @@ impl Phi {
         // Attention: dense(softmax(q kᵀ + mask) v).
         let g_o = phase(dev, "bwd dense", || {
             let dense = targets(lora, &[LoraTarget::Dense]);
-            Ok(adapted_backward(&block.dense, &o, &gy, &dense, &mut grads)?
-                .reshape((b, seq, heads, hd))?
-                .transpose(1, 2)?
-                .contiguous()?)
+            adapted_backward(&block.dense, &o, &gy, &dense, &mut grads)
         })?;
-        let (g_q, g_k, g_v) = phase(dev, "bwd attention", || {
-            let g_v = phase(dev, "  bwd pᵀ·g", || Ok(p.t()?.matmul(&g_o)?))?;
-            let g_p = phase(dev, "  bwd g·vᵀ", || Ok(g_o.matmul(&v.t()?)?))?;
-            let g_s = phase(dev, "  bwd softmax", || kernels::softmax_backward(&p, &g_p))?;
-            drop(g_p);
-            let g_q = phase(dev, "  bwd g·k", || Ok(g_s.matmul(&k)?))?;
-            let g_k = phase(dev, "  bwd gᵀ·q", || Ok(g_s.t()?.matmul(&q)?))?;
-            Ok((g_q, g_k, g_v))
+        let (g_q, g_k, g_v) = phase(dev, "bwd attention", || match attn {
+            #[cfg(feature = "cuda")]
+            Attn::Lse(lse) => Ok(crate::flash::backward(&q, &k, &v, &o, &lse, &g_o)?),
+            Attn::Probs(p) => {
+                let g_o = g_o
+                    .reshape((b, seq, heads, hd))?
+                    .transpose(1, 2)?
+                    .contiguous()?;
+                let g_v = phase(dev, "  bwd pᵀ·g", || Ok(p.t()?.matmul(&g_o)?))?;
+                let g_p = phase(dev, "  bwd g·vᵀ", || Ok(g_o.matmul(&v.t()?)?))?;
+                let g_s = phase(dev, "  bwd softmax", || kernels::softmax_backward(&p, &g_p))?;
+                drop(g_p);
+                let g_q = phase(dev, "  bwd g·k", || Ok(g_s.matmul(&k)?))?;
+                let g_k = phase(dev, "  bwd gᵀ·q", || Ok(g_s.t()?.matmul(&q)?))?;
+                Ok((g_q, g_k, g_v))
+            }
         })?;
-        drop((p, g_o));
+        drop((g_o, o));
         let g_qkv = phase(dev, "bwd rope", || {
             self.rotate_back(&g_q, &g_k, &g_v, b, seq)
         })?;

@@ -20,6 +20,8 @@ mod device;
 mod error;
 mod export;
 #[cfg(feature = "cuda")]
+mod flash;
+#[cfg(feature = "cuda")]
 #[allow(unsafe_code)]
 mod gpu;
 mod grad;

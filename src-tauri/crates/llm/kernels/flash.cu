@@ -1,0 +1,464 @@
+// Causal attention for training without the score matrix: a forward pass
+// that keeps each query's log-sum-exp, and a backward pass that recomputes
+// the probabilities tile by tile from it (the flash-attention scheme). bf16
+// operands on the tensor cores (mma.sync m16n8k16, f32 accumulators), the
+// softmax in f32 in registers.
+//
+// Layouts (all contiguous):
+//   q, k, v          [batch, heads, seq, HD]   q already scaled by 1/sqrt(HD)
+//   o, dO            [batch, seq, heads, HD]   (the dense projection's [n, hidden])
+//   lse, delta       [batch, heads, seq] f32   lse in log2 units: log2 sum_j 2^(s_ij log2 e)
+//   dq, dk, dv       [batch, heads, seq, HD]
+//
+// Fragment layouts of mma.m16n8k16 (row.col), lane = 4·g + t:
+//   A (16×16): a0 = (g, 2t..2t+1), a1 = (g+8, 2t..), a2 = (g, 2t+8..), a3 = (g+8, 2t+8..)
+//   B (16×8, element (k, n)): b0 = (k 2t..2t+1, n g), b1 = (k 2t+8..2t+9, n g)
+//   C (16×8): c0,c1 = (g, 2t..2t+1), c2,c3 = (g+8, 2t..2t+1)
+// The C fragments of two adjacent 8-column tiles are, as bf16 pairs, exactly
+// the A fragment of the 16-wide k-step they cover; the passes use this to
+// feed probabilities from one product into the next without shared memory.
+
+#include <cuda_bf16.h>
+#include <stdint.h>
+
+#define LOG2E 1.4426950408889634f
+#define NEG_INF __int_as_float(0xff800000)
+
+typedef __nv_bfloat16 bf16;
+
+__device__ __forceinline__ void mma(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+}
+
+// Two consecutive bf16 at p (4-byte aligned: even element offsets, even row strides).
+__device__ __forceinline__ uint32_t pair(const bf16* p) {
+    return *reinterpret_cast<const uint32_t*>(p);
+}
+
+// The max (or sum) of the four lanes 4g..4g+3 that hold one row.
+__device__ __forceinline__ float quad_max(float v) {
+    v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, 1));
+    return fmaxf(v, __shfl_xor_sync(0xffffffff, v, 2));
+}
+__device__ __forceinline__ float quad_sum(float v) {
+    v += __shfl_xor_sync(0xffffffff, v, 1);
+    return v + __shfl_xor_sync(0xffffffff, v, 2);
+}
+
+// rows × HD of a [seq, HD] matrix from row r0 into shared rows of `stride`
+// (rows past seq as zeros), by all threads of the block.
+template <int HD>
+__device__ __forceinline__ void load_rows(bf16* dst, int stride, const bf16* src, int r0,
+                                          int rows, int seq) {
+    const int pairs = rows * HD / 2;
+    for (int i = threadIdx.x; i < pairs; i += blockDim.x) {
+        const int r = i / (HD / 2), c = 2 * (i % (HD / 2));
+        uint32_t v = 0;
+        if (r0 + r < seq) v = pair(src + (size_t)(r0 + r) * HD + c);
+        *reinterpret_cast<uint32_t*>(dst + r * stride + c) = v;
+    }
+}
+
+// The same rows transposed: dst[c][r] (stride per column).
+template <int HD>
+__device__ __forceinline__ void load_cols(bf16* dst, int stride, const bf16* src, int r0,
+                                          int rows, int seq, size_t row_stride) {
+    const int pairs = rows * HD / 2;
+    for (int i = threadIdx.x; i < pairs; i += blockDim.x) {
+        const int r = i / (HD / 2), c = 2 * (i % (HD / 2));
+        __nv_bfloat162 v = __floats2bfloat162_rn(0.f, 0.f);
+        if (r0 + r < seq) v = *reinterpret_cast<const __nv_bfloat162*>(src + (size_t)(r0 + r) * row_stride + c);
+        dst[c * stride + r] = v.x;
+        dst[(c + 1) * stride + r] = v.y;
+    }
+}
+
+// As load_rows for a [seq, row_stride] matrix (o and dO: a head's rows are
+// heads·HD apart).
+template <int HD>
+__device__ __forceinline__ void load_rows_strided(bf16* dst, int stride, const bf16* src, int r0,
+                                                  int rows, int seq, size_t row_stride) {
+    const int pairs = rows * HD / 2;
+    for (int i = threadIdx.x; i < pairs; i += blockDim.x) {
+        const int r = i / (HD / 2), c = 2 * (i % (HD / 2));
+        uint32_t v = 0;
+        if (r0 + r < seq) v = pair(src + (size_t)(r0 + r) * row_stride + c);
+        *reinterpret_cast<uint32_t*>(dst + r * stride + c) = v;
+    }
+}
+
+// ---------------------------------------------------------------- forward
+// Grid (ceil(seq/64), batch·heads), 128 threads: each warp 16 queries, keys
+// 64 at a time up to the diagonal.
+template <int HD>
+__device__ void flash_fwd(const bf16* q, const bf16* k, const bf16* v, bf16* o, float* lse,
+                          int heads, int seq) {
+    constexpr int BM = 64, BN = 64, KS = HD / 16, DT = HD / 8;
+    constexpr int KST = HD + 8, VST = BN + 8;
+    __shared__ __align__(16) bf16 ks[BN * KST];
+    __shared__ __align__(16) bf16 vt[HD * VST];
+
+    const int bh = blockIdx.y, b = bh / heads, h = bh % heads;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    const int q0 = blockIdx.x * BM, row0 = q0 + warp * 16 + g, row1 = row0 + 8;
+    const size_t head = (size_t)bh * seq * HD;
+
+    uint32_t qf[KS][4];
+#pragma unroll
+    for (int kk = 0; kk < KS; kk++) {
+        const int c = kk * 16 + 2 * t;
+        qf[kk][0] = row0 < seq ? pair(q + head + (size_t)row0 * HD + c) : 0;
+        qf[kk][1] = row1 < seq ? pair(q + head + (size_t)row1 * HD + c) : 0;
+        qf[kk][2] = row0 < seq ? pair(q + head + (size_t)row0 * HD + c + 8) : 0;
+        qf[kk][3] = row1 < seq ? pair(q + head + (size_t)row1 * HD + c + 8) : 0;
+    }
+    float acc[DT][4];
+#pragma unroll
+    for (int d = 0; d < DT; d++) acc[d][0] = acc[d][1] = acc[d][2] = acc[d][3] = 0.f;
+    float m0 = NEG_INF, m1 = NEG_INF, l0 = 0.f, l1 = 0.f;
+
+    const int tiles = min((seq + BN - 1) / BN, (q0 + BM - 1) / BN + 1);
+    for (int tile = 0; tile < tiles; tile++) {
+        const int kv0 = tile * BN;
+        __syncthreads();
+        load_rows<HD>(ks, KST, k + head, kv0, BN, seq);
+        load_cols<HD>(vt, VST, v + head, kv0, BN, seq, HD);
+        __syncthreads();
+
+        float s[BN / 8][4];
+#pragma unroll
+        for (int n = 0; n < BN / 8; n++) {
+            s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+#pragma unroll
+            for (int kk = 0; kk < KS; kk++) {
+                const bf16* kr = ks + (n * 8 + g) * KST + kk * 16 + 2 * t;
+                mma(s[n], qf[kk], pair(kr), pair(kr + 8));
+            }
+        }
+        // Scores in log2 units, the future (and keys past seq) masked.
+        float mx0 = NEG_INF, mx1 = NEG_INF;
+#pragma unroll
+        for (int n = 0; n < BN / 8; n++) {
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+                const int key = kv0 + n * 8 + 2 * t + e;
+                s[n][e] = (key <= row0 && key < seq) ? s[n][e] * LOG2E : NEG_INF;
+                s[n][2 + e] = (key <= row1 && key < seq) ? s[n][2 + e] * LOG2E : NEG_INF;
+                mx0 = fmaxf(mx0, s[n][e]);
+                mx1 = fmaxf(mx1, s[n][2 + e]);
+            }
+        }
+        const float n0 = fmaxf(m0, quad_max(mx0)), n1 = fmaxf(m1, quad_max(mx1));
+        // A row that has seen only masked keys keeps max −∞: exp2 of −∞ − 0 is 0.
+        const float b0 = n0 == NEG_INF ? 0.f : n0, b1 = n1 == NEG_INF ? 0.f : n1;
+        const float a0 = exp2f(m0 - b0), a1 = exp2f(m1 - b1);
+        m0 = n0;
+        m1 = n1;
+        float r0 = 0.f, r1 = 0.f;
+#pragma unroll
+        for (int n = 0; n < BN / 8; n++) {
+            s[n][0] = exp2f(s[n][0] - b0);
+            s[n][1] = exp2f(s[n][1] - b0);
+            s[n][2] = exp2f(s[n][2] - b1);
+            s[n][3] = exp2f(s[n][3] - b1);
+            r0 += s[n][0] + s[n][1];
+            r1 += s[n][2] + s[n][3];
+        }
+        l0 = l0 * a0 + r0;
+        l1 = l1 * a1 + r1;
+#pragma unroll
+        for (int d = 0; d < DT; d++) {
+            acc[d][0] *= a0;
+            acc[d][1] *= a0;
+            acc[d][2] *= a1;
+            acc[d][3] *= a1;
+        }
+#pragma unroll
+        for (int j = 0; j < BN / 16; j++) {
+            const uint32_t pa[4] = {pack(s[2 * j][0], s[2 * j][1]), pack(s[2 * j][2], s[2 * j][3]),
+                                    pack(s[2 * j + 1][0], s[2 * j + 1][1]),
+                                    pack(s[2 * j + 1][2], s[2 * j + 1][3])};
+#pragma unroll
+            for (int d = 0; d < DT; d++) {
+                const bf16* vr = vt + (d * 8 + g) * VST + j * 16 + 2 * t;
+                mma(acc[d], pa, pair(vr), pair(vr + 8));
+            }
+        }
+    }
+    l0 = quad_sum(l0);
+    l1 = quad_sum(l1);
+    const float i0 = l0 > 0.f ? 1.f / l0 : 0.f, i1 = l1 > 0.f ? 1.f / l1 : 0.f;
+    const size_t ost = (size_t)heads * HD;
+    bf16* ob = o + ((size_t)b * seq) * ost + (size_t)h * HD;
+#pragma unroll
+    for (int d = 0; d < DT; d++) {
+        const int c = d * 8 + 2 * t;
+        if (row0 < seq)
+            *reinterpret_cast<uint32_t*>(ob + (size_t)row0 * ost + c) = pack(acc[d][0] * i0, acc[d][1] * i0);
+        if (row1 < seq)
+            *reinterpret_cast<uint32_t*>(ob + (size_t)row1 * ost + c) = pack(acc[d][2] * i1, acc[d][3] * i1);
+    }
+    if (t == 0) {
+        float* lb = lse + (size_t)bh * seq;
+        if (row0 < seq) lb[row0] = m0 + log2f(l0);
+        if (row1 < seq) lb[row1] = m1 + log2f(l1);
+    }
+}
+
+// ---------------------------------------------------------------- backward
+// delta[b, h, i] = Σ_d dO[b, i, h, d] · O[b, i, h, d]: one warp per (h, i),
+// grid (ceil(heads·seq / warps a block), batch).
+extern "C" __global__ void flash_delta_bf16(const bf16* o, const bf16* go, float* delta,
+                                            int heads, int seq, int hd) {
+    const int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    const int lane = threadIdx.x % 32, b = blockIdx.y;
+    if (row >= heads * seq) return;
+    const int h = row / seq, i = row % seq;
+    const size_t at = (((size_t)b * seq + i) * heads + h) * hd;
+    float s = 0.f;
+    for (int d = lane; d < hd; d += 32) s += __bfloat162float(o[at + d]) * __bfloat162float(go[at + d]);
+#pragma unroll
+    for (int w = 16; w > 0; w /= 2) s += __shfl_xor_sync(0xffffffff, s, w);
+    if (lane == 0) delta[((size_t)b * heads + h) * seq + i] = s;
+}
+
+// dK and dV: grid (ceil(seq/64), batch·heads), 128 threads; each warp owns
+// 16 keys and walks the queries at or after them, 32 at a time.
+template <int HD>
+__device__ void flash_bwd_dkdv(const bf16* q, const bf16* k, const bf16* v, const bf16* go,
+                               const float* lse, const float* delta, bf16* dk, bf16* dv,
+                               int heads, int seq) {
+    constexpr int BN = 64, BM = 32, KS = HD / 16, DT = HD / 8;
+    constexpr int ST = HD + 8, TT = BM + 8;
+    __shared__ __align__(16) bf16 ks[BN * ST];
+    __shared__ __align__(16) bf16 vs[BN * ST];
+    __shared__ __align__(16) bf16 qs[BM * ST];
+    __shared__ __align__(16) bf16 gs[BM * ST];
+    __shared__ __align__(16) bf16 qt[HD * TT];
+    __shared__ __align__(16) bf16 gt[HD * TT];
+    __shared__ float ls[BM], dl[BM];
+
+    const int bh = blockIdx.y, b = bh / heads, h = bh % heads;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    const int kv0 = blockIdx.x * BN, key0 = kv0 + warp * 16 + g, key1 = key0 + 8;
+    const size_t head = (size_t)bh * seq * HD, ost = (size_t)heads * HD;
+    const bf16* gob = go + (size_t)b * seq * ost + (size_t)h * HD;
+
+    load_rows<HD>(ks, ST, k + head, kv0, BN, seq);
+    load_rows<HD>(vs, ST, v + head, kv0, BN, seq);
+
+    float gk[DT][4], gv[DT][4];
+#pragma unroll
+    for (int d = 0; d < DT; d++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) gk[d][e] = gv[d][e] = 0.f;
+
+    const int first = kv0 / BM;  // the first query tile that sees a key here
+    const int last = (seq + BM - 1) / BM;
+    for (int tile = first; tile < last; tile++) {
+        const int i0 = tile * BM;
+        __syncthreads();
+        load_rows<HD>(qs, ST, q + head, i0, BM, seq);
+        load_cols<HD>(qt, TT, q + head, i0, BM, seq, HD);
+        load_rows_strided<HD>(gs, ST, gob, i0, BM, seq, ost);
+        load_cols<HD>(gt, TT, gob, i0, BM, seq, ost);
+        for (int i = threadIdx.x; i < BM; i += blockDim.x) {
+            const bool in = i0 + i < seq;
+            ls[i] = in ? lse[(size_t)bh * seq + i0 + i] : 0.f;
+            dl[i] = in ? delta[(size_t)bh * seq + i0 + i] : 0.f;
+        }
+        __syncthreads();
+
+        // Sᵀ = K Qᵀ and dPᵀ = V dOᵀ for this warp's 16 keys × 32 queries.
+        float s[BM / 8][4], dp[BM / 8][4];
+#pragma unroll
+        for (int n = 0; n < BM / 8; n++) {
+#pragma unroll
+            for (int e = 0; e < 4; e++) s[n][e] = dp[n][e] = 0.f;
+#pragma unroll
+            for (int kk = 0; kk < KS; kk++) {
+                const int c = kk * 16 + 2 * t;
+                const uint32_t ka[4] = {pair(ks + (warp * 16 + g) * ST + c),
+                                        pair(ks + (warp * 16 + g + 8) * ST + c),
+                                        pair(ks + (warp * 16 + g) * ST + c + 8),
+                                        pair(ks + (warp * 16 + g + 8) * ST + c + 8)};
+                const uint32_t va[4] = {pair(vs + (warp * 16 + g) * ST + c),
+                                        pair(vs + (warp * 16 + g + 8) * ST + c),
+                                        pair(vs + (warp * 16 + g) * ST + c + 8),
+                                        pair(vs + (warp * 16 + g + 8) * ST + c + 8)};
+                const bf16* qr = qs + (n * 8 + g) * ST + c;
+                const bf16* gr = gs + (n * 8 + g) * ST + c;
+                mma(s[n], ka, pair(qr), pair(qr + 8));
+                mma(dp[n], va, pair(gr), pair(gr + 8));
+            }
+        }
+        // Pᵀ from the saved log-sum-exp; dSᵀ = Pᵀ (dPᵀ − delta).
+#pragma unroll
+        for (int n = 0; n < BM / 8; n++) {
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int qi = n * 8 + 2 * t + (e & 1);
+                const int key = e < 2 ? key0 : key1;
+                const int query = i0 + qi;
+                const bool seen = query >= key && query < seq && key < seq;
+                const float p = seen ? exp2f(s[n][e] * LOG2E - ls[qi]) : 0.f;
+                s[n][e] = p;
+                dp[n][e] = p * (dp[n][e] - dl[qi]);
+            }
+        }
+        // dV += Pᵀ dO, dK += dSᵀ Q.
+#pragma unroll
+        for (int j = 0; j < BM / 16; j++) {
+            const uint32_t pa[4] = {pack(s[2 * j][0], s[2 * j][1]), pack(s[2 * j][2], s[2 * j][3]),
+                                    pack(s[2 * j + 1][0], s[2 * j + 1][1]),
+                                    pack(s[2 * j + 1][2], s[2 * j + 1][3])};
+            const uint32_t da[4] = {pack(dp[2 * j][0], dp[2 * j][1]), pack(dp[2 * j][2], dp[2 * j][3]),
+                                    pack(dp[2 * j + 1][0], dp[2 * j + 1][1]),
+                                    pack(dp[2 * j + 1][2], dp[2 * j + 1][3])};
+#pragma unroll
+            for (int d = 0; d < DT; d++) {
+                const bf16* gr = gt + (d * 8 + g) * TT + j * 16 + 2 * t;
+                const bf16* qr = qt + (d * 8 + g) * TT + j * 16 + 2 * t;
+                mma(gv[d], pa, pair(gr), pair(gr + 8));
+                mma(gk[d], da, pair(qr), pair(qr + 8));
+            }
+        }
+    }
+#pragma unroll
+    for (int d = 0; d < DT; d++) {
+        const int c = d * 8 + 2 * t;
+        if (key0 < seq) {
+            *reinterpret_cast<uint32_t*>(dk + head + (size_t)key0 * HD + c) = pack(gk[d][0], gk[d][1]);
+            *reinterpret_cast<uint32_t*>(dv + head + (size_t)key0 * HD + c) = pack(gv[d][0], gv[d][1]);
+        }
+        if (key1 < seq) {
+            *reinterpret_cast<uint32_t*>(dk + head + (size_t)key1 * HD + c) = pack(gk[d][2], gk[d][3]);
+            *reinterpret_cast<uint32_t*>(dv + head + (size_t)key1 * HD + c) = pack(gv[d][2], gv[d][3]);
+        }
+    }
+}
+
+// dQ: grid (ceil(seq/64), batch·heads), 128 threads; each warp owns 16
+// queries and walks the keys up to them, 32 at a time.
+template <int HD>
+__device__ void flash_bwd_dq(const bf16* q, const bf16* k, const bf16* v, const bf16* go,
+                             const float* lse, const float* delta, bf16* dq, int heads, int seq) {
+    constexpr int BM = 64, BN = 32, KS = HD / 16, DT = HD / 8;
+    constexpr int ST = HD + 8, TT = BN + 8;
+    __shared__ __align__(16) bf16 ks[BN * ST];
+    __shared__ __align__(16) bf16 vs[BN * ST];
+    __shared__ __align__(16) bf16 kt[HD * TT];
+
+    const int bh = blockIdx.y, b = bh / heads, h = bh % heads;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    const int q0 = blockIdx.x * BM, row0 = q0 + warp * 16 + g, row1 = row0 + 8;
+    const size_t head = (size_t)bh * seq * HD, ost = (size_t)heads * HD;
+    const bf16* gob = go + (size_t)b * seq * ost + (size_t)h * HD;
+
+    uint32_t qf[KS][4], gf[KS][4];
+#pragma unroll
+    for (int kk = 0; kk < KS; kk++) {
+        const int c = kk * 16 + 2 * t;
+        qf[kk][0] = row0 < seq ? pair(q + head + (size_t)row0 * HD + c) : 0;
+        qf[kk][1] = row1 < seq ? pair(q + head + (size_t)row1 * HD + c) : 0;
+        qf[kk][2] = row0 < seq ? pair(q + head + (size_t)row0 * HD + c + 8) : 0;
+        qf[kk][3] = row1 < seq ? pair(q + head + (size_t)row1 * HD + c + 8) : 0;
+        gf[kk][0] = row0 < seq ? pair(gob + (size_t)row0 * ost + c) : 0;
+        gf[kk][1] = row1 < seq ? pair(gob + (size_t)row1 * ost + c) : 0;
+        gf[kk][2] = row0 < seq ? pair(gob + (size_t)row0 * ost + c + 8) : 0;
+        gf[kk][3] = row1 < seq ? pair(gob + (size_t)row1 * ost + c + 8) : 0;
+    }
+    const float ls0 = row0 < seq ? lse[(size_t)bh * seq + row0] : 0.f;
+    const float ls1 = row1 < seq ? lse[(size_t)bh * seq + row1] : 0.f;
+    const float dl0 = row0 < seq ? delta[(size_t)bh * seq + row0] : 0.f;
+    const float dl1 = row1 < seq ? delta[(size_t)bh * seq + row1] : 0.f;
+
+    float acc[DT][4];
+#pragma unroll
+    for (int d = 0; d < DT; d++) acc[d][0] = acc[d][1] = acc[d][2] = acc[d][3] = 0.f;
+
+    const int tiles = min((seq + BN - 1) / BN, (q0 + BM - 1) / BN + 1);
+    for (int tile = 0; tile < tiles; tile++) {
+        const int kv0 = tile * BN;
+        __syncthreads();
+        load_rows<HD>(ks, ST, k + head, kv0, BN, seq);
+        load_rows<HD>(vs, ST, v + head, kv0, BN, seq);
+        load_cols<HD>(kt, TT, k + head, kv0, BN, seq, HD);
+        __syncthreads();
+
+        float s[BN / 8][4], dp[BN / 8][4];
+#pragma unroll
+        for (int n = 0; n < BN / 8; n++) {
+#pragma unroll
+            for (int e = 0; e < 4; e++) s[n][e] = dp[n][e] = 0.f;
+#pragma unroll
+            for (int kk = 0; kk < KS; kk++) {
+                const bf16* kr = ks + (n * 8 + g) * ST + kk * 16 + 2 * t;
+                const bf16* vr = vs + (n * 8 + g) * ST + kk * 16 + 2 * t;
+                mma(s[n], qf[kk], pair(kr), pair(kr + 8));
+                mma(dp[n], gf[kk], pair(vr), pair(vr + 8));
+            }
+        }
+#pragma unroll
+        for (int n = 0; n < BN / 8; n++) {
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int key = kv0 + n * 8 + 2 * t + (e & 1);
+                const int row = e < 2 ? row0 : row1;
+                const bool seen = key <= row && key < seq && row < seq;
+                const float p = seen ? exp2f(s[n][e] * LOG2E - (e < 2 ? ls0 : ls1)) : 0.f;
+                s[n][e] = p * (dp[n][e] - (e < 2 ? dl0 : dl1));
+            }
+        }
+#pragma unroll
+        for (int j = 0; j < BN / 16; j++) {
+            const uint32_t da[4] = {pack(s[2 * j][0], s[2 * j][1]), pack(s[2 * j][2], s[2 * j][3]),
+                                    pack(s[2 * j + 1][0], s[2 * j + 1][1]),
+                                    pack(s[2 * j + 1][2], s[2 * j + 1][3])};
+#pragma unroll
+            for (int d = 0; d < DT; d++) {
+                const bf16* kr = kt + (d * 8 + g) * TT + j * 16 + 2 * t;
+                mma(acc[d], da, pair(kr), pair(kr + 8));
+            }
+        }
+    }
+#pragma unroll
+    for (int d = 0; d < DT; d++) {
+        const int c = d * 8 + 2 * t;
+        if (row0 < seq)
+            *reinterpret_cast<uint32_t*>(dq + head + (size_t)row0 * HD + c) = pack(acc[d][0], acc[d][1]);
+        if (row1 < seq)
+            *reinterpret_cast<uint32_t*>(dq + head + (size_t)row1 * HD + c) = pack(acc[d][2], acc[d][3]);
+    }
+}
+
+#define FLASH(HD)                                                                                  \
+    extern "C" __global__ void __launch_bounds__(128)                                              \
+        flash_fwd_bf16_hd##HD(const bf16* q, const bf16* k, const bf16* v, bf16* o, float* lse,     \
+                              int heads, int seq) {                                                \
+        flash_fwd<HD>(q, k, v, o, lse, heads, seq);                                                \
+    }                                                                                              \
+    extern "C" __global__ void __launch_bounds__(128) flash_dkdv_bf16_hd##HD(                     \
+        const bf16* q, const bf16* k, const bf16* v, const bf16* go, const float* lse,              \
+        const float* delta, bf16* dk, bf16* dv, int heads, int seq) {                              \
+        flash_bwd_dkdv<HD>(q, k, v, go, lse, delta, dk, dv, heads, seq);                           \
+    }                                                                                              \
+    extern "C" __global__ void __launch_bounds__(128) flash_dq_bf16_hd##HD(                       \
+        const bf16* q, const bf16* k, const bf16* v, const bf16* go, const float* lse,              \
+        const float* delta, bf16* dq, int heads, int seq) {                                        \
+        flash_bwd_dq<HD>(q, k, v, go, lse, delta, dq, heads, seq);                                 \
+    }
+
+FLASH(16)
+FLASH(32)
+FLASH(64)
+FLASH(80)

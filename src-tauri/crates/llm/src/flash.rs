@@ -1,0 +1,370 @@
+//! Training's causal attention on CUDA without the score matrix
+//! (kernels/flash.cu): the forward pass keeps each query's log-sum-exp
+//! instead of its `seq` probabilities, and the backward pass recomputes them
+//! tile by tile. For bf16 and head sizes 16, 32, 64 and 80 (Phi-2's); other
+//! cases take the materialized path in [`crate::grad`], which is also the
+//! reference the tests hold these kernels to.
+//!
+//! Off unless `DRAMATIS_FLASH_ATTENTION=1` until its tests have passed on a
+//! GPU (they are in this file and run with the `cuda` feature).
+#![allow(unsafe_code)]
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::{CudaStorage, WrapErr};
+use candle_core::op::BackpropOp;
+use candle_core::{DType, Storage, Tensor, bail};
+use half::bf16;
+
+use candle_core::Result;
+
+const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/flash.ptx"));
+const MODULE: &str = "dramatis_flash";
+const THREADS: u32 = 128;
+/// Query (forward, dQ) or key (dK/dV) rows a block.
+const ROWS: usize = 64;
+
+/// Whether the kernels take attention over `q` (`[b, heads, seq, head_dim]`).
+pub(crate) fn takes(q: &Tensor) -> bool {
+    q.device().is_cuda()
+        && q.dtype() == DType::BF16
+        && matches!(q.dims().last(), Some(16 | 32 | 64 | 80))
+        && std::env::var_os("DRAMATIS_FLASH_ATTENTION").is_some_and(|v| v == "1")
+}
+
+/// A contiguous bf16 tensor's device buffer, held for a launch.
+struct Held<'a> {
+    guard: candle_core::StorageRef<'a>,
+    range: (usize, usize),
+}
+
+impl<'a> Held<'a> {
+    fn new(t: &'a Tensor, what: &str) -> Result<Self> {
+        let (guard, layout) = t.storage_and_layout();
+        let Some(range) = layout.contiguous_offsets() else {
+            bail!("flash attention: {what} is not contiguous");
+        };
+        if t.dtype() != DType::BF16 {
+            bail!("flash attention: {what} is {:?}, not bf16", t.dtype());
+        }
+        Ok(Self { guard, range })
+    }
+
+    fn cuda(&self) -> Result<&CudaStorage> {
+        match &*self.guard {
+            Storage::Cuda(s) => Ok(s),
+            _ => bail!("flash attention: a tensor is not on the GPU"),
+        }
+    }
+
+    fn view(&self) -> Result<candle_core::cuda_backend::cudarc::driver::CudaView<'_, bf16>> {
+        Ok(self
+            .cuda()?
+            .as_cuda_slice::<bf16>()?
+            .slice(self.range.0..self.range.1))
+    }
+}
+
+/// Output buffers of a launch, wrapped as tensors afterwards.
+fn alloc<
+    T: candle_core::cuda_backend::cudarc::driver::DeviceRepr + candle_core::cuda_backend::CudaDType,
+>(
+    dev: &candle_core::cuda_backend::CudaDevice,
+    n: usize,
+) -> Result<CudaSlice<T>> {
+    // SAFETY: every kernel here writes each element of its outputs (rows
+    // past `seq` are never part of an output).
+    Ok(unsafe { dev.alloc::<T>(n)? })
+}
+
+fn tensor<
+    T: candle_core::cuda_backend::CudaDType + candle_core::cuda_backend::cudarc::driver::DeviceRepr,
+>(
+    s: CudaSlice<T>,
+    dev: &candle_core::cuda_backend::CudaDevice,
+    shape: &[usize],
+) -> Tensor {
+    Tensor::from_storage(
+        Storage::Cuda(CudaStorage::wrap_cuda_slice(s, dev.clone())),
+        shape,
+        BackpropOp::none(),
+        false,
+    )
+}
+
+fn grid(blocks: usize, bh: usize) -> Result<LaunchConfig> {
+    if blocks > 65_535 || bh > 65_535 {
+        bail!("flash attention: {blocks} × {bh} blocks is more than a grid holds");
+    }
+    Ok(LaunchConfig {
+        grid_dim: (blocks as u32, bh as u32, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    })
+}
+
+/// `(b, heads, seq, head_dim)` of q, k and v, which must agree.
+fn dims(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<(usize, usize, usize, usize)> {
+    let d = q.dims4()?;
+    if k.dims4()? != d || v.dims4()? != d {
+        bail!("flash attention: q, k and v differ in shape");
+    }
+    if d.2 >= i32::MAX as usize / 2 || d.1 >= i32::MAX as usize {
+        bail!("flash attention: sequence too long");
+    }
+    Ok(d)
+}
+
+/// Attention's output `[b·seq, heads·head_dim]` (the dense projection's
+/// input) and each query's log-sum-exp in log2 units, `[b, heads, seq]` f32.
+pub(crate) fn forward(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+    let (b, heads, seq, hd) = dims(q, k, v)?;
+    let (hq, hk, hv) = (Held::new(q, "q")?, Held::new(k, "k")?, Held::new(v, "v")?);
+    let dev = hq.cuda()?.device().clone();
+    let o = alloc::<bf16>(&dev, b * seq * heads * hd)?;
+    let lse = alloc::<f32>(&dev, b * heads * seq)?;
+    let func = dev.get_or_load_custom_func(&format!("flash_fwd_bf16_hd{hd}"), MODULE, PTX)?;
+    let (qv, kv, vv) = (hq.view()?, hk.view()?, hv.view()?);
+    let (h32, s32) = (heads as i32, seq as i32);
+    let mut l = func.builder();
+    l.arg(&qv)
+        .arg(&kv)
+        .arg(&vv)
+        .arg(&o)
+        .arg(&lse)
+        .arg(&h32)
+        .arg(&s32);
+    // SAFETY: q, k and v hold b·heads·seq·hd values each (checked by
+    // `dims`); o and lse are sized for the grid's rows, which the kernel
+    // bounds by `seq`.
+    unsafe { l.launch(grid(seq.div_ceil(ROWS), b * heads)?) }.w()?;
+    Ok((
+        tensor(o, &dev, &[b * seq, heads * hd]),
+        tensor(lse, &dev, &[b, heads, seq]),
+    ))
+}
+
+/// The gradients of q, k and v (`[b, heads, seq, head_dim]` each) from the
+/// output `o` and its gradient `g_o` (both `[b·seq, heads·head_dim]`) and
+/// the forward pass's `lse`.
+pub(crate) fn backward(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    o: &Tensor,
+    lse: &Tensor,
+    g_o: &Tensor,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let (b, heads, seq, hd) = dims(q, k, v)?;
+    if o.dims2()? != (b * seq, heads * hd) || g_o.dims2()? != (b * seq, heads * hd) {
+        bail!("flash attention: o or its gradient is not [b·seq, hidden]");
+    }
+    if lse.dims3()? != (b, heads, seq) || lse.dtype() != DType::F32 {
+        bail!("flash attention: the log-sum-exp is not [b, heads, seq] f32");
+    }
+    let g_o = g_o.contiguous()?;
+    let lse = lse.contiguous()?;
+    let (hq, hk, hv) = (Held::new(q, "q")?, Held::new(k, "k")?, Held::new(v, "v")?);
+    let (ho, hg) = (
+        Held::new(o, "o")?,
+        Held::new(&g_o, "the output's gradient")?,
+    );
+    let (lg, ll) = lse.storage_and_layout();
+    let Storage::Cuda(ls) = &*lg else {
+        bail!("flash attention: the log-sum-exp is not on the GPU");
+    };
+    let (la, lb) = ll.contiguous_offsets().expect("made contiguous above");
+    let lv = ls.as_cuda_slice::<f32>()?.slice(la..lb);
+    let dev = hq.cuda()?.device().clone();
+    let n = b * heads * seq * hd;
+    let (h32, s32, d32) = (heads as i32, seq as i32, hd as i32);
+    let (qv, kv, vv, ov, gv) = (hq.view()?, hk.view()?, hv.view()?, ho.view()?, hg.view()?);
+
+    let delta = alloc::<f32>(&dev, b * heads * seq)?;
+    let f = dev.get_or_load_custom_func("flash_delta_bf16", MODULE, PTX)?;
+    let mut l = f.builder();
+    l.arg(&ov)
+        .arg(&gv)
+        .arg(&delta)
+        .arg(&h32)
+        .arg(&s32)
+        .arg(&d32);
+    let warps = THREADS as usize / 32;
+    // SAFETY: one warp per (head, position) of each batch row, bounded by
+    // heads·seq in the kernel; o and g_o hold b·seq·heads·hd values.
+    unsafe { l.launch(grid((heads * seq).div_ceil(warps), b)?) }.w()?;
+
+    let (dq, dk, dv) = (
+        alloc::<bf16>(&dev, n)?,
+        alloc::<bf16>(&dev, n)?,
+        alloc::<bf16>(&dev, n)?,
+    );
+    let f = dev.get_or_load_custom_func(&format!("flash_dkdv_bf16_hd{hd}"), MODULE, PTX)?;
+    let mut l = f.builder();
+    l.arg(&qv).arg(&kv).arg(&vv).arg(&gv).arg(&lv).arg(&delta);
+    l.arg(&dk).arg(&dv).arg(&h32).arg(&s32);
+    // SAFETY: as the forward pass; dk and dv are [b, heads, seq, hd].
+    unsafe { l.launch(grid(seq.div_ceil(ROWS), b * heads)?) }.w()?;
+    let f = dev.get_or_load_custom_func(&format!("flash_dq_bf16_hd{hd}"), MODULE, PTX)?;
+    let mut l = f.builder();
+    l.arg(&qv).arg(&kv).arg(&vv).arg(&gv).arg(&lv).arg(&delta);
+    l.arg(&dq).arg(&h32).arg(&s32);
+    // SAFETY: as above; dq is [b, heads, seq, hd].
+    unsafe { l.launch(grid(seq.div_ceil(ROWS), b * heads)?) }.w()?;
+    let shape = [b, heads, seq, hd];
+    Ok((
+        tensor(dq, &dev, &shape),
+        tensor(dk, &dev, &shape),
+        tensor(dv, &dev, &shape),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    //! The kernels against the materialized path on the GPU: candle's
+    //! matmuls, the causal softmax and its backward pass, in f32 from the
+    //! same bf16 inputs.
+    use super::*;
+    use candle_core::{D, Device};
+
+    fn reference(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        g_o: &Tensor,
+    ) -> (Tensor, Tensor, Tensor, Tensor, Tensor) {
+        let f = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+        let (q, k, v) = (f(q), f(k), f(v));
+        let (b, heads, seq, hd) = q.dims4().unwrap();
+        let s = q.matmul(&k.t().unwrap()).unwrap();
+        let p = crate::kernels::causal_softmax(&s).unwrap();
+        let lse = {
+            // log2 Σ_j e^(s_ij) over the visible keys.
+            let i = Tensor::arange(0u32, seq as u32, q.device()).unwrap();
+            let future = i
+                .unsqueeze(0)
+                .unwrap()
+                .broadcast_gt(&i.unsqueeze(1).unwrap())
+                .unwrap();
+            let masked = future
+                .broadcast_as(s.shape())
+                .unwrap()
+                .where_cond(&s.ones_like().unwrap().affine(0.0, -1e30).unwrap(), &s)
+                .unwrap();
+            let m = masked.max_keepdim(D::Minus1).unwrap();
+            let e = masked
+                .broadcast_sub(&m)
+                .unwrap()
+                .exp()
+                .unwrap()
+                .sum_keepdim(D::Minus1)
+                .unwrap();
+            ((e.log().unwrap() + m).unwrap() * std::f64::consts::LOG2_E)
+                .unwrap()
+                .squeeze(D::Minus1)
+                .unwrap()
+        };
+        let o = p.matmul(&v).unwrap();
+        let g_o4 = f(g_o)
+            .reshape((b, seq, heads, hd))
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .contiguous()
+            .unwrap();
+        let g_v = p.t().unwrap().matmul(&g_o4).unwrap();
+        let g_p = g_o4.matmul(&v.t().unwrap()).unwrap();
+        let g_s = crate::kernels::softmax_backward(&p, &g_p).unwrap();
+        let g_q = g_s.matmul(&k).unwrap();
+        let g_k = g_s.t().unwrap().matmul(&q).unwrap();
+        let o = o
+            .transpose(1, 2)
+            .unwrap()
+            .reshape((b * seq, heads * hd))
+            .unwrap();
+        (o, lse, g_q, g_k, g_v)
+    }
+
+    /// max |a − b| ÷ max |b|.
+    fn rel(a: &Tensor, b: &Tensor) -> f32 {
+        let a = a.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
+        let b = b.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
+        let d: f32 = (&a - &b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        let m: f32 = b.abs().unwrap().max(0).unwrap().to_scalar().unwrap();
+        d / m.max(1e-6)
+    }
+
+    #[test]
+    fn kernels_equal_the_materialized_path() {
+        let Ok(dev) = Device::new_cuda(0) else {
+            eprintln!("no CUDA device: skipped");
+            return;
+        };
+        // Lengths around the tiles (32 and 64 rows), a padded batch (two
+        // sequences, the second's tail of random rows is still attended
+        // causally, as right padding is), every head size the kernels take.
+        for (b, heads, seq, hd) in [
+            (1, 2, 1, 80),
+            (1, 2, 7, 80),
+            (2, 3, 64, 80),
+            (2, 2, 100, 80),
+            (1, 2, 2048, 80),
+            (1, 1, 33, 16),
+            (1, 2, 65, 32),
+            (1, 2, 129, 64),
+        ] {
+            let r = |s: f32, seed: u64| {
+                dev.set_seed(seed).unwrap();
+                Tensor::randn(0f32, s, (b, heads, seq, hd), &dev)
+                    .unwrap()
+                    .to_dtype(DType::BF16)
+                    .unwrap()
+            };
+            // q pre-scaled by 1/√hd as split_rotate does; a scale of 2 on
+            // q·k makes sharp and flat rows both.
+            let q = (r(1.0, 1) * (2.0 / (hd as f64).sqrt())).unwrap();
+            let (k, v) = (r(1.0, 2), r(1.0, 3));
+            let g_o = r(1.0, 4)
+                .transpose(1, 2)
+                .unwrap()
+                .reshape((b * seq, heads * hd))
+                .unwrap()
+                .contiguous()
+                .unwrap();
+            let (o, lse) = forward(&q, &k, &v).unwrap();
+            let (g_q, g_k, g_v) = backward(&q, &k, &v, &o, &lse, &g_o).unwrap();
+            let (ro, rlse, rq, rk, rv) = reference(&q, &k, &v, &g_o);
+            let what = format!("b {b}, heads {heads}, seq {seq}, head {hd}");
+            // bf16 operands and outputs (8 bits of mantissa: 4e-3 a
+            // rounding) over sums of up to 2048 terms in f32.
+            let lse_err = (&lse - &rlse)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(lse_err < 2e-2, "{what}: log-sum-exp off by {lse_err}");
+            for (name, got, want, bound) in [
+                ("output", &o, &ro, 1.5e-2),
+                ("dq", &g_q, &rq, 3e-2),
+                ("dk", &g_k, &rk, 3e-2),
+                ("dv", &g_v, &rv, 2e-2),
+            ] {
+                let e = rel(got, want);
+                assert!(e < bound, "{what}: {name} off by {e} of its largest value");
+                eprintln!("{what}: {name} {e:.2e}");
+            }
+        }
+    }
+}
