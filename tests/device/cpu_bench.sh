@@ -8,6 +8,9 @@
 #   tests/device/cpu_bench.sh bench CLI WORK THREADS...  llama-bench (pp512, tg128, tg128 at depth
 #                                                         1024) then dramatis-cli bench, per file and
 #                                                         thread count, one after the other
+#   tests/device/cpu_bench.sh mem   CLI WORK THREADS...  how fast THREADS threads stream the Q8_0
+#                                                         file's bytes: mapped from the page cache, and
+#                                                         as anonymous copies (tests/device/mem_probe.c)
 # CLI is a release dramatis-cli; LLAMA_SRC is vendor/llama.cpp of the llama-cpp-python sdist.
 # LLAMA_BUILD=WORK/llama-avx2 makes `bench` use the AVX2 build; DRAMATIS_NO_AVX512=1 and
 # DRAMATIS_NO_VNNI=1 do the same to dramatis (see BENCHMARKS.md).
@@ -51,5 +54,11 @@ bench)
         --turn-tokens 8 2>&1 | grep -E "decode|prefill"
     done
   done
+  ;;
+mem)
+  work=$3; shift 3
+  lscpu | grep -E "Model name|NUMA|Socket|Core|L3" || true
+  cc -O2 -mavx2 -pthread "$(dirname "$0")/mem_probe.c" -o "$work/mem_probe"
+  for t in "$@"; do "$work/mem_probe" "$work/phi2-q8_0.gguf" "$t"; done
   ;;
 esac
