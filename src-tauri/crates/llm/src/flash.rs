@@ -24,11 +24,22 @@ const THREADS: u32 = 128;
 /// Query (forward, dQ) or key (dK/dV) rows a block.
 const ROWS: usize = 64;
 
-/// Whether the kernels take attention over `q` (`[b, heads, seq, head_dim]`).
+/// Whether the kernels take attention over `q` (`[b, heads, seq, head_dim]`):
+/// bf16 on a GPU with bf16 tensor cores (compute capability 8.0 or later),
+/// a head size with kernels, a sequence.
 pub(crate) fn takes(q: &Tensor) -> bool {
-    q.device().is_cuda()
-        && q.dtype() == DType::BF16
-        && matches!(q.dims().last(), Some(16 | 32 | 64 | 80))
+    let candle_core::Device::Cuda(dev) = q.device() else {
+        return false;
+    };
+    q.dtype() == DType::BF16
+        && matches!(q.dims(), [b, h, s, 16 | 32 | 64 | 80] if b * h * s > 0)
+        && dev
+            .cuda_stream()
+            .context()
+            .attribute(
+                candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR,
+            )
+            .is_ok_and(|major| major >= 8)
         && std::env::var_os("DRAMATIS_FLASH_ATTENTION").is_some_and(|v| v == "1")
 }
 
@@ -46,6 +57,10 @@ impl<'a> Held<'a> {
         };
         if t.dtype() != DType::BF16 {
             bail!("flash attention: {what} is {:?}, not bf16", t.dtype());
+        }
+        // The kernels read and write bf16 pairs as 32-bit words.
+        if !range.0.is_multiple_of(2) {
+            bail!("flash attention: {what} starts at an odd element");
         }
         Ok(Self { guard, range })
     }
@@ -93,7 +108,7 @@ fn tensor<
 }
 
 fn grid(blocks: usize, bh: usize) -> Result<LaunchConfig> {
-    if blocks > 65_535 || bh > 65_535 {
+    if blocks > i32::MAX as usize || bh > 65_535 {
         bail!("flash attention: {blocks} × {bh} blocks is more than a grid holds");
     }
     Ok(LaunchConfig {
@@ -109,7 +124,8 @@ fn dims(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<(usize, usize, usize, usiz
     if k.dims4()? != d || v.dims4()? != d {
         bail!("flash attention: q, k and v differ in shape");
     }
-    if d.2 >= i32::MAX as usize / 2 || d.1 >= i32::MAX as usize {
+    // The kernels index rows of a head, and (head, position) pairs, in `int`.
+    if d.1.checked_mul(d.2).is_none_or(|n| n >= i32::MAX as usize) {
         bail!("flash attention: sequence too long");
     }
     Ok(d)
@@ -121,19 +137,14 @@ pub(crate) fn forward(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<(Tensor, Ten
     let (b, heads, seq, hd) = dims(q, k, v)?;
     let (hq, hk, hv) = (Held::new(q, "q")?, Held::new(k, "k")?, Held::new(v, "v")?);
     let dev = hq.cuda()?.device().clone();
-    let o = alloc::<bf16>(&dev, b * seq * heads * hd)?;
-    let lse = alloc::<f32>(&dev, b * heads * seq)?;
+    let mut o = alloc::<bf16>(&dev, b * seq * heads * hd)?;
+    let mut lse = alloc::<f32>(&dev, b * heads * seq)?;
     let func = dev.get_or_load_custom_func(&format!("flash_fwd_bf16_hd{hd}"), MODULE, PTX)?;
     let (qv, kv, vv) = (hq.view()?, hk.view()?, hv.view()?);
     let (h32, s32) = (heads as i32, seq as i32);
     let mut l = func.builder();
-    l.arg(&qv)
-        .arg(&kv)
-        .arg(&vv)
-        .arg(&o)
-        .arg(&lse)
-        .arg(&h32)
-        .arg(&s32);
+    l.arg(&qv).arg(&kv).arg(&vv).arg(&mut o).arg(&mut lse);
+    l.arg(&h32).arg(&s32);
     // SAFETY: q, k and v hold b·heads·seq·hd values each (checked by
     // `dims`); o and lse are sized for the grid's rows, which the kernel
     // bounds by `seq`.
@@ -180,21 +191,17 @@ pub(crate) fn backward(
     let (h32, s32, d32) = (heads as i32, seq as i32, hd as i32);
     let (qv, kv, vv, ov, gv) = (hq.view()?, hk.view()?, hv.view()?, ho.view()?, hg.view()?);
 
-    let delta = alloc::<f32>(&dev, b * heads * seq)?;
+    let mut delta = alloc::<f32>(&dev, b * heads * seq)?;
     let f = dev.get_or_load_custom_func("flash_delta_bf16", MODULE, PTX)?;
     let mut l = f.builder();
-    l.arg(&ov)
-        .arg(&gv)
-        .arg(&delta)
-        .arg(&h32)
-        .arg(&s32)
-        .arg(&d32);
+    l.arg(&ov).arg(&gv).arg(&mut delta);
+    l.arg(&h32).arg(&s32).arg(&d32);
     let warps = THREADS as usize / 32;
     // SAFETY: one warp per (head, position) of each batch row, bounded by
     // heads·seq in the kernel; o and g_o hold b·seq·heads·hd values.
     unsafe { l.launch(grid((heads * seq).div_ceil(warps), b)?) }.w()?;
 
-    let (dq, dk, dv) = (
+    let (mut dq, mut dk, mut dv) = (
         alloc::<bf16>(&dev, n)?,
         alloc::<bf16>(&dev, n)?,
         alloc::<bf16>(&dev, n)?,
@@ -202,13 +209,13 @@ pub(crate) fn backward(
     let f = dev.get_or_load_custom_func(&format!("flash_dkdv_bf16_hd{hd}"), MODULE, PTX)?;
     let mut l = f.builder();
     l.arg(&qv).arg(&kv).arg(&vv).arg(&gv).arg(&lv).arg(&delta);
-    l.arg(&dk).arg(&dv).arg(&h32).arg(&s32);
+    l.arg(&mut dk).arg(&mut dv).arg(&h32).arg(&s32);
     // SAFETY: as the forward pass; dk and dv are [b, heads, seq, hd].
     unsafe { l.launch(grid(seq.div_ceil(ROWS), b * heads)?) }.w()?;
     let f = dev.get_or_load_custom_func(&format!("flash_dq_bf16_hd{hd}"), MODULE, PTX)?;
     let mut l = f.builder();
     l.arg(&qv).arg(&kv).arg(&vv).arg(&gv).arg(&lv).arg(&delta);
-    l.arg(&dq).arg(&h32).arg(&s32);
+    l.arg(&mut dq).arg(&h32).arg(&s32);
     // SAFETY: as above; dq is [b, heads, seq, hd].
     unsafe { l.launch(grid(seq.div_ceil(ROWS), b * heads)?) }.w()?;
     let shape = [b, heads, seq, hd];
@@ -285,7 +292,9 @@ mod tests {
         (o, lse, g_q, g_k, g_v)
     }
 
-    /// max |a − b| ÷ max |b|.
+    /// max |a − b| ÷ max |b|, the divisor at least 0.01: with one key the
+    /// reference's dq and dk are exactly 0 (p = 1, dS = g − g) where the
+    /// kernels' dP − delta leaves f32 rounding (two sums in different orders).
     fn rel(a: &Tensor, b: &Tensor) -> f32 {
         let a = a.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
         let b = b.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
@@ -298,7 +307,7 @@ mod tests {
             .to_scalar()
             .unwrap();
         let m: f32 = b.abs().unwrap().max(0).unwrap().to_scalar().unwrap();
-        d / m.max(1e-6)
+        d / m.max(1e-2)
     }
 
     #[test]
