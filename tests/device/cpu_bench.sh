@@ -8,6 +8,10 @@
 #   tests/device/cpu_bench.sh bench CLI WORK THREADS...  llama-bench (pp512, tg128, tg128 at depth
 #                                                         1024) then dramatis-cli bench, per file and
 #                                                         thread count, one after the other
+#   tests/device/cpu_bench.sh decode CLI WORK THREADS PAIRS  decode from an empty context (tg128),
+#                                                         llama.cpp then dramatis, PAIRS times in
+#                                                         turn; prints each pair and the median ratio
+#                                                         (decode moves ±20% between runs here)
 #   tests/device/cpu_bench.sh mem   CLI WORK THREADS...  how fast THREADS threads stream the Q8_0
 #                                                         file's bytes: mapped from the page cache, and
 #                                                         as anonymous copies (tests/device/mem_probe.c)
@@ -53,6 +57,23 @@ bench)
       "$cli" bench --model "$work/$f.gguf" --device cpu --threads "$t" --prompt-tokens 1024 \
         --turn-tokens 8 2>&1 | grep -E "decode|prefill"
     done
+  done
+  ;;
+decode)
+  work=$3; t=$4; pairs=${5:-5}
+  lb="${LLAMA_BUILD:-$work/llama-build}/bin/llama-bench"
+  for f in phi2-q4km phi2-q8_0; do
+    echo "== $f, $t threads, tg128 from an empty context: llama.cpp, dramatis, ratio"
+    rows=$(for _ in $(seq "$pairs"); do
+      l=$("$lb" -m "$work/$f.gguf" -p 0 -n 128 -t "$t" -r 1 -o jsonl 2>/dev/null |
+        grep -o '"avg_ts": *[0-9.]*' | grep -oE '[0-9.]+$')
+      o=$("$cli" bench --model "$work/$f.gguf" --device cpu --threads "$t" --prompt-tokens 1 \
+        --gen-tokens 128 --turn-tokens 1 --json 2>/dev/null | grep -o '"decode_empty_tok_s": *[0-9.]*' |
+        grep -oE '[0-9.]+$')
+      echo "$l $o" | awk '{printf "%8.2f %8.2f %6.3f\n", $1, $2, $2 / $1}'
+    done)
+    echo "$rows"
+    echo "$rows" | sort -k3 -n | awk '{r[NR] = $3} END {printf "median ratio %.3f (of %d pairs)\n", r[int((NR + 1) / 2)], NR}'
   done
   ;;
 mem)

@@ -311,6 +311,11 @@ pub fn train(a: TrainArgs, cancel: &AtomicBool) -> Result<()> {
         dtype_bytes: dtype.size_in_bytes(),
         on_gpu: !device.is_cpu(),
         dpo: matches!(config.objective, dramatis_train::Objective::Dpo { .. }),
+        flash_attention: dramatis_core::llm::trains_with_flash_attention(
+            &device,
+            dtype,
+            model.config().head_dim(),
+        ),
     });
     eprintln!(
         "estimate: peak memory {:.1} MB (activations {:.1} MB), {}",

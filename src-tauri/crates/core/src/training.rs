@@ -854,7 +854,7 @@ impl Dramatis {
         let flops =
             *FLOPS.get_or_init(|| dramatis_train::estimate::measure_flops(self.device(), dtype));
         Ok(dramatis_train::estimate(&dramatis_train::EstimateInput {
-            config: info.config,
+            config: info.config.clone(),
             weight_bytes,
             r: config.r,
             targets: config.targets.len(),
@@ -866,6 +866,11 @@ impl Dramatis {
             dtype_bytes: dtype.size_in_bytes(),
             on_gpu: !self.device().is_cpu(),
             dpo: matches!(config.objective, Objective::Dpo { .. }),
+            flash_attention: dramatis_llm::trains_with_flash_attention(
+                self.device(),
+                dtype,
+                info.config.head_dim(),
+            ),
         }))
     }
 

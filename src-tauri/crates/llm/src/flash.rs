@@ -24,21 +24,26 @@ const THREADS: u32 = 128;
 /// Query (forward, dQ) or key (dK/dV) rows a block.
 const ROWS: usize = 64;
 
-/// Whether the kernels take attention over `q` (`[b, heads, seq, head_dim]`):
-/// bf16 on a GPU with bf16 tensor cores (compute capability 8.0 or later),
-/// a head size with kernels, a sequence.
+/// Whether the kernels take attention over `q` (`[b, heads, seq, head_dim]`).
 pub(crate) fn takes(q: &Tensor) -> bool {
-    let candle_core::Device::Cuda(dev) = q.device() else {
+    matches!(q.dims(), [b, h, s, hd] if b * h * s > 0 && enabled(q.device(), q.dtype(), *hd))
+}
+
+/// Whether training's attention in `dtype` with heads of `head_dim` runs on
+/// the kernels on `device`: bf16 on a GPU with bf16 tensor cores (compute
+/// capability 8.0 or later), a head size with kernels, and (for now) asked
+/// for with `DRAMATIS_FLASH_ATTENTION=1`.
+pub(crate) fn enabled(device: &candle_core::Device, dtype: DType, head_dim: usize) -> bool {
+    let candle_core::Device::Cuda(dev) = device else {
         return false;
     };
-    q.dtype() == DType::BF16
-        && matches!(q.dims(), [b, h, s, 16 | 32 | 64 | 80] if b * h * s > 0)
+    use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute as A;
+    dtype == DType::BF16
+        && matches!(head_dim, 16 | 32 | 64 | 80)
         && dev
             .cuda_stream()
             .context()
-            .attribute(
-                candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR,
-            )
+            .attribute(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)
             .is_ok_and(|major| major >= 8)
         && std::env::var_os("DRAMATIS_FLASH_ATTENTION").is_some_and(|v| v == "1")
 }

@@ -36,6 +36,23 @@ mod synthetic;
 mod tokenizer;
 mod weights;
 
+/// Whether training's attention in `dtype` with heads of `head_dim` runs on
+/// the flash-attention kernels on `device` (keeping no probabilities; the
+/// training estimate counts none then).
+pub fn trains_with_flash_attention(
+    device: &candle_core::Device,
+    dtype: candle_core::DType,
+    head_dim: usize,
+) -> bool {
+    #[cfg(feature = "cuda")]
+    return flash::enabled(device, dtype, head_dim);
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (device, dtype, head_dim);
+        false
+    }
+}
+
 pub use cache::KvCache;
 pub use config::PhiConfig;
 pub use cpu::threads;

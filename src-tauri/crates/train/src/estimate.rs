@@ -7,9 +7,10 @@
 //! counted per token in the training dtype: every block's input; per block
 //! kept for its backward pass the normed input, q, k, v and the attention
 //! output (5 × hidden), fc1's output before and after GELU (2 ×
-//! intermediate) and the attention probabilities (heads × length); while a
-//! block runs backward, two more probability-sized tensors and a few
-//! hidden-sized ones; the logits of at most 512 rows at a time, with their
+//! intermediate) and the attention probabilities (heads × length; with the
+//! flash-attention kernels one log-sum-exp per head instead); while a block
+//! runs backward, two more probability-sized tensors (none with the kernels)
+//! and a few hidden-sized ones; the logits of at most 512 rows at a time, with their
 //! f32 log-softmax and gradient. With gradient checkpointing only one block's
 //! activations exist at a time. Speed: the matmul FLOPs of the passes (the
 //! frozen base needs no weight gradients; checkpointing runs each block's
@@ -51,6 +52,11 @@ pub struct EstimateInput {
     /// reference's forward pass comes on top of the training passes.
     #[serde(default)]
     pub dpo: bool,
+    /// Attention runs on the flash kernels (dramatis-llm's
+    /// `trains_with_flash_attention`): each query keeps one log-sum-exp per
+    /// head instead of `length` probabilities, and no score matrix exists.
+    #[serde(default)]
+    pub flash_attention: bool,
 }
 
 fn four() -> usize {
@@ -80,9 +86,20 @@ pub struct Estimate {
 const HEAD_ROWS: f64 = 512.0;
 
 /// Activation bytes at the peak of a step.
-fn activations(cfg: &PhiConfig, seq: usize, batch: usize, checkpointing: bool, e: usize) -> f64 {
+/// `rows` sequences of `seq` tokens.
+fn activations(input: &EstimateInput, seq: usize, rows: usize, checkpointing: bool) -> f64 {
+    let cfg = &input.config;
+    let (batch, e) = (rows, input.dtype_bytes.max(1));
     let (h, i) = (cfg.hidden_size as f64, cfg.intermediate_size as f64);
-    let probs = cfg.num_attention_heads as f64 * seq as f64;
+    let heads = cfg.num_attention_heads as f64;
+    // Per query: `length` probabilities per head, or with the flash kernels
+    // one f32 log-sum-exp and one f32 delta per head (counted in elements of
+    // the training dtype).
+    let probs = if input.flash_attention {
+        2.0 * heads * 4.0 / e as f64
+    } else {
+        heads * seq as f64
+    };
     let layers = cfg.num_hidden_layers as f64;
     let tokens = (seq * batch) as f64;
     let kept = 5.0 * h + 2.0 * i + probs;
@@ -103,10 +120,9 @@ pub fn estimate(input: &EstimateInput) -> Estimate {
     let lora_bytes = (lora_params * 4.0 * 4.0) as u64;
     let dequant = (i * h * 4.0) as u64;
     let ckpt = input.gradient_checkpointing;
-    let e = input.dtype_bytes.max(1);
     // A DPO pair is two rows.
     let rows = input.batch * if input.dpo { 2 } else { 1 };
-    let activation_bytes = activations(cfg, input.seq_len, rows, ckpt, e) as u64;
+    let activation_bytes = activations(input, input.seq_len, rows, ckpt) as u64;
     // Allocator and runtime overhead beyond the tensors themselves.
     let overhead = 64u64 << 20;
     let peak = input.weight_bytes + dequant + lora_bytes + activation_bytes + overhead;
@@ -135,17 +151,17 @@ pub fn estimate(input: &EstimateInput) -> Estimate {
     if fits == Some(false) {
         let m = input.device_memory.unwrap_or(0);
         let room = m.saturating_sub(input.weight_bytes + dequant + lora_bytes + overhead) as f64;
-        if !ckpt && activations(cfg, input.seq_len, rows, true, e) <= room {
+        if !ckpt && activations(input, input.seq_len, rows, true) <= room {
             advice.push("turn on gradient checkpointing".into());
         }
         let pair_rows = rows / input.batch.max(1);
-        if input.batch > 1 && activations(cfg, input.seq_len, pair_rows, ckpt, e) <= room {
+        if input.batch > 1 && activations(input, input.seq_len, pair_rows, ckpt) <= room {
             advice.push(
                 "use batch size 1 (with gradient accumulation to keep the effective batch)".into(),
             );
         }
         let mut seq = input.seq_len;
-        while seq > 64 && activations(cfg, seq, pair_rows, ckpt, e) > room {
+        while seq > 64 && activations(input, seq, pair_rows, ckpt) > room {
             seq /= 2;
         }
         if seq < input.seq_len && seq >= 64 {
@@ -226,7 +242,50 @@ mod tests {
             dtype_bytes: 4,
             on_gpu: false,
             dpo: false,
+            flash_attention: false,
         }
+    }
+
+    #[test]
+    fn flash_attention_drops_the_probabilities() {
+        let base = EstimateInput {
+            gradient_checkpointing: true,
+            dtype_bytes: 2,
+            ..phi2(2048, 2, 24 << 30)
+        };
+        let plain = estimate(&base);
+        let flash = estimate(&EstimateInput {
+            flash_attention: true,
+            ..base.clone()
+        });
+        // Phi-2, checkpointed: per token 32 heads × 2048 probabilities kept
+        // and twice that while a block runs backward, in bf16, 4096 tokens.
+        let saved = plain.activation_bytes - flash.activation_bytes;
+        let probs = 3.0 * 32.0 * 2048.0 * 2.0 * 4096.0;
+        assert!(
+            (saved as f64 - probs).abs() < 0.01 * probs,
+            "{saved} vs {probs}"
+        );
+        // And memory grows linearly with the length: equal steps in tokens
+        // add equal bytes (without the kernels, more each time).
+        let at = |seq: usize, flash_attention: bool| {
+            estimate(&EstimateInput {
+                seq_len: seq,
+                flash_attention,
+                ..base.clone()
+            })
+            .activation_bytes as f64
+        };
+        let (d1, d2) = (
+            at(2048, true) - at(1024, true),
+            at(1024, true) - at(512, true),
+        );
+        assert!((d1 - 2.0 * d2).abs() < 1e-3 * d1, "{d1} vs 2 × {d2}");
+        let (p1, p2) = (
+            at(2048, false) - at(1024, false),
+            at(1024, false) - at(512, false),
+        );
+        assert!(p1 > 2.5 * p2, "{p1} vs {p2}");
     }
 
     #[test]
