@@ -9,9 +9,10 @@
 #                                                         1024) then dramatis-cli bench, per file and
 #                                                         thread count, one after the other
 #   tests/device/cpu_bench.sh decode CLI WORK THREADS PAIRS  decode from an empty context (tg128),
-#                                                         llama.cpp then dramatis, PAIRS times in
-#                                                         turn; prints each pair and the median ratio
-#                                                         (decode moves ±20% between runs here)
+#                                                         llama.cpp and dramatis PAIRS times, each
+#                                                         first in every other pair; prints each pair
+#                                                         and the median ratio (PAIRS odd; decode moves
+#                                                         ±20% between runs here)
 #   tests/device/cpu_bench.sh mem   CLI WORK THREADS...  how fast THREADS threads stream the Q8_0
 #                                                         file's bytes: mapped from the page cache, and
 #                                                         as anonymous copies (tests/device/mem_probe.c)
@@ -64,14 +65,21 @@ decode)
   lb="${LLAMA_BUILD:-$work/llama-build}/bin/llama-bench"
   for f in phi2-q4km phi2-q8_0; do
     echo "== $f, $t threads, tg128 from an empty context: llama.cpp, dramatis, ratio"
-    rows=$(for _ in $(seq "$pairs"); do
-      l=$("$lb" -m "$work/$f.gguf" -p 0 -n 128 -t "$t" -r 1 -o jsonl 2>/dev/null |
-        grep -o '"avg_ts": *[0-9.]*' | grep -oE '[0-9.]+$')
-      o=$("$cli" bench --model "$work/$f.gguf" --device cpu --threads "$t" --prompt-tokens 1 \
-        --gen-tokens 128 --turn-tokens 1 --json 2>/dev/null | grep -o '"decode_empty_tok_s": *[0-9.]*' |
-        grep -oE '[0-9.]+$')
+    rows=$(for i in $(seq "$pairs"); do
+      llama() {
+        "$lb" -m "$work/$f.gguf" -p 0 -n 128 -t "$t" -r 1 -o jsonl 2>/dev/null |
+          grep -o '"avg_ts": *[0-9.]*' | grep -oE '[0-9.]+$'
+      }
+      ours() {
+        "$cli" bench --model "$work/$f.gguf" --device cpu --threads "$t" --prompt-tokens 1 \
+          --gen-tokens 128 --turn-tokens 1 --json 2>/dev/null |
+          grep -o '"decode_empty_tok_s": *[0-9.]*' | grep -oE '[0-9.]+$'
+      }
+      # Each goes first in every other pair.
+      if [ $((i % 2)) = 1 ]; then l=$(llama); o=$(ours); else o=$(ours); l=$(llama); fi
+      if [ -z "$l" ] || [ -z "$o" ]; then echo "pair $i failed (llama.cpp '$l', dramatis '$o')" >&2; exit 1; fi
       echo "$l $o" | awk '{printf "%8.2f %8.2f %6.3f\n", $1, $2, $2 / $1}'
-    done)
+    done) || exit 1
     echo "$rows"
     echo "$rows" | sort -k3 -n | awk '{r[NR] = $3} END {printf "median ratio %.3f (of %d pairs)\n", r[int((NR + 1) / 2)], NR}'
   done

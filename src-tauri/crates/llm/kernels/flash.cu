@@ -59,16 +59,17 @@ __device__ __forceinline__ float quad_sum(float v) {
     return v + __shfl_xor_sync(0xffffffff, v, 2);
 }
 
-// rows × HD of a [seq, HD] matrix from row r0 into shared rows of `stride`
-// (rows past seq as zeros), by all threads of the block.
+// rows × HD of a [seq, row_stride] matrix (q, k, v: row_stride HD; o and
+// dO: a head's rows are heads·HD apart) from row r0 into shared rows of
+// `stride` (rows past seq as zeros), by all threads of the block.
 template <int HD>
 __device__ __forceinline__ void load_rows(bf16* dst, int stride, const bf16* src, int r0,
-                                          int rows, int seq) {
+                                          int rows, int seq, size_t row_stride) {
     const int pairs = rows * HD / 2;
     for (int i = threadIdx.x; i < pairs; i += blockDim.x) {
         const int r = i / (HD / 2), c = 2 * (i % (HD / 2));
         uint32_t v = 0;
-        if (r0 + r < seq) v = pair(src + (size_t)(r0 + r) * HD + c);
+        if (r0 + r < seq) v = pair(src + (size_t)(r0 + r) * row_stride + c);
         *reinterpret_cast<uint32_t*>(dst + r * stride + c) = v;
     }
 }
@@ -87,18 +88,24 @@ __device__ __forceinline__ void load_cols(bf16* dst, int stride, const bf16* src
     }
 }
 
-// As load_rows for a [seq, row_stride] matrix (o and dO: a head's rows are
-// heads·HD apart).
-template <int HD>
-__device__ __forceinline__ void load_rows_strided(bf16* dst, int stride, const bf16* src, int r0,
-                                                  int rows, int seq, size_t row_stride) {
-    const int pairs = rows * HD / 2;
-    for (int i = threadIdx.x; i < pairs; i += blockDim.x) {
-        const int r = i / (HD / 2), c = 2 * (i % (HD / 2));
-        uint32_t v = 0;
-        if (r0 + r < seq) v = pair(src + (size_t)(r0 + r) * row_stride + c);
-        *reinterpret_cast<uint32_t*>(dst + r * stride + c) = v;
-    }
+// The A fragment of columns c.. of rows `row` and `row` + 8 of a matrix with
+// `row_stride` (rows from `rows` on as zeros).
+__device__ __forceinline__ void load_a(uint32_t* a, const bf16* src, size_t row_stride, int row,
+                                       int rows, int c) {
+    const bf16* r = src + (size_t)row * row_stride + c;
+    a[0] = row < rows ? pair(r) : 0;
+    a[1] = row + 8 < rows ? pair(r + 8 * row_stride) : 0;
+    a[2] = row < rows ? pair(r + 8) : 0;
+    a[3] = row + 8 < rows ? pair(r + 8 * row_stride + 8) : 0;
+}
+
+// Two adjacent C tiles (keys or queries 16j..16j+15) as the A fragment of
+// k-step j, in bf16.
+__device__ __forceinline__ void c_to_a(uint32_t* a, const float* lo, const float* hi) {
+    a[0] = pack(lo[0], lo[1]);
+    a[1] = pack(lo[2], lo[3]);
+    a[2] = pack(hi[0], hi[1]);
+    a[3] = pack(hi[2], hi[3]);
 }
 
 // ---------------------------------------------------------------- forward
@@ -119,13 +126,7 @@ __device__ void flash_fwd(const bf16* q, const bf16* k, const bf16* v, bf16* o, 
 
     uint32_t qf[KS][4];
 #pragma unroll
-    for (int kk = 0; kk < KS; kk++) {
-        const int c = kk * 16 + 2 * t;
-        qf[kk][0] = row0 < seq ? pair(q + head + (size_t)row0 * HD + c) : 0;
-        qf[kk][1] = row1 < seq ? pair(q + head + (size_t)row1 * HD + c) : 0;
-        qf[kk][2] = row0 < seq ? pair(q + head + (size_t)row0 * HD + c + 8) : 0;
-        qf[kk][3] = row1 < seq ? pair(q + head + (size_t)row1 * HD + c + 8) : 0;
-    }
+    for (int kk = 0; kk < KS; kk++) load_a(qf[kk], q + head, HD, row0, seq, kk * 16 + 2 * t);
     float acc[DT][4];
 #pragma unroll
     for (int d = 0; d < DT; d++) acc[d][0] = acc[d][1] = acc[d][2] = acc[d][3] = 0.f;
@@ -135,7 +136,7 @@ __device__ void flash_fwd(const bf16* q, const bf16* k, const bf16* v, bf16* o, 
     for (int tile = 0; tile < tiles; tile++) {
         const int kv0 = tile * BN;
         __syncthreads();
-        load_rows<HD>(ks, KST, k + head, kv0, BN, seq);
+        load_rows<HD>(ks, KST, k + head, kv0, BN, seq, HD);
         load_cols<HD>(vt, VST, v + head, kv0, BN, seq, HD);
         __syncthreads();
 
@@ -189,9 +190,8 @@ __device__ void flash_fwd(const bf16* q, const bf16* k, const bf16* v, bf16* o, 
         }
 #pragma unroll
         for (int j = 0; j < BN / 16; j++) {
-            const uint32_t pa[4] = {pack(s[2 * j][0], s[2 * j][1]), pack(s[2 * j][2], s[2 * j][3]),
-                                    pack(s[2 * j + 1][0], s[2 * j + 1][1]),
-                                    pack(s[2 * j + 1][2], s[2 * j + 1][3])};
+            uint32_t pa[4];
+            c_to_a(pa, s[2 * j], s[2 * j + 1]);
 #pragma unroll
             for (int d = 0; d < DT; d++) {
                 const bf16* vr = vt + (d * 8 + g) * VST + j * 16 + 2 * t;
@@ -258,8 +258,8 @@ __device__ void flash_bwd_dkdv(const bf16* q, const bf16* k, const bf16* v, cons
     const size_t head = (size_t)bh * seq * HD, ost = (size_t)heads * HD;
     const bf16* gob = go + (size_t)b * seq * ost + (size_t)h * HD;
 
-    load_rows<HD>(ks, ST, k + head, kv0, BN, seq);
-    load_rows<HD>(vs, ST, v + head, kv0, BN, seq);
+    load_rows<HD>(ks, ST, k + head, kv0, BN, seq, HD);
+    load_rows<HD>(vs, ST, v + head, kv0, BN, seq, HD);
 
     float gk[DT][4], gv[DT][4];
 #pragma unroll
@@ -272,9 +272,9 @@ __device__ void flash_bwd_dkdv(const bf16* q, const bf16* k, const bf16* v, cons
     for (int tile = first; tile < last; tile++) {
         const int i0 = tile * BM;
         __syncthreads();
-        load_rows<HD>(qs, ST, q + head, i0, BM, seq);
+        load_rows<HD>(qs, ST, q + head, i0, BM, seq, HD);
         load_cols<HD>(qt, TT, q + head, i0, BM, seq, HD);
-        load_rows_strided<HD>(gs, ST, gob, i0, BM, seq, ost);
+        load_rows<HD>(gs, ST, gob, i0, BM, seq, ost);
         load_cols<HD>(gt, TT, gob, i0, BM, seq, ost);
         for (int i = threadIdx.x; i < BM; i += blockDim.x) {
             const bool in = i0 + i < seq;
@@ -292,14 +292,9 @@ __device__ void flash_bwd_dkdv(const bf16* q, const bf16* k, const bf16* v, cons
 #pragma unroll
             for (int kk = 0; kk < KS; kk++) {
                 const int c = kk * 16 + 2 * t;
-                const uint32_t ka[4] = {pair(ks + (warp * 16 + g) * ST + c),
-                                        pair(ks + (warp * 16 + g + 8) * ST + c),
-                                        pair(ks + (warp * 16 + g) * ST + c + 8),
-                                        pair(ks + (warp * 16 + g + 8) * ST + c + 8)};
-                const uint32_t va[4] = {pair(vs + (warp * 16 + g) * ST + c),
-                                        pair(vs + (warp * 16 + g + 8) * ST + c),
-                                        pair(vs + (warp * 16 + g) * ST + c + 8),
-                                        pair(vs + (warp * 16 + g + 8) * ST + c + 8)};
+                uint32_t ka[4], va[4];
+                load_a(ka, ks, ST, warp * 16 + g, BN, c);
+                load_a(va, vs, ST, warp * 16 + g, BN, c);
                 const bf16* qr = qs + (n * 8 + g) * ST + c;
                 const bf16* gr = gs + (n * 8 + g) * ST + c;
                 mma(s[n], ka, pair(qr), pair(qr + 8));
@@ -323,12 +318,10 @@ __device__ void flash_bwd_dkdv(const bf16* q, const bf16* k, const bf16* v, cons
         // dV += Pᵀ dO, dK += dSᵀ Q.
 #pragma unroll
         for (int j = 0; j < BM / 16; j++) {
-            const uint32_t pa[4] = {pack(s[2 * j][0], s[2 * j][1]), pack(s[2 * j][2], s[2 * j][3]),
-                                    pack(s[2 * j + 1][0], s[2 * j + 1][1]),
-                                    pack(s[2 * j + 1][2], s[2 * j + 1][3])};
-            const uint32_t da[4] = {pack(dp[2 * j][0], dp[2 * j][1]), pack(dp[2 * j][2], dp[2 * j][3]),
-                                    pack(dp[2 * j + 1][0], dp[2 * j + 1][1]),
-                                    pack(dp[2 * j + 1][2], dp[2 * j + 1][3])};
+            uint32_t pa[4];
+            c_to_a(pa, s[2 * j], s[2 * j + 1]);
+            uint32_t da[4];
+            c_to_a(da, dp[2 * j], dp[2 * j + 1]);
 #pragma unroll
             for (int d = 0; d < DT; d++) {
                 const bf16* gr = gt + (d * 8 + g) * TT + j * 16 + 2 * t;
@@ -372,15 +365,8 @@ __device__ void flash_bwd_dq(const bf16* q, const bf16* k, const bf16* v, const 
     uint32_t qf[KS][4], gf[KS][4];
 #pragma unroll
     for (int kk = 0; kk < KS; kk++) {
-        const int c = kk * 16 + 2 * t;
-        qf[kk][0] = row0 < seq ? pair(q + head + (size_t)row0 * HD + c) : 0;
-        qf[kk][1] = row1 < seq ? pair(q + head + (size_t)row1 * HD + c) : 0;
-        qf[kk][2] = row0 < seq ? pair(q + head + (size_t)row0 * HD + c + 8) : 0;
-        qf[kk][3] = row1 < seq ? pair(q + head + (size_t)row1 * HD + c + 8) : 0;
-        gf[kk][0] = row0 < seq ? pair(gob + (size_t)row0 * ost + c) : 0;
-        gf[kk][1] = row1 < seq ? pair(gob + (size_t)row1 * ost + c) : 0;
-        gf[kk][2] = row0 < seq ? pair(gob + (size_t)row0 * ost + c + 8) : 0;
-        gf[kk][3] = row1 < seq ? pair(gob + (size_t)row1 * ost + c + 8) : 0;
+        load_a(qf[kk], q + head, HD, row0, seq, kk * 16 + 2 * t);
+        load_a(gf[kk], gob, ost, row0, seq, kk * 16 + 2 * t);
     }
     const float ls0 = row0 < seq ? lse[(size_t)bh * seq + row0] : 0.f;
     const float ls1 = row1 < seq ? lse[(size_t)bh * seq + row1] : 0.f;
@@ -395,8 +381,8 @@ __device__ void flash_bwd_dq(const bf16* q, const bf16* k, const bf16* v, const 
     for (int tile = 0; tile < tiles; tile++) {
         const int kv0 = tile * BN;
         __syncthreads();
-        load_rows<HD>(ks, ST, k + head, kv0, BN, seq);
-        load_rows<HD>(vs, ST, v + head, kv0, BN, seq);
+        load_rows<HD>(ks, ST, k + head, kv0, BN, seq, HD);
+        load_rows<HD>(vs, ST, v + head, kv0, BN, seq, HD);
         load_cols<HD>(kt, TT, k + head, kv0, BN, seq, HD);
         __syncthreads();
 
@@ -426,9 +412,8 @@ __device__ void flash_bwd_dq(const bf16* q, const bf16* k, const bf16* v, const 
         }
 #pragma unroll
         for (int j = 0; j < BN / 16; j++) {
-            const uint32_t da[4] = {pack(s[2 * j][0], s[2 * j][1]), pack(s[2 * j][2], s[2 * j][3]),
-                                    pack(s[2 * j + 1][0], s[2 * j + 1][1]),
-                                    pack(s[2 * j + 1][2], s[2 * j + 1][3])};
+            uint32_t da[4];
+            c_to_a(da, s[2 * j], s[2 * j + 1]);
 #pragma unroll
             for (int d = 0; d < DT; d++) {
                 const bf16* kr = kt + (d * 8 + g) * TT + j * 16 + 2 * t;

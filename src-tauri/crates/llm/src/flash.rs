@@ -297,22 +297,19 @@ mod tests {
         (o, lse, g_q, g_k, g_v)
     }
 
+    /// max |t|.
+    fn max_abs(t: &Tensor) -> f32 {
+        let t = t.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
+        t.abs().unwrap().max(0).unwrap().to_scalar().unwrap()
+    }
+
     /// max |a − b| ÷ max |b|, the divisor at least 0.01: with one key the
     /// reference's dq and dk are exactly 0 (p = 1, dS = g − g) where the
     /// kernels' dP − delta leaves f32 rounding (two sums in different orders).
     fn rel(a: &Tensor, b: &Tensor) -> f32 {
-        let a = a.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
-        let b = b.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
-        let d: f32 = (&a - &b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap();
-        let m: f32 = b.abs().unwrap().max(0).unwrap().to_scalar().unwrap();
-        d / m.max(1e-2)
+        let a = a.to_dtype(DType::F32).unwrap();
+        let b = b.to_dtype(DType::F32).unwrap();
+        max_abs(&(&a - &b).unwrap()) / max_abs(&b).max(1e-2)
     }
 
     #[test]
@@ -358,16 +355,7 @@ mod tests {
             let what = format!("b {b}, heads {heads}, seq {seq}, head {hd}");
             // bf16 operands and outputs (8 bits of mantissa: 4e-3 a
             // rounding) over sums of up to 2048 terms in f32.
-            let lse_err = (&lse - &rlse)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let lse_err = max_abs(&(&lse - &rlse).unwrap());
             assert!(lse_err < 2e-2, "{what}: log-sum-exp off by {lse_err}");
             for (name, got, want, bound) in [
                 ("output", &o, &ro, 1.5e-2),

@@ -471,7 +471,9 @@ impl Phi {
             #[cfg(feature = "cuda")]
             Attn::Lse(lse) => Ok(crate::flash::backward(&q, &k, &v, &o, &lse, &g_o)?),
             Attn::Probs(p) => {
-                let g_o = g_o
+                // Taken by value: the [n, hidden] gradient is freed once
+                // copied into the heads' layout, before the peak below.
+                let g_o = { g_o }
                     .reshape((b, seq, heads, hd))?
                     .transpose(1, 2)?
                     .contiguous()?;
@@ -484,7 +486,7 @@ impl Phi {
                 Ok((g_q, g_k, g_v))
             }
         })?;
-        drop((g_o, o));
+        drop(o);
         let g_qkv = phase(dev, "bwd rope", || {
             self.rotate_back(&g_q, &g_k, &g_v, b, seq)
         })?;

@@ -85,25 +85,25 @@ pub struct Estimate {
 /// Rows of logits computed at once (dramatis-llm's head chunk).
 const HEAD_ROWS: f64 = 512.0;
 
-/// Activation bytes at the peak of a step.
-/// `rows` sequences of `seq` tokens.
+/// Activation bytes at the peak of a step, for `rows` sequences of `seq` tokens.
 fn activations(input: &EstimateInput, seq: usize, rows: usize, checkpointing: bool) -> f64 {
     let cfg = &input.config;
     let (batch, e) = (rows, input.dtype_bytes.max(1));
     let (h, i) = (cfg.hidden_size as f64, cfg.intermediate_size as f64);
     let heads = cfg.num_attention_heads as f64;
-    // Per query: `length` probabilities per head, or with the flash kernels
-    // one f32 log-sum-exp and one f32 delta per head (counted in elements of
-    // the training dtype).
-    let probs = if input.flash_attention {
-        2.0 * heads * 4.0 / e as f64
+    // Per query and head: `length` probabilities kept, and two more
+    // probability-sized tensors while a block runs backward; with the flash
+    // kernels one f32 log-sum-exp kept and one f32 delta (counted in
+    // elements of the training dtype).
+    let (attn_kept, attn_transient) = if input.flash_attention {
+        (heads * 4.0 / e as f64, heads * 4.0 / e as f64)
     } else {
-        heads * seq as f64
+        (heads * seq as f64, 2.0 * heads * seq as f64)
     };
     let layers = cfg.num_hidden_layers as f64;
     let tokens = (seq * batch) as f64;
-    let kept = 5.0 * h + 2.0 * i + probs;
-    let transient = 2.0 * probs + 4.0 * h + 2.0 * i;
+    let kept = 5.0 * h + 2.0 * i + attn_kept;
+    let transient = attn_transient + 4.0 * h + 2.0 * i;
     let blocks = layers * h + transient + if checkpointing { kept } else { layers * kept };
     let head = HEAD_ROWS.min(tokens) * cfg.vocab_size as f64 * (e as f64 + 20.0);
     e as f64 * tokens * blocks + head

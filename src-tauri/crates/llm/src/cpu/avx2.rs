@@ -441,36 +441,52 @@ fn q8_0_block(b: &[u8], a: &Q8Block, acc: __m256) -> __m256 {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 fn q8_0<const N: usize>(row: &[u8], acts: [&[Q8Block]; N]) -> [f32; N] {
-    // Four chains of multiply-adds per activation row, blocks k, k+1, k+2,
-    // k+3, in locals the compiler keeps in registers. One chain waits on the
-    // multiply-add's latency at every block (~4 cycles for ~3 cycles of
-    // work); chains in an array indexed by the block's parity were kept on
-    // the stack, and the store and reload lengthened each chain further
-    // (5.9 cycles a block on one core, BENCHMARKS.md).
-    let mut acc = [[_mm256_setzero_ps(); N]; 4];
-    let quads = row.chunks_exact(4 * 34);
-    let rest = quads.remainder();
-    let mut k = 0;
-    for q in quads {
-        for t in 0..N {
-            let a = &acts[t][k..k + 4];
-            acc[0][t] = q8_0_block(&q[..34], &a[0], acc[0][t]);
-            acc[1][t] = q8_0_block(&q[34..68], &a[1], acc[1][t]);
-            acc[2][t] = q8_0_block(&q[68..102], &a[2], acc[2][t]);
-            acc[3][t] = q8_0_block(&q[102..], &a[3], acc[3][t]);
-        }
-        k += 4;
+    // Independent chains of multiply-adds per activation row, blocks k,
+    // k+1, ... in turn: one chain waits on the multiply-add's latency at every
+    // block (~4 cycles for ~3 cycles of work). Four for one row; two for
+    // several, whose 2·N accumulators still fit the 16 vector registers with
+    // the block's operands (4·N would spill, and a spilled chain waits on a
+    // store and a reload: 5.9 cycles a block on one core before, when two
+    // chains were indexed by the block's parity and kept on the stack).
+    if N == 1 {
+        q8_0_chains::<N, 4>(row, acts)
+    } else {
+        q8_0_chains::<N, 2>(row, acts)
     }
-    for (j, b) in rest.chunks_exact(34).enumerate() {
+}
+
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn q8_0_chains<const N: usize, const C: usize>(row: &[u8], acts: [&[Q8Block]; N]) -> [f32; N] {
+    let mut acc = [[_mm256_setzero_ps(); N]; C];
+    let groups = row.chunks_exact(C * 34);
+    let rest = groups.remainder();
+    let mut k = 0;
+    for grp in groups {
         for t in 0..N {
-            acc[j][t] = q8_0_block(b, &acts[t][k + j], acc[j][t]);
+            for (c, chain) in acc.iter_mut().enumerate() {
+                let b = &grp[c * 34..(c + 1) * 34];
+                chain[t] = q8_0_block(b, &acts[t][k + c], chain[t]);
+            }
         }
+        k += C;
+    }
+    // The 0..C leftover blocks, on the first chain (a chain chosen at run
+    // time would index the accumulators by a variable, which keeps them in
+    // memory).
+    for b in rest.chunks_exact(34) {
+        for t in 0..N {
+            acc[0][t] = q8_0_block(b, &acts[t][k], acc[0][t]);
+        }
+        k += 1;
     }
     std::array::from_fn(|t| {
-        hsum(_mm256_add_ps(
-            _mm256_add_ps(acc[0][t], acc[1][t]),
-            _mm256_add_ps(acc[2][t], acc[3][t]),
-        ))
+        let mut s = acc[0][t];
+        for chain in &acc[1..] {
+            s = _mm256_add_ps(s, chain[t]);
+        }
+        hsum(s)
     })
 }
 

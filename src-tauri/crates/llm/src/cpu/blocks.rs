@@ -291,3 +291,25 @@ pub(crate) fn dot_q8_0(row: &[u8], acts: &[Q8Block]) -> f32 {
     }
     total
 }
+
+#[cfg(test)]
+mod tests {
+    /// Every half-integer in [−127, 127], its float neighbours and a sweep
+    /// of the range round as `round_ties_even` does (up to the sign of zero,
+    /// which `as i8` drops).
+    #[test]
+    fn round_small_rounds_to_nearest_even() {
+        let mut xs: Vec<f32> = (-254..=254).map(|k| k as f32 / 2.0).collect();
+        let ties = xs.clone();
+        for x in ties {
+            xs.push(f32::from_bits(x.to_bits() + 1));
+            xs.push(f32::from_bits(x.to_bits().wrapping_sub(1)));
+        }
+        xs.extend((0..200_000).map(|i| -127.0 + i as f32 * (254.0 / 200_000.0)));
+        for x in xs.into_iter().filter(|x| x.abs() <= 127.0) {
+            let (got, want) = (super::round_small(x), x.round_ties_even());
+            assert!(got == want, "{x}: {got} vs {want}");
+        }
+        assert!(super::round_small(f32::NAN).is_nan());
+    }
+}
