@@ -63,18 +63,19 @@ bench)
 decode)
   work=$3; t=$4; pairs=${5:-5}
   lb="${LLAMA_BUILD:-$work/llama-build}/bin/llama-bench"
+  # tok/s of one tg128 run of each on file $f.
+  llama() {
+    "$lb" -m "$work/$f.gguf" -p 0 -n 128 -t "$t" -r 1 -o jsonl 2>/dev/null |
+      grep -o '"avg_ts": *[0-9.]*' | grep -oE '[0-9.]+$'
+  }
+  ours() {
+    "$cli" bench --model "$work/$f.gguf" --device cpu --threads "$t" --prompt-tokens 1 \
+      --gen-tokens 128 --turn-tokens 1 --json 2>/dev/null |
+      grep -o '"decode_empty_tok_s": *[0-9.]*' | grep -oE '[0-9.]+$'
+  }
   for f in phi2-q4km phi2-q8_0; do
     echo "== $f, $t threads, tg128 from an empty context: llama.cpp, dramatis, ratio"
     rows=$(for i in $(seq "$pairs"); do
-      llama() {
-        "$lb" -m "$work/$f.gguf" -p 0 -n 128 -t "$t" -r 1 -o jsonl 2>/dev/null |
-          grep -o '"avg_ts": *[0-9.]*' | grep -oE '[0-9.]+$'
-      }
-      ours() {
-        "$cli" bench --model "$work/$f.gguf" --device cpu --threads "$t" --prompt-tokens 1 \
-          --gen-tokens 128 --turn-tokens 1 --json 2>/dev/null |
-          grep -o '"decode_empty_tok_s": *[0-9.]*' | grep -oE '[0-9.]+$'
-      }
       # Each goes first in every other pair.
       if [ $((i % 2)) = 1 ]; then l=$(llama); o=$(ours); else o=$(ours); l=$(llama); fi
       if [ -z "$l" ] || [ -z "$o" ]; then echo "pair $i failed (llama.cpp '$l', dramatis '$o')" >&2; exit 1; fi

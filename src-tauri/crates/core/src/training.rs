@@ -853,8 +853,10 @@ impl Dramatis {
         static FLOPS: std::sync::OnceLock<Option<f64>> = std::sync::OnceLock::new();
         let flops =
             *FLOPS.get_or_init(|| dramatis_train::estimate::measure_flops(self.device(), dtype));
+        let flash_attention =
+            dramatis_llm::trains_with_flash_attention(self.device(), dtype, info.config.head_dim());
         Ok(dramatis_train::estimate(&dramatis_train::EstimateInput {
-            config: info.config.clone(),
+            config: info.config,
             weight_bytes,
             r: config.r,
             targets: config.targets.len(),
@@ -866,11 +868,7 @@ impl Dramatis {
             dtype_bytes: dtype.size_in_bytes(),
             on_gpu: !self.device().is_cpu(),
             dpo: matches!(config.objective, Objective::Dpo { .. }),
-            flash_attention: dramatis_llm::trains_with_flash_attention(
-                self.device(),
-                dtype,
-                info.config.head_dim(),
-            ),
+            flash_attention,
         }))
     }
 

@@ -9,20 +9,26 @@
 //! GPU (they are in this file and run with the `cuda` feature).
 #![allow(unsafe_code)]
 
-use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
-use candle_core::cuda_backend::{CudaStorage, WrapErr};
-use candle_core::op::BackpropOp;
-use candle_core::{DType, Storage, Tensor, bail};
-use half::bf16;
+use std::sync::LazyLock;
 
-use candle_core::Result;
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
+};
+use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage, WrapErr};
+use candle_core::op::BackpropOp;
+use candle_core::{DType, Layout, Result, Storage, Tensor, bail};
+use half::bf16;
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/flash.ptx"));
 const MODULE: &str = "dramatis_flash";
 const THREADS: u32 = 128;
 /// Query (forward, dQ) or key (dK/dV) rows a block.
 const ROWS: usize = 64;
+
+/// `DRAMATIS_FLASH_ATTENTION=1`, read once (every block asks).
+static ASKED: LazyLock<bool> =
+    LazyLock::new(|| std::env::var_os("DRAMATIS_FLASH_ATTENTION").is_some_and(|v| v == "1"));
 
 /// Whether the kernels take attention over `q` (`[b, heads, seq, head_dim]`).
 pub(crate) fn takes(q: &Tensor) -> bool {
@@ -38,36 +44,34 @@ pub(crate) fn enabled(device: &candle_core::Device, dtype: DType, head_dim: usiz
         return false;
     };
     use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute as A;
-    dtype == DType::BF16
+    *ASKED
+        && dtype == DType::BF16
         && matches!(head_dim, 16 | 32 | 64 | 80)
         && dev
             .cuda_stream()
             .context()
             .attribute(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)
             .is_ok_and(|major| major >= 8)
-        && std::env::var_os("DRAMATIS_FLASH_ATTENTION").is_some_and(|v| v == "1")
 }
 
-/// A contiguous bf16 tensor's device buffer, held for a launch.
+/// A contiguous tensor's device buffer, held for a launch.
 struct Held<'a> {
     guard: candle_core::StorageRef<'a>,
-    range: (usize, usize),
+    layout: &'a Layout,
 }
 
 impl<'a> Held<'a> {
-    fn new(t: &'a Tensor, what: &str) -> Result<Self> {
+    /// `t`, which must be `dtype` and start 4-byte aligned (the kernels
+    /// read and write bf16 pairs as 32-bit words).
+    fn new(t: &'a Tensor, what: &str, dtype: DType) -> Result<Self> {
         let (guard, layout) = t.storage_and_layout();
-        let Some(range) = layout.contiguous_offsets() else {
-            bail!("flash attention: {what} is not contiguous");
-        };
-        if t.dtype() != DType::BF16 {
-            bail!("flash attention: {what} is {:?}, not bf16", t.dtype());
+        if t.dtype() != dtype {
+            bail!("flash attention: {what} is {:?}, not {dtype:?}", t.dtype());
         }
-        // The kernels read and write bf16 pairs as 32-bit words.
-        if !range.0.is_multiple_of(2) {
-            bail!("flash attention: {what} starts at an odd element");
+        if !(layout.start_offset() * dtype.size_in_bytes()).is_multiple_of(4) {
+            bail!("flash attention: {what} is not 4-byte aligned");
         }
-        Ok(Self { guard, range })
+        Ok(Self { guard, layout })
     }
 
     fn cuda(&self) -> Result<&CudaStorage> {
@@ -77,33 +81,19 @@ impl<'a> Held<'a> {
         }
     }
 
-    fn view(&self) -> Result<candle_core::cuda_backend::cudarc::driver::CudaView<'_, bf16>> {
-        Ok(self
-            .cuda()?
-            .as_cuda_slice::<bf16>()?
-            .slice(self.range.0..self.range.1))
+    fn view<T: CudaDType + DeviceRepr>(&self) -> Result<CudaView<'_, T>> {
+        crate::kernels::cuda::contiguous::<T>((self.cuda()?, self.layout))
     }
 }
 
-/// Output buffers of a launch, wrapped as tensors afterwards.
-fn alloc<
-    T: candle_core::cuda_backend::cudarc::driver::DeviceRepr + candle_core::cuda_backend::CudaDType,
->(
-    dev: &candle_core::cuda_backend::CudaDevice,
-    n: usize,
-) -> Result<CudaSlice<T>> {
+/// An output buffer of a launch, wrapped as a tensor afterwards.
+fn alloc<T: CudaDType + DeviceRepr>(dev: &CudaDevice, n: usize) -> Result<CudaSlice<T>> {
     // SAFETY: every kernel here writes each element of its outputs (rows
     // past `seq` are never part of an output).
     Ok(unsafe { dev.alloc::<T>(n)? })
 }
 
-fn tensor<
-    T: candle_core::cuda_backend::CudaDType + candle_core::cuda_backend::cudarc::driver::DeviceRepr,
->(
-    s: CudaSlice<T>,
-    dev: &candle_core::cuda_backend::CudaDevice,
-    shape: &[usize],
-) -> Tensor {
+fn tensor<T: CudaDType + DeviceRepr>(s: CudaSlice<T>, dev: &CudaDevice, shape: &[usize]) -> Tensor {
     Tensor::from_storage(
         Storage::Cuda(CudaStorage::wrap_cuda_slice(s, dev.clone())),
         shape,
@@ -136,16 +126,25 @@ fn dims(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<(usize, usize, usize, usiz
     Ok(d)
 }
 
+/// q, k and v held for a launch (bf16).
+fn qkv<'a>(q: &'a Tensor, k: &'a Tensor, v: &'a Tensor) -> Result<[Held<'a>; 3]> {
+    Ok([
+        Held::new(q, "q", DType::BF16)?,
+        Held::new(k, "k", DType::BF16)?,
+        Held::new(v, "v", DType::BF16)?,
+    ])
+}
+
 /// Attention's output `[b·seq, heads·head_dim]` (the dense projection's
 /// input) and each query's log-sum-exp in log2 units, `[b, heads, seq]` f32.
 pub(crate) fn forward(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
     let (b, heads, seq, hd) = dims(q, k, v)?;
-    let (hq, hk, hv) = (Held::new(q, "q")?, Held::new(k, "k")?, Held::new(v, "v")?);
+    let [hq, hk, hv] = qkv(q, k, v)?;
     let dev = hq.cuda()?.device().clone();
     let mut o = alloc::<bf16>(&dev, b * seq * heads * hd)?;
     let mut lse = alloc::<f32>(&dev, b * heads * seq)?;
     let func = dev.get_or_load_custom_func(&format!("flash_fwd_bf16_hd{hd}"), MODULE, PTX)?;
-    let (qv, kv, vv) = (hq.view()?, hk.view()?, hv.view()?);
+    let (qv, kv, vv) = (hq.view::<bf16>()?, hk.view::<bf16>()?, hv.view::<bf16>()?);
     let (h32, s32) = (heads as i32, seq as i32);
     let mut l = func.builder();
     l.arg(&qv).arg(&kv).arg(&vv).arg(&mut o).arg(&mut lse);
@@ -175,26 +174,19 @@ pub(crate) fn backward(
     if o.dims2()? != (b * seq, heads * hd) || g_o.dims2()? != (b * seq, heads * hd) {
         bail!("flash attention: o or its gradient is not [b·seq, hidden]");
     }
-    if lse.dims3()? != (b, heads, seq) || lse.dtype() != DType::F32 {
-        bail!("flash attention: the log-sum-exp is not [b, heads, seq] f32");
+    if lse.dims3()? != (b, heads, seq) {
+        bail!("flash attention: the log-sum-exp is not [b, heads, seq]");
     }
-    let g_o = g_o.contiguous()?;
-    let lse = lse.contiguous()?;
-    let (hq, hk, hv) = (Held::new(q, "q")?, Held::new(k, "k")?, Held::new(v, "v")?);
-    let (ho, hg) = (
-        Held::new(o, "o")?,
-        Held::new(&g_o, "the output's gradient")?,
-    );
-    let (lg, ll) = lse.storage_and_layout();
-    let Storage::Cuda(ls) = &*lg else {
-        bail!("flash attention: the log-sum-exp is not on the GPU");
-    };
-    let (la, lb) = ll.contiguous_offsets().expect("made contiguous above");
-    let lv = ls.as_cuda_slice::<f32>()?.slice(la..lb);
+    let (g_o, lse) = (g_o.contiguous()?, lse.contiguous()?);
+    let [hq, hk, hv] = qkv(q, k, v)?;
+    let ho = Held::new(o, "o", DType::BF16)?;
+    let hg = Held::new(&g_o, "the output's gradient", DType::BF16)?;
+    let hl = Held::new(&lse, "the log-sum-exp", DType::F32)?;
     let dev = hq.cuda()?.device().clone();
     let n = b * heads * seq * hd;
     let (h32, s32, d32) = (heads as i32, seq as i32, hd as i32);
-    let (qv, kv, vv, ov, gv) = (hq.view()?, hk.view()?, hv.view()?, ho.view()?, hg.view()?);
+    let (qv, kv, vv) = (hq.view::<bf16>()?, hk.view::<bf16>()?, hv.view::<bf16>()?);
+    let (ov, gv, lv) = (ho.view::<bf16>()?, hg.view::<bf16>()?, hl.view::<f32>()?);
 
     let mut delta = alloc::<f32>(&dev, b * heads * seq)?;
     let f = dev.get_or_load_custom_func("flash_delta_bf16", MODULE, PTX)?;
@@ -252,17 +244,8 @@ mod tests {
         let p = crate::kernels::causal_softmax(&s).unwrap();
         let lse = {
             // log2 Σ_j e^(s_ij) over the visible keys.
-            let i = Tensor::arange(0u32, seq as u32, q.device()).unwrap();
-            let future = i
-                .unsqueeze(0)
-                .unwrap()
-                .broadcast_gt(&i.unsqueeze(1).unwrap())
-                .unwrap();
-            let masked = future
-                .broadcast_as(s.shape())
-                .unwrap()
-                .where_cond(&s.ones_like().unwrap().affine(0.0, -1e30).unwrap(), &s)
-                .unwrap();
+            let mask = crate::kernels::causal_mask(seq, &s).unwrap();
+            let masked = s.broadcast_add(&mask).unwrap();
             let m = masked.max_keepdim(D::Minus1).unwrap();
             let e = masked
                 .broadcast_sub(&m)

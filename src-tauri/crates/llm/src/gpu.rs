@@ -974,6 +974,12 @@ mod tests {
         }
     }
 
+    fn cuda() -> Device {
+        crate::DeviceChoice::Cuda(0)
+            .open()
+            .expect("these tests need a CUDA device")
+    }
+
     /// Each decode step on the kernels against the tensor path from equal
     /// caches: 250 prompt tokens, then 60 steps (the cache grows past 256
     /// and the attention goes from two splits to three on the way), then 5
@@ -988,9 +994,7 @@ mod tests {
     /// top two are further apart than that.
     #[test]
     fn decode_steps_equal_the_tensor_path() {
-        let dev = crate::DeviceChoice::Cuda(0)
-            .open()
-            .expect("these tests need a CUDA device");
+        let dev = cuda();
         let dir = tempfile::tempdir().unwrap();
         let mut rng = rand::rngs::StdRng::seed_from_u64(3);
         for r in 0..6 {
@@ -1030,9 +1034,7 @@ mod tests {
     /// capture serves both caches.
     #[test]
     fn two_threads_on_two_caches_decode_alike() {
-        let dev = crate::DeviceChoice::Cuda(0)
-            .open()
-            .expect("these tests need a CUDA device");
+        let dev = cuda();
         let dir = tempfile::tempdir().unwrap();
         for graphs in [false, true] {
             let phi = model(0, dir.path(), &dev);

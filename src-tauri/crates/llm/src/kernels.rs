@@ -150,7 +150,7 @@ pub(crate) fn qkv_rope(
 
 /// `[seq, seq]` in `like`'s dtype on its device: 0 where query `i` may see
 /// key `j` (`j ≤ i`), −∞ elsewhere.
-fn causal_mask(seq: usize, like: &Tensor) -> Result<Tensor> {
+pub(crate) fn causal_mask(seq: usize, like: &Tensor) -> Result<Tensor> {
     let dev = like.device();
     let i = Tensor::arange(0u32, seq as u32, dev)?;
     let future = i.unsqueeze(0)?.broadcast_gt(&i.unsqueeze(1)?)?;
@@ -163,7 +163,7 @@ fn causal_mask(seq: usize, like: &Tensor) -> Result<Tensor> {
 
 #[cfg(feature = "cuda")]
 #[allow(unsafe_code)]
-mod cuda {
+pub(crate) mod cuda {
     //! Each op: check shapes, pick the kernel for the dtype, launch it on
     //! contiguous views of its inputs. Kernel parameters are always: the
     //! inputs in the op's dtype, then f32 inputs, then the output, then scalars.
@@ -178,7 +178,7 @@ mod cuda {
     const MODULE: &str = "dramatis_train";
     const THREADS: u32 = 256;
 
-    type Input<'a> = (&'a CudaStorage, &'a Layout);
+    pub(crate) type Input<'a> = (&'a CudaStorage, &'a Layout);
 
     enum Scalar {
         I32(i32),
@@ -186,7 +186,7 @@ mod cuda {
         F32(f32),
     }
 
-    fn contiguous<'a, T: CudaDType + DeviceRepr>(
+    pub(crate) fn contiguous<'a, T: CudaDType + DeviceRepr>(
         (s, l): Input<'a>,
     ) -> candle_core::Result<CudaView<'a, T>> {
         let (a, b) = l.contiguous_offsets().ok_or_else(|| {
