@@ -223,8 +223,7 @@ impl Linear {
             }
         }
         if gelu {
-            use rayon::prelude::*;
-            y.par_chunks_mut(4096).for_each(|c| simd.gelu(c));
+            crate::cpu::pool::chunks(&mut y, 4096, |_, c| simd.gelu(c));
         }
         Ok(y)
     }

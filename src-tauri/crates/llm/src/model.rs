@@ -269,11 +269,7 @@ impl Phi {
         }
         if let (Some(parts), Some(c), 1) = (&self.host, cache.as_deref_mut(), b) {
             let ids: Vec<u32> = tokens.flatten_all()?.to_vec1()?;
-            // On one of the engine's threads: the pass's parallel loops then
-            // share work with the pool's other threads directly, instead of
-            // this thread handing each one over and sleeping until it is done.
-            let out =
-                rayon::scope(|_| crate::cpu::forward::forward(self, parts, &ids, c, logits, lora))?;
+            let out = crate::cpu::forward::forward(self, parts, &ids, c, logits, lora)?;
             let vocab = self.cfg.vocab_size;
             return Ok(match logits {
                 Logits::Last => Tensor::from_vec(out, (1, vocab), &self.device)?,

@@ -4,9 +4,7 @@
 //! `seq × context` is ever materialized beyond one block's scores, and each
 //! cached key and value is widened to f32 once per block, not per query.
 
-use rayon::prelude::*;
-
-use super::Avx2;
+use super::{Avx2, pool};
 use crate::cache::HostKv;
 
 /// Queries that share one pass over a head's keys and values.
@@ -37,15 +35,12 @@ pub(crate) fn attend(
     );
     let blocks = seq.div_ceil(QUERY_BLOCK);
     // One task per (head, query block); each returns its rows of one head.
-    let parts: Vec<(usize, usize, Vec<f32>)> = (0..heads * blocks)
-        .into_par_iter()
-        .map(|task| {
-            let (h, b) = (task / blocks, task % blocks);
-            let i0 = b * QUERY_BLOCK;
-            let i1 = (i0 + QUERY_BLOCK).min(seq);
-            (h, i0, attend_block(simd, q, i0..i1, h, offset, kv, scale))
-        })
-        .collect();
+    let parts = pool::map(heads * blocks, |task| {
+        let (h, b) = (task / blocks, task % blocks);
+        let i0 = b * QUERY_BLOCK;
+        let i1 = (i0 + QUERY_BLOCK).min(seq);
+        (h, i0, attend_block(simd, q, i0..i1, h, offset, kv, scale))
+    });
     let width = heads * hd;
     let mut out = vec![0f32; seq * width];
     for (h, i0, rows) in parts {

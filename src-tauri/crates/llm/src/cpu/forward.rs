@@ -6,14 +6,13 @@
 //! copies and single-threaded element-wise passes, which bounded how far the
 //! engine scaled with cores.
 
-use candle_core::{DType, Tensor};
-use rayon::prelude::*;
-
 use super::Avx2;
+use super::pool;
 use crate::cache::{KvCache, rotate_pairs};
 use crate::lora::{LoraAdapter, LoraLayer, LoraTarget};
 use crate::model::{Block, Phi, slots};
 use crate::{Logits, Result};
+use candle_core::{DType, Tensor};
 
 /// What the CPU pass needs beside the weights, in f32 on the host: read
 /// once from the model's tensors.
@@ -99,11 +98,10 @@ pub(crate) fn forward(
         let mut q = vec![0f32; seq * hidden];
         let mut k = vec![0f32; seq * hidden];
         let mut v = vec![0f32; seq * hidden];
-        q.par_chunks_mut(hidden)
-            .zip(k.par_chunks_mut(hidden))
-            .zip(v.par_chunks_mut(hidden))
-            .enumerate()
-            .for_each(|(t, ((q, k), v))| {
+        pool::chunks3(
+            (&mut q, &mut k, &mut v),
+            (hidden, hidden, hidden),
+            |t, q, k, v| {
                 let row = &qkv[t * 3 * hidden..(t + 1) * 3 * hidden];
                 q.copy_from_slice(&row[..hidden]);
                 k.copy_from_slice(&row[hidden..2 * hidden]);
@@ -113,7 +111,8 @@ pub(crate) fn forward(
                 for head in q.chunks_exact_mut(hd).chain(k.chunks_exact_mut(hd)) {
                     rotate_pairs(head, cos, sin);
                 }
-            });
+            },
+        );
         let kv = cache.append_host(simd, i, &k, &v, heads, hd)?;
         let y = super::attention::attend(simd, &q, seq, offset, kv, scale);
         let attn =
@@ -126,13 +125,12 @@ pub(crate) fn forward(
         let mlp = block
             .fc2
             .host_forward(simd, &act, seq, &slots(l, &[LoraTarget::Fc2]), false)?;
-        x.par_chunks_mut(hidden)
-            .zip(attn.par_chunks(hidden).zip(mlp.par_chunks(hidden)))
-            .for_each(|(x, (a, m))| {
-                for ((x, a), m) in x.iter_mut().zip(a).zip(m) {
-                    *x += a + m;
-                }
-            });
+        pool::chunks(&mut x, hidden, |t, x| {
+            let at = t * hidden..(t + 1) * hidden;
+            for ((x, a), m) in x.iter_mut().zip(&attn[at.clone()]).zip(&mlp[at]) {
+                *x += a + m;
+            }
+        });
     }
     cache.advance(seq);
     let rows = match logits {
@@ -149,16 +147,15 @@ pub(crate) fn forward(
 fn layer_norm(x: &[f32], w: &[f32], b: &[f32], eps: f32) -> Vec<f32> {
     let n = w.len();
     let mut out = vec![0f32; x.len()];
-    out.par_chunks_mut(n)
-        .zip(x.par_chunks(n))
-        .for_each(|(o, x)| {
-            let mean = x.iter().sum::<f32>() / n as f32;
-            let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n as f32;
-            let inv = 1.0 / (var + eps).sqrt();
-            for (((o, x), w), b) in o.iter_mut().zip(x).zip(w).zip(b) {
-                *o = (x - mean) * inv * w + b;
-            }
-        });
+    pool::chunks(&mut out, n, |t, o| {
+        let x = &x[t * n..(t + 1) * n];
+        let mean = x.iter().sum::<f32>() / n as f32;
+        let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n as f32;
+        let inv = 1.0 / (var + eps).sqrt();
+        for (((o, x), w), b) in o.iter_mut().zip(x).zip(w).zip(b) {
+            *o = (x - mean) * inv * w + b;
+        }
+    });
     out
 }
 

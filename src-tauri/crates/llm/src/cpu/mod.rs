@@ -17,12 +17,11 @@ mod avx2;
 mod avx512;
 pub(crate) mod blocks;
 pub(crate) mod forward;
+pub(crate) mod pool;
 pub mod threads;
 mod tiled;
 
 use std::sync::Arc;
-
-use rayon::prelude::*;
 
 pub(crate) use avx2::Avx2;
 use avx512::Avx512;
@@ -233,12 +232,12 @@ impl QMatrix {
         let rb = self.row_bytes();
         let per_row = acts.len() / m;
         let w = self.bytes.as_slice();
-        let threads = rayon::current_num_threads();
+        let threads = pool::threads();
         // Several chunks per thread so a slow thread's share is taken up by others.
         let chunk = self.rows.div_ceil(threads * 4).clamp(4, 64);
         if m == 1 {
             let mut out = vec![0f32; self.rows];
-            out.par_chunks_mut(chunk).enumerate().for_each(|(c, ys)| {
+            pool::chunks(&mut out, chunk, |c, ys| {
                 let r0 = c * chunk;
                 for (i, y) in ys.iter_mut().enumerate() {
                     let r = r0 + i;
@@ -250,7 +249,7 @@ impl QMatrix {
         }
         // Computed as [rows, m] so each thread owns contiguous output, then transposed.
         let mut t = vec![0f32; self.rows * m];
-        t.par_chunks_mut(chunk * m).enumerate().for_each(|(c, ys)| {
+        pool::chunks(&mut t, chunk * m, |c, ys| {
             let r0 = c * chunk;
             let n = ys.len() / m;
             for t0 in (0..m).step_by(INPUT_TILE) {
@@ -292,7 +291,7 @@ impl QMatrix {
 /// `[m, rows]` from `[rows, m]`, on the engine's threads.
 fn transpose(t: &[f32], rows: usize, m: usize) -> Vec<f32> {
     let mut out = vec![0f32; rows * m];
-    out.par_chunks_mut(rows).enumerate().for_each(|(tok, o)| {
+    pool::chunks(&mut out, rows, |tok, o| {
         for (r, v) in o.iter_mut().enumerate() {
             *v = t[r * m + tok];
         }

@@ -23,12 +23,13 @@ pub fn default_threads() -> usize {
 /// same count (`CANDLE_NUM_THREADS`) for the operations it runs itself.
 pub fn configure(threads: Option<usize>) -> usize {
     let n = threads.filter(|&n| n > 0).unwrap_or_else(default_threads);
-    // An error means a pool exists already (an earlier call): keep it.
+    // For what still runs on rayon (candle's own operations, training's
+    // passes); an error means a pool exists already (an earlier call).
     let _ = rayon::ThreadPoolBuilder::new()
         .num_threads(n)
-        .thread_name(|i| format!("engine-{i}"))
+        .thread_name(|i| format!("rayon-{i}"))
         .build_global();
-    rayon::current_num_threads()
+    super::pool::start(n)
 }
 
 /// Sets up the process's engine threads: [`configure`], and candle's own
@@ -82,7 +83,7 @@ fn tune_allocator() {
 
 /// The engine's thread count now.
 pub fn current() -> usize {
-    rayon::current_num_threads()
+    super::pool::threads()
 }
 
 #[cfg(target_os = "linux")]

@@ -24,6 +24,7 @@
 use std::arch::x86_64::*;
 
 use super::blocks::{self, Kind, QK_K};
+use super::pool::{self, Parts};
 
 /// Tokens per panel: one 32-bit lane each in a 512-bit register.
 pub(crate) const TOKENS: usize = 16;
@@ -64,7 +65,6 @@ impl Panels {
     /// for weights of `kind`: one scale per 32 values for Q8_0's blocks, per
     /// 256 for the K-quants' super-blocks. `v` proves AVX2.
     pub(crate) fn new(x: &[f32], m: usize, cols: usize, kind: Kind, v: Tiles) -> Self {
-        use rayon::prelude::*;
         assert!(cols.is_multiple_of(QK_K) && x.len() == m * cols);
         let _ = v;
         let per = kind.block_elems();
@@ -75,47 +75,49 @@ impl Panels {
         let mut d = vec![Lanes::default(); panels * nb * nd];
         let mut bsums = vec![Lanes::default(); panels * nb * 16];
         let mut pairs = vec![Lanes::default(); panels * nb * 4];
-        q.par_chunks_mut(nb * 64)
-            .zip(d.par_chunks_mut(nb * nd))
-            .zip(bsums.par_chunks_mut(nb * 16))
-            .zip(pairs.par_chunks_mut(nb * 4))
-            .enumerate()
-            .for_each(|(p, (((q, d), bsums), pairs))| {
-                let t0 = p * TOKENS;
-                let t1 = (t0 + TOKENS).min(m);
-                let mut qs = [0i8; QK_K];
-                let mut ds = [0f32; 8];
-                for (t, tok) in (t0..t1).enumerate() {
-                    for (k, xs) in x[tok * cols..(tok + 1) * cols]
-                        .chunks_exact(QK_K)
-                        .enumerate()
-                    {
-                        // SAFETY: `v` proves AVX2.
-                        #[cfg(target_arch = "x86_64")]
-                        unsafe {
-                            quantize(xs, per, &mut qs, &mut ds[..nd])
-                        };
-                        for (g, four) in qs.chunks_exact(4).enumerate() {
-                            q[k * 64 + g].0[t * 4..t * 4 + 4].copy_from_slice(four);
-                        }
-                        for (j, dj) in ds[..nd].iter().enumerate() {
-                            d[k * nd + j].0[t] = dj.to_bits() as i32;
-                        }
-                        let mut s16 = [0i32; 16];
-                        for (s, g) in s16.iter_mut().zip(qs.chunks_exact(16)) {
-                            *s = g.iter().map(|&v| v as i32).sum();
-                        }
-                        for (j, &s) in s16.iter().enumerate() {
-                            bsums[k * 16 + j].0[t] = s;
-                        }
-                        for pp in 0..4 {
-                            let lo = (s16[4 * pp] + s16[4 * pp + 1]) as i16 as u16 as u32;
-                            let hi = (s16[4 * pp + 2] + s16[4 * pp + 3]) as i16 as u16 as u32;
-                            pairs[k * 4 + pp].0[t] = (lo | hi << 16) as i32;
-                        }
+        let (qp, dp) = (Parts::new(&mut q, nb * 64), Parts::new(&mut d, nb * nd));
+        let (bp, pp) = (
+            Parts::new(&mut bsums, nb * 16),
+            Parts::new(&mut pairs, nb * 4),
+        );
+        pool::run(panels, |p| {
+            // SAFETY: task `p` runs once and alone takes panel `p` of each.
+            let (q, d, bsums, pairs) = unsafe { (qp.get(p), dp.get(p), bp.get(p), pp.get(p)) };
+            let t0 = p * TOKENS;
+            let t1 = (t0 + TOKENS).min(m);
+            let mut qs = [0i8; QK_K];
+            let mut ds = [0f32; 8];
+            for (t, tok) in (t0..t1).enumerate() {
+                for (k, xs) in x[tok * cols..(tok + 1) * cols]
+                    .chunks_exact(QK_K)
+                    .enumerate()
+                {
+                    // SAFETY: `v` proves AVX2.
+                    #[cfg(target_arch = "x86_64")]
+                    unsafe {
+                        quantize(xs, per, &mut qs, &mut ds[..nd])
+                    };
+                    for (g, four) in qs.chunks_exact(4).enumerate() {
+                        q[k * 64 + g].0[t * 4..t * 4 + 4].copy_from_slice(four);
+                    }
+                    for (j, dj) in ds[..nd].iter().enumerate() {
+                        d[k * nd + j].0[t] = dj.to_bits() as i32;
+                    }
+                    let mut s16 = [0i32; 16];
+                    for (s, g) in s16.iter_mut().zip(qs.chunks_exact(16)) {
+                        *s = g.iter().map(|&v| v as i32).sum();
+                    }
+                    for (j, &s) in s16.iter().enumerate() {
+                        bsums[k * 16 + j].0[t] = s;
+                    }
+                    for pp in 0..4 {
+                        let lo = (s16[4 * pp] + s16[4 * pp + 1]) as i16 as u16 as u32;
+                        let hi = (s16[4 * pp + 2] + s16[4 * pp + 3]) as i16 as u16 as u32;
+                        pairs[k * 4 + pp].0[t] = (lo | hi << 16) as i32;
                     }
                 }
-            });
+            }
+        });
         Self {
             m,
             nb,
@@ -412,12 +414,11 @@ impl Tiles {
         m: usize,
         epilogue: impl Fn(&mut [f32], usize) + Sync,
     ) -> Vec<f32> {
-        use rayon::prelude::*;
         assert!(rows.is_multiple_of(ROWS));
         let rb = cols / kind.block_elems() * kind.block_bytes();
         assert_eq!(w.len(), rows * rb);
         let p = Panels::new(x, m, cols, kind, self);
-        let threads = rayon::current_num_threads();
+        let threads = pool::threads();
         // Several chunks per thread so a slow thread's share is taken up by others.
         let chunk = rows
             .div_ceil(threads * 4)
@@ -425,7 +426,8 @@ impl Tiles {
             .clamp(ROWS, 64);
         let mut out = vec![0f32; rows * m];
         let dst = Shared(out.as_mut_ptr());
-        (0..rows.div_ceil(chunk)).into_par_iter().for_each_init(
+        pool::run_with(
+            rows.div_ceil(chunk),
             || Unpacked::new(cols),
             |scratch, c| {
                 let dst = &dst;
