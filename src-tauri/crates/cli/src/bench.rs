@@ -233,6 +233,7 @@ pub fn run(a: BenchArgs, cancel: &AtomicBool) -> Result<()> {
         peak_rss_bytes: peak,
         peak_rss_ratio: peak.map(|p| p as f64 / (weight_bytes as f64 + kv_cache_bytes as f64)),
     };
+    crate::print_profile();
     if a.json {
         println!("{}", serde_json::to_string_pretty(&r)?);
         return Ok(());

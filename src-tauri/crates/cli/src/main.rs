@@ -363,3 +363,10 @@ fn quantize(a: QuantizeArgs, cancel: &AtomicBool) -> Result<()> {
     eprintln!("wrote {} ({:.1} MB)", a.output.display(), size as f64 / 1e6);
     Ok(())
 }
+
+/// The time per phase (`DRAMATIS_PROFILE` set), on stderr: nothing otherwise.
+fn print_profile() {
+    for (name, secs, calls) in dramatis_core::llm::profile_report() {
+        eprintln!("profile: {name:<22} {secs:9.3} s  {calls} calls");
+    }
+}

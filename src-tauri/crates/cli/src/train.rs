@@ -382,9 +382,7 @@ pub fn train(a: TrainArgs, cancel: &AtomicBool) -> Result<()> {
         cancel,
     )?;
     bar.finish_and_clear();
-    for (name, secs, calls) in dramatis_core::llm::profile_report() {
-        eprintln!("profile: {name:<16} {secs:9.3} s  {calls} calls");
-    }
+    crate::print_profile();
     if let Some(gpu) = dramatis_core::llm::gpu_memory_peak(&device) {
         eprintln!(
             "measured: peak GPU memory {:.1} MB (tensors)",

@@ -18,52 +18,13 @@ use crate::kernels;
 use crate::linear::Linear;
 use crate::lora::{LoraLayer, LoraSlot, LoraTarget};
 use crate::model::Phi;
+use crate::profile::phase;
 use crate::{Error, Result};
 
 /// Rows of logits computed at once by [`Phi::head_loss_backward`] (the
 /// logits of a whole batch in f32 would be 0.8 GB for Phi-2 at 2×2048, and
 /// its log-softmax and gradient as much again each).
 const HEAD_CHUNK_ROWS: usize = 512;
-
-/// Time spent per phase of the training passes, when the environment
-/// variable `DRAMATIS_PROFILE` is set (each phase then waits for the device
-/// before and after, which slows a GPU run a little): name, seconds, calls.
-pub fn profile_report() -> Vec<(&'static str, f64, u64)> {
-    let mut v: Vec<_> = PHASES
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .iter()
-        .map(|(k, (s, n))| (*k, *s, *n))
-        .collect();
-    v.sort_by(|a, b| b.1.total_cmp(&a.1));
-    v
-}
-
-type PhaseTimes = std::collections::HashMap<&'static str, (f64, u64)>;
-static PHASES: std::sync::LazyLock<std::sync::Mutex<PhaseTimes>> =
-    std::sync::LazyLock::new(Default::default);
-static PROFILE: std::sync::LazyLock<bool> =
-    std::sync::LazyLock::new(|| std::env::var_os("DRAMATIS_PROFILE").is_some());
-
-/// Runs `f`, timing it as `name` when profiling.
-fn phase<T>(
-    device: &candle_core::Device,
-    name: &'static str,
-    f: impl FnOnce() -> Result<T>,
-) -> Result<T> {
-    if !*PROFILE {
-        return f();
-    }
-    device.synchronize()?;
-    let start = std::time::Instant::now();
-    let out = f()?;
-    device.synchronize()?;
-    let mut p = PHASES.lock().unwrap_or_else(|e| e.into_inner());
-    let e = p.entry(name).or_default();
-    e.0 += start.elapsed().as_secs_f64();
-    e.1 += 1;
-    Ok(out)
-}
 
 /// What a block's backward pass needs from its forward pass. Kept when the
 /// forward pass is asked to (no gradient checkpointing), recomputed from the

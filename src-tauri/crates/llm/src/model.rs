@@ -6,6 +6,7 @@ use crate::cache::KvCache;
 use crate::cpu::forward::HostParts;
 use crate::linear::Linear;
 use crate::lora::{LoraAdapter, LoraLayer, LoraTarget};
+use crate::profile::phase;
 use crate::{Error, PhiConfig, Result};
 
 /// Which positions' logits [`Phi::forward`] returns.
@@ -326,11 +327,14 @@ impl Phi {
         };
         let cos = self.cos.narrow(0, offset, seq)?;
         let sin = self.sin.narrow(0, offset, seq)?;
-        let mut x = self.embed.forward(tokens, &self.device)?;
+        let dev = &self.device;
+        let mut x = phase(dev, "prompt: embedding", || {
+            self.embed.forward(tokens, &self.device)
+        })?;
         let no_lora = LoraLayer::default();
         for (i, block) in self.blocks.iter().enumerate() {
             let l = lora.map_or(&no_lora, |a| &a.layers[i]);
-            let h = block.norm.forward(&x)?;
+            let h = phase(dev, "prompt: layer norm", || Ok(block.norm.forward(&x)?))?;
             let attn = self.attention(
                 block,
                 &h,
@@ -341,8 +345,8 @@ impl Phi {
                 &cos,
                 &sin,
             )?;
-            let mlp = self.mlp(block, &h, l)?;
-            x = ((attn + mlp)? + x)?;
+            let mlp = phase(dev, "prompt: fc1 + fc2", || self.mlp(block, &h, l))?;
+            x = phase(dev, "prompt: residual", || Ok(((attn + mlp)? + &x)?))?;
         }
         if let Some(c) = cache {
             c.advance(seq);
@@ -353,8 +357,10 @@ impl Phi {
                 .i((.., seq - 1, ..))?
                 .reshape((b, 1, self.cfg.hidden_size))?,
         };
-        let x = self.final_norm.forward(&x)?;
-        let out = self.lm_head.forward(&x, &[])?;
+        let out = phase(dev, "prompt: head", || {
+            let x = self.final_norm.forward(&x)?;
+            self.lm_head.forward(&x, &[])
+        })?;
         Ok(match logits {
             Logits::All => out,
             Logits::Last => out.squeeze(1)?,
@@ -381,36 +387,47 @@ impl Phi {
         let (b, seq, hidden) = h.dims3()?;
         let heads = self.cfg.num_attention_heads;
         let hd = self.cfg.head_dim();
-        let qkv = block
-            .qkv
-            .forward(h, &slots(l, &[LoraTarget::Q, LoraTarget::K, LoraTarget::V]))?;
-        let qkv = qkv.reshape((b, seq, 3, heads, hd))?;
-        let q = qkv.i((.., .., 0))?.transpose(1, 2)?;
-        let k = qkv.i((.., .., 1))?.transpose(1, 2)?;
-        let v = qkv.i((.., .., 2))?.transpose(1, 2)?.contiguous()?;
-        let q = self.rope(&q, cos, sin)?;
-        let k = self.rope(&k, cos, sin)?;
-        let (k, v) = match cache {
-            // On CUDA an f32 model's cache is f16 (half the bytes a decode
-            // step reads), shared with the decode kernels (see crate::gpu).
-            Some(c) if k.device().is_cuda() && k.dtype() == DType::F32 => {
-                let dt = k.dtype();
-                let (k, v) = c.append(layer, &k.to_dtype(DType::F16)?, &v.to_dtype(DType::F16)?)?;
-                (k.to_dtype(dt)?, v.to_dtype(dt)?)
-            }
-            Some(c) => c.append(layer, &k, &v)?,
-            None => (k, v),
-        };
-        let scale = 1.0 / (hd as f64).sqrt();
-        let scores = (q.matmul(&k.t()?)? * scale)?;
-        let scores = match mask {
-            Some(m) => scores.broadcast_add(m)?,
-            None => scores,
-        };
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-        let y = probs.matmul(&v)?;
-        let y = y.transpose(1, 2)?.reshape((b, seq, hidden))?;
-        block.dense.forward(&y, &slots(l, &[LoraTarget::Dense]))
+        let dev = &self.device;
+        let qkv = phase(dev, "prompt: qkv", || {
+            block
+                .qkv
+                .forward(h, &slots(l, &[LoraTarget::Q, LoraTarget::K, LoraTarget::V]))
+        })?;
+        let (q, k, v) = phase(dev, "prompt: rotary", || {
+            let qkv = qkv.reshape((b, seq, 3, heads, hd))?;
+            let q = qkv.i((.., .., 0))?.transpose(1, 2)?;
+            let k = qkv.i((.., .., 1))?.transpose(1, 2)?;
+            let v = qkv.i((.., .., 2))?.transpose(1, 2)?.contiguous()?;
+            Ok((self.rope(&q, cos, sin)?, self.rope(&k, cos, sin)?, v))
+        })?;
+        let (k, v) = phase(dev, "prompt: cache append", || {
+            Ok(match cache {
+                // On CUDA an f32 model's cache is f16 (half the bytes a decode
+                // step reads), shared with the decode kernels (see crate::gpu).
+                Some(c) if k.device().is_cuda() && k.dtype() == DType::F32 => {
+                    let dt = k.dtype();
+                    let (k, v) =
+                        c.append(layer, &k.to_dtype(DType::F16)?, &v.to_dtype(DType::F16)?)?;
+                    (k.to_dtype(dt)?, v.to_dtype(dt)?)
+                }
+                Some(c) => c.append(layer, &k, &v)?,
+                None => (k, v),
+            })
+        })?;
+        let y = phase(dev, "prompt: attention", || {
+            let scale = 1.0 / (hd as f64).sqrt();
+            let scores = (q.matmul(&k.t()?)? * scale)?;
+            let scores = match mask {
+                Some(m) => scores.broadcast_add(m)?,
+                None => scores,
+            };
+            let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+            let y = probs.matmul(&v)?;
+            Ok(y.transpose(1, 2)?.reshape((b, seq, hidden))?)
+        })?;
+        phase(dev, "prompt: dense", || {
+            block.dense.forward(&y, &slots(l, &[LoraTarget::Dense]))
+        })
     }
 
     /// The rotation that moves cached keys (rotated for their old positions)

@@ -100,7 +100,12 @@ fn claim(state: &AtomicU64, epoch: u64, threads: usize) -> Option<(usize, usize)
             return None;
         }
         let take = ((tasks - next) / (2 * threads as u64)).max(1);
-        match state.compare_exchange_weak(s, s + take, Ordering::AcqRel, Ordering::Acquire) {
+        // Sequentially consistent, like the worker's `active` count before it
+        // and the caller's closing store and `active` load after: a claim
+        // that succeeds is then seen as an active worker by a caller that
+        // closes the region early (a panicking task), not only by one whose
+        // last claim failed after it.
+        match state.compare_exchange_weak(s, s + take, Ordering::SeqCst, Ordering::Acquire) {
             Ok(_) => return Some((next as usize, (next + take) as usize)),
             Err(now) => s = now,
         }
@@ -362,6 +367,9 @@ fn participate(tasks: usize, job: &Job<'_>) {
 fn region(pool: &Pool, tasks: usize, base: usize, job: &Job<'_>) {
     let shared = pool.shared;
     let _one = shared.region.lock().unwrap_or_else(|e| e.into_inner());
+    // A region whose caller's own task panicked unwound before reading the
+    // flag; it is no news for this one.
+    shared.panicked.store(false, Ordering::Relaxed);
     // SAFETY: no task of the previous region is claimed or running (its
     // caller returned only then, and this thread holds `region`), so no
     // worker reads `job` until it claims a task of the region published
@@ -414,7 +422,7 @@ impl Drop for Close<'_> {
             .state
             .store(pack(self.epoch, t, t), Ordering::SeqCst);
         let mut polls = 0u32;
-        while self.shared.active.load(Ordering::Acquire) != 0 {
+        while self.shared.active.load(Ordering::SeqCst) != 0 {
             polls = polls.saturating_add(1);
             if polls < 1 << 14 {
                 std::hint::spin_loop();
@@ -518,17 +526,27 @@ mod tests {
     /// after the region has ended; the pool serves the next region.
     #[test]
     fn a_panicking_task_fails_the_region_and_the_pool_goes_on() {
-        for bad in [0, 37, 99] {
+        // One task panics (on whichever thread claims it), or every task
+        // (the caller's and the workers' both: the region must not leave a
+        // worker's panic behind for the next one to report).
+        for bad in [Some(0), Some(37), Some(99), None] {
             let r = std::panic::catch_unwind(|| {
                 run(100, |i| {
-                    if i == bad {
+                    if bad.is_none_or(|b| b == i) {
                         panic!("task {i}");
                     }
                     std::thread::sleep(Duration::from_micros(50));
                 })
             });
-            assert!(r.is_err(), "task {bad}'s panic was lost");
+            assert!(r.is_err(), "the panic of {bad:?} was lost");
         }
+        // The next regions succeed.
+        let n = AtomicU32::new(0);
+        run(100, |_| {
+            std::thread::sleep(Duration::from_micros(20));
+            n.fetch_add(1, Ordering::Relaxed);
+        });
+        assert_eq!(n.load(Ordering::Relaxed), 100);
         let n = AtomicU32::new(0);
         run(100, |_| {
             n.fetch_add(1, Ordering::Relaxed);
