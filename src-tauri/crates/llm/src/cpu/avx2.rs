@@ -466,8 +466,10 @@ fn q8_0<const N: usize>(row: &[u8], acts: [&[Q8Block]; N]) -> [f32; N] {
 /// (fewer instructions a byte), so it asks further ahead. One core, tg32
 /// from an empty context, tok/s by distance (0, 8, 16, 32 KB): Q8_0 9.2,
 /// 12.2, 12.7, 12.7; Q4_K_M 17.8, 20.0, 19.5, 19.1.
+#[cfg(target_arch = "x86_64")]
 pub(super) const AHEAD_Q8_0: usize = 16 << 10;
 /// See [`AHEAD_Q8_0`].
+#[cfg(target_arch = "x86_64")]
 pub(super) const AHEAD_K: usize = 8 << 10;
 
 /// Asks for the weight bytes `LINES` 64-byte lines from `at`, `AHEAD` bytes

@@ -28,6 +28,10 @@ use std::time::{Duration, Instant};
 /// enough that an idle app is idle.
 const SPIN: Duration = Duration::from_millis(2);
 
+/// Polls of the state word (a few microseconds of pure spinning) before
+/// an idle worker starts yielding its core between polls.
+const POLLS_BEFORE_YIELDING: u32 = 1 << 11;
+
 /// The state word: epoch (24 bits) | task count (20) | next task (20).
 const FIELD: u32 = 20;
 const MASK: u64 = (1 << FIELD) - 1;
@@ -209,10 +213,18 @@ fn wait_for_region(shared: &Shared, seen: u64) -> u64 {
         if e != seen {
             return e;
         }
-        std::hint::spin_loop();
         polls = polls.wrapping_add(1);
-        if polls.is_multiple_of(256) && start.elapsed() > SPIN {
-            break;
+        if polls < POLLS_BEFORE_YIELDING {
+            std::hint::spin_loop();
+        } else {
+            // The core is given to any other thread that wants it (another
+            // program, or an engine thread holding claimed tasks when the
+            // cores are shared) while this one still answers within a
+            // scheduler slice.
+            std::thread::yield_now();
+            if start.elapsed() > SPIN {
+                break;
+            }
         }
     }
     let mut guard = shared.wake.lock().unwrap_or_else(|e| e.into_inner());
