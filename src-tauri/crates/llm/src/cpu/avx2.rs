@@ -311,9 +311,7 @@ fn kq<const N: usize, const FIFTH: bool>(row: &[u8], acts: [&[Q8K]; N]) -> [f32;
     let picks_hi = [pick16(4, 4), pick16(5, 5), pick16(6, 6), pick16(7, 7)];
     let mut acc = [_mm256_setzero_ps(); N];
     for (k, b) in row.chunks_exact(bb).enumerate() {
-        if N == 1 {
-            prefetch_ahead::<3, AHEAD_K>(b);
-        }
+        prefetch_ahead::<AHEAD_K>(b, 3);
         let (d, dmin) = (f16c_at(b, 0), f16c_at(b, 2));
         let (sc, mn) = k4_scales_packed(&b[4..16]);
         // Eight 16-bit scales in both halves; element j picked per sub-block.
@@ -376,9 +374,7 @@ fn q6k<const N: usize>(row: &[u8], acts: [&[Q8K]; N]) -> [f32; N] {
     let picks = [pick16(0, 1), pick16(2, 3), pick16(4, 5), pick16(6, 7)];
     let mut acc = [_mm256_setzero_ps(); N];
     for (k, b) in row.chunks_exact(210).enumerate() {
-        if N == 1 {
-            prefetch_ahead::<4, AHEAD_K>(b);
-        }
+        prefetch_ahead::<AHEAD_K>(b, 4);
         let d = f16c_at(b, 208);
         // SAFETY: 16 readable bytes.
         let sc8 = unsafe { _mm_loadu_si128(b[192..208].as_ptr().cast()) };
@@ -472,9 +468,9 @@ pub(super) const AHEAD_Q8_0: usize = 16 << 10;
 #[cfg(target_arch = "x86_64")]
 pub(super) const AHEAD_K: usize = 8 << 10;
 
-/// Asks for the weight bytes `LINES` 64-byte lines from `at`, `AHEAD` bytes
-/// further on, to be brought into the first-level cache: a decode step's
-/// product reads each weight byte once, and the hardware's prefetcher
+/// Asks for `lines` 64-byte lines from `at`, `AHEAD` bytes further on, to
+/// be brought into the first-level cache: a product over a few tokens
+/// (decode's one, or a short prompt's) reads each weight byte once, and the hardware's prefetcher
 /// alone kept one core's stream at ~75% of what a plain read of the same
 /// bytes reaches. Called once per block with lines ≤ 64 bytes apart, so
 /// every line of the stream is asked for. Past the end of a row is the
@@ -482,9 +478,9 @@ pub(super) const AHEAD_K: usize = 8 << 10;
 /// prefetch does nothing (it never faults).
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-pub(super) fn prefetch_ahead<const LINES: usize, const AHEAD: usize>(at: &[u8]) {
+pub(super) fn prefetch_ahead<const AHEAD: usize>(at: &[u8], lines: usize) {
     let p = at.as_ptr().wrapping_add(AHEAD);
-    for l in 0..LINES {
+    for l in 0..lines {
         // SAFETY: SSE is part of x86-64; a prefetch reads nothing the
         // program sees and does not fault on any address.
         unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(64 * l).cast()) };
@@ -500,10 +496,8 @@ fn q8_0_chains<const N: usize, const C: usize>(row: &[u8], acts: [&[Q8Block]; N]
     let rest = groups.remainder();
     let mut k = 0;
     for grp in groups {
-        if N == 1 {
-            // C·34 bytes: 136 for the decode's four chains, 3 lines.
-            prefetch_ahead::<3, AHEAD_Q8_0>(grp);
-        }
+        // C·34 bytes: 3 lines for one token's four chains, 2 for two.
+        prefetch_ahead::<AHEAD_Q8_0>(grp, (C * 34).div_ceil(64));
         for t in 0..N {
             for (c, chain) in acc.iter_mut().enumerate() {
                 let b = &grp[c * 34..(c + 1) * 34];

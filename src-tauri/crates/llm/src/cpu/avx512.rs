@@ -208,9 +208,7 @@ macro_rules! kernels {
             ];
             let mut acc = [_mm512_setzero_ps(); N];
             for (k, b) in row.chunks_exact(bb).enumerate() {
-                if N == 1 {
-                    super::avx2::prefetch_ahead::<3, { super::avx2::AHEAD_K }>(b);
-                }
+                super::avx2::prefetch_ahead::<{ super::avx2::AHEAD_K }>(b, 3);
                 let a: [&Q8K; N] = std::array::from_fn(|t| &acts[t][k]);
                 let (d, dmin) = f16_pair(b);
                 let (sc, mn) = k4_scales_packed(&b[4..16]);
@@ -275,9 +273,7 @@ macro_rules! kernels {
             ];
             let mut acc = [_mm512_setzero_ps(); N];
             for (k, b) in row.chunks_exact(210).enumerate() {
-                if N == 1 {
-                    super::avx2::prefetch_ahead::<4, { super::avx2::AHEAD_K }>(b);
-                }
+                super::avx2::prefetch_ahead::<{ super::avx2::AHEAD_K }>(b, 4);
                 let a: [&Q8K; N] = std::array::from_fn(|t| &acts[t][k]);
                 let d = super::avx2::f16c_at(b, 208);
                 // SAFETY: 16 readable bytes.
