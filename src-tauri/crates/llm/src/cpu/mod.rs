@@ -160,7 +160,7 @@ impl QMatrix {
         }
         let simd = self.simd;
         if let Some(v) = self.tiles
-            && m >= tiled::TOKENS
+            && m >= tiles_from(self.kind)
             && self.rows.is_multiple_of(tiled::ROWS)
             && self.cols.is_multiple_of(blocks::QK_K)
         {
@@ -285,6 +285,21 @@ impl QMatrix {
             m,
             |tile, r0| epilogue.apply(self.simd, tile, r0, tiled::TOKENS),
         )
+    }
+}
+
+/// The fewest tokens whose product takes the tiles. A panel holds 16
+/// tokens, padded, so below 16 the tiles do a panel's work for fewer; the
+/// row kernels' cost grows with each token instead. One core, seconds per
+/// product of the whole model: Q8_0's row kernels 0.21, 0.42, 0.63 for 4, 8
+/// and 12 tokens against 0.40 for a panel with AVX-512 (AVX2 only: 0.41 and
+/// 0.63 for 8 and 12 against 0.50), so from 10 tokens; Q4_K_M's 0.30 (12
+/// tokens, AVX-512) and 0.41 (AVX2) against 0.31 and 0.44 for a panel, so
+/// the K-quants keep a whole panel.
+fn tiles_from(kind: Kind) -> usize {
+    match kind {
+        Kind::Q8_0 => 10,
+        _ => tiled::TOKENS,
     }
 }
 

@@ -194,11 +194,13 @@ fn products_match_the_dequantized_weights() {
     if Avx2::detect().is_none() {
         return;
     }
-    // Decode (one row), a partial input tile, and more than one tile.
+    // Decode (one row), a partial input tile, 12 tokens (Q8_0 on the tiles
+    // in one padded panel, the K-quants on the row kernels) and more than
+    // one tile.
     for (i, dtype) in KINDS.into_iter().enumerate() {
         let (rows, cols) = (72, 512);
         let (q, dense) = quantized(dtype, rows, cols, 11 + i as u64);
-        for m in [1usize, 5, 70] {
+        for m in [1usize, 5, 12, 70] {
             let x = random(m * cols, 100 + m as u64);
             let got = q.matmul(&x, m);
             let want = reference(&dense, &x, m, rows, cols);
