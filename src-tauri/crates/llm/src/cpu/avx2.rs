@@ -457,7 +457,7 @@ fn q8_0<const N: usize>(row: &[u8], acts: [&[Q8Block]; N]) -> [f32; N] {
     }
 }
 
-/// How far ahead of a decode product's weight stream [`prefetch_ahead`]
+/// How far ahead of a few-token product's weight stream [`prefetch_ahead`]
 /// asks for bytes: Q8_0's kernel reads its bytes faster than the K-quants'
 /// (fewer instructions a byte), so it asks further ahead. One core, tg32
 /// from an empty context, tok/s by distance (0, 8, 16, 32 KB): Q8_0 9.2,
@@ -470,9 +470,9 @@ pub(super) const AHEAD_K: usize = 8 << 10;
 
 /// Asks for `lines` 64-byte lines from `at`, `AHEAD` bytes further on, to
 /// be brought into the first-level cache: a product over a few tokens
-/// (decode's one, or a short prompt's) reads each weight byte once, and the hardware's prefetcher
-/// alone kept one core's stream at ~75% of what a plain read of the same
-/// bytes reaches. Called once per block with lines ≤ 64 bytes apart, so
+/// (decode's one, or a short prompt's) reads each weight byte once, and
+/// the hardware's prefetcher alone kept one core's stream at ~75% of what a
+/// plain read of the same bytes reaches. Called once per block with lines ≤ 64 bytes apart, so
 /// every line of the stream is asked for. Past the end of a row is the
 /// next row (rows lie one after another); past the end of the weights a
 /// prefetch does nothing (it never faults).

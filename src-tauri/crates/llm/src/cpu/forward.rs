@@ -6,13 +6,13 @@
 //! copies and single-threaded element-wise passes, which bounded how far the
 //! engine scaled with cores.
 
-use super::Avx2;
-use super::pool;
+use candle_core::{DType, Tensor};
+
+use super::{Avx2, pool};
 use crate::cache::{KvCache, rotate_pairs};
 use crate::lora::{LoraAdapter, LoraLayer, LoraTarget};
 use crate::model::{Block, Phi, slots};
 use crate::{Logits, Result};
-use candle_core::{DType, Tensor};
 
 /// What the CPU pass needs beside the weights, in f32 on the host: read
 /// once from the model's tensors.

@@ -1,5 +1,6 @@
 //! The engine's threads: one region of parallel work at a time, handed to
-//! workers that spin briefly between regions and sleep after.
+//! workers that poll briefly between regions (spinning, then yielding the
+//! core) and sleep after.
 //!
 //! A decode step is about 160 short regions (five products and the
 //! attention in each of 32 layers), each tens of microseconds per thread,
@@ -182,8 +183,8 @@ fn work(shared: &'static Shared, threads: usize) {
     loop {
         let epoch = wait_for_region(shared, seen);
         seen = epoch;
-        // Counted before claiming: a caller that finds every task claimed
-        // then sees this worker (see `participate`).
+        // Counted before claiming: a caller that finds every task claimed,
+        // or closes the region early, then sees this worker (see `claim`).
         shared.active.fetch_add(1, Ordering::SeqCst);
         if let Some(first) = claim(&shared.state, epoch, threads) {
             // SAFETY: a task of this region is claimed and unfinished, so

@@ -23,8 +23,9 @@ pub fn default_threads() -> usize {
 /// same count (`CANDLE_NUM_THREADS`) for the operations it runs itself.
 pub fn configure(threads: Option<usize>) -> usize {
     let n = threads.filter(|&n| n > 0).unwrap_or_else(default_threads);
-    // For what still runs on rayon (candle's own operations, training's
-    // passes); an error means a pool exists already (an earlier call).
+    // For what still runs on rayon (candle's own operations, which the
+    // training passes use); an error means a pool exists already (an
+    // earlier call).
     let _ = rayon::ThreadPoolBuilder::new()
         .num_threads(n)
         .thread_name(|i| format!("rayon-{i}"))
