@@ -51,8 +51,8 @@ bench)
     for path in kernels graphs tensors; do
       echo "-- dramatis, decode on the $path"
       case $path in
-        kernels) vars=() ;;
-        graphs) vars=(DRAMATIS_GPU_GRAPH=1) ;;
+        kernels) vars=(DRAMATIS_GPU_GRAPH=0) ;;
+        graphs) vars=() ;;
         tensors) vars=(DRAMATIS_NO_GPU_DECODE=1) ;;
       esac
       env ${vars[@]+"${vars[@]}"} "$cli" bench --model "$work/$f.gguf" --device cuda 2>&1 | grep -v '^{'

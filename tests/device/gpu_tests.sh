@@ -20,13 +20,13 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 # The binaries find the fixtures through the manifest directory at run time.
 export CARGO_MANIFEST_DIR="$PWD/src-tauri/crates/llm"
 fail=0
-echo "== gradients, materialized attention"
+echo "== gradients, materialized attention (DRAMATIS_FLASH_ATTENTION=0)"
+DRAMATIS_FLASH_ATTENTION=0 "$TESTS" --test-threads 1 || fail=1
+echo "== gradients, flash attention"
 "$TESTS" --test-threads 1 || fail=1
-echo "== gradients, flash attention (DRAMATIS_FLASH_ATTENTION=1)"
-DRAMATIS_FLASH_ATTENTION=1 "$TESTS" --test-threads 1 || fail=1
 if [ -n "${LIB_TESTS:-}" ]; then
   echo "== flash kernels against the materialized path"
-  DRAMATIS_FLASH_ATTENTION=1 "$LIB_TESTS" flash:: --test-threads 1 --nocapture || fail=1
+  "$LIB_TESTS" flash:: --test-threads 1 --nocapture || fail=1
   echo "== decode kernels"
   "$LIB_TESTS" gpu:: --test-threads 1 --nocapture || fail=1
 fi

@@ -488,6 +488,8 @@ export interface TrainProgress {
   accuracy: number | null;
   eval_margin: number | null;
   eval_accuracy: number | null;
+  /** The data rows this step trained on (1-based); empty for DPO. */
+  rows: number[];
 }
 
 /** dramatis-core `TrainEvent`. */

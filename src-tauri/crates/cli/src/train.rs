@@ -1,5 +1,6 @@
 //! `train` and `export`: LoRA fine-tuning from the terminal.
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
@@ -57,6 +58,11 @@ pub struct TrainArgs {
     /// The run folder: checkpoints, and the adapter at the end. An existing run there is resumed.
     #[arg(long)]
     out: PathBuf,
+    /// Also append every step's progress to this file, one JSON object a line (loss, learning
+    /// rate, gradient norm, tokens/s, the data rows trained on), for plots and for replaying the
+    /// run elsewhere.
+    #[arg(long)]
+    log: Option<PathBuf>,
     #[arg(long, value_enum, default_value = "seed")]
     preset: Preset,
     #[arg(long)]
@@ -336,6 +342,18 @@ pub fn train(a: TrainArgs, cancel: &AtomicBool) -> Result<()> {
             .context("progress bar template")?,
     );
     bar.set_position(run.step() as u64);
+    let mut log = match &a.log {
+        Some(path) => Some((
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .with_context(|| format!("cannot open the log {}", path.display()))?,
+            path,
+        )),
+        None => None,
+    };
+    let mut log_error = None;
     let mut last_tps = 0.0;
     // The rate after the first step, which also loads kernels and warms caches.
     let mut after_first: Option<(std::time::Instant, usize)> = None;
@@ -349,6 +367,16 @@ pub fn train(a: TrainArgs, cancel: &AtomicBool) -> Result<()> {
                 }
             }
             bar.set_position(p.step as u64);
+            if let Some((file, path)) = &mut log {
+                // One write per line, so a killed run leaves whole lines.
+                let mut line = serde_json::to_string(p).expect("progress serializes");
+                line.push('\n');
+                if let Err(e) = file.write_all(line.as_bytes())
+                    && log_error.is_none()
+                {
+                    log_error = Some(format!("cannot write the log {}: {e}", path.display()));
+                }
+            }
             let eval = p
                 .eval_loss
                 .map(|e| format!(" eval {e:.3}"))
@@ -382,6 +410,9 @@ pub fn train(a: TrainArgs, cancel: &AtomicBool) -> Result<()> {
         cancel,
     )?;
     bar.finish_and_clear();
+    if let Some(e) = log_error {
+        eprintln!("warning: {e}; training went on");
+    }
     crate::print_profile();
     if let Some(gpu) = dramatis_core::llm::gpu_memory_peak(&device) {
         eprintln!(

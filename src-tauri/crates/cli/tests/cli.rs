@@ -262,6 +262,7 @@ fn train_then_generate_with_the_adapter_and_export() {
         .collect();
     std::fs::write(&data, rows.join("\n")).unwrap();
     let run = dir.path().join("run");
+    let log = dir.path().join("log.jsonl");
     let train = || {
         let mut c = cli();
         c.args([
@@ -278,7 +279,9 @@ fn train_then_generate_with_the_adapter_and_export() {
         .arg("--data")
         .arg(&data)
         .arg("--out")
-        .arg(&run);
+        .arg(&run)
+        .arg("--log")
+        .arg(&log);
         c
     };
     let out = train().output().unwrap();
@@ -289,6 +292,30 @@ fn train_then_generate_with_the_adapter_and_export() {
         "{err}"
     );
     assert!(err.contains("done: 6 steps"), "{err}");
+    // The log: one line a step, with the rows each step trained on. Of the
+    // 16 good rows (lines 1-16; line 17 is the broken one) one is held out
+    // for eval; the first epoch (steps 1-4: batches of 4, 4, 4 and 3) takes
+    // each of the other 15 exactly once.
+    let steps: Vec<serde_json::Value> = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(steps.len(), 6);
+    let mut epoch: Vec<u64> = Vec::new();
+    for (i, s) in steps.iter().enumerate() {
+        assert_eq!(s["step"], i + 1);
+        assert!(s["loss"].as_f64().unwrap().is_finite(), "{s}");
+        let rows = s["rows"].as_array().unwrap();
+        assert!((3..=4).contains(&rows.len()), "{s}");
+        if i < 4 {
+            epoch.extend(rows.iter().map(|r| r.as_u64().unwrap()));
+        }
+    }
+    epoch.sort_unstable();
+    epoch.dedup();
+    assert_eq!(epoch.len(), 15, "{epoch:?}");
+    assert!(epoch.iter().all(|r| (1..=16).contains(r)), "{epoch:?}");
     let adapter = run.join("adapter");
     assert!(adapter.join("adapter_model.safetensors").is_file());
     // The adapter loads in generate.

@@ -35,9 +35,13 @@ pub(crate) struct HostKv {
 impl HostKv {
     fn new(heads: usize, head_dim: usize, cap: usize) -> Self {
         let n = heads * cap * head_dim;
+        // Zeros from the allocator's zeroed pages (`vec![f16::ZERO; n]`
+        // would write every element): a page becomes resident only when a
+        // token is written to it, so growing costs the copy alone.
+        let zeros = || half::vec::HalfBitsVecExt::reinterpret_into(vec![0u16; n]);
         Self {
-            k: vec![half::f16::ZERO; n],
-            v: vec![half::f16::ZERO; n],
+            k: zeros(),
+            v: zeros(),
             heads,
             head_dim,
             cap,
@@ -174,13 +178,23 @@ impl KvCache {
         }
         let h = lc.host.as_mut().expect("set above");
         let plane = h.cap * head_dim;
-        for t in 0..new {
-            for head in 0..heads {
-                let src = (t * heads + head) * head_dim;
-                let dst = head * plane + (held + t) * head_dim;
-                simd.narrow(&k[src..src + head_dim], &mut h.k[dst..dst + head_dim]);
-                simd.narrow(&v[src..src + head_dim], &mut h.v[dst..dst + head_dim]);
+        // Head `head`'s plane of `dst` gets its rows of `src`.
+        let write = |head: usize, src: &[f32], dst: &mut [half::f16]| {
+            for t in 0..new {
+                let from = (t * heads + head) * head_dim;
+                let to = (held + t) * head_dim;
+                simd.narrow(&src[from..from + head_dim], &mut dst[to..to + head_dim]);
             }
+        };
+        if new < 8 {
+            for (head, (kp, vp)) in h.k.chunks_mut(plane).zip(h.v.chunks_mut(plane)).enumerate() {
+                write(head, k, kp);
+                write(head, v, vp);
+            }
+        } else {
+            // A prompt's rows: a head's plane a task.
+            crate::cpu::pool::chunks(&mut h.k, plane, |head, kp| write(head, k, kp));
+            crate::cpu::pool::chunks(&mut h.v, plane, |head, vp| write(head, v, vp));
         }
         Ok(h)
     }

@@ -22,13 +22,15 @@
 //! the tensor path, which writes the same f16 cache. `DRAMATIS_NO_GPU_DECODE=1`
 //! turns it off, to compare the two.
 //!
-//! With `DRAMATIS_GPU_GRAPH=1` a step without an adapter is captured once as
+//! A step without an adapter is captured once as
 //! a CUDA graph and replayed: the kernels read the position and each
 //! layer's cache buffers from device memory, written before each replay, so
 //! one graph serves every position and every cache (growth, the summary's
 //! cache beside the chat's); the attention grid covers the whole window
-//! (splits past the cache weigh nothing). Off by default until measured; a
-//! capture the driver refuses turns it off with a warning.
+//! (splits past the cache weigh nothing). `DRAMATIS_GPU_GRAPH=0` launches
+//! the kernels one by one instead, to compare (an H200 decodes 1.11-1.14x
+//! faster replaying, BENCHMARKS.md); a capture the driver refuses turns
+//! replay off with a warning.
 
 use std::sync::{Arc, Mutex};
 
@@ -147,7 +149,7 @@ pub(crate) struct GpuParts {
     sin: CudaSlice<f32>,
     eps: f32,
     /// Whether steps without an adapter replay a captured graph
-    /// (`DRAMATIS_GPU_GRAPH=1`), and the attention splits its grid covers.
+    /// (unless `DRAMATIS_GPU_GRAPH=0`), and the attention splits its grid covers.
     graphs: std::sync::atomic::AtomicBool,
     max_splits: usize,
     /// Graphs captured, and why replay was last turned off (for tests and
@@ -342,7 +344,7 @@ impl GpuParts {
             sin: upload(&phi.sin)?,
             eps: cfg.layer_norm_eps as f32,
             graphs: std::env::var_os("DRAMATIS_GPU_GRAPH")
-                .is_some_and(|v| v == "1")
+                .is_none_or(|v| v != "0")
                 .into(),
             max_splits: splits,
             captures: 0.into(),

@@ -1,8 +1,8 @@
 //! Time per phase of a pass, when the environment variable
-//! `DRAMATIS_PROFILE` is set: the training passes and a prompt's tensor
-//! path. Each phase then waits for the device before and after (a GPU run
-//! slows a little; the shares become attributable); unset, a phase is a
-//! plain call.
+//! `DRAMATIS_PROFILE` is set: the training passes, a prompt's tensor path
+//! and the CPU engine's pass. Each phase on a device then waits for it
+//! before and after (a GPU run slows a little; the shares become
+//! attributable); unset, a phase is a plain call.
 
 type PhaseTimes = std::collections::HashMap<&'static str, (f64, u64)>;
 static PHASES: std::sync::LazyLock<std::sync::Mutex<PhaseTimes>> =
@@ -22,7 +22,8 @@ pub fn profile_report() -> Vec<(&'static str, f64, u64)> {
     v
 }
 
-/// Runs `f`, timing it as `name` when profiling.
+/// Runs `f`, timing it as `name` when profiling, waiting for `device`
+/// before and after.
 pub(crate) fn phase<T>(
     device: &candle_core::Device,
     name: &'static str,
@@ -35,9 +36,25 @@ pub(crate) fn phase<T>(
     let start = std::time::Instant::now();
     let out = f()?;
     device.synchronize()?;
+    record(name, start);
+    Ok(out)
+}
+
+/// Runs `f` (work on the host's threads: nothing to wait for), timing it as
+/// `name` when profiling.
+pub(crate) fn timed<T>(name: &'static str, f: impl FnOnce() -> T) -> T {
+    if !*PROFILE {
+        return f();
+    }
+    let start = std::time::Instant::now();
+    let out = f();
+    record(name, start);
+    out
+}
+
+fn record(name: &'static str, start: std::time::Instant) {
     let mut p = PHASES.lock().unwrap_or_else(|e| e.into_inner());
     let e = p.entry(name).or_default();
     e.0 += start.elapsed().as_secs_f64();
     e.1 += 1;
-    Ok(out)
 }

@@ -72,6 +72,8 @@ pub struct Example {
     pub ids: Vec<u32>,
     /// For each position t < len-1: whether predicting `ids[t+1]` counts.
     pub weights: Vec<f32>,
+    /// The row it came from, as the reader numbers them (1-based; JSONL: the line).
+    pub row: usize,
 }
 
 /// What preparation found, shown before training starts.
@@ -168,7 +170,7 @@ pub fn prepare(
         ..DataReport::default()
     };
     let mut all = Vec::new();
-    for (_, text) in texts {
+    for &(row, ref text) in texts {
         if text.trim().is_empty() {
             report.empty += 1;
             continue;
@@ -188,7 +190,7 @@ pub fn prepare(
         report.tokens += ids.len();
         report.longest = report.longest.max(ids.len());
         let weights = mask[1..].iter().map(|&m| f32::from(u8::from(m))).collect();
-        all.push(Example { ids, weights });
+        all.push(Example { ids, weights, row });
     }
     report.used = all.len();
     if all.is_empty() {

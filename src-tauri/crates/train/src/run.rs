@@ -292,6 +292,10 @@ pub struct TrainProgress {
     pub eval_margin: Option<f64>,
     /// DPO, on the steps eval runs: the accuracy on the held-out pairs.
     pub eval_accuracy: Option<f64>,
+    /// The data rows this step trained on, in order (the reader's 1-based row
+    /// numbers; JSONL: lines), so another trainer can replay the run; empty
+    /// for DPO.
+    pub rows: Vec<usize>,
 }
 
 /// How a run ended.
@@ -871,6 +875,7 @@ impl TrainingRun {
             let mut grads: Vec<Option<Tensor>> = vec![None; self.vars.len()];
             let mut loss_sum = 0.0;
             let mut micro_dpo = Vec::new();
+            let mut rows = Vec::new();
             for micro in 0..c.grad_accum {
                 let idx = self.next_batch();
                 let seed = c
@@ -881,6 +886,7 @@ impl TrainingRun {
                 let (value, tokens, step_grads) = match &self.data {
                     TrainData::Text(p) => {
                         let examples: Vec<&Example> = idx.iter().map(|&i| &p.train[i]).collect();
+                        rows.extend(examples.iter().map(|e| e.row));
                         self.loss_and_grads(&examples, &adapter)?
                     }
                     TrainData::Pairs(_) => {
@@ -965,6 +971,7 @@ impl TrainingRun {
                 accuracy: is_dpo.then_some(dpo.accuracy),
                 eval_margin: eval_dpo.map(|m| m.margin),
                 eval_accuracy: eval_dpo.map(|m| m.accuracy),
+                rows,
             });
         }
         Ok(Outcome::Finished)

@@ -12,6 +12,7 @@ use super::{Avx2, pool};
 use crate::cache::{KvCache, rotate_pairs};
 use crate::lora::{LoraAdapter, LoraLayer, LoraTarget};
 use crate::model::{Block, Phi, slots};
+use crate::profile::timed;
 use crate::{Logits, Result};
 
 /// What the CPU pass needs beside the weights, in f32 on the host: read
@@ -81,55 +82,79 @@ pub(crate) fn forward(
     let half = cfg.rotary_dim() / 2;
     let scale = 1.0 / (hd as f32).sqrt();
     let simd = parts.simd;
-    let mut x = phi.embed.rows(ids)?;
+    // Each step timed with DRAMATIS_PROFILE (one name for prompts, one for
+    // single tokens).
+    let name = |prompt: &'static str, token: &'static str| if seq > 1 { prompt } else { token };
+    let mut x = timed(
+        name("cpu prompt: embedding", "cpu token: embedding"),
+        || phi.embed.rows(ids),
+    )?;
     let no_lora = LoraLayer::default();
     for (i, block) in phi.blocks.iter().enumerate() {
         let l = lora.map_or(&no_lora, |a| &a.layers[i]);
         let (w, b) = &parts.norms[i];
-        let h = layer_norm(&x, w, b, parts.eps);
-        let qkv = block.qkv.host_forward(
-            simd,
-            &h,
-            seq,
-            &slots(l, &[LoraTarget::Q, LoraTarget::K, LoraTarget::V]),
-            false,
-        )?;
+        let h = timed(
+            name("cpu prompt: layer norm", "cpu token: layer norm"),
+            || layer_norm(&x, w, b, parts.eps),
+        );
+        let qkv = timed(name("cpu prompt: qkv", "cpu token: qkv"), || {
+            block.qkv.host_forward(
+                simd,
+                &h,
+                seq,
+                &slots(l, &[LoraTarget::Q, LoraTarget::K, LoraTarget::V]),
+                false,
+            )
+        })?;
         // Rows of [q | k | v], each [heads, head_dim]; q and k rotated at their positions.
         let mut q = vec![0f32; seq * hidden];
         let mut k = vec![0f32; seq * hidden];
         let mut v = vec![0f32; seq * hidden];
-        pool::chunks3(
-            (&mut q, &mut k, &mut v),
-            (hidden, hidden, hidden),
-            |t, q, k, v| {
-                let row = &qkv[t * 3 * hidden..(t + 1) * 3 * hidden];
-                q.copy_from_slice(&row[..hidden]);
-                k.copy_from_slice(&row[hidden..2 * hidden]);
-                v.copy_from_slice(&row[2 * hidden..]);
-                let at = (offset + t) * half;
-                let (cos, sin) = (&parts.cos[at..at + half], &parts.sin[at..at + half]);
-                for head in q.chunks_exact_mut(hd).chain(k.chunks_exact_mut(hd)) {
-                    rotate_pairs(head, cos, sin);
-                }
-            },
+        let rotary = name("cpu prompt: rotary", "cpu token: rotary");
+        timed(rotary, || {
+            pool::chunks3(
+                (&mut q, &mut k, &mut v),
+                (hidden, hidden, hidden),
+                |t, q, k, v| {
+                    let row = &qkv[t * 3 * hidden..(t + 1) * 3 * hidden];
+                    q.copy_from_slice(&row[..hidden]);
+                    k.copy_from_slice(&row[hidden..2 * hidden]);
+                    v.copy_from_slice(&row[2 * hidden..]);
+                    let at = (offset + t) * half;
+                    let (cos, sin) = (&parts.cos[at..at + half], &parts.sin[at..at + half]);
+                    for head in q.chunks_exact_mut(hd).chain(k.chunks_exact_mut(hd)) {
+                        rotate_pairs(head, cos, sin);
+                    }
+                },
+            )
+        });
+        let append = name("cpu prompt: cache append", "cpu token: cache append");
+        let kv = timed(append, || cache.append_host(simd, i, &k, &v, heads, hd))?;
+        let y = timed(
+            name("cpu prompt: attention", "cpu token: attention"),
+            || super::attention::attend(simd, &q, seq, offset, kv, scale),
         );
-        let kv = cache.append_host(simd, i, &k, &v, heads, hd)?;
-        let y = super::attention::attend(simd, &q, seq, offset, kv, scale);
-        let attn =
+        let attn = timed(name("cpu prompt: dense", "cpu token: dense"), || {
+            let dense = slots(l, &[LoraTarget::Dense]);
+            block.dense.host_forward(simd, &y, seq, &dense, false)
+        })?;
+        let act = timed(name("cpu prompt: fc1", "cpu token: fc1"), || {
             block
-                .dense
-                .host_forward(simd, &y, seq, &slots(l, &[LoraTarget::Dense]), false)?;
-        let act = block
-            .fc1
-            .host_forward(simd, &h, seq, &slots(l, &[LoraTarget::Fc1]), true)?;
-        let mlp = block
-            .fc2
-            .host_forward(simd, &act, seq, &slots(l, &[LoraTarget::Fc2]), false)?;
-        pool::chunks(&mut x, hidden, |t, x| {
-            let at = t * hidden..(t + 1) * hidden;
-            for ((x, a), m) in x.iter_mut().zip(&attn[at.clone()]).zip(&mlp[at]) {
-                *x += a + m;
-            }
+                .fc1
+                .host_forward(simd, &h, seq, &slots(l, &[LoraTarget::Fc1]), true)
+        })?;
+        let mlp = timed(name("cpu prompt: fc2", "cpu token: fc2"), || {
+            block
+                .fc2
+                .host_forward(simd, &act, seq, &slots(l, &[LoraTarget::Fc2]), false)
+        })?;
+        timed(name("cpu prompt: residual", "cpu token: residual"), || {
+            pool::chunks(&mut x, hidden, |t, x| {
+                let at = t * hidden..(t + 1) * hidden;
+                for ((x, a), m) in x.iter_mut().zip(&attn[at.clone()]).zip(&mlp[at]) {
+                    *x += a + m;
+                }
+            })
         });
     }
     cache.advance(seq);
@@ -138,9 +163,11 @@ pub(crate) fn forward(
         Logits::Last => &x[(seq - 1) * hidden..],
     };
     let (w, b) = parts.norms.last().expect("the final norm");
-    let h = layer_norm(rows, w, b, parts.eps);
-    phi.lm_head
-        .host_forward(simd, &h, rows.len() / hidden, &[], false)
+    timed(name("cpu prompt: head", "cpu token: head"), || {
+        let h = layer_norm(rows, w, b, parts.eps);
+        phi.lm_head
+            .host_forward(simd, &h, rows.len() / hidden, &[], false)
+    })
 }
 
 /// Layer norm of each `w.len()`-wide row of `x`.

@@ -417,7 +417,9 @@ impl Tiles {
         assert!(rows.is_multiple_of(ROWS));
         let rb = cols / kind.block_elems() * kind.block_bytes();
         assert_eq!(w.len(), rows * rb);
-        let p = Panels::new(x, m, cols, kind, self);
+        let p = crate::profile::timed("cpu prompt:   activations to panels", || {
+            Panels::new(x, m, cols, kind, self)
+        });
         let threads = pool::threads();
         // Several chunks per thread so a slow thread's share is taken up by others.
         let chunk = rows
