@@ -53,7 +53,9 @@ if mode == "setup":
     from transformers import PhiForCausalLM
 
     torch.manual_seed(0)
-    model = PhiForCausalLM(config()).to(torch.bfloat16)
+    # Initialized on the GPU where there is one (minutes faster than on the CPU).
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = PhiForCausalLM(config()).to(torch.bfloat16)
     model.save_pretrained(f"{root}/model", safe_serialization=True)
     vocab = {f"w{i}": i for i in range(50256)}
     vocab["<|endoftext|>"] = 50256
@@ -131,7 +133,7 @@ elif mode == "curve-setup":
                 w = rng.choice(succ[w])
             f.write(json.dumps({"text": " ".join(words)}) + "\n")
     torch.manual_seed(0)
-    model = PhiForCausalLM.from_pretrained(f"{root}/model", torch_dtype=torch.bfloat16)
+    model = PhiForCausalLM.from_pretrained(f"{root}/model", torch_dtype=torch.bfloat16).cuda()
     model = get_peft_model(model, LoraConfig(
         r=16, lora_alpha=16, lora_dropout=0.05, task_type="CAUSAL_LM",
         target_modules=["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"]))

@@ -415,8 +415,11 @@ pub fn train(a: TrainArgs, cancel: &AtomicBool) -> Result<()> {
     }
     crate::print_profile();
     if let Some(gpu) = dramatis_core::llm::gpu_memory_peak(&device) {
+        let reserved = dramatis_core::llm::gpu_memory_reserved_peak(&device)
+            .map(|r| format!(", {:.1} MB held by the allocator", r as f64 / 1e6))
+            .unwrap_or_default();
         eprintln!(
-            "measured: peak GPU memory {:.1} MB (tensors)",
+            "measured: peak GPU memory {:.1} MB (tensors){reserved}",
             gpu as f64 / 1e6
         );
     }

@@ -134,6 +134,22 @@ pub fn gpu_memory_peak(d: &Device) -> Option<u64> {
     None
 }
 
+/// The most GPU memory the CUDA allocator pool has held at once (its
+/// high-water mark of reserved memory: the tensors' peak plus what
+/// fragmentation kept), for a CUDA device; `None` elsewhere.
+pub fn gpu_memory_reserved_peak(d: &Device) -> Option<u64> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(c) = d {
+        return pool_attribute(
+            c,
+            cuda_sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH,
+            None,
+        );
+    }
+    let _ = d;
+    None
+}
+
 /// A short name for logs and the UI.
 pub fn device_name(d: &Device) -> String {
     match d {

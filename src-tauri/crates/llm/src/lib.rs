@@ -58,8 +58,8 @@ pub use cache::KvCache;
 pub use config::PhiConfig;
 pub use cpu::threads;
 pub use device::{
-    DeviceChoice, default_device, device_name, gpu_memory_peak, peak_rss_bytes, proc_bytes,
-    rss_bytes,
+    DeviceChoice, default_device, device_name, gpu_memory_peak, gpu_memory_reserved_peak,
+    peak_rss_bytes, proc_bytes, rss_bytes,
 };
 pub use error::{Error, Result};
 pub use export::{merge_to_gguf, write_lora_gguf};
