@@ -182,6 +182,7 @@ elif mode == "curve-peft":
             opt.step()
             opt.zero_grad()
             f.write(json.dumps({"step": s["step"], "loss": loss.item(), "grad_norm": norm.item()}) + "\n")
+            f.flush()  # a run cut short keeps its steps
     print(json.dumps({"steps": len(steps), "seconds": time.time() - t}))
 elif mode == "curve-compare":
     # python3 train_bench.py curve-compare DRAMATIS.jsonl PEFT_A.jsonl PEFT_B.jsonl OUT.svg:
