@@ -84,91 +84,122 @@ fn project(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     }
 }
 
-/// The slot's dropout applied to `x` (its input, or the gradient of its
-/// input: the mask depends only on the shape and the seed).
-fn dropped(slot: &LoraSlot, x: &Tensor) -> Result<Tensor> {
-    if slot.dropout <= 0.0 {
-        return Ok(x.clone());
+/// The LoRA slots of one projection, multiplied together: q, k and v of the
+/// fused qkv projection share its input, so `x Aᵀ` is one product of all
+/// their ranks (`R` columns) instead of one skinny product each, and one
+/// dropout mask (the first slot's seed) serves them all — each slot still
+/// drops its input elements with its probability; the masks of q, k and v
+/// are the same one. The deltas come out of one product with a
+/// block-diagonal `B`, each slot's block on its slice of the output.
+struct Group<'a> {
+    slots: &'a [(LoraTarget, &'a LoraSlot)],
+    /// `[R, in]`: each slot's A times its scale, stacked.
+    a: Tensor,
+    /// `[out, R]`: each slot's B on its rows and its rank's columns.
+    b: Tensor,
+    dropout: f32,
+    seed: u64,
+}
+
+impl<'a> Group<'a> {
+    /// The group of `slots` for a projection of `out` columns, in `dt`.
+    /// The slots' A and B are detached: the slots of a training run are
+    /// candle `Var`s, and anything computed from a `Var` records its graph,
+    /// which would keep every intermediate of every block alive.
+    fn new(slots: &'a [(LoraTarget, &'a LoraSlot)], out: usize, dt: DType) -> Result<Self> {
+        let first = slots[0].1;
+        if slots.iter().any(|(_, s)| s.dropout != first.dropout) {
+            return Err(crate::Error::Invalid(
+                "LoRA slots on one projection with different dropout".into(),
+            ));
+        }
+        let mut a = Vec::with_capacity(slots.len());
+        let mut b = Vec::with_capacity(slots.len());
+        for (_, s) in slots {
+            let (sa, sb) = (s.a.detach().to_dtype(dt)?, s.b.detach().to_dtype(dt)?);
+            let (w, r) = sb.dims2()?;
+            if s.out_offset + w > out {
+                return Err(crate::Error::Invalid(format!(
+                    "a LoRA slot writes columns {}..{} of a {out}-column projection",
+                    s.out_offset,
+                    s.out_offset + w
+                )));
+            }
+            a.push((sa * s.scale)?);
+            let dev = sb.device().clone();
+            let mut rows = Vec::with_capacity(3);
+            if s.out_offset > 0 {
+                rows.push(Tensor::zeros((s.out_offset, r), dt, &dev)?);
+            }
+            rows.push(sb);
+            if s.out_offset + w < out {
+                rows.push(Tensor::zeros((out - s.out_offset - w, r), dt, &dev)?);
+            }
+            b.push(Tensor::cat(&rows, 0)?);
+        }
+        Ok(Self {
+            slots,
+            a: Tensor::cat(&a, 0)?,
+            b: Tensor::cat(&b, 1)?,
+            dropout: first.dropout,
+            seed: first.dropout_seed,
+        })
     }
-    phase(x.device(), "  dropout", || {
-        kernels::dropout(x, slot.dropout, slot.dropout_seed)
-    })
+
+    /// The group's dropout applied to `x` (its input, or the gradient of its
+    /// input: the mask depends only on the shape and the seed).
+    fn dropped(&self, x: &Tensor) -> Result<Tensor> {
+        if self.dropout <= 0.0 {
+            return Ok(x.clone());
+        }
+        phase(x.device(), "  dropout", || {
+            kernels::dropout(x, self.dropout, self.seed)
+        })
+    }
+
+    /// `Σ scale · (dropout(x) Aᵀ) Bᵀ` on each slot's columns, for 2-D `x`.
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let z = self.dropped(x)?.matmul(&self.a.t()?)?;
+        Ok(z.matmul(&self.b.t()?)?)
+    }
+
+    /// The slots' gradients for output gradient `g` (`[n, out]`), appended
+    /// to `grads` in slot order, and their part of the input's gradient.
+    fn backward(&self, x: &Tensor, g: &Tensor, grads: &mut Vec<SlotGrads>) -> Result<Tensor> {
+        let xd = self.dropped(x)?;
+        // z (scaled), then every slot's B gradient among the blocks of gᵀz.
+        let z = xd.matmul(&self.a.t()?)?;
+        let gb = g.t()?.matmul(&z)?;
+        // g B per slot (unscaled), then A's gradient: scale · (g B)ᵀ dropout(x).
+        let gz = g.matmul(&self.b)?;
+        let ga = gz.t()?.matmul(&xd)?;
+        let mut rank = 0;
+        for &(target, s) in self.slots {
+            let (w, r) = s.b.dims2()?;
+            grads.push(SlotGrads {
+                target,
+                a: (ga.narrow(0, rank, r)? * s.scale)?.to_dtype(DType::F32)?,
+                b: gb
+                    .narrow(0, s.out_offset, w)?
+                    .narrow(1, rank, r)?
+                    .to_dtype(DType::F32)?,
+            });
+            rank += r;
+        }
+        self.dropped(&gz.matmul(&self.a)?)
+    }
 }
 
-/// The slot's A and B in `dt`, detached: the slots of a training run are
-/// candle `Var`s, and anything computed from a `Var` records its graph,
-/// which would keep every intermediate of every block alive.
-fn slot_weights(slot: &LoraSlot, dt: DType) -> Result<(Tensor, Tensor)> {
-    Ok((slot.a.detach().to_dtype(dt)?, slot.b.detach().to_dtype(dt)?))
-}
-
-/// `scale · (dropout(x) Aᵀ) Bᵀ` for 2-D `x`.
-fn lora_forward(slot: &LoraSlot, x: &Tensor) -> Result<Tensor> {
-    let xd = dropped(slot, x)?;
-    let (a, b) = slot_weights(slot, x.dtype())?;
-    // Scaled while `r` wide, not once the output is.
-    Ok((xd.matmul(&a.t()?)? * slot.scale)?.matmul(&b.t()?)?)
-}
-
-/// The slot's gradients for output gradient `g` (`[n, out]`) and its
-/// contribution to the input's gradient.
-fn lora_backward(
-    slot: &LoraSlot,
-    target: LoraTarget,
-    x: &Tensor,
-    g: &Tensor,
-) -> Result<(SlotGrads, Tensor)> {
-    let xd = dropped(slot, x)?;
-    let (a, b) = slot_weights(slot, x.dtype())?;
-    let z = xd.matmul(&a.t()?)?;
-    let gb = (g.t()?.matmul(&z)? * slot.scale)?.to_dtype(DType::F32)?;
-    let gz = (g.matmul(&b)? * slot.scale)?;
-    let ga = gz.t()?.matmul(&xd)?.to_dtype(DType::F32)?;
-    let gx = dropped(slot, &gz.matmul(&a)?)?;
-    Ok((
-        SlotGrads {
-            target,
-            a: ga,
-            b: gb,
-        },
-        gx,
-    ))
-}
-
-/// A linear layer with its LoRA slots (each on its slice of the output: q,
-/// k and v of the fused projection are assembled into one delta first).
+/// A linear layer with its LoRA slots (see [`Group`]).
 fn adapted(lin: &Linear, x: &Tensor, slots: &[(LoraTarget, &LoraSlot)]) -> Result<Tensor> {
     let y = linear(lin, x)?;
-    let out = y.dim(1)?;
-    let mut pieces = Vec::with_capacity(2 * slots.len() + 1);
-    let mut at = 0;
-    for (_, slot) in slots {
-        let d = phase(x.device(), "  lora", || lora_forward(slot, x))?;
-        if slot.out_offset > at {
-            pieces.push(Tensor::zeros(
-                (d.dim(0)?, slot.out_offset - at),
-                d.dtype(),
-                d.device(),
-            )?);
-        }
-        at = slot.out_offset + d.dim(1)?;
-        pieces.push(d);
-    }
-    if pieces.is_empty() {
+    if slots.is_empty() {
         return Ok(y);
     }
-    if at < out {
-        let rows = pieces[0].dim(0)?;
-        pieces.push(Tensor::zeros((rows, out - at), y.dtype(), y.device())?);
-    }
-    phase(x.device(), "  lora add", || {
-        let delta = if pieces.len() == 1 {
-            pieces.pop().expect("one piece")
-        } else {
-            Tensor::cat(&pieces, 1)?
-        };
-        Ok((y + delta)?)
-    })
+    let d = phase(x.device(), "  lora", || {
+        Group::new(slots, y.dim(1)?, x.dtype())?.forward(x)
+    })?;
+    phase(x.device(), "  lora add", || Ok((y + d)?))
 }
 
 /// The input gradient of [`adapted`] (frozen weight plus slots), and the
@@ -181,19 +212,14 @@ fn adapted_backward(
     grads: &mut Vec<SlotGrads>,
 ) -> Result<Tensor> {
     let w = lin.weight_as(g.dtype())?;
-    let mut gx = phase(g.device(), "  matmul back", || Ok(g.matmul(&w)?))?;
-    for &(t, slot) in slots {
-        let width = slot.b.dim(0)?;
-        let gs = if width == g.dim(1)? {
-            g.clone()
-        } else {
-            g.narrow(1, slot.out_offset, width)?.contiguous()?
-        };
-        let (sg, gxs) = phase(g.device(), "  lora back", || lora_backward(slot, t, x, &gs))?;
-        grads.push(sg);
-        gx = (gx + gxs)?;
+    let gx = phase(g.device(), "  matmul back", || Ok(g.matmul(&w)?))?;
+    if slots.is_empty() {
+        return Ok(gx);
     }
-    Ok(gx)
+    let gxs = phase(g.device(), "  lora back", || {
+        Group::new(slots, g.dim(1)?, x.dtype())?.backward(x, g, grads)
+    })?;
+    Ok((gx + gxs)?)
 }
 
 fn targets<'a>(l: &'a LoraLayer, ts: &[LoraTarget]) -> Vec<(LoraTarget, &'a LoraSlot)> {

@@ -476,7 +476,12 @@ mod tests {
             .map(|i| ((i as f32 * 0.618).fract() - 0.5) * (1.0 + (i % 7) as f32))
             .collect();
         let t = Tensor::from_vec(values, (rows, cols), &Device::Cpu).unwrap();
-        for dtype in [GgmlDType::Q4K, GgmlDType::Q5K, GgmlDType::Q6K, GgmlDType::Q8_0] {
+        for dtype in [
+            GgmlDType::Q4K,
+            GgmlDType::Q5K,
+            GgmlDType::Q6K,
+            GgmlDType::Q8_0,
+        ] {
             let ours = quantize(&t, dtype).unwrap();
             let whole = QTensor::quantize(&t, dtype).unwrap();
             assert_eq!(ours.shape(), whole.shape());

@@ -15,8 +15,10 @@ use dramatis_llm::{
     load_model, quantize_safetensors,
 };
 
-/// A rank-2 adapter on every target of every layer, from Vars with small
-/// non-zero values (B non-zero too, so A gets a gradient).
+/// An adapter on every target of every layer, from Vars with small non-zero
+/// values (B non-zero too, so A gets a gradient); ranks 2 and 3 and the
+/// scales differ between targets (q, k and v are multiplied together, each
+/// with its own).
 fn trainable(model: &Phi, dropout: f32) -> (LoraAdapter, Vec<(String, Var)>) {
     let cfg = model.config();
     let mut vars = Vec::new();
@@ -25,14 +27,15 @@ fn trainable(model: &Phi, dropout: f32) -> (LoraAdapter, Vec<(String, Var)>) {
         let mut layer = LoraLayer::default();
         for t in LoraTarget::ALL {
             let (fan_in, fan_out) = t.shape(cfg);
+            let r = 2 + t as usize % 2;
             let a = Var::from_tensor(
-                &(Tensor::randn(0f32, 0.05, (2, fan_in), &Device::Cpu).unwrap())
+                &(Tensor::randn(0f32, 0.05, (r, fan_in), &Device::Cpu).unwrap())
                     .to_device(model.device())
                     .unwrap(),
             )
             .unwrap();
             let b = Var::from_tensor(
-                &(Tensor::randn(0f32, 0.05, (fan_out, 2), &Device::Cpu).unwrap())
+                &(Tensor::randn(0f32, 0.05, (fan_out, r), &Device::Cpu).unwrap())
                     .to_device(model.device())
                     .unwrap(),
             )
@@ -42,7 +45,7 @@ fn trainable(model: &Phi, dropout: f32) -> (LoraAdapter, Vec<(String, Var)>) {
                 LoraSlot {
                     a: a.as_tensor().clone(),
                     b: b.as_tensor().clone(),
-                    scale: 2.0,
+                    scale: 1.5 + 0.25 * t as usize as f64,
                     out_offset: match t {
                         LoraTarget::K => cfg.hidden_size,
                         LoraTarget::V => 2 * cfg.hidden_size,
