@@ -301,6 +301,30 @@ MMV(mmv_f32_add, float, ADD)
 // `step` is not null step[0] and the layer's row of the cache table `lay`
 // ({k, v, capacity}): a captured graph replays one launch for every
 // position and every cache.
+// Dimension d of head h of one row of qkv ([3·hidden]) at position pos: q
+// and k rotated, v as it is.
+__device__ __forceinline__ void rope_dim(const float* qkv, const float* cos, const float* sin,
+                                         int hidden, int hd, int rd, int pos, int h, int d,
+                                         float* q, float* k, float* v) {
+    int half_rd = rd / 2;
+    const float* qh = qkv + h * hd;
+    const float* kh = qkv + hidden + h * hd;
+    *q = qh[d];
+    *k = kh[d];
+    *v = qkv[2 * hidden + h * hd + d];
+    if (d < rd) {
+        int i = d < half_rd ? d : d - half_rd;
+        float c = cos[pos * half_rd + i], s = sin[pos * half_rd + i];
+        if (d < half_rd) {
+            *q = *q * c - qh[d + half_rd] * s;
+            *k = *k * c - kh[d + half_rd] * s;
+        } else {
+            *q = *q * c + qh[d - half_rd] * s;
+            *k = *k * c + kh[d - half_rd] * s;
+        }
+    }
+}
+
 extern "C" __global__ void rope_append(const float* qkv, const float* cos, const float* sin,
                                        int hidden, int hd, int rd, int pos, const int* step,
                                        const uint64_t* lay, int cap, half* kc, half* vc,
@@ -313,23 +337,27 @@ extern "C" __global__ void rope_append(const float* qkv, const float* cos, const
         cap = (int)lay[2];
     }
     if (d >= hd) return;
-    int half_rd = rd / 2;
-    const float* qh = qkv + h * hd;
-    const float* kh = qkv + hidden + h * hd;
-    float q = qh[d], k = kh[d], v = qkv[2 * hidden + h * hd + d];
-    if (d < rd) {
-        int i = d < half_rd ? d : d - half_rd;
-        float c = cos[pos * half_rd + i], s = sin[pos * half_rd + i];
-        if (d < half_rd) {
-            q = q * c - qh[d + half_rd] * s;
-            k = k * c - kh[d + half_rd] * s;
-        } else {
-            q = q * c + qh[d - half_rd] * s;
-            k = k * c + kh[d - half_rd] * s;
-        }
-    }
+    float q, k, v;
+    rope_dim(qkv, cos, sin, hidden, hd, rd, pos, h, d, &q, &k, &v);
     q_out[h * hd + d] = q;
     size_t at = ((size_t)h * cap + pos) * hd + d;
+    kc[at] = __float2half(k);
+    vc[at] = __float2half(v);
+}
+
+// A prompt's rows: qkv [n, 3·hidden] → q rotated and times `scale`, f16
+// [heads, n, hd] for prompt_attn, and k rotated and v into the cache at
+// positions pos..pos + n. Grid (heads, n), a thread per dimension.
+extern "C" __global__ void rope_append_prompt(const float* qkv, const float* cos,
+                                              const float* sin, int hidden, int hd, int rd,
+                                              int pos, int n, int cap, half* kc, half* vc,
+                                              float scale, half* q_out) {
+    int h = blockIdx.x, t = blockIdx.y, d = threadIdx.x;
+    if (d >= hd) return;
+    float q, k, v;
+    rope_dim(qkv + (size_t)t * 3 * hidden, cos, sin, hidden, hd, rd, pos + t, h, d, &q, &k, &v);
+    q_out[((size_t)h * n + t) * hd + d] = __float2half(q * scale);
+    size_t at = ((size_t)h * cap + pos + t) * hd + d;
     kc[at] = __float2half(k);
     vc[at] = __float2half(v);
 }
@@ -429,3 +457,194 @@ extern "C" __global__ void attn_merge_q8(const float* pm, const float* pl, const
         quant_block(y, k, q, qd, qs);
     }
 }
+
+// ------------------------------------------------------- prompt attention
+// A prompt's causal attention over the f16 cache without the score matrix
+// (the scheme of kernels/flash.cu's training forward pass, in f16 with f32
+// accumulators, and with the cache's held prefix): query i of the n new
+// rows sits at position pos + i and sees keys 0..pos + i.
+//   q      [heads, n, HD] f16, rotated and scaled by 1/sqrt(HD)
+//   kc, vc [heads, cap, HD] f16, positions 0..pos + n written
+//   o      [n, heads·HD] f32 (the dense projection's input)
+// Grid (ceil(n/64), heads), 128 threads: each warp 16 queries, keys 64 at
+// a time up to the block's last query.
+// Fragment layouts of mma.m16n8k16 (row.col), lane = 4·g + t:
+//   A (16×16): a0 = (g, 2t..2t+1), a1 = (g+8, 2t..), a2 = (g, 2t+8..), a3 = (g+8, 2t+8..)
+//   B (16×8, element (k, n)): b0 = (k 2t..2t+1, n g), b1 = (k 2t+8..2t+9, n g)
+//   C (16×8): c0,c1 = (g, 2t..2t+1), c2,c3 = (g+8, 2t..2t+1)
+
+#define LOG2E_F 1.4426950408889634f
+
+__device__ __forceinline__ void mma_f16(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+    __trap();
+#else
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
+}
+
+__device__ __forceinline__ uint32_t pack_h2(float lo, float hi) {
+    half2 v = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+}
+
+// Two consecutive f16 at p (4-byte aligned).
+__device__ __forceinline__ uint32_t pair_h(const half* p) {
+    return *reinterpret_cast<const uint32_t*>(p);
+}
+
+__device__ __forceinline__ float quad_max_f(float v) {
+    v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, 1));
+    return fmaxf(v, __shfl_xor_sync(0xffffffff, v, 2));
+}
+__device__ __forceinline__ float quad_sum_f(float v) {
+    v += __shfl_xor_sync(0xffffffff, v, 1);
+    return v + __shfl_xor_sync(0xffffffff, v, 2);
+}
+
+template <int HD>
+__device__ void prompt_attn(const half* q, const half* kc, const half* vc, float* o, int heads,
+                            int n, int pos, int cap) {
+    constexpr int BM = 64, BN = 64, KS = HD / 16, DT = HD / 8;
+    constexpr int KST = HD + 8, VST = BN + 8;
+    __shared__ __align__(16) half ks[BN * KST];
+    __shared__ __align__(16) half vt[HD * VST];
+
+    const int h = blockIdx.y;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    const int q0 = blockIdx.x * BM, row0 = q0 + warp * 16 + g, row1 = row0 + 8;
+    const int total = pos + n;
+    const half* qh = q + (size_t)h * n * HD;
+    const half* kh = kc + (size_t)h * cap * HD;
+    const half* vh = vc + (size_t)h * cap * HD;
+
+    // This warp's 16 queries as A fragments (rows past n as zeros).
+    uint32_t qf[KS][4];
+#pragma unroll
+    for (int kk = 0; kk < KS; kk++) {
+        const int c = kk * 16 + 2 * t;
+        qf[kk][0] = row0 < n ? pair_h(qh + (size_t)row0 * HD + c) : 0;
+        qf[kk][1] = row1 < n ? pair_h(qh + (size_t)row1 * HD + c) : 0;
+        qf[kk][2] = row0 < n ? pair_h(qh + (size_t)row0 * HD + c + 8) : 0;
+        qf[kk][3] = row1 < n ? pair_h(qh + (size_t)row1 * HD + c + 8) : 0;
+    }
+    float acc[DT][4];
+#pragma unroll
+    for (int d = 0; d < DT; d++) acc[d][0] = acc[d][1] = acc[d][2] = acc[d][3] = 0.f;
+    float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;
+    // Positions of this warp's rows (past n: never written).
+    const int p0 = pos + row0, p1 = pos + row1;
+
+    // Keys up to the block's last query.
+    const int last = min(total, pos + q0 + BM) - 1;
+    const int tiles = last / BN + 1;
+    for (int tile = 0; tile < tiles; tile++) {
+        const int kv0 = tile * BN;
+        __syncthreads();
+        // Keys row by row, values transposed (column c holds dimension c of every key).
+        for (int i = threadIdx.x; i < BN * HD / 2; i += blockDim.x) {
+            const int r = i / (HD / 2), c = 2 * (i % (HD / 2));
+            uint32_t kv = 0, vv = 0;
+            if (kv0 + r < total) {
+                kv = pair_h(kh + (size_t)(kv0 + r) * HD + c);
+                vv = pair_h(vh + (size_t)(kv0 + r) * HD + c);
+            }
+            *reinterpret_cast<uint32_t*>(ks + r * KST + c) = kv;
+            unsigned short* vs = reinterpret_cast<unsigned short*>(vt);
+            vs[c * VST + r] = (unsigned short)(vv & 0xffff);
+            vs[(c + 1) * VST + r] = (unsigned short)(vv >> 16);
+        }
+        __syncthreads();
+
+        float s[BN / 8][4];
+#pragma unroll
+        for (int j = 0; j < BN / 8; j++) {
+            s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+#pragma unroll
+            for (int kk = 0; kk < KS; kk++) {
+                const half* kr = ks + (j * 8 + g) * KST + kk * 16 + 2 * t;
+                mma_f16(s[j], qf[kk], pair_h(kr), pair_h(kr + 8));
+            }
+        }
+        // Scores in log2 units, the future (and keys past the held ones) masked.
+        float mx0 = -INFINITY, mx1 = -INFINITY;
+#pragma unroll
+        for (int j = 0; j < BN / 8; j++) {
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+                const int key = kv0 + j * 8 + 2 * t + e;
+                s[j][e] = (key <= p0 && key < total) ? s[j][e] * LOG2E_F : -INFINITY;
+                s[j][2 + e] = (key <= p1 && key < total) ? s[j][2 + e] * LOG2E_F : -INFINITY;
+                mx0 = fmaxf(mx0, s[j][e]);
+                mx1 = fmaxf(mx1, s[j][2 + e]);
+            }
+        }
+        const float n0 = fmaxf(m0, quad_max_f(mx0)), n1 = fmaxf(m1, quad_max_f(mx1));
+        // A row that has seen only masked keys keeps max −∞: exp2 of −∞ − 0 is 0.
+        const float b0 = n0 == -INFINITY ? 0.f : n0, b1 = n1 == -INFINITY ? 0.f : n1;
+        const float a0 = exp2f(m0 - b0), a1 = exp2f(m1 - b1);
+        m0 = n0;
+        m1 = n1;
+        float r0 = 0.f, r1 = 0.f;
+#pragma unroll
+        for (int j = 0; j < BN / 8; j++) {
+            s[j][0] = exp2f(s[j][0] - b0);
+            s[j][1] = exp2f(s[j][1] - b0);
+            s[j][2] = exp2f(s[j][2] - b1);
+            s[j][3] = exp2f(s[j][3] - b1);
+            r0 += s[j][0] + s[j][1];
+            r1 += s[j][2] + s[j][3];
+        }
+        l0 = l0 * a0 + r0;
+        l1 = l1 * a1 + r1;
+#pragma unroll
+        for (int d = 0; d < DT; d++) {
+            acc[d][0] *= a0;
+            acc[d][1] *= a0;
+            acc[d][2] *= a1;
+            acc[d][3] *= a1;
+        }
+        // Probabilities (C tiles 2j, 2j + 1) as the A fragment of k-step j.
+#pragma unroll
+        for (int j = 0; j < BN / 16; j++) {
+            uint32_t pa[4];
+            pa[0] = pack_h2(s[2 * j][0], s[2 * j][1]);
+            pa[1] = pack_h2(s[2 * j][2], s[2 * j][3]);
+            pa[2] = pack_h2(s[2 * j + 1][0], s[2 * j + 1][1]);
+            pa[3] = pack_h2(s[2 * j + 1][2], s[2 * j + 1][3]);
+#pragma unroll
+            for (int d = 0; d < DT; d++) {
+                const half* vr = vt + (d * 8 + g) * VST + j * 16 + 2 * t;
+                mma_f16(acc[d], pa, pair_h(vr), pair_h(vr + 8));
+            }
+        }
+    }
+    l0 = quad_sum_f(l0);
+    l1 = quad_sum_f(l1);
+    const float i0 = l0 > 0.f ? 1.f / l0 : 0.f, i1 = l1 > 0.f ? 1.f / l1 : 0.f;
+    const size_t ost = (size_t)heads * HD;
+    float* ob = o + (size_t)h * HD;
+#pragma unroll
+    for (int d = 0; d < DT; d++) {
+        const int c = d * 8 + 2 * t;
+        if (row0 < n)
+            *reinterpret_cast<float2*>(ob + (size_t)row0 * ost + c) = make_float2(acc[d][0] * i0, acc[d][1] * i0);
+        if (row1 < n)
+            *reinterpret_cast<float2*>(ob + (size_t)row1 * ost + c) = make_float2(acc[d][2] * i1, acc[d][3] * i1);
+    }
+}
+
+#define PROMPT_ATTN(HD)                                                                             \
+    extern "C" __global__ void __launch_bounds__(128) prompt_attn_hd##HD(                          \
+        const half* q, const half* kc, const half* vc, float* o, int heads, int n, int pos,         \
+        int cap) {                                                                                  \
+        prompt_attn<HD>(q, kc, vc, o, heads, n, pos, cap);                                          \
+    }
+
+PROMPT_ATTN(32)
+PROMPT_ATTN(64)
+PROMPT_ATTN(80)
+PROMPT_ATTN(128)

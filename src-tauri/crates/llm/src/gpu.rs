@@ -22,6 +22,13 @@
 //! the tensor path, which writes the same f16 cache. `DRAMATIS_NO_GPU_DECODE=1`
 //! turns it off, to compare the two.
 //!
+//! With `DRAMATIS_GPU_PROMPT=1` (off until its test has passed on a GPU) a
+//! prompt's attention on such a model runs on two kernels instead of
+//! candle's ops: the rotary embedding with the keys and values written to
+//! the f16 cache (and q to f16), then a flash-attention pass over the cache
+//! in f16 on the tensor cores that never holds the scores
+//! ([`GpuParts::prompt_attention`]).
+//!
 //! A step without an adapter is captured once as
 //! a CUDA graph and replayed: the kernels read the position and each
 //! layer's cache buffers from device memory, written before each replay, so
@@ -157,7 +164,12 @@ pub(crate) struct GpuParts {
     captures: std::sync::atomic::AtomicUsize,
     graph_error: Mutex<Option<String>>,
     scratch: Mutex<Scratch>,
+    /// Whether prompts' attention runs on the kernels (`DRAMATIS_GPU_PROMPT=1`).
+    prompt: std::sync::atomic::AtomicBool,
 }
+
+/// The head sizes `prompt_attn` is built for (kernels/infer.cu).
+const PROMPT_HEAD_SIZES: [usize; 4] = [32, 64, 80, 128];
 
 impl std::fmt::Debug for GpuParts {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -202,7 +214,12 @@ impl GpuParts {
         let cfg = &phi.cfg;
         let (hidden, heads, hd) = (cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim());
         let inter = cfg.intermediate_size;
-        if hidden % 32 != 0 || inter % 32 != 0 || hd % 8 != 0 || hd > 256 || heads * hd != hidden {
+        if !hidden.is_multiple_of(32)
+            || !inter.is_multiple_of(32)
+            || !hd.is_multiple_of(8)
+            || hd > 256
+            || heads * hd != hidden
+        {
             return Ok(None);
         }
         let stream = dev.cuda_stream();
@@ -349,6 +366,9 @@ impl GpuParts {
             max_splits: splits,
             captures: 0.into(),
             graph_error: Mutex::new(None),
+            prompt: std::env::var_os("DRAMATIS_GPU_PROMPT")
+                .is_some_and(|v| v == "1")
+                .into(),
             scratch: Mutex::new(scratch),
         };
         // The uploads land before any thread's stream reads them (candle's
@@ -383,6 +403,119 @@ impl GpuParts {
     /// The number of blocks the buffers were made for.
     pub(crate) fn layers(&self) -> usize {
         self.layers.len()
+    }
+
+    /// Whether a prompt's attention runs on the kernels.
+    pub(crate) fn prompt_kernels(&self) -> bool {
+        self.prompt.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Turns the prompt kernels on or off (tests run both).
+    #[cfg(test)]
+    fn set_prompt_kernels(&self, on: bool) {
+        self.prompt.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// A prompt's attention in layer `layer` (one sequence): `qkv` (`[n,
+    /// 3·hidden]` f32, the fused projection's output) rotated at positions
+    /// `cache.len()..`, its keys and values written into the layer's f16
+    /// cache after the held ones, and each new query's causal attention
+    /// over the held and new keys, without the score matrix: `[n, hidden]`
+    /// f32, the dense projection's input. [`KvCache::advance`] commits the
+    /// length once every layer is done. `None` (nothing written) for a head
+    /// size without a kernel.
+    pub(crate) fn prompt_attention(
+        &self,
+        phi: &Phi,
+        qkv: &Tensor,
+        cache: &mut KvCache,
+        layer: usize,
+    ) -> Result<Option<Tensor>> {
+        let cfg = &phi.cfg;
+        let (heads, hd, hidden) = (cfg.num_attention_heads, cfg.head_dim(), cfg.hidden_size);
+        let Device::Cuda(dev) = phi.device() else {
+            return Ok(None);
+        };
+        if !PROMPT_HEAD_SIZES.contains(&hd) || qkv.dtype() != DType::F32 {
+            return Ok(None);
+        }
+        let (n, width) = qkv.dims2()?;
+        if width != 3 * hidden || n == 0 {
+            return Err(Error::Invalid(format!(
+                "a prompt's qkv is [{n}, {width}], not [_, {}]",
+                3 * hidden
+            )));
+        }
+        let pos = cache.len();
+        if pos + n > cfg.max_position_embeddings {
+            return Err(Error::Invalid(format!(
+                "the context is full: {} tokens exceed the model's {}",
+                pos + n,
+                cfg.max_position_embeddings
+            )));
+        }
+        let (k, v) = cache.reserve(layer, pos + n, (1, heads, hd), DType::F16, phi.device())?;
+        let cap = k.dim(2)?;
+        let qkv = qkv.contiguous()?;
+        let (qkv_s, qkv_l) = qkv.storage_and_layout();
+        let (k_s, k_l) = k.storage_and_layout();
+        let (v_s, v_l) = v.storage_and_layout();
+        let (Storage::Cuda(qkv_s), Storage::Cuda(k_s), Storage::Cuda(v_s)) =
+            (&*qkv_s, &*k_s, &*v_s)
+        else {
+            return Err(Error::Invalid("a prompt's tensors are not on CUDA".into()));
+        };
+        use crate::kernels::cuda::contiguous;
+        let qkv_v = contiguous::<f32>((qkv_s, qkv_l))?;
+        let k_v = contiguous::<half::f16>((k_s, k_l))?;
+        let v_v = contiguous::<half::f16>((v_s, v_l))?;
+        // SAFETY: rope_append_prompt writes every element of q (a block per
+        // (head, row), a thread per dimension) and prompt_attn every element
+        // of o (each row's every head).
+        let mut q = unsafe { dev.alloc::<half::f16>(heads * n * hd)? };
+        let mut o = unsafe { dev.alloc::<f32>(n * hidden)? };
+        let (n32, pos32, cap32) = (n as i32, pos as i32, cap as i32);
+        let (hidden32, hd32, rd32, heads32) = (
+            hidden as i32,
+            hd as i32,
+            cfg.rotary_dim() as i32,
+            heads as i32,
+        );
+        let scale = 1.0 / (hd as f32).sqrt();
+        let f = dev.get_or_load_custom_func("rope_append_prompt", MODULE, PTX)?;
+        let mut l = f.builder();
+        l.arg(&qkv_v).arg(&self.cos).arg(&self.sin);
+        l.arg(&hidden32)
+            .arg(&hd32)
+            .arg(&rd32)
+            .arg(&pos32)
+            .arg(&n32)
+            .arg(&cap32);
+        l.arg(&k_v).arg(&v_v).arg(&scale).arg(&mut q);
+        let grid = |x: usize, y: usize, threads: u32| LaunchConfig {
+            grid_dim: (x as u32, y as u32, 1),
+            block_dim: (threads, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: qkv holds n rows of 3·hidden; the rotary tables hold the
+        // window's positions (pos + n checked above); the cache buffers hold
+        // `cap` ≥ pos + n positions of every head (reserved above).
+        unsafe { l.launch(grid(heads, n, hd.next_multiple_of(32) as u32)) }.w()?;
+        let f = dev.get_or_load_custom_func(&format!("prompt_attn_hd{hd}"), MODULE, PTX)?;
+        let mut l = f.builder();
+        l.arg(&q).arg(&k_v).arg(&v_v).arg(&mut o);
+        l.arg(&heads32).arg(&n32).arg(&pos32).arg(&cap32);
+        // SAFETY: q is [heads, n, hd], the cache [heads, cap, hd] with
+        // positions 0..pos + n written, o [n, hidden]; the kernel bounds its
+        // rows by n and its keys by pos + n.
+        unsafe { l.launch(grid(n.div_ceil(64), heads, 128)) }.w()?;
+        let o = Storage::Cuda(CudaStorage::wrap_cuda_slice(o, dev.clone()));
+        Ok(Some(Tensor::from_storage(
+            o,
+            (n, hidden),
+            BackpropOp::none(),
+            false,
+        )))
     }
 
     fn launch(&self, f: &CudaFunction, cfg: LaunchConfig, args: &[Arg]) -> Result<()> {
@@ -1028,6 +1161,70 @@ mod tests {
                 // One capture served every step and the cache's growth past 256.
                 assert_eq!(captures, usize::from(graphs), "model {r}");
             }
+        }
+    }
+
+    /// A prompt's attention on the kernels against the tensor path from
+    /// equal caches: three prompts in turn (100 tokens onto an empty cache,
+    /// 70 after them, 130 more: the cache grows past 256 on the way), every
+    /// position's logits within 2% of the largest, then 20 decode steps on
+    /// what the kernels wrote. Models 0-5 of `model` (head sizes 64 and 80),
+    /// adapters on 1 and 3 (the q, k and v deltas reach the kernels).
+    #[test]
+    fn prompt_attention_equals_the_tensor_path() {
+        let dev = cuda();
+        let dir = tempfile::tempdir().unwrap();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        for r in 0..6 {
+            let phi = model(r, dir.path(), &dev);
+            let g = phi.gpu.as_ref().expect("on the decode kernels");
+            assert!(PROMPT_HEAD_SIZES.contains(&phi.config().head_dim()));
+            let lora = [1, 3].contains(&r).then(|| adapter(&phi, &dev, r == 3));
+            let lora = lora.as_ref();
+            let vocab = phi.config().vocab_size as u32;
+            let (mut fast, mut reference) = (phi.new_cache(), phi.new_cache());
+            let mut worst = 0f32;
+            let all = |ids: &[u32], cache: &mut KvCache, kernels: bool| -> Vec<f32> {
+                g.set_prompt_kernels(kernels);
+                let x = Tensor::new(ids, &dev).unwrap().unsqueeze(0).unwrap();
+                let out = phi.run_tensors(&x, Some(cache), Logits::All, lora);
+                g.set_prompt_kernels(false);
+                out.unwrap().flatten_all().unwrap().to_vec1().unwrap()
+            };
+            for (turn, len) in [100, 70, 130].into_iter().enumerate() {
+                let ids: Vec<u32> = (0..len).map(|_| rng.random_range(0..vocab)).collect();
+                let a = all(&ids, &mut fast, true);
+                let b = all(&ids, &mut reference, false);
+                assert_eq!(fast.len(), reference.len());
+                for (p, (a, b)) in a
+                    .chunks(vocab as usize)
+                    .zip(b.chunks(vocab as usize))
+                    .enumerate()
+                {
+                    let (diff, top) = difference(a, b);
+                    assert!(
+                        diff.is_finite() && diff <= 0.02 * top,
+                        "model {r} turn {turn} position {p}: {diff} of {top}"
+                    );
+                    worst = worst.max(diff / top);
+                }
+            }
+            // Decode steps read the keys and values the kernels wrote.
+            let mut token = 7;
+            for step in 0..20 {
+                let a = pass(&phi, &dev, lora, &[token], &mut fast, true);
+                let b = pass(&phi, &dev, lora, &[token], &mut reference, true);
+                let (diff, top) = difference(&a, &b);
+                assert!(
+                    diff.is_finite() && diff <= 0.02 * top,
+                    "model {r} decode step {step}: {diff} of {top}"
+                );
+                worst = worst.max(diff / top);
+                token = argmax(&b);
+            }
+            eprintln!(
+                "model {r}, prompt kernels: worst logit difference {worst:.2e} of the largest"
+            );
         }
     }
 

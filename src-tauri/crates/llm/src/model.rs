@@ -393,6 +393,22 @@ impl Phi {
                 .qkv
                 .forward(h, &slots(l, &[LoraTarget::Q, LoraTarget::K, LoraTarget::V]))
         })?;
+        #[allow(unused_mut)] // reborrowed only in a CUDA build
+        let mut cache = cache;
+        #[cfg(feature = "cuda")]
+        if let (Some(g), Some(c), 1) = (&self.gpu, cache.as_deref_mut(), b)
+            && g.prompt_kernels()
+        {
+            let y = phase(dev, "prompt: attention kernels", || {
+                g.prompt_attention(self, &qkv.reshape((seq, 3 * hidden))?, c, layer)
+            })?;
+            if let Some(y) = y {
+                let y = y.reshape((b, seq, hidden))?;
+                return phase(dev, "prompt: dense", || {
+                    block.dense.forward(&y, &slots(l, &[LoraTarget::Dense]))
+                });
+            }
+        }
         let (q, k, v) = phase(dev, "prompt: rotary", || {
             let qkv = qkv.reshape((b, seq, 3, heads, hd))?;
             let q = qkv.i((.., .., 0))?.transpose(1, 2)?;
