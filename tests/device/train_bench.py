@@ -152,12 +152,16 @@ elif mode == "curve-peft":
 
     log, seed, length, out = sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), sys.argv[6]
     steps = [json.loads(line) for line in open(log)]
-    texts = [json.loads(line)["text"] for line in open(f"{root}/curve.jsonl") if line.strip()]
+    if [s["step"] for s in steps] != list(range(1, len(steps) + 1)):
+        sys.exit(f"{log} is not one run from its first step (a resumed or appended log?)")
+    # Dramatis numbers JSONL rows by their line in the file.
+    lines = open(f"{root}/curve.jsonl").read().split("\n")
+    texts = {i + 1: json.loads(line)["text"] for i, line in enumerate(lines) if line.strip()}
     tok = Tokenizer.from_file(f"{root}/tokenizer.json")
     eos = tok.token_to_id("<|endoftext|>")
 
     def ids(row):
-        t = tok.encode(texts[row - 1], add_special_tokens=False).ids + [eos]
+        t = tok.encode(texts[row], add_special_tokens=False).ids + [eos]
         return t[:length]
 
     torch.manual_seed(seed)

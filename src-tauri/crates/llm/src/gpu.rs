@@ -423,7 +423,8 @@ impl GpuParts {
     /// over the held and new keys, without the score matrix: `[n, hidden]`
     /// f32, the dense projection's input. [`KvCache::advance`] commits the
     /// length once every layer is done. `None` (nothing written) for a head
-    /// size without a kernel.
+    /// size without a kernel, or a GPU before compute capability 8.0 (the
+    /// kernel's f16 products need it).
     pub(crate) fn prompt_attention(
         &self,
         phi: &Phi,
@@ -436,7 +437,13 @@ impl GpuParts {
         let Device::Cuda(dev) = phi.device() else {
             return Ok(None);
         };
-        if !PROMPT_HEAD_SIZES.contains(&hd) || qkv.dtype() != DType::F32 {
+        use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute as A;
+        let tensor_cores = dev
+            .cuda_stream()
+            .context()
+            .attribute(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)
+            .is_ok_and(|major| major >= 8);
+        if !PROMPT_HEAD_SIZES.contains(&hd) || qkv.dtype() != DType::F32 || !tensor_cores {
             return Ok(None);
         }
         let (n, width) = qkv.dims2()?;
@@ -1167,16 +1174,30 @@ mod tests {
     /// A prompt's attention on the kernels against the tensor path from
     /// equal caches: three prompts in turn (100 tokens onto an empty cache,
     /// 70 after them, 130 more: the cache grows past 256 on the way), every
-    /// position's logits within 2% of the largest, then 20 decode steps on
-    /// what the kernels wrote. Models 0-5 of `model` (head sizes 64 and 80),
-    /// adapters on 1 and 3 (the q, k and v deltas reach the kernels).
+    /// position's logits within 2% of the largest; then 10 one-token steps
+    /// through the kernels (what a step the decode kernels do not take
+    /// runs), then 20 decode steps on what the kernels wrote. Models 0-5 of
+    /// `model` (head sizes 64 and 80) and two f32 ones with head sizes 32
+    /// and 128 (every size the kernel is built for); adapters on 1 and 3
+    /// (the q, k and v deltas reach the kernels).
     #[test]
     fn prompt_attention_equals_the_tensor_path() {
         let dev = cuda();
         let dir = tempfile::tempdir().unwrap();
         let mut rng = rand::rngs::StdRng::seed_from_u64(5);
-        for r in 0..6 {
-            let phi = model(r, dir.path(), &dev);
+        for r in 0..8 {
+            let phi = if r < 6 {
+                model(r, dir.path(), &dev)
+            } else {
+                let heads = if r == 6 { 8 } else { 2 };
+                let cfg = PhiConfig {
+                    num_attention_heads: heads,
+                    ..PhiConfig::tiny(320, 512)
+                };
+                let path = dir.path().join(format!("heads{heads}.gguf"));
+                write_synthetic_gguf(&cfg, QuantType::F32, 7, &path, |_, _, _| {}).unwrap();
+                crate::load_model(&path, &dev).unwrap()
+            };
             let g = phi.gpu.as_ref().expect("on the decode kernels");
             assert!(PROMPT_HEAD_SIZES.contains(&phi.config().head_dim()));
             let lora = [1, 3].contains(&r).then(|| adapter(&phi, &dev, r == 3));
@@ -1208,6 +1229,18 @@ mod tests {
                     );
                     worst = worst.max(diff / top);
                 }
+            }
+            // One token at a time through the kernels.
+            for step in 0..10u32 {
+                let id = [(step * 37 + 11) % vocab];
+                let a = all(&id, &mut fast, true);
+                let b = all(&id, &mut reference, false);
+                let (diff, top) = difference(&a, &b);
+                assert!(
+                    diff.is_finite() && diff <= 0.02 * top,
+                    "model {r} one-token step {step}: {diff} of {top}"
+                );
+                worst = worst.max(diff / top);
             }
             // Decode steps read the keys and values the kernels wrote.
             let mut token = 7;

@@ -90,7 +90,9 @@ pub struct LoraSlot {
     pub out_offset: usize,
     /// Training only: the probability of zeroing an input element (0 at inference).
     pub dropout: f32,
-    /// Training only: picks the dropout mask, so a step can be replayed exactly.
+    /// Training only: picks the dropout mask, so a step can be replayed
+    /// exactly. In training the slots of one projection (q, k and v) share
+    /// one mask, the first slot's (see `grad::Group`).
     pub dropout_seed: u64,
 }
 

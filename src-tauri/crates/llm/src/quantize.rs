@@ -159,9 +159,8 @@ pub(crate) fn quantize(t: &Tensor, dtype: GgmlDType) -> Result<QTensor> {
         _ => (1, values.len()),
     };
     // Slices of whole rows, about a million values each.
-    let per = (1 << 20) / cols.max(1);
-    if rows < 2 * per.max(1) || dtype.block_size() == 1 || !cols.is_multiple_of(dtype.block_size())
-    {
+    let per = ((1 << 20) / cols.max(1)).max(1);
+    if rows < 2 * per || dtype.block_size() == 1 || !cols.is_multiple_of(dtype.block_size()) {
         return Ok(QTensor::quantize(
             &Tensor::from_vec(values, t.shape(), &Device::Cpu)?,
             dtype,
@@ -470,7 +469,7 @@ mod tests {
     /// candle's one-thread quantizer gives it.
     #[test]
     fn slices_quantize_to_the_bytes_of_the_whole() {
-        // 4,100 rows of 512: four slices of 2,048 rows and a short fifth.
+        // 4,100 rows of 512: two slices of 2,048 rows and a short third.
         let (rows, cols) = (4100, 512);
         let values: Vec<f32> = (0..rows * cols)
             .map(|i| ((i as f32 * 0.618).fract() - 0.5) * (1.0 + (i % 7) as f32))
