@@ -132,9 +132,16 @@ impl Linear {
 
     /// The weight as a dense `[out, in]` tensor in `dtype`: a quantized one
     /// dequantized for this call (training multiplies by it), a dense one cast
-    /// (free when it is already in `dtype`).
+    /// (free when it is already in `dtype`). On CUDA a 16-bit `dtype` comes
+    /// from candle's f16 dequantization kernel, with no f32 copy on the way
+    /// (for Phi-2's output head 262 MB instead of 524 MB at once).
     pub(crate) fn weight_as(&self, dtype: DType) -> Result<Tensor> {
         Ok(match &self.weight {
+            Weight::Candle(QMatMul::QTensor(q))
+                if q.device().is_cuda() && matches!(dtype, DType::F16 | DType::BF16) =>
+            {
+                q.dequantize_f16(&q.device())?.to_dtype(dtype)?
+            }
             Weight::Candle(QMatMul::QTensor(q)) => q.dequantize(&q.device())?.to_dtype(dtype)?,
             Weight::Candle(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => t.to_dtype(dtype)?,
             Weight::Cpu(q, _) => self
