@@ -196,17 +196,19 @@ fn products_match_the_dequantized_weights() {
     }
     // Decode (one row), a partial input tile, 12 tokens (Q8_0 on the tiles
     // in one padded panel, the K-quants on the row kernels) and more than
-    // one tile.
+    // one tile; 72 rows (tasks of one and two row groups) and 520 (tasks of
+    // eight groups that each panel goes through, and a last one of one).
     for (i, dtype) in KINDS.into_iter().enumerate() {
-        let (rows, cols) = (72, 512);
-        let (q, dense) = quantized(dtype, rows, cols, 11 + i as u64);
-        for m in [1usize, 5, 12, 70] {
-            let x = random(m * cols, 100 + m as u64);
-            let got = q.matmul(&x, m);
-            let want = reference(&dense, &x, m, rows, cols);
-            // Only the activations' 8-bit rounding separates the two (≈0.4% per value).
-            let e = rel_err(&got, &want);
-            assert!(e < 0.01, "{dtype:?} m={m}: relative error {e}");
+        for (rows, cols, ms) in [(72, 512, &[1usize, 5, 12, 70][..]), (520, 256, &[40][..])] {
+            let (q, dense) = quantized(dtype, rows, cols, 11 + i as u64);
+            for &m in ms {
+                let x = random(m * cols, 100 + m as u64);
+                let got = q.matmul(&x, m);
+                let want = reference(&dense, &x, m, rows, cols);
+                // Only the activations' 8-bit rounding separates the two (≈0.4% per value).
+                let e = rel_err(&got, &want);
+                assert!(e < 0.01, "{dtype:?} {rows} rows, m={m}: relative error {e}");
+            }
         }
     }
 }
