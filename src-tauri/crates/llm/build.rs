@@ -7,6 +7,7 @@ fn main() {
     println!("cargo::rerun-if-changed=kernels/train.cu");
     println!("cargo::rerun-if-changed=kernels/infer.cu");
     println!("cargo::rerun-if-changed=kernels/flash.cu");
+    println!("cargo::rerun-if-changed=kernels/tensor_core.cuh");
     println!("cargo::rerun-if-env-changed=CUDA_COMPUTE_CAP");
     if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
         return;

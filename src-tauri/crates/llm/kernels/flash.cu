@@ -10,53 +10,24 @@
 //   lse, delta       [batch, heads, seq] f32   lse in log2 units: log2 sum_j 2^(s_ij log2 e)
 //   dq, dk, dv       [batch, heads, seq, HD]
 //
-// Fragment layouts of mma.m16n8k16 (row.col), lane = 4·g + t:
-//   A (16×16): a0 = (g, 2t..2t+1), a1 = (g+8, 2t..), a2 = (g, 2t+8..), a3 = (g+8, 2t+8..)
-//   B (16×8, element (k, n)): b0 = (k 2t..2t+1, n g), b1 = (k 2t+8..2t+9, n g)
-//   C (16×8): c0,c1 = (g, 2t..2t+1), c2,c3 = (g+8, 2t..2t+1)
-// The C fragments of two adjacent 8-column tiles are, as bf16 pairs, exactly
-// the A fragment of the 16-wide k-step they cover; the passes use this to
-// feed probabilities from one product into the next without shared memory.
+// Fragment layouts: kernels/tensor_core.cuh. The C fragments of two
+// adjacent 8-column tiles are, as bf16 pairs, exactly the A fragment of the
+// 16-wide k-step they cover; the passes use this to feed probabilities from
+// one product into the next without shared memory.
 
 #include <cuda_bf16.h>
 #include <stdint.h>
+
+#include "tensor_core.cuh"
 
 #define LOG2E 1.4426950408889634f
 #define NEG_INF __int_as_float(0xff800000)
 
 typedef __nv_bfloat16 bf16;
 
-// bf16 mma needs sm_80; a build for an older architecture (CUDA_COMPUTE_CAP)
-// still compiles, and flash::takes keeps such GPUs off these kernels.
-__device__ __forceinline__ void mma(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
-    __trap();
-#else
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
-        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-#endif
-}
-
 __device__ __forceinline__ uint32_t pack(float lo, float hi) {
     __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
     return *reinterpret_cast<uint32_t*>(&v);
-}
-
-// Two consecutive bf16 at p (4-byte aligned: even element offsets, even row strides).
-__device__ __forceinline__ uint32_t pair(const bf16* p) {
-    return *reinterpret_cast<const uint32_t*>(p);
-}
-
-// The max (or sum) of the four lanes 4g..4g+3 that hold one row.
-__device__ __forceinline__ float quad_max(float v) {
-    v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, 1));
-    return fmaxf(v, __shfl_xor_sync(0xffffffff, v, 2));
-}
-__device__ __forceinline__ float quad_sum(float v) {
-    v += __shfl_xor_sync(0xffffffff, v, 1);
-    return v + __shfl_xor_sync(0xffffffff, v, 2);
 }
 
 // rows × HD of a [seq, row_stride] matrix (q, k, v: row_stride HD; o and

@@ -9,6 +9,8 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 
+#include "tensor_core.cuh"
+
 __device__ __forceinline__ float warp_sum(float v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
     return v;
@@ -468,41 +470,13 @@ extern "C" __global__ void attn_merge_q8(const float* pm, const float* pl, const
 //   o      [n, heads·HD] f32 (the dense projection's input)
 // Grid (ceil(n/64), heads), 128 threads: each warp 16 queries, keys 64 at
 // a time up to the block's last query.
-// Fragment layouts of mma.m16n8k16 (row.col), lane = 4·g + t:
-//   A (16×16): a0 = (g, 2t..2t+1), a1 = (g+8, 2t..), a2 = (g, 2t+8..), a3 = (g+8, 2t+8..)
-//   B (16×8, element (k, n)): b0 = (k 2t..2t+1, n g), b1 = (k 2t+8..2t+9, n g)
-//   C (16×8): c0,c1 = (g, 2t..2t+1), c2,c3 = (g+8, 2t..2t+1)
+// Fragment layouts: kernels/tensor_core.cuh.
 
 #define LOG2E_F 1.4426950408889634f
-
-__device__ __forceinline__ void mma_f16(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
-    __trap();
-#else
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
-        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-#endif
-}
 
 __device__ __forceinline__ uint32_t pack_h2(float lo, float hi) {
     half2 v = __floats2half2_rn(lo, hi);
     return *reinterpret_cast<uint32_t*>(&v);
-}
-
-// Two consecutive f16 at p (4-byte aligned).
-__device__ __forceinline__ uint32_t pair_h(const half* p) {
-    return *reinterpret_cast<const uint32_t*>(p);
-}
-
-__device__ __forceinline__ float quad_max_f(float v) {
-    v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, 1));
-    return fmaxf(v, __shfl_xor_sync(0xffffffff, v, 2));
-}
-__device__ __forceinline__ float quad_sum_f(float v) {
-    v += __shfl_xor_sync(0xffffffff, v, 1);
-    return v + __shfl_xor_sync(0xffffffff, v, 2);
 }
 
 template <int HD>
@@ -526,10 +500,10 @@ __device__ void prompt_attn(const half* q, const half* kc, const half* vc, float
 #pragma unroll
     for (int kk = 0; kk < KS; kk++) {
         const int c = kk * 16 + 2 * t;
-        qf[kk][0] = row0 < n ? pair_h(qh + (size_t)row0 * HD + c) : 0;
-        qf[kk][1] = row1 < n ? pair_h(qh + (size_t)row1 * HD + c) : 0;
-        qf[kk][2] = row0 < n ? pair_h(qh + (size_t)row0 * HD + c + 8) : 0;
-        qf[kk][3] = row1 < n ? pair_h(qh + (size_t)row1 * HD + c + 8) : 0;
+        qf[kk][0] = row0 < n ? pair(qh + (size_t)row0 * HD + c) : 0;
+        qf[kk][1] = row1 < n ? pair(qh + (size_t)row1 * HD + c) : 0;
+        qf[kk][2] = row0 < n ? pair(qh + (size_t)row0 * HD + c + 8) : 0;
+        qf[kk][3] = row1 < n ? pair(qh + (size_t)row1 * HD + c + 8) : 0;
     }
     float acc[DT][4];
 #pragma unroll
@@ -549,8 +523,8 @@ __device__ void prompt_attn(const half* q, const half* kc, const half* vc, float
             const int r = i / (HD / 2), c = 2 * (i % (HD / 2));
             uint32_t kv = 0, vv = 0;
             if (kv0 + r < total) {
-                kv = pair_h(kh + (size_t)(kv0 + r) * HD + c);
-                vv = pair_h(vh + (size_t)(kv0 + r) * HD + c);
+                kv = pair(kh + (size_t)(kv0 + r) * HD + c);
+                vv = pair(vh + (size_t)(kv0 + r) * HD + c);
             }
             *reinterpret_cast<uint32_t*>(ks + r * KST + c) = kv;
             unsigned short* vs = reinterpret_cast<unsigned short*>(vt);
@@ -566,7 +540,7 @@ __device__ void prompt_attn(const half* q, const half* kc, const half* vc, float
 #pragma unroll
             for (int kk = 0; kk < KS; kk++) {
                 const half* kr = ks + (j * 8 + g) * KST + kk * 16 + 2 * t;
-                mma_f16(s[j], qf[kk], pair_h(kr), pair_h(kr + 8));
+                mma_f16(s[j], qf[kk], pair(kr), pair(kr + 8));
             }
         }
         // Scores in log2 units, the future (and keys past the held ones) masked.
@@ -582,7 +556,7 @@ __device__ void prompt_attn(const half* q, const half* kc, const half* vc, float
                 mx1 = fmaxf(mx1, s[j][2 + e]);
             }
         }
-        const float n0 = fmaxf(m0, quad_max_f(mx0)), n1 = fmaxf(m1, quad_max_f(mx1));
+        const float n0 = fmaxf(m0, quad_max(mx0)), n1 = fmaxf(m1, quad_max(mx1));
         // A row that has seen only masked keys keeps max −∞: exp2 of −∞ − 0 is 0.
         const float b0 = n0 == -INFINITY ? 0.f : n0, b1 = n1 == -INFINITY ? 0.f : n1;
         const float a0 = exp2f(m0 - b0), a1 = exp2f(m1 - b1);
@@ -618,12 +592,12 @@ __device__ void prompt_attn(const half* q, const half* kc, const half* vc, float
 #pragma unroll
             for (int d = 0; d < DT; d++) {
                 const half* vr = vt + (d * 8 + g) * VST + j * 16 + 2 * t;
-                mma_f16(acc[d], pa, pair_h(vr), pair_h(vr + 8));
+                mma_f16(acc[d], pa, pair(vr), pair(vr + 8));
             }
         }
     }
-    l0 = quad_sum_f(l0);
-    l1 = quad_sum_f(l1);
+    l0 = quad_sum(l0);
+    l1 = quad_sum(l1);
     const float i0 = l0 > 0.f ? 1.f / l0 : 0.f, i1 = l1 > 0.f ? 1.f / l1 : 0.f;
     const size_t ost = (size_t)heads * HD;
     float* ob = o + (size_t)h * HD;
