@@ -172,7 +172,8 @@ pub fn estimate(input: &EstimateInput) -> Estimate {
         while seq > 64 && activations(input, seq, pair_rows, ckpt) > room {
             seq /= 2;
         }
-        if seq < input.seq_len && seq >= 64 {
+        // Only a length that fits (at 64 tokens the halving stops, fitting or not).
+        if seq < input.seq_len && activations(input, seq, pair_rows, ckpt) <= room {
             advice.push(format!("shorten the maximum length to {seq} tokens"));
         }
         if input.weight_bytes > (cfg.num_hidden_layers as f64 * 6.0 * h * h * 2.0) as u64 {

@@ -196,10 +196,11 @@ fn products_match_the_dequantized_weights() {
     }
     // Decode (one row), a partial input tile, 12 tokens (Q8_0 on the tiles
     // in one padded panel, the K-quants on the row kernels) and more than
-    // one tile; 72 rows (tasks of one and two row groups) and 520 (tasks of
-    // eight groups that each panel goes through, and a last one of one).
+    // one tile; 72 rows (tasks of one and two row groups) and 7,176 (tasks
+    // of eight groups that each panel goes through, up to 112 threads, and a
+    // last one of one).
     for (i, dtype) in KINDS.into_iter().enumerate() {
-        for (rows, cols, ms) in [(72, 512, &[1usize, 5, 12, 70][..]), (520, 256, &[40][..])] {
+        for (rows, cols, ms) in [(72, 512, &[1usize, 5, 12, 70][..]), (7176, 256, &[40][..])] {
             let (q, dense) = quantized(dtype, rows, cols, 11 + i as u64);
             for &m in ms {
                 let x = random(m * cols, 100 + m as u64);
