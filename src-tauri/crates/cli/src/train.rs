@@ -229,6 +229,18 @@ pub fn train(a: TrainArgs, cancel: &AtomicBool) -> Result<()> {
         data_opts.loss_on = LossOn::AssistantOnly;
     }
 
+    // The log first: a path that cannot be written fails before the model loads.
+    let mut log = match &a.log {
+        Some(path) => Some((
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .with_context(|| format!("cannot open the log {}", path.display()))?,
+            path,
+        )),
+        None => None,
+    };
     let device = a.device.open().context("cannot open the device")?;
     let tok_path = a
         .tokenizer
@@ -342,17 +354,6 @@ pub fn train(a: TrainArgs, cancel: &AtomicBool) -> Result<()> {
             .context("progress bar template")?,
     );
     bar.set_position(run.step() as u64);
-    let mut log = match &a.log {
-        Some(path) => Some((
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(path)
-                .with_context(|| format!("cannot open the log {}", path.display()))?,
-            path,
-        )),
-        None => None,
-    };
     let mut log_error = None;
     let mut last_tps = 0.0;
     // The rate after the first step, which also loads kernels and warms caches.

@@ -263,7 +263,7 @@ fn train_then_generate_with_the_adapter_and_export() {
     std::fs::write(&data, rows.join("\n")).unwrap();
     let run = dir.path().join("run");
     let log = dir.path().join("log.jsonl");
-    let train = || {
+    let train_logging = |log: &std::path::Path| {
         let mut c = cli();
         c.args([
             "train",
@@ -281,9 +281,21 @@ fn train_then_generate_with_the_adapter_and_export() {
         .arg("--out")
         .arg(&run)
         .arg("--log")
-        .arg(&log);
+        .arg(log);
         c
     };
+    let train = || train_logging(&log);
+    // A log that cannot be written is refused before any step, by name.
+    let bad = train_logging(&dir.path().join("no-such-folder").join("log.jsonl"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(!bad.status.success(), "{err}");
+    assert!(
+        err.contains("cannot open the log") && err.contains("no-such-folder"),
+        "{err}"
+    );
+    assert!(!run.join("checkpoint").exists(), "no step ran");
     let out = train().output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
