@@ -12,7 +12,6 @@
 use candle_core::{D, DType, Tensor};
 
 use crate::Result;
-use crate::lora::dropout_mask;
 
 /// Softmax over the last dimension of attention scores `[.., seq, seq]`
 /// (queries from position 0) with the causal mask applied: query `i` sees
@@ -39,14 +38,39 @@ pub(crate) fn softmax_backward(p: &Tensor, g: &Tensor) -> Result<Tensor> {
 }
 
 /// `x` with elements zeroed with probability `p` and the rest scaled by
-/// `1 / (1 − p)`, the mask chosen by `seed`.
+/// `1 / (1 − p)`, the mask chosen by `seed`: element `i` is kept where
+/// [`mix`]`(i, seed)` reaches `p · 2³²`, on every device the same mask (the
+/// CUDA kernel in kernels/train.cu hashes alike), so a step replays exactly
+/// after a resume without any random state to save.
 pub(crate) fn dropout(x: &Tensor, p: f32, seed: u64) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if x.device().is_cuda() {
         return Ok(x.apply_op1_no_bwd(&cuda::Dropout { p, seed })?);
     }
-    let mask = dropout_mask(x.shape(), p, seed, x.device())?.to_dtype(x.dtype())?;
-    Ok((x * mask)?)
+    use rayon::prelude::*;
+    // One pass on the host's threads (a mask built from candle's ops was
+    // ten passes with a sine: the CPU's largest training cost on small models).
+    let threshold = (f64::from(p) * 4_294_967_296.0) as u32;
+    let scale = 1.0 / (1.0 - p);
+    let mut v = x.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+    const CHUNK: usize = 1 << 14;
+    v.par_chunks_mut(CHUNK).enumerate().for_each(|(c, part)| {
+        for (j, e) in part.iter_mut().enumerate() {
+            let keep = mix((c * CHUNK + j) as u64, seed) >= threshold;
+            *e = if keep { *e * scale } else { 0.0 };
+        }
+    });
+    let out = Tensor::from_vec(v, x.shape(), &candle_core::Device::Cpu)?;
+    Ok(out.to_dtype(x.dtype())?.to_device(x.device())?)
+}
+
+/// The hash behind [`dropout`]'s mask (splitmix64's finalizer over the
+/// index and the seed; the high 32 bits), as kernels/train.cu's `mix`.
+fn mix(i: u64, seed: u64) -> u32 {
+    let mut z = i.wrapping_add(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    ((z ^ (z >> 31)) >> 32) as u32
 }
 
 /// `y + b` for `y` `[rows, cols]` and a bias `b` `[cols]` (candle's
@@ -550,6 +574,57 @@ mod tests {
                 vec![0.0, 0.0, inf],
                 vec![0.0, 0.0, 0.0]
             ]
+        );
+    }
+
+    /// The hash is splitmix64 (whose first output from state 0 is
+    /// 0xE220A8397B1DCDAF), as the CUDA kernel's; dropout keeps exactly the
+    /// elements the hash says, scaled, the same for f32 and bf16 inputs and
+    /// for the mask alone.
+    #[test]
+    fn dropout_is_the_hash_mask() {
+        assert_eq!(mix(0, 1), 0xE220_A839);
+        let (n, p, seed) = (100_000usize, 0.3f32, 42u64);
+        let x = Tensor::arange(0f32, n as f32, &Device::Cpu).unwrap();
+        let y: Vec<f32> = dropout(&x, p, seed).unwrap().to_vec1().unwrap();
+        let threshold = (f64::from(p) * 4_294_967_296.0) as u32;
+        let mut kept = 0;
+        for (i, &v) in y.iter().enumerate() {
+            if mix(i as u64, seed) >= threshold {
+                assert_eq!(v, i as f32 * (1.0 / (1.0 - p)), "element {i}");
+                kept += 1;
+            } else {
+                assert_eq!(v, 0.0, "element {i}");
+            }
+        }
+        let share = kept as f64 / n as f64;
+        assert!((share - 0.7).abs() < 0.01, "kept {share}");
+        let xb = x.to_dtype(DType::BF16).unwrap();
+        let yb = dropout(&xb, p, seed).unwrap();
+        assert_eq!(yb.dtype(), DType::BF16);
+        let want = Tensor::new(y.as_slice(), &Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap();
+        let (a, b): (Vec<f32>, Vec<f32>) = (
+            yb.to_dtype(DType::F32).unwrap().to_vec1().unwrap(),
+            want.to_dtype(DType::F32).unwrap().to_vec1().unwrap(),
+        );
+        // bf16 inputs round before the scale: equal up to one rounding.
+        assert!(
+            a.iter()
+                .zip(&b)
+                .all(|(a, b)| (a - b).abs() <= 0.01 * b.abs())
+        );
+        let mask: Vec<f32> = crate::lora::dropout_mask(x.shape(), p, seed, &Device::Cpu)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert!(
+            mask.iter()
+                .zip(&y)
+                .enumerate()
+                .all(|(i, (m, v))| m * i as f32 == *v)
         );
     }
 }

@@ -125,47 +125,17 @@ impl LoraSlot {
     }
 }
 
-/// The seed-free part of the hash argument for `n` elements, built once per
-/// device (from the largest size asked so far) and narrowed: building it
-/// means an index tensor made on the host, which per call would dominate a
-/// GPU training step.
-fn index_argument(n: usize, device: &Device) -> Result<Tensor> {
-    static CACHE: std::sync::Mutex<Vec<(candle_core::DeviceLocation, Tensor)>> =
-        std::sync::Mutex::new(Vec::new());
-    let mut cache = CACHE.lock().unwrap_or_else(|e| e.into_inner());
-    let loc = device.location();
-    if let Some((_, t)) = cache.iter().find(|(l, t)| *l == loc && t.elem_count() >= n) {
-        return Ok(t.narrow(0, 0, n)?);
-    }
-    let idx = Tensor::arange(0u32, n as u32, device)?.to_dtype(DType::F32)?;
-    // Split the index so neither part's multiple outgrows f32's precision.
-    let hi = idx.affine(1.0 / 4096.0, 0.0)?.floor()?;
-    let lo = (&idx - (&hi * 4096.0)?)?;
-    let arg = ((hi * 0.137)? + (lo * 0.0131)?)?;
-    cache.retain(|(l, _)| *l != loc);
-    cache.push((loc, arg.clone()));
-    Ok(arg)
-}
-
 /// A dropout mask (`0`, or `1 / (1 - p)` to keep the expected value) that
-/// depends only on the shape, `p` and `seed`: computed on the device from a
-/// hash of each element's index, so a training step replays exactly after a
-/// resume without any random state to save.
+/// depends only on the shape, `p` and `seed`: [`crate::kernels::dropout`]'s
+/// mask (a hash of each element's index), on the device, so a training step
+/// replays exactly after a resume without any random state to save.
 pub fn dropout_mask(
     shape: &candle_core::Shape,
     p: f32,
     seed: u64,
     device: &Device,
 ) -> Result<Tensor> {
-    let n = shape.elem_count();
-    // A sine hash over (index, seed): index spread by a small irrational step
-    // keeps the argument where f32 has precision to spare.
-    let phase = (seed % 1_000_003) as f64 * 0.754_877_666 % 1000.0;
-    let arg = index_argument(n, device)?.affine(1.0, phase)?;
-    let h = (arg.sin()? * 43_758.545_3)?;
-    let frac = (&h - h.floor()?)?;
-    let keep = frac.ge(f64::from(p))?.to_dtype(DType::F32)?;
-    Ok((keep / (1.0 - f64::from(p)))?.reshape(shape)?)
+    crate::kernels::dropout(&Tensor::ones(shape, DType::F32, device)?, p, seed)
 }
 
 /// The slots of one transformer block.
