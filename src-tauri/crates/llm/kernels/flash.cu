@@ -20,9 +20,6 @@
 
 #include "tensor_core.cuh"
 
-#define LOG2E 1.4426950408889634f
-#define NEG_INF __int_as_float(0xff800000)
-
 typedef __nv_bfloat16 bf16;
 
 __device__ __forceinline__ uint32_t pack(float lo, float hi) {
@@ -122,43 +119,7 @@ __device__ void flash_fwd(const bf16* q, const bf16* k, const bf16* v, bf16* o, 
             }
         }
         // Scores in log2 units, the future (and keys past seq) masked.
-        float mx0 = NEG_INF, mx1 = NEG_INF;
-#pragma unroll
-        for (int n = 0; n < BN / 8; n++) {
-#pragma unroll
-            for (int e = 0; e < 2; e++) {
-                const int key = kv0 + n * 8 + 2 * t + e;
-                s[n][e] = (key <= row0 && key < seq) ? s[n][e] * LOG2E : NEG_INF;
-                s[n][2 + e] = (key <= row1 && key < seq) ? s[n][2 + e] * LOG2E : NEG_INF;
-                mx0 = fmaxf(mx0, s[n][e]);
-                mx1 = fmaxf(mx1, s[n][2 + e]);
-            }
-        }
-        const float n0 = fmaxf(m0, quad_max(mx0)), n1 = fmaxf(m1, quad_max(mx1));
-        // A row that has seen only masked keys keeps max −∞: exp2 of −∞ − 0 is 0.
-        const float b0 = n0 == NEG_INF ? 0.f : n0, b1 = n1 == NEG_INF ? 0.f : n1;
-        const float a0 = exp2f(m0 - b0), a1 = exp2f(m1 - b1);
-        m0 = n0;
-        m1 = n1;
-        float r0 = 0.f, r1 = 0.f;
-#pragma unroll
-        for (int n = 0; n < BN / 8; n++) {
-            s[n][0] = exp2f(s[n][0] - b0);
-            s[n][1] = exp2f(s[n][1] - b0);
-            s[n][2] = exp2f(s[n][2] - b1);
-            s[n][3] = exp2f(s[n][3] - b1);
-            r0 += s[n][0] + s[n][1];
-            r1 += s[n][2] + s[n][3];
-        }
-        l0 = l0 * a0 + r0;
-        l1 = l1 * a1 + r1;
-#pragma unroll
-        for (int d = 0; d < DT; d++) {
-            acc[d][0] *= a0;
-            acc[d][1] *= a0;
-            acc[d][2] *= a1;
-            acc[d][3] *= a1;
-        }
+        softmax_tile<BN, DT>(s, acc, m0, m1, l0, l1, kv0, t, row0, row1, seq);
 #pragma unroll
         for (int j = 0; j < BN / 16; j++) {
             uint32_t pa[4];

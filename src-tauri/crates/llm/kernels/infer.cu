@@ -472,8 +472,6 @@ extern "C" __global__ void attn_merge_q8(const float* pm, const float* pl, const
 // a time up to the block's last query.
 // Fragment layouts: kernels/tensor_core.cuh.
 
-#define LOG2E_F 1.4426950408889634f
-
 __device__ __forceinline__ uint32_t pack_h2(float lo, float hi) {
     half2 v = __floats2half2_rn(lo, hi);
     return *reinterpret_cast<uint32_t*>(&v);
@@ -508,7 +506,7 @@ __device__ void prompt_attn(const half* q, const half* kc, const half* vc, float
     float acc[DT][4];
 #pragma unroll
     for (int d = 0; d < DT; d++) acc[d][0] = acc[d][1] = acc[d][2] = acc[d][3] = 0.f;
-    float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;
+    float m0 = NEG_INF, m1 = NEG_INF, l0 = 0.f, l1 = 0.f;
     // Positions of this warp's rows (past n: never written).
     const int p0 = pos + row0, p1 = pos + row1;
 
@@ -544,43 +542,7 @@ __device__ void prompt_attn(const half* q, const half* kc, const half* vc, float
             }
         }
         // Scores in log2 units, the future (and keys past the held ones) masked.
-        float mx0 = -INFINITY, mx1 = -INFINITY;
-#pragma unroll
-        for (int j = 0; j < BN / 8; j++) {
-#pragma unroll
-            for (int e = 0; e < 2; e++) {
-                const int key = kv0 + j * 8 + 2 * t + e;
-                s[j][e] = (key <= p0 && key < total) ? s[j][e] * LOG2E_F : -INFINITY;
-                s[j][2 + e] = (key <= p1 && key < total) ? s[j][2 + e] * LOG2E_F : -INFINITY;
-                mx0 = fmaxf(mx0, s[j][e]);
-                mx1 = fmaxf(mx1, s[j][2 + e]);
-            }
-        }
-        const float n0 = fmaxf(m0, quad_max(mx0)), n1 = fmaxf(m1, quad_max(mx1));
-        // A row that has seen only masked keys keeps max −∞: exp2 of −∞ − 0 is 0.
-        const float b0 = n0 == -INFINITY ? 0.f : n0, b1 = n1 == -INFINITY ? 0.f : n1;
-        const float a0 = exp2f(m0 - b0), a1 = exp2f(m1 - b1);
-        m0 = n0;
-        m1 = n1;
-        float r0 = 0.f, r1 = 0.f;
-#pragma unroll
-        for (int j = 0; j < BN / 8; j++) {
-            s[j][0] = exp2f(s[j][0] - b0);
-            s[j][1] = exp2f(s[j][1] - b0);
-            s[j][2] = exp2f(s[j][2] - b1);
-            s[j][3] = exp2f(s[j][3] - b1);
-            r0 += s[j][0] + s[j][1];
-            r1 += s[j][2] + s[j][3];
-        }
-        l0 = l0 * a0 + r0;
-        l1 = l1 * a1 + r1;
-#pragma unroll
-        for (int d = 0; d < DT; d++) {
-            acc[d][0] *= a0;
-            acc[d][1] *= a0;
-            acc[d][2] *= a1;
-            acc[d][3] *= a1;
-        }
+        softmax_tile<BN, DT>(s, acc, m0, m1, l0, l1, kv0, t, p0, p1, total);
         // Probabilities (C tiles 2j, 2j + 1) as the A fragment of k-step j.
 #pragma unroll
         for (int j = 0; j < BN / 16; j++) {

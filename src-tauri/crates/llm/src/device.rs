@@ -122,31 +122,31 @@ fn pool_attribute(
 /// The most GPU memory this process's tensors have held at once (the CUDA
 /// allocator pool's high-water mark), for a CUDA device; `None` elsewhere.
 pub fn gpu_memory_peak(d: &Device) -> Option<u64> {
-    #[cfg(feature = "cuda")]
-    if let Device::Cuda(c) = d {
-        return pool_attribute(
-            c,
-            cuda_sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
-            None,
-        );
-    }
-    let _ = d;
-    None
+    pool_peak(d, true)
 }
 
 /// The most GPU memory the CUDA allocator pool has held at once (its
 /// high-water mark of reserved memory: the tensors' peak plus what
 /// fragmentation kept), for a CUDA device; `None` elsewhere.
 pub fn gpu_memory_reserved_peak(d: &Device) -> Option<u64> {
+    pool_peak(d, false)
+}
+
+/// The pool's high-water mark of used (`used`) or reserved memory.
+fn pool_peak(d: &Device, used: bool) -> Option<u64> {
     #[cfg(feature = "cuda")]
     if let Device::Cuda(c) = d {
-        return pool_attribute(
-            c,
-            cuda_sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH,
-            None,
-        );
+        use cuda_sys::CUmemPool_attribute::{
+            CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH, CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+        };
+        let attr = if used {
+            CU_MEMPOOL_ATTR_USED_MEM_HIGH
+        } else {
+            CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH
+        };
+        return pool_attribute(c, attr, None);
     }
-    let _ = d;
+    let _ = (d, used);
     None
 }
 

@@ -44,15 +44,17 @@ pub(crate) fn enabled(device: &candle_core::Device, dtype: DType, head_dim: usiz
     let candle_core::Device::Cuda(dev) = device else {
         return false;
     };
+    *ASKED && dtype == DType::BF16 && matches!(head_dim, 16 | 32 | 64 | 80) && tensor_cores(dev)
+}
+
+/// Whether `dev` runs the kernels' 16-bit `mma.sync` products (compute
+/// capability 8.0 or later; kernels/tensor_core.cuh).
+pub(crate) fn tensor_cores(dev: &CudaDevice) -> bool {
     use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute as A;
-    *ASKED
-        && dtype == DType::BF16
-        && matches!(head_dim, 16 | 32 | 64 | 80)
-        && dev
-            .cuda_stream()
-            .context()
-            .attribute(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)
-            .is_ok_and(|major| major >= 8)
+    dev.cuda_stream()
+        .context()
+        .attribute(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)
+        .is_ok_and(|major| major >= 8)
 }
 
 /// A contiguous tensor's device buffer, held for a launch.

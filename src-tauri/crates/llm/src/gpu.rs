@@ -164,7 +164,8 @@ pub(crate) struct GpuParts {
     captures: std::sync::atomic::AtomicUsize,
     graph_error: Mutex<Option<String>>,
     scratch: Mutex<Scratch>,
-    /// Whether prompts' attention runs on the kernels (`DRAMATIS_GPU_PROMPT=1`).
+    /// Whether prompts' attention runs on the kernels (`DRAMATIS_GPU_PROMPT=1`,
+    /// and a GPU with the tensor cores they need).
     prompt: std::sync::atomic::AtomicBool,
 }
 
@@ -366,9 +367,9 @@ impl GpuParts {
             max_splits: splits,
             captures: 0.into(),
             graph_error: Mutex::new(None),
-            prompt: std::env::var_os("DRAMATIS_GPU_PROMPT")
-                .is_some_and(|v| v == "1")
-                .into(),
+            prompt: (std::env::var_os("DRAMATIS_GPU_PROMPT").is_some_and(|v| v == "1")
+                && crate::flash::tensor_cores(dev))
+            .into(),
             scratch: Mutex::new(scratch),
         };
         // The uploads land before any thread's stream reads them (candle's
@@ -423,8 +424,8 @@ impl GpuParts {
     /// over the held and new keys, without the score matrix: `[n, hidden]`
     /// f32, the dense projection's input. [`KvCache::advance`] commits the
     /// length once every layer is done. `None` (nothing written) for a head
-    /// size without a kernel, or a GPU before compute capability 8.0 (the
-    /// kernel's f16 products need it).
+    /// size without a kernel. Only where [`GpuParts::prompt_kernels`] says
+    /// (the GPU has the tensor cores the kernel needs).
     pub(crate) fn prompt_attention(
         &self,
         phi: &Phi,
@@ -437,13 +438,7 @@ impl GpuParts {
         let Device::Cuda(dev) = phi.device() else {
             return Ok(None);
         };
-        use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute as A;
-        let tensor_cores = dev
-            .cuda_stream()
-            .context()
-            .attribute(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)
-            .is_ok_and(|major| major >= 8);
-        if !PROMPT_HEAD_SIZES.contains(&hd) || qkv.dtype() != DType::F32 || !tensor_cores {
+        if !PROMPT_HEAD_SIZES.contains(&hd) || qkv.dtype() != DType::F32 {
             return Ok(None);
         }
         let (n, width) = qkv.dims2()?;
@@ -1222,12 +1217,8 @@ mod tests {
                     .zip(b.chunks(vocab as usize))
                     .enumerate()
                 {
-                    let (diff, top) = difference(a, b);
-                    assert!(
-                        diff.is_finite() && diff <= 0.02 * top,
-                        "model {r} turn {turn} position {p}: {diff} of {top}"
-                    );
-                    worst = worst.max(diff / top);
+                    let off = within(a, b, format_args!("model {r} turn {turn} position {p}"));
+                    worst = worst.max(off);
                 }
             }
             // One token at a time through the kernels.
@@ -1235,24 +1226,16 @@ mod tests {
                 let id = [(step * 37 + 11) % vocab];
                 let a = all(&id, &mut fast, true);
                 let b = all(&id, &mut reference, false);
-                let (diff, top) = difference(&a, &b);
-                assert!(
-                    diff.is_finite() && diff <= 0.02 * top,
-                    "model {r} one-token step {step}: {diff} of {top}"
-                );
-                worst = worst.max(diff / top);
+                let off = within(&a, &b, format_args!("model {r} one-token step {step}"));
+                worst = worst.max(off);
             }
             // Decode steps read the keys and values the kernels wrote.
             let mut token = 7;
             for step in 0..20 {
                 let a = pass(&phi, &dev, lora, &[token], &mut fast, true);
                 let b = pass(&phi, &dev, lora, &[token], &mut reference, true);
-                let (diff, top) = difference(&a, &b);
-                assert!(
-                    diff.is_finite() && diff <= 0.02 * top,
-                    "model {r} decode step {step}: {diff} of {top}"
-                );
-                worst = worst.max(diff / top);
+                let off = within(&a, &b, format_args!("model {r} decode step {step}"));
+                worst = worst.max(off);
                 token = argmax(&b);
             }
             eprintln!(
@@ -1287,10 +1270,10 @@ mod tests {
                             let id = (step * 11 + t * 5) % 320;
                             let a = run(&[id], &mut fast, false);
                             let b = run(&[id], &mut reference, true);
-                            let (diff, top) = difference(&a, &b);
-                            assert!(
-                                diff.is_finite() && diff <= 0.02 * top,
-                                "thread {t} step {step} graphs {graphs}: {diff} of {top}"
+                            within(
+                                &a,
+                                &b,
+                                format_args!("thread {t} step {step} graphs {graphs}"),
                             );
                         }
                     });
@@ -1321,12 +1304,8 @@ mod tests {
         let mut token = argmax(&first);
         let (mut worst, mut compared) = (0f32, 0);
         let mut check = |step: usize, a: &[f32], b: &[f32]| {
-            let (diff, top) = difference(a, b);
-            assert!(
-                diff.is_finite() && diff <= 0.02 * top,
-                "{name} step {step}: {diff} of {top}"
-            );
-            worst = worst.max(diff / top);
+            worst = worst.max(within(a, b, format_args!("{name} step {step}")));
+            let top = b.iter().fold(0f32, |m, v| m.max(v.abs()));
             let mut sorted = b.to_vec();
             sorted.sort_by(|x, y| y.total_cmp(x));
             if sorted[0] - sorted[1] > 0.02 * top {
@@ -1373,12 +1352,16 @@ mod tests {
         out.unwrap().flatten_all().unwrap().to_vec1().unwrap()
     }
 
-    /// The largest difference between two logit vectors, and the largest
-    /// magnitude of the second (the reference).
-    fn difference(a: &[f32], b: &[f32]) -> (f32, f32) {
+    /// Asserts the largest difference of `a` from the reference `b` is finite
+    /// and at most 2% of `b`'s largest magnitude; returns it as that share.
+    fn within(a: &[f32], b: &[f32], what: std::fmt::Arguments<'_>) -> f32 {
         let top = b.iter().fold(0f32, |m, v| m.max(v.abs()));
         let diff = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
-        (diff, top)
+        assert!(
+            diff.is_finite() && diff <= 0.02 * top,
+            "{what}: {diff} of {top}"
+        );
+        diff / top
     }
 
     fn argmax(v: &[f32]) -> u32 {

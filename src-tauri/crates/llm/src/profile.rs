@@ -33,11 +33,11 @@ pub(crate) fn phase<T>(
         return f();
     }
     device.synchronize()?;
-    let start = std::time::Instant::now();
-    let out = f()?;
-    device.synchronize()?;
-    record(name, start);
-    Ok(out)
+    timed(name, || {
+        let out = f()?;
+        device.synchronize()?;
+        Ok(out)
+    })
 }
 
 /// Runs `f` (work on the host's threads: nothing to wait for), timing it as
@@ -48,13 +48,9 @@ pub(crate) fn timed<T>(name: &'static str, f: impl FnOnce() -> T) -> T {
     }
     let start = std::time::Instant::now();
     let out = f();
-    record(name, start);
-    out
-}
-
-fn record(name: &'static str, start: std::time::Instant) {
     let mut p = PHASES.lock().unwrap_or_else(|e| e.into_inner());
     let e = p.entry(name).or_default();
     e.0 += start.elapsed().as_secs_f64();
     e.1 += 1;
+    out
 }

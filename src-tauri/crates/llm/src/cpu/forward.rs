@@ -82,22 +82,23 @@ pub(crate) fn forward(
     let half = cfg.rotary_dim() / 2;
     let scale = 1.0 / (hd as f32).sqrt();
     let simd = parts.simd;
-    // Each step timed with DRAMATIS_PROFILE (one name for prompts, one for
-    // single tokens).
-    let name = |prompt: &'static str, token: &'static str| if seq > 1 { prompt } else { token };
-    let mut x = timed(
-        name("cpu prompt: embedding", "cpu token: embedding"),
-        || phi.embed.rows(ids),
-    )?;
+    // Each step's name for DRAMATIS_PROFILE, prompts and single tokens apart.
+    macro_rules! step {
+        ($name:literal) => {
+            if seq > 1 {
+                concat!("cpu prompt: ", $name)
+            } else {
+                concat!("cpu token: ", $name)
+            }
+        };
+    }
+    let mut x = timed(step!("embedding"), || phi.embed.rows(ids))?;
     let no_lora = LoraLayer::default();
     for (i, block) in phi.blocks.iter().enumerate() {
         let l = lora.map_or(&no_lora, |a| &a.layers[i]);
         let (w, b) = &parts.norms[i];
-        let h = timed(
-            name("cpu prompt: layer norm", "cpu token: layer norm"),
-            || layer_norm(&x, w, b, parts.eps),
-        );
-        let qkv = timed(name("cpu prompt: qkv", "cpu token: qkv"), || {
+        let h = timed(step!("layer norm"), || layer_norm(&x, w, b, parts.eps));
+        let qkv = timed(step!("qkv"), || {
             block.qkv.host_forward(
                 simd,
                 &h,
@@ -110,8 +111,7 @@ pub(crate) fn forward(
         let mut q = vec![0f32; seq * hidden];
         let mut k = vec![0f32; seq * hidden];
         let mut v = vec![0f32; seq * hidden];
-        let rotary = name("cpu prompt: rotary", "cpu token: rotary");
-        timed(rotary, || {
+        timed(step!("rotary"), || {
             pool::chunks3(
                 (&mut q, &mut k, &mut v),
                 (hidden, hidden, hidden),
@@ -128,27 +128,27 @@ pub(crate) fn forward(
                 },
             )
         });
-        let append = name("cpu prompt: cache append", "cpu token: cache append");
-        let kv = timed(append, || cache.append_host(simd, i, &k, &v, heads, hd))?;
-        let y = timed(
-            name("cpu prompt: attention", "cpu token: attention"),
-            || super::attention::attend(simd, &q, seq, offset, kv, scale),
-        );
-        let attn = timed(name("cpu prompt: dense", "cpu token: dense"), || {
+        let kv = timed(step!("cache append"), || {
+            cache.append_host(simd, i, &k, &v, heads, hd)
+        })?;
+        let y = timed(step!("attention"), || {
+            super::attention::attend(simd, &q, seq, offset, kv, scale)
+        });
+        let attn = timed(step!("dense"), || {
             let dense = slots(l, &[LoraTarget::Dense]);
             block.dense.host_forward(simd, &y, seq, &dense, false)
         })?;
-        let act = timed(name("cpu prompt: fc1", "cpu token: fc1"), || {
+        let act = timed(step!("fc1"), || {
             block
                 .fc1
                 .host_forward(simd, &h, seq, &slots(l, &[LoraTarget::Fc1]), true)
         })?;
-        let mlp = timed(name("cpu prompt: fc2", "cpu token: fc2"), || {
+        let mlp = timed(step!("fc2"), || {
             block
                 .fc2
                 .host_forward(simd, &act, seq, &slots(l, &[LoraTarget::Fc2]), false)
         })?;
-        timed(name("cpu prompt: residual", "cpu token: residual"), || {
+        timed(step!("residual"), || {
             pool::chunks(&mut x, hidden, |t, x| {
                 let at = t * hidden..(t + 1) * hidden;
                 for ((x, a), m) in x.iter_mut().zip(&attn[at.clone()]).zip(&mlp[at]) {
@@ -163,7 +163,7 @@ pub(crate) fn forward(
         Logits::Last => &x[(seq - 1) * hidden..],
     };
     let (w, b) = parts.norms.last().expect("the final norm");
-    timed(name("cpu prompt: head", "cpu token: head"), || {
+    timed(step!("head"), || {
         let h = layer_norm(rows, w, b, parts.eps);
         phi.lm_head
             .host_forward(simd, &h, rows.len() / hidden, &[], false)

@@ -437,17 +437,15 @@ impl Tiles {
             || -> Vec<Unpacked> { (0..chunk / ROWS).map(|_| Unpacked::new(cols)).collect() },
             |scratch, c| {
                 let dst = &dst;
-                let starts: Vec<usize> = (c * chunk..((c + 1) * chunk).min(rows))
-                    .step_by(ROWS)
-                    .collect();
-                for (&r, un) in starts.iter().zip(scratch.iter_mut()) {
+                let starts = (c * chunk..((c + 1) * chunk).min(rows)).step_by(ROWS);
+                for (r, un) in starts.clone().zip(scratch.iter_mut()) {
                     self.unpack(kind, &w[r * rb..(r + ROWS) * rb], rb, &p, un);
                 }
                 let mut tile = [[0f32; TOKENS]; ROWS];
                 for panel in 0..p.panels() {
                     let t0 = panel * TOKENS;
                     let n = (m - t0).min(TOKENS);
-                    for (&r, un) in starts.iter().zip(scratch.iter()) {
+                    for (r, un) in starts.clone().zip(scratch.iter()) {
                         self.tile(kind, un, &p, panel, &mut tile);
                         epilogue(tile.as_flattened_mut(), r);
                         assert!(r + ROWS <= rows && t0 + n <= m);
