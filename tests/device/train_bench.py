@@ -193,58 +193,75 @@ elif mode == "curve-compare":
     # the first step's losses (no dropout acts yet: LoRA's B starts at 0),
     # then the distance between 10-step running means of the curves, Dramatis
     # against each peft run and the two peft runs (different dropout masks:
-    # the noise) against each other; and the three curves as an SVG plot.
+    # the noise) against each other, each pair over the steps both ran; and an
+    # SVG: the three curves, and under them the running means' differences
+    # (the curves lie on top of each other at the first panel's scale).
     runs = {"Dramatis": root, "peft, seed 1": sys.argv[3], "peft, seed 2": sys.argv[4]}
     svg = sys.argv[5]
     curves = {k: [json.loads(line)["loss"] for line in open(v)] for k, v in runs.items()}
-    n = min(len(c) for c in curves.values())
 
     def smooth(c):
-        return [sum(c[max(0, i - 9):i + 1]) / len(c[max(0, i - 9):i + 1]) for i in range(n)]
+        return [sum(c[max(0, i - 9):i + 1]) / len(c[max(0, i - 9):i + 1]) for i in range(len(c))]
 
     sm = {k: smooth(c) for k, c in curves.items()}
 
+    def diff(a, b):
+        return [x - y for x, y in zip(sm[a], sm[b])]
+
     def dist(a, b):
-        d = [abs(x - y) for x, y in zip(sm[a], sm[b])]
-        return {"mean": sum(d) / n, "max": max(d)}
+        d = [abs(v) for v in diff(a, b)]
+        return {"steps": len(d), "mean": sum(d) / len(d), "max": max(d)}
 
     d, a, b = runs
+    pairs = [(d, a), (d, b), (a, b)]
     print(json.dumps({
-        "steps": n,
+        "steps": {k: len(c) for k, c in curves.items()},
         "first_loss": {k: c[0] for k, c in curves.items()},
         "first_loss_diff": abs(curves[d][0] - curves[a][0]),
-        "last_10_mean": {k: sum(c[n - 10:n]) / 10 for k, c in curves.items()},
-        "smoothed_distance": {f"{d} vs {a}": dist(d, a), f"{d} vs {b}": dist(d, b),
-                              f"{a} vs {b} (noise)": dist(a, b)},
+        "last_10_mean": {k: sum(c[-10:]) / 10 for k, c in curves.items()},
+        "smoothed_distance": {f"{x} vs {y}" + (" (noise)" if x != d else ""): dist(x, y) for x, y in pairs},
     }, indent=1))
-    lo = min(min(c[:n]) for c in curves.values())
-    hi = max(max(c[:n]) for c in curves.values())
-    W, H, L, B = 720, 420, 60, 40
-
-    def xy(i, v):
-        return L + (W - L - 20) * i / max(1, n - 1), 20 + (H - 20 - B) * (hi - v) / (hi - lo)
-
+    n = max(len(c) for c in curves.values())
+    W, L, R = 860, 60, 230  # the legends sit right of the plots
+    top, bottom = (20, 300), (340, 540)  # the panels' y ranges
+    H = bottom[1] + 40
     colors = {d: "#c2410c", a: "#1d4ed8", b: "#60a5fa"}
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" '
              f'font-family="sans-serif" font-size="12"><rect width="{W}" height="{H}" fill="white"/>']
-    for k in range(6):
-        v = lo + (hi - lo) * k / 5
-        _, y = xy(0, v)
-        parts.append(f'<line x1="{L}" x2="{W - 20}" y1="{y:.1f}" y2="{y:.1f}" stroke="#e5e7eb"/>'
-                     f'<text x="{L - 6}" y="{y + 4:.1f}" text-anchor="end">{v:.2f}</text>')
+
+    def panel(rng, series, label, fmt):
+        lo = min(min(v) for _, v, _ in series)
+        hi = max(max(v) for _, v, _ in series)
+        if hi - lo < 1e-9:
+            lo, hi = lo - 1, hi + 1
+
+        def xy(i, v):
+            return L + (W - L - R) * i / max(1, n - 1), rng[0] + (rng[1] - rng[0]) * (hi - v) / (hi - lo)
+
+        for k in range(5):
+            v = lo + (hi - lo) * k / 4
+            _, y = xy(0, v)
+            parts.append(f'<line x1="{L}" x2="{W - R}" y1="{y:.1f}" y2="{y:.1f}" stroke="#e5e7eb"/>'
+                         f'<text x="{L - 6}" y="{y + 4:.1f}" text-anchor="end">{v:{fmt}}</text>')
+        mid = (rng[0] + rng[1]) / 2
+        parts.append(f'<text x="14" y="{mid}" transform="rotate(-90 14 {mid})" '
+                     f'text-anchor="middle">{label}</text>')
+        for j, (name, v, color) in enumerate(series):
+            pts = " ".join(f"{x:.1f},{y:.1f}" for x, y in (xy(i, u) for i, u in enumerate(v)))
+            dash = ' stroke-dasharray="5 3"' if name == d else ""
+            parts.append(f'<polyline fill="none" stroke="{color}" stroke-width="1.4"{dash} points="{pts}"/>'
+                         f'<line x1="{W - R + 16}" x2="{W - R + 36}" y1="{rng[0] + 14 + 18 * j}" '
+                         f'y2="{rng[0] + 14 + 18 * j}" stroke="{color}" stroke-width="2"{dash}/>'
+                         f'<text x="{W - R + 42}" y="{rng[0] + 18 + 18 * j}">{name}</text>')
+
+    # Dramatis drawn last and dashed, so the curves under it show through.
+    panel(top, [(k, curves[k], colors[k]) for k in (a, b, d)], "training loss", ".2f")
+    panel(bottom, [(f"{x} − {y}", diff(x, y), c) for (x, y), c in zip(pairs, ("#c2410c", "#f59e0b", "#6b7280"))],
+          "difference of 10-step means", "+.3f")
     for k in range(0, n + 1, 50):
-        x, _ = xy(max(0, k - 1), hi)
-        parts.append(f'<text x="{x:.1f}" y="{H - B + 16}" text-anchor="middle">{k}</text>')
-    parts.append(f'<text x="{(W + L) / 2}" y="{H - 6}" text-anchor="middle">step</text>'
-                 f'<text x="14" y="{H / 2}" transform="rotate(-90 14 {H / 2})" '
-                 f'text-anchor="middle">training loss</text>')
-    for j, (k, c) in enumerate(curves.items()):
-        pts = " ".join(f"{x:.1f},{y:.1f}" for x, y in (xy(i, v) for i, v in enumerate(c[:n])))
-        parts.append(f'<polyline fill="none" stroke="{colors[k]}" stroke-width="1.2" points="{pts}"/>'
-                     f'<line x1="{W - 190}" x2="{W - 170}" y1="{34 + 18 * j}" y2="{34 + 18 * j}" '
-                     f'stroke="{colors[k]}" stroke-width="2"/>'
-                     f'<text x="{W - 164}" y="{38 + 18 * j}">{k}</text>')
-    parts.append("</svg>")
+        x = L + (W - L - R) * max(0, k - 1) / max(1, n - 1)
+        parts.append(f'<text x="{x:.1f}" y="{bottom[1] + 16}" text-anchor="middle">{k}</text>')
+    parts.append(f'<text x="{(W + L) / 2}" y="{H - 6}" text-anchor="middle">step</text></svg>')
     open(svg, "w").write("\n".join(parts) + "\n")
 elif mode == "watch":
     # python3 train_bench.py watch OUT.json -- COMMAND...: runs COMMAND and samples

@@ -22,12 +22,13 @@
 //! the tensor path, which writes the same f16 cache. `DRAMATIS_NO_GPU_DECODE=1`
 //! turns it off, to compare the two.
 //!
-//! With `DRAMATIS_GPU_PROMPT=1` (off until its test has passed on a GPU) a
-//! prompt's attention on such a model runs on two kernels instead of
+//! A prompt's attention on such a model runs on two kernels instead of
 //! candle's ops: the rotary embedding with the keys and values written to
 //! the f16 cache (and q to f16), then a flash-attention pass over the cache
 //! in f16 on the tensor cores that never holds the scores
-//! ([`GpuParts::prompt_attention`]).
+//! ([`GpuParts::prompt_attention`]; compute capability 8.0 and up). An
+//! H100 prefills 512 tokens 1.43-1.56x faster on them (BENCHMARKS.md);
+//! `DRAMATIS_GPU_PROMPT=0` turns them off, to compare.
 //!
 //! A step without an adapter is captured once as
 //! a CUDA graph and replayed: the kernels read the position and each
@@ -164,8 +165,8 @@ pub(crate) struct GpuParts {
     captures: std::sync::atomic::AtomicUsize,
     graph_error: Mutex<Option<String>>,
     scratch: Mutex<Scratch>,
-    /// Whether prompts' attention runs on the kernels (`DRAMATIS_GPU_PROMPT=1`,
-    /// and a GPU with the tensor cores they need).
+    /// Whether prompts' attention runs on the kernels (unless
+    /// `DRAMATIS_GPU_PROMPT=0`; a GPU with the tensor cores they need).
     prompt: std::sync::atomic::AtomicBool,
 }
 
@@ -367,7 +368,7 @@ impl GpuParts {
             max_splits: splits,
             captures: 0.into(),
             graph_error: Mutex::new(None),
-            prompt: (std::env::var_os("DRAMATIS_GPU_PROMPT").is_some_and(|v| v == "1")
+            prompt: (std::env::var_os("DRAMATIS_GPU_PROMPT").is_none_or(|v| v != "0")
                 && crate::flash::tensor_cores(dev))
             .into(),
             scratch: Mutex::new(scratch),
@@ -1200,11 +1201,24 @@ mod tests {
             let vocab = phi.config().vocab_size as u32;
             let (mut fast, mut reference) = (phi.new_cache(), phi.new_cache());
             let mut worst = 0f32;
+            // On by default where the GPU has the tensor cores (the test's
+            // cards do); set for each pass and restored after it.
+            let was = g.prompt_kernels();
+            if std::env::var_os("DRAMATIS_GPU_PROMPT").is_none() {
+                let Device::Cuda(cuda) = &dev else {
+                    unreachable!()
+                };
+                assert_eq!(
+                    was,
+                    crate::flash::tensor_cores(cuda),
+                    "model {r}: the default"
+                );
+            }
             let all = |ids: &[u32], cache: &mut KvCache, kernels: bool| -> Vec<f32> {
                 g.set_prompt_kernels(kernels);
                 let x = Tensor::new(ids, &dev).unwrap().unsqueeze(0).unwrap();
                 let out = phi.run_tensors(&x, Some(cache), Logits::All, lora);
-                g.set_prompt_kernels(false);
+                g.set_prompt_kernels(was);
                 out.unwrap().flatten_all().unwrap().to_vec1().unwrap()
             };
             for (turn, len) in [100, 70, 130].into_iter().enumerate() {
@@ -1241,6 +1255,54 @@ mod tests {
             eprintln!(
                 "model {r}, prompt kernels: worst logit difference {worst:.2e} of the largest"
             );
+        }
+    }
+
+    /// A prompt's rows looked up in the quantized table on the GPU equal
+    /// the host's dequantized rows (the same blocks, dequantized by
+    /// different code: within 1e-6 of the largest), for each type a Q4_K_M
+    /// or Q8_0 file holds its table in; an id past the table is refused.
+    #[test]
+    fn prompt_embedding_on_the_gpu_equals_the_host_rows() {
+        use crate::model::Embedding;
+        let dev = cuda();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+        let (rows, width) = (300, 512);
+        let table: Vec<f32> = (0..rows * width)
+            .map(|_| rng.random_range(-1f32..1.0))
+            .collect();
+        let table = Tensor::from_vec(table, (rows, width), &Device::Cpu).unwrap();
+        for dtype in [
+            GgmlDType::Q4K,
+            GgmlDType::Q5K,
+            GgmlDType::Q6K,
+            GgmlDType::Q8_0,
+        ] {
+            let q = QTensor::quantize(&table, dtype).unwrap();
+            let raw = crate::cpu::Bytes::Owned(Arc::new(q.data().unwrap().into_owned()));
+            let embed = Embedding::quantized(raw, dtype, rows, width);
+            let ids: Vec<u32> = [0, rows as u32 - 1, 7, 7]
+                .into_iter()
+                .chain((0..60).map(|_| rng.random_range(0..rows as u32)))
+                .collect();
+            let ids = Tensor::from_vec(ids, (2, 32), &Device::Cpu).unwrap();
+            let gpu = embed.forward_prompt(&ids, &dev).unwrap();
+            assert!(gpu.device().is_cuda(), "{dtype:?}");
+            assert_eq!(gpu.dims(), [2, 32, width]);
+            let host = embed.forward_prompt(&ids, &Device::Cpu).unwrap();
+            let (a, b): (Vec<f32>, Vec<f32>) = (
+                gpu.flatten_all().unwrap().to_vec1().unwrap(),
+                host.flatten_all().unwrap().to_vec1().unwrap(),
+            );
+            let top = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let off = a
+                .iter()
+                .zip(&b)
+                .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(off <= 1e-6 * top, "{dtype:?}: {off} of {top}");
+            let past = Tensor::new(&[[3u32, rows as u32]], &Device::Cpu).unwrap();
+            let err = embed.forward_prompt(&past, &dev).unwrap_err().to_string();
+            assert!(err.contains("outside the vocabulary"), "{err}");
         }
     }
 

@@ -24,7 +24,7 @@ use crate::{Error, Result};
 /// Rows of logits computed at once by [`Phi::head_loss_backward`] (the
 /// logits of a whole batch in f32 would be 0.8 GB for Phi-2 at 2×2048, and
 /// its log-softmax and gradient as much again each).
-const HEAD_CHUNK_ROWS: usize = 512;
+const HEAD_CHUNK_ROWS: usize = 256;
 
 /// What a block's backward pass needs from its forward pass. Kept when the
 /// forward pass is asked to (no gradient checkpointing), recomputed from the
