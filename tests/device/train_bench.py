@@ -198,14 +198,29 @@ elif mode == "curve-compare":
     # (the curves lie on top of each other at the first panel's scale).
     runs = {"Dramatis": root, "peft, seed 1": sys.argv[3], "peft, seed 2": sys.argv[4]}
     svg = sys.argv[5]
-    curves = {k: [json.loads(line)["loss"] for line in open(v)] for k, v in runs.items()}
+
+    def curve(path):
+        # Steps 1, 2, ... in order; a log holding a second run (Dramatis
+        # appends to --log) or a gap is refused rather than misread.
+        losses = []
+        for line in open(path):
+            if line.strip():
+                s = json.loads(line)
+                if s["step"] != len(losses) + 1:
+                    sys.exit(f"{path}: step {s['step']} where {len(losses) + 1} was due (two runs in one log?)")
+                losses.append(s["loss"])
+        if len(losses) < 10:
+            sys.exit(f"{path}: {len(losses)} steps; the comparison needs 10 or more")
+        return losses
+
+    curves = {k: curve(v) for k, v in runs.items()}
 
     def smooth(c):
         return [sum(c[max(0, i - 9):i + 1]) / len(c[max(0, i - 9):i + 1]) for i in range(len(c))]
 
     sm = {k: smooth(c) for k, c in curves.items()}
 
-    def diff(a, b):
+    def diff(a, b):  # over the steps both ran
         return [x - y for x, y in zip(sm[a], sm[b])]
 
     def dist(a, b):
@@ -214,11 +229,12 @@ elif mode == "curve-compare":
 
     d, a, b = runs
     pairs = [(d, a), (d, b), (a, b)]
+    shared = min(len(c) for c in curves.values())
     print(json.dumps({
         "steps": {k: len(c) for k, c in curves.items()},
         "first_loss": {k: c[0] for k, c in curves.items()},
         "first_loss_diff": abs(curves[d][0] - curves[a][0]),
-        "last_10_mean": {k: sum(c[-10:]) / 10 for k, c in curves.items()},
+        f"mean of steps {shared - 9}-{shared}": {k: sum(c[shared - 10:shared]) / 10 for k, c in curves.items()},
         "smoothed_distance": {f"{x} vs {y}" + (" (noise)" if x != d else ""): dist(x, y) for x, y in pairs},
     }, indent=1))
     n = max(len(c) for c in curves.values())
@@ -262,7 +278,7 @@ elif mode == "curve-compare":
         x = L + (W - L - R) * max(0, k - 1) / max(1, n - 1)
         parts.append(f'<text x="{x:.1f}" y="{bottom[1] + 16}" text-anchor="middle">{k}</text>')
     parts.append(f'<text x="{(W + L) / 2}" y="{H - 6}" text-anchor="middle">step</text></svg>')
-    open(svg, "w").write("\n".join(parts) + "\n")
+    open(svg, "w", encoding="utf-8").write("\n".join(parts) + "\n")
 elif mode == "watch":
     # python3 train_bench.py watch OUT.json -- COMMAND...: runs COMMAND and samples
     # the GPU's used memory every 50 ms (the same measure for every runtime).

@@ -89,7 +89,9 @@ __device__ void flash_fwd(const bf16* q, const bf16* k, const bf16* v, bf16* o, 
 
     const int bh = blockIdx.y, b = bh / heads, h = bh % heads;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-    const int q0 = blockIdx.x * BM, row0 = q0 + warp * 16 + g, row1 = row0 + 8;
+    // The last query blocks see the most keys: launched first, they leave
+    // the light ones for the tail.
+    const int q0 = (gridDim.x - 1 - blockIdx.x) * BM, row0 = q0 + warp * 16 + g, row1 = row0 + 8;
     const size_t head = (size_t)bh * seq * HD;
 
     uint32_t qf[KS][4];
@@ -290,7 +292,9 @@ __device__ void flash_bwd_dq(const bf16* q, const bf16* k, const bf16* v, const 
 
     const int bh = blockIdx.y, b = bh / heads, h = bh % heads;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-    const int q0 = blockIdx.x * BM, row0 = q0 + warp * 16 + g, row1 = row0 + 8;
+    // The last query blocks see the most keys: launched first, they leave
+    // the light ones for the tail.
+    const int q0 = (gridDim.x - 1 - blockIdx.x) * BM, row0 = q0 + warp * 16 + g, row1 = row0 + 8;
     const size_t head = (size_t)bh * seq * HD, ost = (size_t)heads * HD;
     const bf16* gob = go + (size_t)b * seq * ost + (size_t)h * HD;
 

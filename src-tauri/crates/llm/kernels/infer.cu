@@ -487,7 +487,8 @@ __device__ void prompt_attn(const half* q, const half* kc, const half* vc, float
 
     const int h = blockIdx.y;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-    const int q0 = blockIdx.x * BM, row0 = q0 + warp * 16 + g, row1 = row0 + 8;
+    // The last query blocks see the most keys: launched first.
+    const int q0 = (gridDim.x - 1 - blockIdx.x) * BM, row0 = q0 + warp * 16 + g, row1 = row0 + 8;
     const int total = pos + n;
     const half* qh = q + (size_t)h * n * HD;
     const half* kh = kc + (size_t)h * cap * HD;

@@ -29,9 +29,11 @@ pub(crate) enum Embedding {
         row_bytes: usize,
         rows: usize,
         width: usize,
-        /// The table on the model's GPU, uploaded for the first prompt
-        /// there (`None`: a type candle's CUDA lookup lacks); training and
-        /// decoding read the host's rows.
+        /// The table on the model's GPU, uploaded for the first prompt (or
+        /// validation pass) there: 74-107 MB for Phi-2. `None`: a type
+        /// candle's CUDA lookup lacks, or an upload that failed (then the
+        /// host's rows serve for the rest of the process, with a warning).
+        /// Training steps and the decode kernels read the host's rows.
         on_gpu: std::sync::OnceLock<Option<std::sync::Arc<QTensor>>>,
     },
 }
@@ -65,8 +67,8 @@ impl Embedding {
     }
 
     /// A prompt's rows on `device`: on a GPU, a quantized table is looked
-    /// up there (copied over once; Phi-2's is 74-107 MB) instead of rows
-    /// dequantized on the host and moved, about 5% of a 512-token prefill.
+    /// up there (copied over once) instead of rows dequantized on the host
+    /// and moved, about 5% of a 512-token prefill.
     pub(crate) fn forward_prompt(&self, ids: &Tensor, device: &Device) -> Result<Tensor> {
         let Self::Quantized {
             raw,
@@ -97,23 +99,30 @@ impl Embedding {
                     | T::Q5K
                     | T::Q6K
             );
+            let upload = || -> Result<QTensor> {
+                let q = candle_core::quantized::ggml_file::qtensor_from_ggml(
+                    *dtype,
+                    raw.as_slice(),
+                    vec![*rows, *width],
+                    device,
+                )?;
+                // The copy is asynchronous on this thread's stream; another
+                // thread's stream may read the table next.
+                device.synchronize()?;
+                Ok(q)
+            };
             looked_up
                 .then(|| {
-                    candle_core::quantized::ggml_file::qtensor_from_ggml(
-                        *dtype,
-                        raw.as_slice(),
-                        vec![*rows, *width],
-                        device,
-                    )
-                    .inspect_err(|e| {
-                        tracing::warn!("the embedding stays on the host for prompts: {e}")
-                    })
-                    .ok()
+                    upload()
+                        .inspect_err(|e| {
+                            tracing::warn!("the embedding stays on the host for prompts: {e}")
+                        })
+                        .ok()
                 })
                 .flatten()
                 .map(std::sync::Arc::new)
         });
-        let Some(table) = table else {
+        let Some(table) = table.as_ref().filter(|t| t.device().same_device(device)) else {
             return self.forward(ids, device);
         };
         let (b, s) = ids.dims2()?;
@@ -138,9 +147,12 @@ impl Embedding {
         match self {
             Self::Dense(t) => {
                 // A GGUF's dense table stays on the host while the model
-                // runs on a GPU: select there, then move the rows.
+                // runs on a GPU: select there, then move the rows. The
+                // selection reads wherever an id points: check them first.
                 let (b, s) = ids.dims2()?;
-                let flat = ids.flatten_all()?.to_device(t.device())?;
+                let host: Vec<u32> = ids.flatten_all()?.to_vec1()?;
+                check_ids(&host, t.dim(0)?)?;
+                let flat = Tensor::from_vec(host, b * s, t.device())?;
                 let rows = t.index_select(&flat, 0)?;
                 Ok(rows
                     .reshape((b, s, t.dim(1)?))?
@@ -382,7 +394,9 @@ impl Phi {
 
     /// [`Phi::forward`] through candle's tensor ops: every device, batches,
     /// with or without a cache; the reference the CPU pass and the CUDA
-    /// decode step are tested against.
+    /// decode step are tested against. On a GPU with the prompt kernels
+    /// on, one sequence's attention runs on them instead (see crate::gpu;
+    /// its tests turn them off for the reference).
     pub(crate) fn run_tensors(
         &self,
         tokens: &Tensor,
@@ -583,5 +597,42 @@ mod tests {
             m,
             vec![vec![0.0, 0.0, 0.0, 0.0, inf], vec![0.0, 0.0, 0.0, 0.0, 0.0]]
         );
+    }
+
+    /// Dense and quantized tables return the rows asked for and refuse an
+    /// id past their end by name, on the prompt path and the decode path.
+    #[test]
+    fn an_id_past_the_table_is_refused() {
+        let (rows, width) = (40, 256);
+        let values: Vec<f32> = (0..rows * width).map(|i| (i % 97) as f32 / 97.0).collect();
+        let table = Tensor::from_vec(values, (rows, width), &Device::Cpu).unwrap();
+        let q = QTensor::quantize(&table, GgmlDType::Q8_0).unwrap();
+        let raw = crate::cpu::Bytes::Owned(std::sync::Arc::new(q.data().unwrap().into_owned()));
+        for embed in [
+            Embedding::Dense(table.clone()),
+            Embedding::quantized(raw, GgmlDType::Q8_0, rows, width),
+        ] {
+            let ids = Tensor::new(&[[0u32, 39, 5]], &Device::Cpu).unwrap();
+            let got = embed.forward_prompt(&ids, &Device::Cpu).unwrap();
+            assert_eq!(got.dims(), [1, 3, width]);
+            let row: Vec<f32> = got.get(0).unwrap().get(1).unwrap().to_vec1().unwrap();
+            let want: Vec<f32> = table.get(39).unwrap().to_vec1().unwrap();
+            let off = row
+                .iter()
+                .zip(&want)
+                .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(off < 1e-2, "row 39 off by {off}");
+            let past = Tensor::new(&[[3u32, 40]], &Device::Cpu).unwrap();
+            let err = embed
+                .forward_prompt(&past, &Device::Cpu)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("token id 40 is outside the vocabulary of 40"),
+                "{err}"
+            );
+            let err = embed.rows(&[41]).unwrap_err().to_string();
+            assert!(err.contains("token id 41"), "{err}");
+        }
     }
 }
