@@ -239,6 +239,10 @@ impl Linear {
     /// `x Wᵀ + b`, plus each LoRA slot's delta on its slice of the output.
     pub fn forward(&self, x: &Tensor, lora: &[&LoraSlot]) -> Result<Tensor> {
         let y = match &self.weight {
+            #[cfg(feature = "cuda")]
+            Weight::Candle(QMatMul::QTensor(q)) if prompt_gemm::takes(q, x) => {
+                prompt_gemm::product(q, x)?
+            }
             // Weights kept in bf16/f16 (for training on a GPU) serve f32 inputs too.
             Weight::Candle(QMatMul::Tensor(w)) if w.dtype() != x.dtype() => {
                 x.to_dtype(w.dtype())?.broadcast_matmul(&w.t()?)?
@@ -298,4 +302,148 @@ fn zeros_like_last(t: &Tensor, width: usize) -> Result<Tensor> {
     let mut dims = t.dims().to_vec();
     *dims.last_mut().expect("rank >= 1") = width;
     Ok(Tensor::zeros(dims, t.dtype(), t.device())?)
+}
+
+/// A prompt's product with a quantized weight on CUDA as one tensor-core
+/// GEMM: the weight dequantized to f16 for this call (one weight at a time,
+/// 52 MB at most for Phi-2, freed after), the activations cast to f16, and
+/// cuBLAS accumulating and writing f32 (no f16 output to overflow). candle's
+/// int8 MMQ kernels run these products at about 200 TFLOP/s on an H100
+/// (BENCHMARKS.md); f16 GEMMs run several times that, and dequantizing
+/// costs one pass over the weight. Taken for at least [`prompt_gemm::ROWS`]
+/// rows, with `DRAMATIS_GPU_PROMPT_GEMM=1` (off until its test has run on
+/// a GPU).
+#[cfg(feature = "cuda")]
+#[allow(unsafe_code)]
+pub(crate) mod prompt_gemm {
+    use std::sync::LazyLock;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use candle_core::cuda_backend::CudaStorage;
+    use candle_core::cuda_backend::cudarc::cublas::{result::gemm_ex, sys};
+    use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DevicePtrMut};
+    use candle_core::op::BackpropOp;
+    use candle_core::quantized::{GgmlDType, QTensor};
+    use candle_core::{DType, Device, Storage, Tensor};
+    use half::f16;
+
+    use crate::{Error, Result};
+
+    /// Rows from which a product takes the GEMM (fewer: candle's kernels,
+    /// whose vector and small-batch paths suit them).
+    pub(crate) const ROWS: usize = 64;
+
+    static ON: LazyLock<AtomicBool> = LazyLock::new(|| {
+        std::env::var_os("DRAMATIS_GPU_PROMPT_GEMM")
+            .is_some_and(|v| v == "1")
+            .into()
+    });
+
+    /// Turns the path on or off (tests compare both).
+    #[cfg(test)]
+    pub(crate) fn set(on: bool) {
+        ON.store(on, Ordering::Relaxed);
+    }
+
+    /// Whether `x` times `q` takes [`product`].
+    pub(crate) fn takes(q: &QTensor, x: &Tensor) -> bool {
+        use GgmlDType as T;
+        let inp = q.shape().dims().last().copied().unwrap_or(0);
+        ON.load(Ordering::Relaxed)
+            && x.device().is_cuda()
+            && q.device().same_device(x.device())
+            && x.dtype() == DType::F32
+            && inp > 0
+            && x.elem_count() / inp >= ROWS
+            && matches!(
+                q.dtype(),
+                T::Q4_0
+                    | T::Q4_1
+                    | T::Q5_0
+                    | T::Q5_1
+                    | T::Q8_0
+                    | T::Q2K
+                    | T::Q3K
+                    | T::Q4K
+                    | T::Q5K
+                    | T::Q6K
+            )
+    }
+
+    /// `x Wᵀ` in f32 (`x` `[.., in]`, `q` `[out, in]` on the same GPU).
+    pub(crate) fn product(q: &QTensor, x: &Tensor) -> Result<Tensor> {
+        let Device::Cuda(dev) = x.device() else {
+            return Err(Error::Invalid("the prompt GEMM runs on CUDA".into()));
+        };
+        let (out, inp) = q.shape().dims2()?;
+        let m = x.elem_count() / inp;
+        if *x.dims().last().unwrap_or(&0) != inp || m * inp != x.elem_count() {
+            return Err(Error::Invalid(format!(
+                "a {:?} input for a [{out}, {inp}] weight",
+                x.dims()
+            )));
+        }
+        let too_big = |n: usize| i32::try_from(n).is_err();
+        if too_big(out) || too_big(m) || too_big(inp) {
+            return Err(Error::Invalid("a product past cuBLAS's sizes".into()));
+        }
+        let w = q.dequantize_f16(x.device())?;
+        let x16 = x.to_dtype(DType::F16)?.contiguous()?;
+        let (ws, wl) = w.storage_and_layout();
+        let (xs, xl) = x16.storage_and_layout();
+        let (Storage::Cuda(ws), Storage::Cuda(xs)) = (&*ws, &*xs) else {
+            return Err(Error::Invalid(
+                "the prompt GEMM's operands are not on the GPU".into(),
+            ));
+        };
+        let wv = ws.as_cuda_slice::<f16>()?.slice(wl.start_offset()..);
+        let xv = xs.as_cuda_slice::<f16>()?.slice(xl.start_offset()..);
+        // SAFETY: the GEMM writes every element (beta 0).
+        let mut y = unsafe { dev.alloc::<f32>(m * out)? };
+        let stream = dev.cuda_stream();
+        let blas = dev.cublas_handle();
+        let (alpha, beta) = (1f32, 0f32);
+        {
+            let (wp, _w) = wv.device_ptr(&stream);
+            let (xp, _x) = xv.device_ptr(&stream);
+            let (yp, _y) = y.device_ptr_mut(&stream);
+            // Row-major y[m, out] = x[m, in] · w[out, in]ᵀ is column-major
+            // yᵀ = op(w)·x with w read transposed: (out × in)·(in × m).
+            // SAFETY: w holds out·in, x m·in and y m·out elements (checked
+            // shapes above), all on this device's stream, which cuBLAS's
+            // handle is bound to; the guards keep them until after the call.
+            unsafe {
+                gemm_ex(
+                    *blas.handle(),
+                    sys::cublasOperation_t::CUBLAS_OP_T,
+                    sys::cublasOperation_t::CUBLAS_OP_N,
+                    out as i32,
+                    m as i32,
+                    inp as i32,
+                    (&alpha as *const f32).cast(),
+                    wp as *const _,
+                    sys::cudaDataType_t::CUDA_R_16F,
+                    inp as i32,
+                    xp as *const _,
+                    sys::cudaDataType_t::CUDA_R_16F,
+                    inp as i32,
+                    (&beta as *const f32).cast(),
+                    yp as *mut _,
+                    sys::cudaDataType_t::CUDA_R_32F,
+                    out as i32,
+                    sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                    sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT_TENSOR_OP,
+                )
+            }
+            .map_err(|e| Error::Invalid(format!("cuBLAS: {e:?}")))?;
+        }
+        let mut dims = x.dims().to_vec();
+        *dims.last_mut().expect("checked") = out;
+        Ok(Tensor::from_storage(
+            Storage::Cuda(CudaStorage::wrap_cuda_slice(y, dev.clone())),
+            dims,
+            BackpropOp::none(),
+            false,
+        ))
+    }
 }
