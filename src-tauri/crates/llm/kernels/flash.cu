@@ -153,6 +153,161 @@ __device__ void flash_fwd(const bf16* q, const bf16* k, const bf16* v, bf16* o, 
     }
 }
 
+// ------------------------------------------------------- forward, pipelined
+// The same pass with the next tile's keys and values copied while this one
+// is multiplied (cp.async, two buffers), both stored as rows (the values'
+// transpose comes from ldmatrix.trans, not from 2-byte stores that collide
+// in the banks), and the B operands read with ldmatrix (one instruction for
+// two 32-bit reads). Head sizes up to 80 (two buffers of each in 48 KB of
+// static shared memory).
+
+// 16 bytes global -> shared, not through registers; `bytes` 0 writes zeros
+// (the source is not read).
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, int bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+    __trap();
+#else
+    const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(bytes));
+#endif
+}
+__device__ __forceinline__ void cp_async_commit() {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+// Waits until at most N committed groups of this thread are in flight.
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+#endif
+}
+
+// Two 8x8 matrices of 16-bit values from shared memory: lanes 0-7 give the
+// rows of matrix 0, lanes 8-15 those of matrix 1 (16 bytes each, 16-byte
+// aligned); lane 4g + t receives (row g, columns 2t, 2t+1) of each, or with
+// `trans` (rows 2t, 2t+1, column g).
+template <bool trans>
+__device__ __forceinline__ void ldmatrix_x2(uint32_t& r0, uint32_t& r1, const bf16* p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+    __trap();
+#else
+    const unsigned a = (unsigned)__cvta_generic_to_shared(p);
+    if (trans)
+        asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n"
+                     : "=r"(r0), "=r"(r1)
+                     : "r"(a));
+    else
+        asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n"
+                     : "=r"(r0), "=r"(r1)
+                     : "r"(a));
+#endif
+}
+
+// Grid and outputs as flash_fwd.
+template <int HD>
+__device__ void flash_fwd2(const bf16* q, const bf16* k, const bf16* v, bf16* o, float* lse,
+                           int heads, int seq) {
+    constexpr int BM = 64, BN = 64, KS = HD / 16, DT = HD / 8, ST = HD + 8, CH = HD / 8;
+    static_assert(2 * 2 * BN * ST * 2 <= 48 * 1024, "two buffers of keys and values exceed 48 KB");
+    __shared__ __align__(16) bf16 ks[2][BN * ST];
+    __shared__ __align__(16) bf16 vs[2][BN * ST];
+
+    const int bh = blockIdx.y, b = bh / heads, h = bh % heads;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    // The last query blocks see the most keys: launched first.
+    const int q0 = (gridDim.x - 1 - blockIdx.x) * BM, row0 = q0 + warp * 16 + g, row1 = row0 + 8;
+    const size_t head = (size_t)bh * seq * HD;
+    const bf16* kh = k + head;
+    const bf16* vh = v + head;
+
+    // Tile `tile`'s keys and values into buffer `buf`, rows past seq as zeros.
+    auto load = [&](int tile, int buf) {
+        const int kv0 = tile * BN;
+        for (int i = threadIdx.x; i < BN * CH; i += blockDim.x) {
+            const int r = i / CH, c = (i % CH) * 8;
+            const bool in = kv0 + r < seq;
+            const size_t at = in ? (size_t)(kv0 + r) * HD + c : 0;
+            cp_async16(&ks[buf][r * ST + c], kh + at, in ? 16 : 0);
+            cp_async16(&vs[buf][r * ST + c], vh + at, in ? 16 : 0);
+        }
+        cp_async_commit();
+    };
+
+    uint32_t qf[KS][4];
+#pragma unroll
+    for (int kk = 0; kk < KS; kk++) load_a(qf[kk], q + head, HD, row0, seq, kk * 16 + 2 * t);
+    float acc[DT][4];
+#pragma unroll
+    for (int d = 0; d < DT; d++) acc[d][0] = acc[d][1] = acc[d][2] = acc[d][3] = 0.f;
+    float m0 = NEG_INF, m1 = NEG_INF, l0 = 0.f, l1 = 0.f;
+
+    const int tiles = min((seq + BN - 1) / BN, (q0 + BM - 1) / BN + 1);
+    load(0, 0);
+    for (int tile = 0; tile < tiles; tile++) {
+        const int buf = tile & 1, kv0 = tile * BN;
+        // The other buffer was last read in the previous tile, which every
+        // warp has left (the barrier at the loop's end).
+        if (tile + 1 < tiles) {
+            load(tile + 1, buf ^ 1);
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();
+        const bf16* kb = ks[buf];
+        const bf16* vb = vs[buf];
+
+        float s[BN / 8][4];
+#pragma unroll
+        for (int n = 0; n < BN / 8; n++) {
+            s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+#pragma unroll
+            for (int kk = 0; kk < KS; kk++) {
+                // B (k = dimension, n = key): key rows n·8.., dimensions
+                // kk·16.. (matrix 0) and kk·16 + 8.. (matrix 1).
+                uint32_t b0, b1;
+                ldmatrix_x2<false>(b0, b1, kb + (n * 8 + (lane & 7)) * ST + kk * 16 + ((lane >> 3) & 1) * 8);
+                mma(s[n], qf[kk], b0, b1);
+            }
+        }
+        softmax_tile<BN, DT>(s, acc, m0, m1, l0, l1, kv0, t, row0, row1, seq);
+#pragma unroll
+        for (int j = 0; j < BN / 16; j++) {
+            uint32_t pa[4];
+            c_to_a(pa, s[2 * j], s[2 * j + 1]);
+#pragma unroll
+            for (int d = 0; d < DT; d++) {
+                // B (k = key, n = dimension): value rows j·16.. and j·16 + 8..,
+                // dimensions d·8.., transposed on the way.
+                uint32_t b0, b1;
+                ldmatrix_x2<true>(b0, b1, vb + (j * 16 + (lane & 15)) * ST + d * 8);
+                mma(acc[d], pa, b0, b1);
+            }
+        }
+        __syncthreads();
+    }
+    l0 = quad_sum(l0);
+    l1 = quad_sum(l1);
+    const float i0 = l0 > 0.f ? 1.f / l0 : 0.f, i1 = l1 > 0.f ? 1.f / l1 : 0.f;
+    const size_t ost = (size_t)heads * HD;
+    bf16* ob = o + ((size_t)b * seq) * ost + (size_t)h * HD;
+#pragma unroll
+    for (int d = 0; d < DT; d++) {
+        const int c = d * 8 + 2 * t;
+        if (row0 < seq)
+            *reinterpret_cast<uint32_t*>(ob + (size_t)row0 * ost + c) = pack(acc[d][0] * i0, acc[d][1] * i0);
+        if (row1 < seq)
+            *reinterpret_cast<uint32_t*>(ob + (size_t)row1 * ost + c) = pack(acc[d][2] * i1, acc[d][3] * i1);
+    }
+    if (t == 0) {
+        float* lb = lse + (size_t)bh * seq;
+        if (row0 < seq) lb[row0] = m0 + log2f(l0);
+        if (row1 < seq) lb[row1] = m1 + log2f(l1);
+    }
+}
+
 // ---------------------------------------------------------------- backward
 // delta[b, h, i] = Σ_d dO[b, i, h, d] · O[b, i, h, d]: one warp per (h, i),
 // grid (ceil(heads·seq / warps a block), batch).
@@ -372,6 +527,11 @@ __device__ void flash_bwd_dq(const bf16* q, const bf16* k, const bf16* v, const 
         flash_fwd_bf16_hd##HD(const bf16* q, const bf16* k, const bf16* v, bf16* o, float* lse,     \
                               int heads, int seq) {                                                \
         flash_fwd<HD>(q, k, v, o, lse, heads, seq);                                                \
+    }                                                                                              \
+    extern "C" __global__ void __launch_bounds__(128)                                              \
+        flash_fwd2_bf16_hd##HD(const bf16* q, const bf16* k, const bf16* v, bf16* o, float* lse,    \
+                               int heads, int seq) {                                               \
+        flash_fwd2<HD>(q, k, v, o, lse, heads, seq);                                               \
     }                                                                                              \
     extern "C" __global__ void __launch_bounds__(128) flash_dkdv_bf16_hd##HD(                     \
         const bf16* q, const bf16* k, const bf16* v, const bf16* go, const float* lse,              \

@@ -27,6 +27,21 @@ const THREADS: u32 = 128;
 /// Query (forward, dQ) or key (dK/dV) rows a block.
 const ROWS: usize = 64;
 
+/// The pipelined forward kernel (`flash_fwd2`: the next tile copied while
+/// this one is multiplied, ldmatrix reads), with `DRAMATIS_FLASH_FWD2=1`:
+/// off until its test (below) has passed on a GPU.
+static FWD2: LazyLock<std::sync::atomic::AtomicBool> = LazyLock::new(|| {
+    std::env::var_os("DRAMATIS_FLASH_FWD2")
+        .is_some_and(|v| v == "1")
+        .into()
+});
+
+/// Turns the pipelined forward kernel on or off (the tests run both).
+#[cfg(test)]
+fn set_fwd2(on: bool) {
+    FWD2.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// Not turned off with `DRAMATIS_FLASH_ATTENTION=0`; read once (every block asks).
 static ASKED: LazyLock<bool> =
     LazyLock::new(|| std::env::var_os("DRAMATIS_FLASH_ATTENTION").is_none_or(|v| v != "0"));
@@ -146,7 +161,15 @@ pub(crate) fn forward(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<(Tensor, Ten
     let dev = hq.cuda()?.device().clone();
     let mut o = alloc::<bf16>(&dev, b * seq * heads * hd)?;
     let mut lse = alloc::<f32>(&dev, b * heads * seq)?;
-    let func = dev.get_or_load_custom_func(&format!("flash_fwd_bf16_hd{hd}"), MODULE, PTX)?;
+    // The pipelined kernel copies keys and values 16 bytes at a time: their
+    // buffers must start 16-byte aligned (rows are, hd being a multiple of 8).
+    let aligned = |h: &Held<'_>| (h.layout.start_offset() * 2).is_multiple_of(16);
+    let name = if FWD2.load(std::sync::atomic::Ordering::Relaxed) && aligned(&hk) && aligned(&hv) {
+        "flash_fwd2"
+    } else {
+        "flash_fwd"
+    };
+    let func = dev.get_or_load_custom_func(&format!("{name}_bf16_hd{hd}"), MODULE, PTX)?;
     let (qv, kv, vv) = (hq.view::<bf16>()?, hk.view::<bf16>()?, hv.view::<bf16>()?);
     let (h32, s32) = (heads as i32, seq as i32);
     let mut l = func.builder();
@@ -298,8 +321,22 @@ mod tests {
         max_abs(&(&a - &b).unwrap()) / max_abs(&b).max(1e-2)
     }
 
+    /// Both forward kernels (the pipelined one with its copies and ldmatrix
+    /// reads, and the first), each with the backward kernels.
     #[test]
     fn kernels_equal_the_materialized_path() {
+        for fwd2 in [false, true] {
+            set_fwd2(fwd2);
+            eprintln!(
+                "forward kernel: {}",
+                if fwd2 { "pipelined" } else { "first" }
+            );
+            compare_with_the_materialized_path();
+        }
+        set_fwd2(false);
+    }
+
+    fn compare_with_the_materialized_path() {
         let Ok(dev) = Device::new_cuda(0) else {
             eprintln!("no CUDA device: skipped");
             return;
