@@ -304,6 +304,25 @@ fn zeros_like_last(t: &Tensor, width: usize) -> Result<Tensor> {
     Ok(Tensor::zeros(dims, t.dtype(), t.device())?)
 }
 
+/// Whether candle's CUDA kernels dequantize (and look rows up in) blocks of
+/// `dtype`: the block types of GGUF files, not the dense ones or Q8_K.
+pub(crate) fn candle_cuda_block_type(dtype: GgmlDType) -> bool {
+    use GgmlDType as T;
+    matches!(
+        dtype,
+        T::Q4_0
+            | T::Q4_1
+            | T::Q5_0
+            | T::Q5_1
+            | T::Q8_0
+            | T::Q2K
+            | T::Q3K
+            | T::Q4K
+            | T::Q5K
+            | T::Q6K
+    )
+}
+
 /// A prompt's product with a quantized weight on CUDA as one tensor-core
 /// GEMM: the weight dequantized to f16 for this call (one weight at a time,
 /// 52 MB at most for Phi-2, freed after), the activations cast to f16, and
@@ -323,7 +342,7 @@ pub(crate) mod prompt_gemm {
     use candle_core::cuda_backend::cudarc::cublas::{result::gemm_ex, sys};
     use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DevicePtrMut};
     use candle_core::op::BackpropOp;
-    use candle_core::quantized::{GgmlDType, QTensor};
+    use candle_core::quantized::QTensor;
     use candle_core::{DType, Device, Storage, Tensor};
     use half::f16;
 
@@ -347,7 +366,6 @@ pub(crate) mod prompt_gemm {
 
     /// Whether `x` times `q` takes [`product`].
     pub(crate) fn takes(q: &QTensor, x: &Tensor) -> bool {
-        use GgmlDType as T;
         let inp = q.shape().dims().last().copied().unwrap_or(0);
         ON.load(Ordering::Relaxed)
             && x.device().is_cuda()
@@ -355,19 +373,7 @@ pub(crate) mod prompt_gemm {
             && x.dtype() == DType::F32
             && inp > 0
             && x.elem_count() / inp >= ROWS
-            && matches!(
-                q.dtype(),
-                T::Q4_0
-                    | T::Q4_1
-                    | T::Q5_0
-                    | T::Q5_1
-                    | T::Q8_0
-                    | T::Q2K
-                    | T::Q3K
-                    | T::Q4K
-                    | T::Q5K
-                    | T::Q6K
-            )
+            && super::candle_cuda_block_type(q.dtype())
     }
 
     /// `x Wᵀ` in f32 (`x` `[.., in]`, `q` `[out, in]` on the same GPU).

@@ -85,20 +85,7 @@ impl Embedding {
             return self.forward(ids, device);
         }
         let table = on_gpu.get_or_init(|| {
-            use GgmlDType as T;
-            let looked_up = matches!(
-                dtype,
-                T::Q4_0
-                    | T::Q4_1
-                    | T::Q5_0
-                    | T::Q5_1
-                    | T::Q8_0
-                    | T::Q2K
-                    | T::Q3K
-                    | T::Q4K
-                    | T::Q5K
-                    | T::Q6K
-            );
+            let looked_up = crate::linear::candle_cuda_block_type(*dtype);
             let upload = || -> Result<QTensor> {
                 let q = candle_core::quantized::ggml_file::qtensor_from_ggml(
                     *dtype,
