@@ -205,6 +205,19 @@ __device__ __forceinline__ void ldmatrix_x2(uint32_t& r0, uint32_t& r1, const bf
 #endif
 }
 
+// Four 8x8 matrices: an A fragment of mma.m16n8k16 when lane l gives row
+// (l & 7) + 8·((l >> 3) & 1), column 8·(l >> 4) of the 16x16 tile.
+__device__ __forceinline__ void ldmatrix_x4(uint32_t* r, const bf16* p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+    __trap();
+#else
+    const unsigned a = (unsigned)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+#endif
+}
+
 // Grid and outputs as flash_fwd.
 template <int HD>
 __device__ void flash_fwd2(const bf16* q, const bf16* k, const bf16* v, bf16* o, float* lse,
@@ -434,6 +447,146 @@ __device__ void flash_bwd_dkdv(const bf16* q, const bf16* k, const bf16* v, cons
     }
 }
 
+// dK and dV, pipelined as flash_fwd2: the keys and values of the block
+// read once into shared memory (their A fragments by ldmatrix), each tile of
+// queries and output gradients copied with cp.async while the one before is
+// multiplied, kept as rows (the transposes the products need come from
+// ldmatrix.trans). Grid and outputs as flash_bwd_dkdv; head sizes up to 80.
+template <int HD>
+__device__ void flash_bwd_dkdv2(const bf16* q, const bf16* k, const bf16* v, const bf16* go,
+                                const float* lse, const float* delta, bf16* dk, bf16* dv,
+                                int heads, int seq) {
+    constexpr int BN = 64, BM = 32, KS = HD / 16, DT = HD / 8, ST = HD + 8, CH = HD / 8;
+    static_assert((2 * BN + 4 * BM) * ST * 2 + 2 * BM * 4 <= 48 * 1024, "shared memory past 48 KB");
+    __shared__ __align__(16) bf16 ks[BN * ST];
+    __shared__ __align__(16) bf16 vs[BN * ST];
+    __shared__ __align__(16) bf16 qs[2][BM * ST];
+    __shared__ __align__(16) bf16 gs[2][BM * ST];
+    __shared__ float ls[BM], dl[BM];
+
+    const int bh = blockIdx.y, b = bh / heads, h = bh % heads;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    const int kv0 = blockIdx.x * BN, key0 = kv0 + warp * 16 + g, key1 = key0 + 8;
+    const size_t head = (size_t)bh * seq * HD, ost = (size_t)heads * HD;
+    const bf16* gob = go + (size_t)b * seq * ost + (size_t)h * HD;
+    const bf16* qh = q + head;
+
+    // Rows r0.. of a [seq, stride] matrix into `dst` (rows of ST), 16 bytes
+    // a copy, rows past seq as zeros.
+    auto copy = [&](bf16* dst, const bf16* src, size_t stride, int r0, int rows) {
+        for (int i = threadIdx.x; i < rows * CH; i += blockDim.x) {
+            const int r = i / CH, c = (i % CH) * 8;
+            const bool in = r0 + r < seq;
+            cp_async16(dst + r * ST + c, src + (in ? (size_t)(r0 + r) * stride + c : 0), in ? 16 : 0);
+        }
+    };
+    const int first = kv0 / BM;  // the first query tile that sees a key here
+    const int last = (seq + BM - 1) / BM;
+    copy(ks, k + head, HD, kv0, BN);
+    copy(vs, v + head, HD, kv0, BN);
+    copy(qs[0], qh, HD, first * BM, BM);
+    copy(gs[0], gob, ost, first * BM, BM);
+    cp_async_commit();
+
+    float gk[DT][4], gv[DT][4];
+#pragma unroll
+    for (int d = 0; d < DT; d++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) gk[d][e] = gv[d][e] = 0.f;
+    // This lane's row and column of a 16x16 A tile (ldmatrix_x4).
+    const int ar = (lane & 7) + ((lane >> 3) & 1) * 8, ac = (lane >> 4) * 8;
+
+    for (int tile = first; tile < last; tile++) {
+        const int i0 = tile * BM, buf = (tile - first) & 1;
+        // The other buffers were last read in the previous tile, which every
+        // warp has left (the barrier at the loop's end).
+        if (tile + 1 < last) {
+            copy(qs[buf ^ 1], qh, HD, i0 + BM, BM);
+            copy(gs[buf ^ 1], gob, ost, i0 + BM, BM);
+            cp_async_commit();
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        for (int i = threadIdx.x; i < BM; i += blockDim.x) {
+            const bool in = i0 + i < seq;
+            ls[i] = in ? lse[(size_t)bh * seq + i0 + i] : 0.f;
+            dl[i] = in ? delta[(size_t)bh * seq + i0 + i] : 0.f;
+        }
+        __syncthreads();
+        const bf16* qb = qs[buf];
+        const bf16* gb = gs[buf];
+
+        // Sᵀ = K Qᵀ and dPᵀ = V dOᵀ for this warp's 16 keys × 32 queries.
+        float s[BM / 8][4], dp[BM / 8][4];
+#pragma unroll
+        for (int n = 0; n < BM / 8; n++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) s[n][e] = dp[n][e] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < KS; kk++) {
+            uint32_t ka[4], va[4];
+            ldmatrix_x4(ka, ks + (warp * 16 + ar) * ST + kk * 16 + ac);
+            ldmatrix_x4(va, vs + (warp * 16 + ar) * ST + kk * 16 + ac);
+#pragma unroll
+            for (int n = 0; n < BM / 8; n++) {
+                // B (k = dimension, n = query): query rows n·8.., dimensions
+                // kk·16.. and kk·16 + 8...
+                const int at = (n * 8 + (lane & 7)) * ST + kk * 16 + ((lane >> 3) & 1) * 8;
+                uint32_t b0, b1, c0, c1;
+                ldmatrix_x2<false>(b0, b1, qb + at);
+                ldmatrix_x2<false>(c0, c1, gb + at);
+                mma(s[n], ka, b0, b1);
+                mma(dp[n], va, c0, c1);
+            }
+        }
+        // Pᵀ from the saved log-sum-exp; dSᵀ = Pᵀ (dPᵀ − delta).
+#pragma unroll
+        for (int n = 0; n < BM / 8; n++) {
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int qi = n * 8 + 2 * t + (e & 1);
+                const int key = e < 2 ? key0 : key1;
+                const int query = i0 + qi;
+                const bool seen = query >= key && query < seq && key < seq;
+                const float p = seen ? exp2f(s[n][e] * LOG2E - ls[qi]) : 0.f;
+                s[n][e] = p;
+                dp[n][e] = p * (dp[n][e] - dl[qi]);
+            }
+        }
+        // dV += Pᵀ dO, dK += dSᵀ Q: B (k = query, n = dimension) from rows
+        // j·16.. and j·16 + 8.., transposed on the way.
+#pragma unroll
+        for (int j = 0; j < BM / 16; j++) {
+            uint32_t pa[4], da[4];
+            c_to_a(pa, s[2 * j], s[2 * j + 1]);
+            c_to_a(da, dp[2 * j], dp[2 * j + 1]);
+#pragma unroll
+            for (int d = 0; d < DT; d++) {
+                const int at = (j * 16 + (lane & 15)) * ST + d * 8;
+                uint32_t b0, b1, c0, c1;
+                ldmatrix_x2<true>(b0, b1, gb + at);
+                ldmatrix_x2<true>(c0, c1, qb + at);
+                mma(gv[d], pa, b0, b1);
+                mma(gk[d], da, c0, c1);
+            }
+        }
+        __syncthreads();
+    }
+#pragma unroll
+    for (int d = 0; d < DT; d++) {
+        const int c = d * 8 + 2 * t;
+        if (key0 < seq) {
+            *reinterpret_cast<uint32_t*>(dk + head + (size_t)key0 * HD + c) = pack(gk[d][0], gk[d][1]);
+            *reinterpret_cast<uint32_t*>(dv + head + (size_t)key0 * HD + c) = pack(gv[d][0], gv[d][1]);
+        }
+        if (key1 < seq) {
+            *reinterpret_cast<uint32_t*>(dk + head + (size_t)key1 * HD + c) = pack(gk[d][2], gk[d][3]);
+            *reinterpret_cast<uint32_t*>(dv + head + (size_t)key1 * HD + c) = pack(gv[d][2], gv[d][3]);
+        }
+    }
+}
+
 // dQ: grid (ceil(seq/64), batch·heads), 128 threads; each warp owns 16
 // queries and walks the keys up to them, 32 at a time.
 template <int HD>
@@ -537,6 +690,11 @@ __device__ void flash_bwd_dq(const bf16* q, const bf16* k, const bf16* v, const 
         const bf16* q, const bf16* k, const bf16* v, const bf16* go, const float* lse,              \
         const float* delta, bf16* dk, bf16* dv, int heads, int seq) {                              \
         flash_bwd_dkdv<HD>(q, k, v, go, lse, delta, dk, dv, heads, seq);                           \
+    }                                                                                              \
+    extern "C" __global__ void __launch_bounds__(128) flash_dkdv2_bf16_hd##HD(                    \
+        const bf16* q, const bf16* k, const bf16* v, const bf16* go, const float* lse,              \
+        const float* delta, bf16* dk, bf16* dv, int heads, int seq) {                              \
+        flash_bwd_dkdv2<HD>(q, k, v, go, lse, delta, dk, dv, heads, seq);                          \
     }                                                                                              \
     extern "C" __global__ void __launch_bounds__(128) flash_dq_bf16_hd##HD(                       \
         const bf16* q, const bf16* k, const bf16* v, const bf16* go, const float* lse,              \

@@ -27,19 +27,30 @@ const THREADS: u32 = 128;
 /// Query (forward, dQ) or key (dK/dV) rows a block.
 const ROWS: usize = 64;
 
-/// The pipelined forward kernel (`flash_fwd2`: the next tile copied while
-/// this one is multiplied, ldmatrix reads), with `DRAMATIS_FLASH_FWD2=1`:
-/// off until its test (below) has passed on a GPU.
-static FWD2: LazyLock<std::sync::atomic::AtomicBool> = LazyLock::new(|| {
-    std::env::var_os("DRAMATIS_FLASH_FWD2")
+/// The pipelined forward and dK/dV kernels (`flash_fwd2`,
+/// `flash_bwd_dkdv2`: the next tile copied while this one is multiplied,
+/// operands read with ldmatrix), with `DRAMATIS_FLASH_PIPELINED=1`: off
+/// until their test (below) has passed on a GPU.
+static PIPELINED: LazyLock<std::sync::atomic::AtomicBool> = LazyLock::new(|| {
+    std::env::var_os("DRAMATIS_FLASH_PIPELINED")
         .is_some_and(|v| v == "1")
         .into()
 });
 
-/// Turns the pipelined forward kernel on or off (the tests run both).
+/// Turns the pipelined kernels on or off (the tests run both).
 #[cfg(test)]
-fn set_fwd2(on: bool) {
-    FWD2.store(on, std::sync::atomic::Ordering::Relaxed);
+fn set_pipelined(on: bool) {
+    PIPELINED.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether the pipelined kernels take these buffers: they copy rows 16
+/// bytes at a time, so each must start 16-byte aligned (rows are: head
+/// sizes are multiples of 8).
+fn pipelined(held: &[&Held<'_>]) -> bool {
+    PIPELINED.load(std::sync::atomic::Ordering::Relaxed)
+        && held
+            .iter()
+            .all(|h| (h.layout.start_offset() * 2).is_multiple_of(16))
 }
 
 /// Not turned off with `DRAMATIS_FLASH_ATTENTION=0`; read once (every block asks).
@@ -161,10 +172,7 @@ pub(crate) fn forward(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<(Tensor, Ten
     let dev = hq.cuda()?.device().clone();
     let mut o = alloc::<bf16>(&dev, b * seq * heads * hd)?;
     let mut lse = alloc::<f32>(&dev, b * heads * seq)?;
-    // The pipelined kernel copies keys and values 16 bytes at a time: their
-    // buffers must start 16-byte aligned (rows are, hd being a multiple of 8).
-    let aligned = |h: &Held<'_>| (h.layout.start_offset() * 2).is_multiple_of(16);
-    let name = if FWD2.load(std::sync::atomic::Ordering::Relaxed) && aligned(&hk) && aligned(&hv) {
+    let name = if pipelined(&[&hk, &hv]) {
         "flash_fwd2"
     } else {
         "flash_fwd"
@@ -229,7 +237,12 @@ pub(crate) fn backward(
         alloc::<bf16>(&dev, n)?,
         alloc::<bf16>(&dev, n)?,
     );
-    let f = dev.get_or_load_custom_func(&format!("flash_dkdv_bf16_hd{hd}"), MODULE, PTX)?;
+    let name = if pipelined(&[&hq, &hk, &hv, &hg]) {
+        "flash_dkdv2"
+    } else {
+        "flash_dkdv"
+    };
+    let f = dev.get_or_load_custom_func(&format!("{name}_bf16_hd{hd}"), MODULE, PTX)?;
     let mut l = f.builder();
     l.arg(&qv).arg(&kv).arg(&vv).arg(&gv).arg(&lv).arg(&delta);
     l.arg(&mut dk).arg(&mut dv).arg(&h32).arg(&s32);
@@ -321,19 +334,16 @@ mod tests {
         max_abs(&(&a - &b).unwrap()) / max_abs(&b).max(1e-2)
     }
 
-    /// Both forward kernels (the pipelined one with its copies and ldmatrix
-    /// reads, and the first), each with the backward kernels.
+    /// The first kernels, then the pipelined forward and dK/dV kernels
+    /// (copies overlapped with the products, ldmatrix reads).
     #[test]
     fn kernels_equal_the_materialized_path() {
-        for fwd2 in [false, true] {
-            set_fwd2(fwd2);
-            eprintln!(
-                "forward kernel: {}",
-                if fwd2 { "pipelined" } else { "first" }
-            );
+        for on in [false, true] {
+            set_pipelined(on);
+            eprintln!("kernels: {}", if on { "pipelined" } else { "first" });
             compare_with_the_materialized_path();
         }
-        set_fwd2(false);
+        set_pipelined(false);
     }
 
     fn compare_with_the_materialized_path() {
