@@ -338,15 +338,18 @@ mod tests {
     /// (copies overlapped with the products, ldmatrix reads).
     #[test]
     fn kernels_equal_the_materialized_path() {
+        let _lock = crate::GPU_TESTS
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         for on in [false, true] {
             set_pipelined(on);
             eprintln!("kernels: {}", if on { "pipelined" } else { "first" });
-            compare_with_the_materialized_path();
+            compare_with_the_materialized_path(on);
         }
         set_pipelined(false);
     }
 
-    fn compare_with_the_materialized_path() {
+    fn compare_with_the_materialized_path(pipelined_on: bool) {
         let Ok(dev) = Device::new_cuda(0) else {
             eprintln!("no CUDA device: skipped");
             return;
@@ -382,6 +385,10 @@ mod tests {
                 .unwrap()
                 .contiguous()
                 .unwrap();
+            // The pipelined pass must not fall back to the first kernels.
+            let held = [&q, &k, &v, &g_o].map(|t| Held::new(t, "an input", DType::BF16).unwrap());
+            assert_eq!(pipelined(&held.each_ref()), pipelined_on);
+            drop(held);
             let (o, lse) = forward(&q, &k, &v).unwrap();
             let (g_q, g_k, g_v) = backward(&q, &k, &v, &o, &lse, &g_o).unwrap();
             let (ro, rlse, rq, rk, rv) = reference(&q, &k, &v, &g_o);

@@ -1123,10 +1123,16 @@ mod tests {
         }
     }
 
-    fn cuda() -> Device {
-        crate::DeviceChoice::Cuda(0)
+    /// The GPU, and the lock that keeps GPU tests from running at once (see
+    /// [`crate::GPU_TESTS`]; a failed test's poison is no reason to fail).
+    fn cuda() -> (std::sync::MutexGuard<'static, ()>, Device) {
+        let lock = crate::GPU_TESTS
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let dev = crate::DeviceChoice::Cuda(0)
             .open()
-            .expect("these tests need a CUDA device")
+            .expect("these tests need a CUDA device");
+        (lock, dev)
     }
 
     /// Each decode step on the kernels against the tensor path from equal
@@ -1143,7 +1149,7 @@ mod tests {
     /// top two are further apart than that.
     #[test]
     fn decode_steps_equal_the_tensor_path() {
-        let dev = cuda();
+        let (_lock, dev) = cuda();
         let dir = tempfile::tempdir().unwrap();
         let mut rng = rand::rngs::StdRng::seed_from_u64(3);
         for r in 0..6 {
@@ -1189,7 +1195,7 @@ mod tests {
     /// (the q, k and v deltas reach the kernels).
     #[test]
     fn prompt_attention_equals_the_tensor_path() {
-        let dev = cuda();
+        let (_lock, dev) = cuda();
         let dir = tempfile::tempdir().unwrap();
         let mut rng = rand::rngs::StdRng::seed_from_u64(5);
         for r in 0..8 {
@@ -1274,7 +1280,7 @@ mod tests {
     #[test]
     fn prompt_embedding_on_the_gpu_equals_the_host_rows() {
         use crate::model::Embedding;
-        let dev = cuda();
+        let (_lock, dev) = cuda();
         let mut rng = rand::rngs::StdRng::seed_from_u64(9);
         let (rows, width) = (300, 512);
         let table: Vec<f32> = (0..rows * width)
@@ -1326,7 +1332,7 @@ mod tests {
     fn prompt_gemm_equals_the_host_product() {
         use crate::linear::prompt_gemm;
         use candle_core::Module;
-        let dev = cuda();
+        let (_lock, dev) = cuda();
         let mut rng = rand::rngs::StdRng::seed_from_u64(13);
         let (out, inp) = (384, 512);
         for dtype in [
@@ -1395,7 +1401,7 @@ mod tests {
     #[test]
     fn prompts_through_the_gemm_equal_candle_s_kernels() {
         use crate::linear::prompt_gemm;
-        let dev = cuda();
+        let (_lock, dev) = cuda();
         let dir = tempfile::tempdir().unwrap();
         let mut rng = rand::rngs::StdRng::seed_from_u64(17);
         for r in [0, 1, 2, 3, 5] {
@@ -1444,7 +1450,7 @@ mod tests {
     /// capture serves both caches.
     #[test]
     fn two_threads_on_two_caches_decode_alike() {
-        let dev = cuda();
+        let (_lock, dev) = cuda();
         let dir = tempfile::tempdir().unwrap();
         for graphs in [false, true] {
             let phi = model(0, dir.path(), &dev);

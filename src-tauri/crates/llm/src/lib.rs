@@ -37,6 +37,12 @@ mod synthetic;
 mod tokenizer;
 mod weights;
 
+/// Held by the GPU tests: some flip process-wide switches (the prompt GEMM,
+/// the pipelined flash kernels) that every GPU product reads, and the test
+/// harness runs tests on parallel threads.
+#[cfg(all(test, feature = "cuda"))]
+pub(crate) static GPU_TESTS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// Whether training's attention in `dtype` with heads of `head_dim` runs on
 /// the flash-attention kernels on `device` (keeping no probabilities; the
 /// training estimate counts none then).

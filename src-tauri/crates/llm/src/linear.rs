@@ -325,8 +325,11 @@ pub(crate) fn candle_cuda_block_type(dtype: GgmlDType) -> bool {
 
 /// A prompt's product with a quantized weight on CUDA as one tensor-core
 /// GEMM: the weight dequantized to f16 for this call (one weight at a time,
-/// 52 MB at most for Phi-2, freed after), the activations cast to f16, and
-/// cuBLAS accumulating and writing f32 (no f16 output to overflow). candle's
+/// 52 MB at most for Phi-2's blocks, freed after; the 262 MB output head
+/// and anything past [`prompt_gemm::MAX_WEIGHT`] keep candle's kernels),
+/// the activations cast to f16 (values past 65,504 would saturate; a
+/// layer norm's or GELU's outputs, what these products read, stay far
+/// below), and cuBLAS accumulating and writing f32. candle's
 /// int8 MMQ kernels run these products at about 200 TFLOP/s on an H100
 /// (BENCHMARKS.md); f16 GEMMs run several times that, and dequantizing
 /// costs one pass over the weight. Taken for at least [`prompt_gemm::ROWS`]
@@ -352,6 +355,10 @@ pub(crate) mod prompt_gemm {
     /// whose vector and small-batch paths suit them).
     pub(crate) const ROWS: usize = 64;
 
+    /// The largest weight (elements) dequantized for one product: Phi-2's
+    /// fc1 and fc2 (26.2 million) fit, its output head (131 million) not.
+    pub(crate) const MAX_WEIGHT: usize = 1 << 25;
+
     static ON: LazyLock<AtomicBool> = LazyLock::new(|| {
         std::env::var_os("DRAMATIS_GPU_PROMPT_GEMM")
             .is_some_and(|v| v == "1")
@@ -366,8 +373,11 @@ pub(crate) mod prompt_gemm {
 
     /// Whether `x` times `q` takes [`product`].
     pub(crate) fn takes(q: &QTensor, x: &Tensor) -> bool {
-        let inp = q.shape().dims().last().copied().unwrap_or(0);
+        let Ok((out, inp)) = q.shape().dims2() else {
+            return false;
+        };
         ON.load(Ordering::Relaxed)
+            && out * inp <= MAX_WEIGHT
             && x.device().is_cuda()
             && q.device().same_device(x.device())
             && x.dtype() == DType::F32
