@@ -675,6 +675,124 @@ __device__ void flash_bwd_dq(const bf16* q, const bf16* k, const bf16* v, const 
     }
 }
 
+// dQ, pipelined as flash_fwd2: each tile of keys and values copied with
+// cp.async while the one before is multiplied, kept as rows (dS·K's
+// operand transposed by ldmatrix.trans instead of a transposed copy). Grid
+// and outputs as flash_bwd_dq; head sizes up to 80.
+template <int HD>
+__device__ void flash_bwd_dq2(const bf16* q, const bf16* k, const bf16* v, const bf16* go,
+                              const float* lse, const float* delta, bf16* dq, int heads, int seq) {
+    constexpr int BM = 64, BN = 32, KS = HD / 16, DT = HD / 8, ST = HD + 8, CH = HD / 8;
+    static_assert(2 * 2 * BN * ST * 2 <= 48 * 1024, "shared memory past 48 KB");
+    __shared__ __align__(16) bf16 ks[2][BN * ST];
+    __shared__ __align__(16) bf16 vs[2][BN * ST];
+
+    const int bh = blockIdx.y, b = bh / heads, h = bh % heads;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    // The last query blocks see the most keys: launched first.
+    const int q0 = (gridDim.x - 1 - blockIdx.x) * BM, row0 = q0 + warp * 16 + g, row1 = row0 + 8;
+    const size_t head = (size_t)bh * seq * HD, ost = (size_t)heads * HD;
+    const bf16* gob = go + (size_t)b * seq * ost + (size_t)h * HD;
+    const bf16* kh = k + head;
+    const bf16* vh = v + head;
+
+    // Tile `tile`'s keys and values into buffer `buf`, rows past seq as zeros.
+    auto load = [&](int tile, int buf) {
+        const int kv0 = tile * BN;
+        for (int i = threadIdx.x; i < BN * CH; i += blockDim.x) {
+            const int r = i / CH, c = (i % CH) * 8;
+            const bool in = kv0 + r < seq;
+            const size_t at = in ? (size_t)(kv0 + r) * HD + c : 0;
+            cp_async16(&ks[buf][r * ST + c], kh + at, in ? 16 : 0);
+            cp_async16(&vs[buf][r * ST + c], vh + at, in ? 16 : 0);
+        }
+        cp_async_commit();
+    };
+
+    uint32_t qf[KS][4], gf[KS][4];
+#pragma unroll
+    for (int kk = 0; kk < KS; kk++) {
+        load_a(qf[kk], q + head, HD, row0, seq, kk * 16 + 2 * t);
+        load_a(gf[kk], gob, ost, row0, seq, kk * 16 + 2 * t);
+    }
+    const float ls0 = row0 < seq ? lse[(size_t)bh * seq + row0] : 0.f;
+    const float ls1 = row1 < seq ? lse[(size_t)bh * seq + row1] : 0.f;
+    const float dl0 = row0 < seq ? delta[(size_t)bh * seq + row0] : 0.f;
+    const float dl1 = row1 < seq ? delta[(size_t)bh * seq + row1] : 0.f;
+
+    float acc[DT][4];
+#pragma unroll
+    for (int d = 0; d < DT; d++) acc[d][0] = acc[d][1] = acc[d][2] = acc[d][3] = 0.f;
+
+    const int tiles = min((seq + BN - 1) / BN, (q0 + BM - 1) / BN + 1);
+    load(0, 0);
+    for (int tile = 0; tile < tiles; tile++) {
+        const int buf = tile & 1, kv0 = tile * BN;
+        // The other buffer was last read in the previous tile, which every
+        // warp has left (the barrier at the loop's end).
+        if (tile + 1 < tiles) {
+            load(tile + 1, buf ^ 1);
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();
+        const bf16* kb = ks[buf];
+        const bf16* vb = vs[buf];
+
+        // S = Q Kᵀ and dP = dO Vᵀ: B (k = dimension, n = key) from key and
+        // value rows n·8.., dimensions kk·16.. and kk·16 + 8...
+        float s[BN / 8][4], dp[BN / 8][4];
+#pragma unroll
+        for (int n = 0; n < BN / 8; n++) {
+#pragma unroll
+            for (int e = 0; e < 4; e++) s[n][e] = dp[n][e] = 0.f;
+#pragma unroll
+            for (int kk = 0; kk < KS; kk++) {
+                const int at = (n * 8 + (lane & 7)) * ST + kk * 16 + ((lane >> 3) & 1) * 8;
+                uint32_t b0, b1, c0, c1;
+                ldmatrix_x2<false>(b0, b1, kb + at);
+                ldmatrix_x2<false>(c0, c1, vb + at);
+                mma(s[n], qf[kk], b0, b1);
+                mma(dp[n], gf[kk], c0, c1);
+            }
+        }
+#pragma unroll
+        for (int n = 0; n < BN / 8; n++) {
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int key = kv0 + n * 8 + 2 * t + (e & 1);
+                const int row = e < 2 ? row0 : row1;
+                const bool seen = key <= row && key < seq && row < seq;
+                const float p = seen ? exp2f(s[n][e] * LOG2E - (e < 2 ? ls0 : ls1)) : 0.f;
+                s[n][e] = p * (dp[n][e] - (e < 2 ? dl0 : dl1));
+            }
+        }
+        // dQ += dS K: B (k = key, n = dimension) from key rows j·16.. and
+        // j·16 + 8.., transposed on the way.
+#pragma unroll
+        for (int j = 0; j < BN / 16; j++) {
+            uint32_t da[4];
+            c_to_a(da, s[2 * j], s[2 * j + 1]);
+#pragma unroll
+            for (int d = 0; d < DT; d++) {
+                uint32_t b0, b1;
+                ldmatrix_x2<true>(b0, b1, kb + (j * 16 + (lane & 15)) * ST + d * 8);
+                mma(acc[d], da, b0, b1);
+            }
+        }
+        __syncthreads();
+    }
+#pragma unroll
+    for (int d = 0; d < DT; d++) {
+        const int c = d * 8 + 2 * t;
+        if (row0 < seq)
+            *reinterpret_cast<uint32_t*>(dq + head + (size_t)row0 * HD + c) = pack(acc[d][0], acc[d][1]);
+        if (row1 < seq)
+            *reinterpret_cast<uint32_t*>(dq + head + (size_t)row1 * HD + c) = pack(acc[d][2], acc[d][3]);
+    }
+}
+
 #define FLASH(HD)                                                                                  \
     extern "C" __global__ void __launch_bounds__(128)                                              \
         flash_fwd_bf16_hd##HD(const bf16* q, const bf16* k, const bf16* v, bf16* o, float* lse,     \
@@ -700,6 +818,11 @@ __device__ void flash_bwd_dq(const bf16* q, const bf16* k, const bf16* v, const 
         const bf16* q, const bf16* k, const bf16* v, const bf16* go, const float* lse,              \
         const float* delta, bf16* dq, int heads, int seq) {                                        \
         flash_bwd_dq<HD>(q, k, v, go, lse, delta, dq, heads, seq);                                 \
+    }                                                                                              \
+    extern "C" __global__ void __launch_bounds__(128) flash_dq2_bf16_hd##HD(                      \
+        const bf16* q, const bf16* k, const bf16* v, const bf16* go, const float* lse,              \
+        const float* delta, bf16* dq, int heads, int seq) {                                        \
+        flash_bwd_dq2<HD>(q, k, v, go, lse, delta, dq, heads, seq);                                \
     }
 
 FLASH(16)

@@ -27,8 +27,8 @@ const THREADS: u32 = 128;
 /// Query (forward, dQ) or key (dK/dV) rows a block.
 const ROWS: usize = 64;
 
-/// The pipelined forward and dK/dV kernels (`flash_fwd2`,
-/// `flash_bwd_dkdv2`: the next tile copied while this one is multiplied,
+/// The pipelined kernels (`flash_fwd2`, `flash_bwd_dkdv2`,
+/// `flash_bwd_dq2`: the next tile copied while this one is multiplied,
 /// operands read with ldmatrix), with `DRAMATIS_FLASH_PIPELINED=1`: off
 /// until their test (below) has passed on a GPU.
 static PIPELINED: LazyLock<std::sync::atomic::AtomicBool> = LazyLock::new(|| {
@@ -248,7 +248,12 @@ pub(crate) fn backward(
     l.arg(&mut dk).arg(&mut dv).arg(&h32).arg(&s32);
     // SAFETY: as the forward pass; dk and dv are [b, heads, seq, hd].
     unsafe { l.launch(grid(seq.div_ceil(ROWS), b * heads)?) }.w()?;
-    let f = dev.get_or_load_custom_func(&format!("flash_dq_bf16_hd{hd}"), MODULE, PTX)?;
+    let name = if pipelined(&[&hk, &hv]) {
+        "flash_dq2"
+    } else {
+        "flash_dq"
+    };
+    let f = dev.get_or_load_custom_func(&format!("{name}_bf16_hd{hd}"), MODULE, PTX)?;
     let mut l = f.builder();
     l.arg(&qv).arg(&kv).arg(&vv).arg(&gv).arg(&lv).arg(&delta);
     l.arg(&mut dq).arg(&h32).arg(&s32);
@@ -334,8 +339,8 @@ mod tests {
         max_abs(&(&a - &b).unwrap()) / max_abs(&b).max(1e-2)
     }
 
-    /// The first kernels, then the pipelined forward and dK/dV kernels
-    /// (copies overlapped with the products, ldmatrix reads).
+    /// The first kernels, then the pipelined ones (copies overlapped with
+    /// the products, ldmatrix reads).
     #[test]
     fn kernels_equal_the_materialized_path() {
         let _lock = crate::GPU_TESTS
