@@ -1318,6 +1318,18 @@ mod tests {
             let past = Tensor::new(&[[3u32, rows as u32]], &Device::Cpu).unwrap();
             let err = embed.forward_prompt(&past, &dev).unwrap_err().to_string();
             assert!(err.contains("outside the vocabulary"), "{err}");
+            assert!(embed.on_gpu(), "{dtype:?}: the table was not copied");
+            // A table kept on the host (training) gives the same rows.
+            let raw = crate::cpu::Bytes::Owned(Arc::new(q.data().unwrap().into_owned()));
+            let kept = Embedding::quantized(raw, dtype, rows, width);
+            kept.keep_on_host();
+            let again = kept.forward_prompt(&ids, &dev).unwrap();
+            assert!(
+                !kept.on_gpu(),
+                "{dtype:?}: copied although kept on the host"
+            );
+            let again: Vec<f32> = again.flatten_all().unwrap().to_vec1().unwrap();
+            assert_eq!(again, b, "{dtype:?}: the host's rows");
         }
     }
 

@@ -120,6 +120,20 @@ impl Embedding {
         Ok(table.embedding(&ids)?.reshape((b, s, *width))?)
     }
 
+    /// Never copies a quantized table to the GPU (training: its memory is
+    /// what the run's estimate counts; a table already there stays).
+    pub(crate) fn keep_on_host(&self) {
+        if let Self::Quantized { on_gpu, .. } = self {
+            let _ = on_gpu.set(None);
+        }
+    }
+
+    /// Whether the table was copied to a GPU (for tests).
+    #[cfg(all(test, feature = "cuda"))]
+    pub(crate) fn on_gpu(&self) -> bool {
+        matches!(self, Self::Quantized { on_gpu, .. } if matches!(on_gpu.get(), Some(Some(_))))
+    }
+
     /// The rows of `ids`, `[ids.len(), width]` in f32 on the host.
     pub(crate) fn rows(&self, ids: &[u32]) -> Result<Vec<f32>> {
         let ids = Tensor::from_slice(ids, (1, ids.len()), &Device::Cpu)?;
@@ -300,6 +314,14 @@ impl Phi {
         lora: Option<&LoraAdapter>,
     ) -> Result<Tensor> {
         self.run(tokens, cache, logits, lora)
+    }
+
+    /// Keeps a quantized token table on the host for this model's life: a
+    /// training run calls it, so that a validation pass does not leave a
+    /// 74-107 MB copy on the GPU that its memory estimate does not count
+    /// (prompts then dequantize their rows on the host, as training does).
+    pub fn keep_embedding_on_host(&self) {
+        self.embed.keep_on_host();
     }
 
     /// Training: the token embedding (`[b, seq, hidden]`) in `dtype`, the

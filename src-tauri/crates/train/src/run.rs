@@ -391,6 +391,9 @@ impl TrainingRun {
         start: Option<&LoraAdapter>,
     ) -> Result<Self> {
         config.validate()?;
+        // Validation passes run the prompt path, which would copy a
+        // quantized token table to the GPU and keep it there.
+        model.keep_embedding_on_host();
         let data = data.into();
         match (&data, config.objective) {
             (TrainData::Text(_), Objective::Dpo { .. }) => {
