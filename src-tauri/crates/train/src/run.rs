@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use candle_core::{D, DType, Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var};
 use dramatis_llm::{LoraAdapter, LoraLayer, LoraSlot, LoraTarget, Phi};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -625,16 +625,15 @@ impl TrainingRun {
         ))
     }
 
-    /// Weighted mean cross-entropy over a batch (no gradients).
+    /// Weighted mean cross-entropy over a batch (no gradients), through the
+    /// training passes in the run's dtype: the head's logits a chunk of
+    /// rows at a time (a 2048-token row's `[seq, vocab]` logits in f32 and
+    /// their log-softmax would be 0.84 GB at once on top of the run's peak).
     fn loss(&self, examples: &[&Example], adapter: &LoraAdapter) -> Result<f64> {
         let (inp, tgt, w, _) = self.batch_tensors(examples)?;
-        let logits = self
-            .model
-            .forward(&inp, None, dramatis_llm::Logits::All, Some(adapter))?;
-        let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-        let picked = logp
-            .gather(&tgt.unsqueeze(D::Minus1)?, D::Minus1)?
-            .squeeze(D::Minus1)?;
+        let dtype = self.pos.config.precision.dtype(self.model.device());
+        let picked = self.model.score_targets(&inp, &tgt, Some(adapter), dtype)?;
+        let w = w.to_dtype(DType::F32)?;
         let total = w.sum_all()?.to_scalar::<f32>()?.max(1.0);
         Ok(f64::from(
             (picked * w)?.sum_all()?.neg()?.to_scalar::<f32>()? / total,

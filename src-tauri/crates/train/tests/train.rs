@@ -102,6 +102,48 @@ fn the_tiny_model_learns_a_small_dataset() {
     assert!(dir.path().join("checkpoint/lora.safetensors").is_file());
 }
 
+/// The eval loss is the weighted cross-entropy of the held-out rows, mean
+/// over rows: before the first step (LoRA's B is zero, so the adapter adds
+/// nothing) it equals the base model's, from its inference pass's logits
+/// (the chunked training passes and the full logits agree to f32 rounding).
+#[test]
+fn the_eval_loss_is_the_held_out_cross_entropy() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = start(dir.path(), 1);
+    let got = run.eval_loss().unwrap().unwrap();
+    let (phi, prepared) = (model(), data(16));
+    assert!(!prepared.eval.is_empty());
+    let mut sum = 0.0;
+    for e in &prepared.eval {
+        let n = e.ids.len();
+        let inp = Tensor::new(&e.ids[..n - 1], &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let logits = phi.forward(&inp, None, Logits::All, None).unwrap();
+        let logits: Vec<Vec<f32>> = logits.squeeze(0).unwrap().to_vec2().unwrap();
+        let (mut nll, mut w) = (0.0f64, 0.0f64);
+        for (t, row) in logits.iter().enumerate() {
+            let top = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
+            let lse = top
+                + row
+                    .iter()
+                    .map(|&v| (v as f64 - top).exp())
+                    .sum::<f64>()
+                    .ln();
+            let wt = f64::from(e.weights[t]);
+            nll += wt * (lse - row[e.ids[t + 1] as usize] as f64);
+            w += wt;
+        }
+        sum += nll / w.max(1.0);
+    }
+    let want = sum / prepared.eval.len() as f64;
+    assert!(
+        (got - want).abs() <= 1e-4 * want.abs().max(1.0),
+        "eval loss {got}, cross-entropy {want}"
+    );
+}
+
 fn lora_values(run: &TrainingRun) -> Vec<(String, Vec<f32>)> {
     let mut t: Vec<(String, Vec<f32>)> = run
         .tensors()
