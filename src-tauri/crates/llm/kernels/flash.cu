@@ -22,11 +22,6 @@
 
 typedef __nv_bfloat16 bf16;
 
-__device__ __forceinline__ uint32_t pack(float lo, float hi) {
-    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&v);
-}
-
 // rows × HD of a [seq, row_stride] matrix (q, k, v: row_stride HD; o and
 // dO: a head's rows are heads·HD apart) from row r0 into shared rows of
 // `stride` (rows past seq as zeros), by all threads of the block.
@@ -56,24 +51,42 @@ __device__ __forceinline__ void load_cols(bf16* dst, int stride, const bf16* src
     }
 }
 
-// The A fragment of columns c.. of rows `row` and `row` + 8 of a matrix with
-// `row_stride` (rows from `rows` on as zeros).
-__device__ __forceinline__ void load_a(uint32_t* a, const bf16* src, size_t row_stride, int row,
-                                       int rows, int c) {
-    const bf16* r = src + (size_t)row * row_stride + c;
-    a[0] = row < rows ? pair(r) : 0;
-    a[1] = row + 8 < rows ? pair(r + 8 * row_stride) : 0;
-    a[2] = row < rows ? pair(r + 8) : 0;
-    a[3] = row + 8 < rows ? pair(r + 8 * row_stride + 8) : 0;
+// This lane's rows row0 and row1 of DT 8-column C tiles, times s0 and s1,
+// as bf16 pairs into a matrix with `stride` (rows from `limit` on not
+// written).
+template <int DT>
+__device__ __forceinline__ void store_rows(bf16* dst, size_t stride, int row0, int row1, int limit,
+                                           const float (&acc)[DT][4], float s0, float s1, int t) {
+#pragma unroll
+    for (int d = 0; d < DT; d++) {
+        const int c = d * 8 + 2 * t;
+        if (row0 < limit)
+            *reinterpret_cast<uint32_t*>(dst + (size_t)row0 * stride + c) =
+                pack2<bf16>(acc[d][0] * s0, acc[d][1] * s0);
+        if (row1 < limit)
+            *reinterpret_cast<uint32_t*>(dst + (size_t)row1 * stride + c) =
+                pack2<bf16>(acc[d][2] * s1, acc[d][3] * s1);
+    }
 }
 
-// Two adjacent C tiles (keys or queries 16j..16j+15) as the A fragment of
-// k-step j, in bf16.
-__device__ __forceinline__ void c_to_a(uint32_t* a, const float* lo, const float* hi) {
-    a[0] = pack(lo[0], lo[1]);
-    a[1] = pack(lo[2], lo[3]);
-    a[2] = pack(hi[0], hi[1]);
-    a[3] = pack(hi[2], hi[3]);
+// The end of a forward pass for this lane's rows: the sums of the row's
+// four lanes added, the output rows normalized into o (head h of batch row
+// b, bh = b·heads + h; a head's rows heads·HD apart) and each row's
+// log-sum-exp (log2 units) into lse.
+template <int HD, int DT>
+__device__ __forceinline__ void fwd_finish(const float (&acc)[DT][4], float m0, float m1,
+                                           float l0, float l1, bf16* o, float* lse, int b, int h,
+                                           int bh, int heads, int seq, int row0, int row1, int t) {
+    l0 = quad_sum(l0);
+    l1 = quad_sum(l1);
+    const float i0 = l0 > 0.f ? 1.f / l0 : 0.f, i1 = l1 > 0.f ? 1.f / l1 : 0.f;
+    const size_t ost = (size_t)heads * HD;
+    store_rows<DT>(o + ((size_t)b * seq) * ost + (size_t)h * HD, ost, row0, row1, seq, acc, i0, i1, t);
+    if (t == 0) {
+        float* lb = lse + (size_t)bh * seq;
+        if (row0 < seq) lb[row0] = m0 + log2f(l0);
+        if (row1 < seq) lb[row1] = m1 + log2f(l1);
+    }
 }
 
 // ---------------------------------------------------------------- forward
@@ -125,7 +138,7 @@ __device__ void flash_fwd(const bf16* q, const bf16* k, const bf16* v, bf16* o, 
 #pragma unroll
         for (int j = 0; j < BN / 16; j++) {
             uint32_t pa[4];
-            c_to_a(pa, s[2 * j], s[2 * j + 1]);
+            c_to_a<bf16>(pa, s[2 * j], s[2 * j + 1]);
 #pragma unroll
             for (int d = 0; d < DT; d++) {
                 const bf16* vr = vt + (d * 8 + g) * VST + j * 16 + 2 * t;
@@ -133,24 +146,7 @@ __device__ void flash_fwd(const bf16* q, const bf16* k, const bf16* v, bf16* o, 
             }
         }
     }
-    l0 = quad_sum(l0);
-    l1 = quad_sum(l1);
-    const float i0 = l0 > 0.f ? 1.f / l0 : 0.f, i1 = l1 > 0.f ? 1.f / l1 : 0.f;
-    const size_t ost = (size_t)heads * HD;
-    bf16* ob = o + ((size_t)b * seq) * ost + (size_t)h * HD;
-#pragma unroll
-    for (int d = 0; d < DT; d++) {
-        const int c = d * 8 + 2 * t;
-        if (row0 < seq)
-            *reinterpret_cast<uint32_t*>(ob + (size_t)row0 * ost + c) = pack(acc[d][0] * i0, acc[d][1] * i0);
-        if (row1 < seq)
-            *reinterpret_cast<uint32_t*>(ob + (size_t)row1 * ost + c) = pack(acc[d][2] * i1, acc[d][3] * i1);
-    }
-    if (t == 0) {
-        float* lb = lse + (size_t)bh * seq;
-        if (row0 < seq) lb[row0] = m0 + log2f(l0);
-        if (row1 < seq) lb[row1] = m1 + log2f(l1);
-    }
+    fwd_finish<HD, DT>(acc, m0, m1, l0, l1, o, lse, b, h, bh, heads, seq, row0, row1, t);
 }
 
 // ------------------------------------------------------- forward, pipelined
@@ -218,11 +214,45 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t* r, const bf16* p) {
 #endif
 }
 
+// rows × HD of a [seq, stride] matrix from row r0 into shared rows of `st`
+// elements, 16 bytes a copy (cp.async) by all threads of the block, rows
+// past seq as zeros. The caller commits the group.
+template <int HD>
+__device__ __forceinline__ void copy_rows(bf16* dst, int st, const bf16* src, size_t stride,
+                                          int r0, int rows, int seq) {
+    constexpr int CH = HD / 8;
+    for (int i = threadIdx.x; i < rows * CH; i += blockDim.x) {
+        const int r = i / CH, c = (i % CH) * 8;
+        const bool in = r0 + r < seq;
+        cp_async16(dst + r * st + c, src + (in ? (size_t)(r0 + r) * stride + c : 0), in ? 16 : 0);
+    }
+}
+
+// From shared rows of `st` elements: the B fragment (k × n = 16 × 8) whose
+// n runs over rows n0.. and k over their columns k0.. (keys for Q·Kᵀ)...
+__device__ __forceinline__ void load_b_rows(uint32_t& b0, uint32_t& b1, const bf16* m, int st,
+                                            int n0, int k0) {
+    const int lane = threadIdx.x % 32;
+    ldmatrix_x2<false>(b0, b1, m + (n0 + (lane & 7)) * st + k0 + ((lane >> 3) & 1) * 8);
+}
+// ... the B fragment whose k runs over rows k0.. and n over columns n0..
+// (values for P·V), transposed on the way ...
+__device__ __forceinline__ void load_b_cols(uint32_t& b0, uint32_t& b1, const bf16* m, int st,
+                                            int k0, int n0) {
+    const int lane = threadIdx.x % 32;
+    ldmatrix_x2<true>(b0, b1, m + (k0 + (lane & 15)) * st + n0);
+}
+// ... and the A fragment of rows r0..r0 + 15, columns k0..k0 + 15.
+__device__ __forceinline__ void load_a_rows(uint32_t* a, const bf16* m, int st, int r0, int k0) {
+    const int lane = threadIdx.x % 32;
+    ldmatrix_x4(a, m + (r0 + (lane & 7) + ((lane >> 3) & 1) * 8) * st + k0 + (lane >> 4) * 8);
+}
+
 // Grid and outputs as flash_fwd.
 template <int HD>
 __device__ void flash_fwd2(const bf16* q, const bf16* k, const bf16* v, bf16* o, float* lse,
                            int heads, int seq) {
-    constexpr int BM = 64, BN = 64, KS = HD / 16, DT = HD / 8, ST = HD + 8, CH = HD / 8;
+    constexpr int BM = 64, BN = 64, KS = HD / 16, DT = HD / 8, ST = HD + 8;
     static_assert(2 * 2 * BN * ST * 2 <= 48 * 1024, "two buffers of keys and values exceed 48 KB");
     __shared__ __align__(16) bf16 ks[2][BN * ST];
     __shared__ __align__(16) bf16 vs[2][BN * ST];
@@ -232,19 +262,11 @@ __device__ void flash_fwd2(const bf16* q, const bf16* k, const bf16* v, bf16* o,
     // The last query blocks see the most keys: launched first.
     const int q0 = (gridDim.x - 1 - blockIdx.x) * BM, row0 = q0 + warp * 16 + g, row1 = row0 + 8;
     const size_t head = (size_t)bh * seq * HD;
-    const bf16* kh = k + head;
-    const bf16* vh = v + head;
 
-    // Tile `tile`'s keys and values into buffer `buf`, rows past seq as zeros.
+    // Tile `tile`'s keys and values into buffer `buf`.
     auto load = [&](int tile, int buf) {
-        const int kv0 = tile * BN;
-        for (int i = threadIdx.x; i < BN * CH; i += blockDim.x) {
-            const int r = i / CH, c = (i % CH) * 8;
-            const bool in = kv0 + r < seq;
-            const size_t at = in ? (size_t)(kv0 + r) * HD + c : 0;
-            cp_async16(&ks[buf][r * ST + c], kh + at, in ? 16 : 0);
-            cp_async16(&vs[buf][r * ST + c], vh + at, in ? 16 : 0);
-        }
+        copy_rows<HD>(ks[buf], ST, k + head, HD, tile * BN, BN, seq);
+        copy_rows<HD>(vs[buf], ST, v + head, HD, tile * BN, BN, seq);
         cp_async_commit();
     };
 
@@ -278,10 +300,8 @@ __device__ void flash_fwd2(const bf16* q, const bf16* k, const bf16* v, bf16* o,
             s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
 #pragma unroll
             for (int kk = 0; kk < KS; kk++) {
-                // B (k = dimension, n = key): key rows n·8.., dimensions
-                // kk·16.. (matrix 0) and kk·16 + 8.. (matrix 1).
                 uint32_t b0, b1;
-                ldmatrix_x2<false>(b0, b1, kb + (n * 8 + (lane & 7)) * ST + kk * 16 + ((lane >> 3) & 1) * 8);
+                load_b_rows(b0, b1, kb, ST, n * 8, kk * 16);
                 mma(s[n], qf[kk], b0, b1);
             }
         }
@@ -289,36 +309,17 @@ __device__ void flash_fwd2(const bf16* q, const bf16* k, const bf16* v, bf16* o,
 #pragma unroll
         for (int j = 0; j < BN / 16; j++) {
             uint32_t pa[4];
-            c_to_a(pa, s[2 * j], s[2 * j + 1]);
+            c_to_a<bf16>(pa, s[2 * j], s[2 * j + 1]);
 #pragma unroll
             for (int d = 0; d < DT; d++) {
-                // B (k = key, n = dimension): value rows j·16.. and j·16 + 8..,
-                // dimensions d·8.., transposed on the way.
                 uint32_t b0, b1;
-                ldmatrix_x2<true>(b0, b1, vb + (j * 16 + (lane & 15)) * ST + d * 8);
+                load_b_cols(b0, b1, vb, ST, j * 16, d * 8);
                 mma(acc[d], pa, b0, b1);
             }
         }
         __syncthreads();
     }
-    l0 = quad_sum(l0);
-    l1 = quad_sum(l1);
-    const float i0 = l0 > 0.f ? 1.f / l0 : 0.f, i1 = l1 > 0.f ? 1.f / l1 : 0.f;
-    const size_t ost = (size_t)heads * HD;
-    bf16* ob = o + ((size_t)b * seq) * ost + (size_t)h * HD;
-#pragma unroll
-    for (int d = 0; d < DT; d++) {
-        const int c = d * 8 + 2 * t;
-        if (row0 < seq)
-            *reinterpret_cast<uint32_t*>(ob + (size_t)row0 * ost + c) = pack(acc[d][0] * i0, acc[d][1] * i0);
-        if (row1 < seq)
-            *reinterpret_cast<uint32_t*>(ob + (size_t)row1 * ost + c) = pack(acc[d][2] * i1, acc[d][3] * i1);
-    }
-    if (t == 0) {
-        float* lb = lse + (size_t)bh * seq;
-        if (row0 < seq) lb[row0] = m0 + log2f(l0);
-        if (row1 < seq) lb[row1] = m1 + log2f(l1);
-    }
+    fwd_finish<HD, DT>(acc, m0, m1, l0, l1, o, lse, b, h, bh, heads, seq, row0, row1, t);
 }
 
 // ---------------------------------------------------------------- backward
@@ -336,6 +337,49 @@ extern "C" __global__ void flash_delta_bf16(const bf16* o, const bf16* go, float
 #pragma unroll
     for (int w = 16; w > 0; w /= 2) s += __shfl_xor_sync(0xffffffff, s, w);
     if (lane == 0) delta[((size_t)b * heads + h) * seq + i] = s;
+}
+
+// The dK/dV passes' step from scores to their gradient, for this lane's
+// keys key0 and key1 and BM queries from i0 (C fragments of Sᵀ and dPᵀ):
+// Pᵀ from the saved log-sum-exp `ls` into s, dSᵀ = Pᵀ (dPᵀ − delta) into dp
+// (queries before a key, or past seq, weigh nothing).
+template <int BM>
+__device__ __forceinline__ void dkdv_scores(float (&s)[BM / 8][4], float (&dp)[BM / 8][4], int i0,
+                                            int t, int key0, int key1, int seq, const float* ls,
+                                            const float* dl) {
+#pragma unroll
+    for (int n = 0; n < BM / 8; n++) {
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            const int qi = n * 8 + 2 * t + (e & 1);
+            const int key = e < 2 ? key0 : key1;
+            const int query = i0 + qi;
+            const bool seen = query >= key && query < seq && key < seq;
+            const float p = seen ? exp2f(s[n][e] * LOG2E - ls[qi]) : 0.f;
+            s[n][e] = p;
+            dp[n][e] = p * (dp[n][e] - dl[qi]);
+        }
+    }
+}
+
+// The dQ passes' step, for this lane's rows row0 and row1 and BN keys from
+// kv0 (C fragments of S and dP): dS = P (dP − delta) into s, P from each
+// row's log-sum-exp ls0/ls1 and delta dl0/dl1.
+template <int BN>
+__device__ __forceinline__ void dq_scores(float (&s)[BN / 8][4], const float (&dp)[BN / 8][4],
+                                          int kv0, int t, int row0, int row1, int seq, float ls0,
+                                          float ls1, float dl0, float dl1) {
+#pragma unroll
+    for (int n = 0; n < BN / 8; n++) {
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            const int key = kv0 + n * 8 + 2 * t + (e & 1);
+            const int row = e < 2 ? row0 : row1;
+            const bool seen = key <= row && key < seq && row < seq;
+            const float p = seen ? exp2f(s[n][e] * LOG2E - (e < 2 ? ls0 : ls1)) : 0.f;
+            s[n][e] = p * (dp[n][e] - (e < 2 ? dl0 : dl1));
+        }
+    }
 }
 
 // dK and dV: grid (ceil(seq/64), batch·heads), 128 threads; each warp owns
@@ -404,26 +448,14 @@ __device__ void flash_bwd_dkdv(const bf16* q, const bf16* k, const bf16* v, cons
             }
         }
         // Pᵀ from the saved log-sum-exp; dSᵀ = Pᵀ (dPᵀ − delta).
-#pragma unroll
-        for (int n = 0; n < BM / 8; n++) {
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                const int qi = n * 8 + 2 * t + (e & 1);
-                const int key = e < 2 ? key0 : key1;
-                const int query = i0 + qi;
-                const bool seen = query >= key && query < seq && key < seq;
-                const float p = seen ? exp2f(s[n][e] * LOG2E - ls[qi]) : 0.f;
-                s[n][e] = p;
-                dp[n][e] = p * (dp[n][e] - dl[qi]);
-            }
-        }
+        dkdv_scores<BM>(s, dp, i0, t, key0, key1, seq, ls, dl);
         // dV += Pᵀ dO, dK += dSᵀ Q.
 #pragma unroll
         for (int j = 0; j < BM / 16; j++) {
             uint32_t pa[4];
-            c_to_a(pa, s[2 * j], s[2 * j + 1]);
+            c_to_a<bf16>(pa, s[2 * j], s[2 * j + 1]);
             uint32_t da[4];
-            c_to_a(da, dp[2 * j], dp[2 * j + 1]);
+            c_to_a<bf16>(da, dp[2 * j], dp[2 * j + 1]);
 #pragma unroll
             for (int d = 0; d < DT; d++) {
                 const bf16* gr = gt + (d * 8 + g) * TT + j * 16 + 2 * t;
@@ -433,18 +465,8 @@ __device__ void flash_bwd_dkdv(const bf16* q, const bf16* k, const bf16* v, cons
             }
         }
     }
-#pragma unroll
-    for (int d = 0; d < DT; d++) {
-        const int c = d * 8 + 2 * t;
-        if (key0 < seq) {
-            *reinterpret_cast<uint32_t*>(dk + head + (size_t)key0 * HD + c) = pack(gk[d][0], gk[d][1]);
-            *reinterpret_cast<uint32_t*>(dv + head + (size_t)key0 * HD + c) = pack(gv[d][0], gv[d][1]);
-        }
-        if (key1 < seq) {
-            *reinterpret_cast<uint32_t*>(dk + head + (size_t)key1 * HD + c) = pack(gk[d][2], gk[d][3]);
-            *reinterpret_cast<uint32_t*>(dv + head + (size_t)key1 * HD + c) = pack(gv[d][2], gv[d][3]);
-        }
-    }
+    store_rows<DT>(dk + head, HD, key0, key1, seq, gk, 1.f, 1.f, t);
+    store_rows<DT>(dv + head, HD, key0, key1, seq, gv, 1.f, 1.f, t);
 }
 
 // dK and dV, pipelined as flash_fwd2: the keys and values of the block
@@ -456,7 +478,7 @@ template <int HD>
 __device__ void flash_bwd_dkdv2(const bf16* q, const bf16* k, const bf16* v, const bf16* go,
                                 const float* lse, const float* delta, bf16* dk, bf16* dv,
                                 int heads, int seq) {
-    constexpr int BN = 64, BM = 32, KS = HD / 16, DT = HD / 8, ST = HD + 8, CH = HD / 8;
+    constexpr int BN = 64, BM = 32, KS = HD / 16, DT = HD / 8, ST = HD + 8;
     static_assert((2 * BN + 4 * BM) * ST * 2 + 2 * BM * 4 <= 48 * 1024, "shared memory past 48 KB");
     __shared__ __align__(16) bf16 ks[BN * ST];
     __shared__ __align__(16) bf16 vs[BN * ST];
@@ -471,21 +493,12 @@ __device__ void flash_bwd_dkdv2(const bf16* q, const bf16* k, const bf16* v, con
     const bf16* gob = go + (size_t)b * seq * ost + (size_t)h * HD;
     const bf16* qh = q + head;
 
-    // Rows r0.. of a [seq, stride] matrix into `dst` (rows of ST), 16 bytes
-    // a copy, rows past seq as zeros.
-    auto copy = [&](bf16* dst, const bf16* src, size_t stride, int r0, int rows) {
-        for (int i = threadIdx.x; i < rows * CH; i += blockDim.x) {
-            const int r = i / CH, c = (i % CH) * 8;
-            const bool in = r0 + r < seq;
-            cp_async16(dst + r * ST + c, src + (in ? (size_t)(r0 + r) * stride + c : 0), in ? 16 : 0);
-        }
-    };
     const int first = kv0 / BM;  // the first query tile that sees a key here
     const int last = (seq + BM - 1) / BM;
-    copy(ks, k + head, HD, kv0, BN);
-    copy(vs, v + head, HD, kv0, BN);
-    copy(qs[0], qh, HD, first * BM, BM);
-    copy(gs[0], gob, ost, first * BM, BM);
+    copy_rows<HD>(ks, ST, k + head, HD, kv0, BN, seq);
+    copy_rows<HD>(vs, ST, v + head, HD, kv0, BN, seq);
+    copy_rows<HD>(qs[0], ST, qh, HD, first * BM, BM, seq);
+    copy_rows<HD>(gs[0], ST, gob, ost, first * BM, BM, seq);
     cp_async_commit();
 
     float gk[DT][4], gv[DT][4];
@@ -493,16 +506,14 @@ __device__ void flash_bwd_dkdv2(const bf16* q, const bf16* k, const bf16* v, con
     for (int d = 0; d < DT; d++)
 #pragma unroll
         for (int e = 0; e < 4; e++) gk[d][e] = gv[d][e] = 0.f;
-    // This lane's row and column of a 16x16 A tile (ldmatrix_x4).
-    const int ar = (lane & 7) + ((lane >> 3) & 1) * 8, ac = (lane >> 4) * 8;
 
     for (int tile = first; tile < last; tile++) {
         const int i0 = tile * BM, buf = (tile - first) & 1;
         // The other buffers were last read in the previous tile, which every
         // warp has left (the barrier at the loop's end).
         if (tile + 1 < last) {
-            copy(qs[buf ^ 1], qh, HD, i0 + BM, BM);
-            copy(gs[buf ^ 1], gob, ost, i0 + BM, BM);
+            copy_rows<HD>(qs[buf ^ 1], ST, qh, HD, i0 + BM, BM, seq);
+            copy_rows<HD>(gs[buf ^ 1], ST, gob, ost, i0 + BM, BM, seq);
             cp_async_commit();
             cp_async_wait<1>();
         } else {
@@ -526,65 +537,38 @@ __device__ void flash_bwd_dkdv2(const bf16* q, const bf16* k, const bf16* v, con
 #pragma unroll
         for (int kk = 0; kk < KS; kk++) {
             uint32_t ka[4], va[4];
-            ldmatrix_x4(ka, ks + (warp * 16 + ar) * ST + kk * 16 + ac);
-            ldmatrix_x4(va, vs + (warp * 16 + ar) * ST + kk * 16 + ac);
+            load_a_rows(ka, ks, ST, warp * 16, kk * 16);
+            load_a_rows(va, vs, ST, warp * 16, kk * 16);
 #pragma unroll
             for (int n = 0; n < BM / 8; n++) {
-                // B (k = dimension, n = query): query rows n·8.., dimensions
-                // kk·16.. and kk·16 + 8...
-                const int at = (n * 8 + (lane & 7)) * ST + kk * 16 + ((lane >> 3) & 1) * 8;
                 uint32_t b0, b1, c0, c1;
-                ldmatrix_x2<false>(b0, b1, qb + at);
-                ldmatrix_x2<false>(c0, c1, gb + at);
+                load_b_rows(b0, b1, qb, ST, n * 8, kk * 16);
+                load_b_rows(c0, c1, gb, ST, n * 8, kk * 16);
                 mma(s[n], ka, b0, b1);
                 mma(dp[n], va, c0, c1);
             }
         }
         // Pᵀ from the saved log-sum-exp; dSᵀ = Pᵀ (dPᵀ − delta).
-#pragma unroll
-        for (int n = 0; n < BM / 8; n++) {
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                const int qi = n * 8 + 2 * t + (e & 1);
-                const int key = e < 2 ? key0 : key1;
-                const int query = i0 + qi;
-                const bool seen = query >= key && query < seq && key < seq;
-                const float p = seen ? exp2f(s[n][e] * LOG2E - ls[qi]) : 0.f;
-                s[n][e] = p;
-                dp[n][e] = p * (dp[n][e] - dl[qi]);
-            }
-        }
-        // dV += Pᵀ dO, dK += dSᵀ Q: B (k = query, n = dimension) from rows
-        // j·16.. and j·16 + 8.., transposed on the way.
+        dkdv_scores<BM>(s, dp, i0, t, key0, key1, seq, ls, dl);
+        // dV += Pᵀ dO, dK += dSᵀ Q.
 #pragma unroll
         for (int j = 0; j < BM / 16; j++) {
             uint32_t pa[4], da[4];
-            c_to_a(pa, s[2 * j], s[2 * j + 1]);
-            c_to_a(da, dp[2 * j], dp[2 * j + 1]);
+            c_to_a<bf16>(pa, s[2 * j], s[2 * j + 1]);
+            c_to_a<bf16>(da, dp[2 * j], dp[2 * j + 1]);
 #pragma unroll
             for (int d = 0; d < DT; d++) {
-                const int at = (j * 16 + (lane & 15)) * ST + d * 8;
                 uint32_t b0, b1, c0, c1;
-                ldmatrix_x2<true>(b0, b1, gb + at);
-                ldmatrix_x2<true>(c0, c1, qb + at);
+                load_b_cols(b0, b1, gb, ST, j * 16, d * 8);
+                load_b_cols(c0, c1, qb, ST, j * 16, d * 8);
                 mma(gv[d], pa, b0, b1);
                 mma(gk[d], da, c0, c1);
             }
         }
         __syncthreads();
     }
-#pragma unroll
-    for (int d = 0; d < DT; d++) {
-        const int c = d * 8 + 2 * t;
-        if (key0 < seq) {
-            *reinterpret_cast<uint32_t*>(dk + head + (size_t)key0 * HD + c) = pack(gk[d][0], gk[d][1]);
-            *reinterpret_cast<uint32_t*>(dv + head + (size_t)key0 * HD + c) = pack(gv[d][0], gv[d][1]);
-        }
-        if (key1 < seq) {
-            *reinterpret_cast<uint32_t*>(dk + head + (size_t)key1 * HD + c) = pack(gk[d][2], gk[d][3]);
-            *reinterpret_cast<uint32_t*>(dv + head + (size_t)key1 * HD + c) = pack(gv[d][2], gv[d][3]);
-        }
-    }
+    store_rows<DT>(dk + head, HD, key0, key1, seq, gk, 1.f, 1.f, t);
+    store_rows<DT>(dv + head, HD, key0, key1, seq, gv, 1.f, 1.f, t);
 }
 
 // dQ: grid (ceil(seq/64), batch·heads), 128 threads; each warp owns 16
@@ -643,21 +627,11 @@ __device__ void flash_bwd_dq(const bf16* q, const bf16* k, const bf16* v, const 
                 mma(dp[n], gf[kk], pair(vr), pair(vr + 8));
             }
         }
-#pragma unroll
-        for (int n = 0; n < BN / 8; n++) {
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                const int key = kv0 + n * 8 + 2 * t + (e & 1);
-                const int row = e < 2 ? row0 : row1;
-                const bool seen = key <= row && key < seq && row < seq;
-                const float p = seen ? exp2f(s[n][e] * LOG2E - (e < 2 ? ls0 : ls1)) : 0.f;
-                s[n][e] = p * (dp[n][e] - (e < 2 ? dl0 : dl1));
-            }
-        }
+        dq_scores<BN>(s, dp, kv0, t, row0, row1, seq, ls0, ls1, dl0, dl1);
 #pragma unroll
         for (int j = 0; j < BN / 16; j++) {
             uint32_t da[4];
-            c_to_a(da, s[2 * j], s[2 * j + 1]);
+            c_to_a<bf16>(da, s[2 * j], s[2 * j + 1]);
 #pragma unroll
             for (int d = 0; d < DT; d++) {
                 const bf16* kr = kt + (d * 8 + g) * TT + j * 16 + 2 * t;
@@ -665,14 +639,7 @@ __device__ void flash_bwd_dq(const bf16* q, const bf16* k, const bf16* v, const 
             }
         }
     }
-#pragma unroll
-    for (int d = 0; d < DT; d++) {
-        const int c = d * 8 + 2 * t;
-        if (row0 < seq)
-            *reinterpret_cast<uint32_t*>(dq + head + (size_t)row0 * HD + c) = pack(acc[d][0], acc[d][1]);
-        if (row1 < seq)
-            *reinterpret_cast<uint32_t*>(dq + head + (size_t)row1 * HD + c) = pack(acc[d][2], acc[d][3]);
-    }
+    store_rows<DT>(dq + head, HD, row0, row1, seq, acc, 1.f, 1.f, t);
 }
 
 // dQ, pipelined as flash_fwd2: each tile of keys and values copied with
@@ -682,7 +649,7 @@ __device__ void flash_bwd_dq(const bf16* q, const bf16* k, const bf16* v, const 
 template <int HD>
 __device__ void flash_bwd_dq2(const bf16* q, const bf16* k, const bf16* v, const bf16* go,
                               const float* lse, const float* delta, bf16* dq, int heads, int seq) {
-    constexpr int BM = 64, BN = 32, KS = HD / 16, DT = HD / 8, ST = HD + 8, CH = HD / 8;
+    constexpr int BM = 64, BN = 32, KS = HD / 16, DT = HD / 8, ST = HD + 8;
     static_assert(2 * 2 * BN * ST * 2 <= 48 * 1024, "shared memory past 48 KB");
     __shared__ __align__(16) bf16 ks[2][BN * ST];
     __shared__ __align__(16) bf16 vs[2][BN * ST];
@@ -693,19 +660,11 @@ __device__ void flash_bwd_dq2(const bf16* q, const bf16* k, const bf16* v, const
     const int q0 = (gridDim.x - 1 - blockIdx.x) * BM, row0 = q0 + warp * 16 + g, row1 = row0 + 8;
     const size_t head = (size_t)bh * seq * HD, ost = (size_t)heads * HD;
     const bf16* gob = go + (size_t)b * seq * ost + (size_t)h * HD;
-    const bf16* kh = k + head;
-    const bf16* vh = v + head;
 
-    // Tile `tile`'s keys and values into buffer `buf`, rows past seq as zeros.
+    // Tile `tile`'s keys and values into buffer `buf`.
     auto load = [&](int tile, int buf) {
-        const int kv0 = tile * BN;
-        for (int i = threadIdx.x; i < BN * CH; i += blockDim.x) {
-            const int r = i / CH, c = (i % CH) * 8;
-            const bool in = kv0 + r < seq;
-            const size_t at = in ? (size_t)(kv0 + r) * HD + c : 0;
-            cp_async16(&ks[buf][r * ST + c], kh + at, in ? 16 : 0);
-            cp_async16(&vs[buf][r * ST + c], vh + at, in ? 16 : 0);
-        }
+        copy_rows<HD>(ks[buf], ST, k + head, HD, tile * BN, BN, seq);
+        copy_rows<HD>(vs[buf], ST, v + head, HD, tile * BN, BN, seq);
         cp_async_commit();
     };
 
@@ -740,8 +699,7 @@ __device__ void flash_bwd_dq2(const bf16* q, const bf16* k, const bf16* v, const
         const bf16* kb = ks[buf];
         const bf16* vb = vs[buf];
 
-        // S = Q Kᵀ and dP = dO Vᵀ: B (k = dimension, n = key) from key and
-        // value rows n·8.., dimensions kk·16.. and kk·16 + 8...
+        // S = Q Kᵀ and dP = dO Vᵀ.
         float s[BN / 8][4], dp[BN / 8][4];
 #pragma unroll
         for (int n = 0; n < BN / 8; n++) {
@@ -749,48 +707,29 @@ __device__ void flash_bwd_dq2(const bf16* q, const bf16* k, const bf16* v, const
             for (int e = 0; e < 4; e++) s[n][e] = dp[n][e] = 0.f;
 #pragma unroll
             for (int kk = 0; kk < KS; kk++) {
-                const int at = (n * 8 + (lane & 7)) * ST + kk * 16 + ((lane >> 3) & 1) * 8;
                 uint32_t b0, b1, c0, c1;
-                ldmatrix_x2<false>(b0, b1, kb + at);
-                ldmatrix_x2<false>(c0, c1, vb + at);
+                load_b_rows(b0, b1, kb, ST, n * 8, kk * 16);
+                load_b_rows(c0, c1, vb, ST, n * 8, kk * 16);
                 mma(s[n], qf[kk], b0, b1);
                 mma(dp[n], gf[kk], c0, c1);
             }
         }
-#pragma unroll
-        for (int n = 0; n < BN / 8; n++) {
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                const int key = kv0 + n * 8 + 2 * t + (e & 1);
-                const int row = e < 2 ? row0 : row1;
-                const bool seen = key <= row && key < seq && row < seq;
-                const float p = seen ? exp2f(s[n][e] * LOG2E - (e < 2 ? ls0 : ls1)) : 0.f;
-                s[n][e] = p * (dp[n][e] - (e < 2 ? dl0 : dl1));
-            }
-        }
-        // dQ += dS K: B (k = key, n = dimension) from key rows j·16.. and
-        // j·16 + 8.., transposed on the way.
+        dq_scores<BN>(s, dp, kv0, t, row0, row1, seq, ls0, ls1, dl0, dl1);
+        // dQ += dS K.
 #pragma unroll
         for (int j = 0; j < BN / 16; j++) {
             uint32_t da[4];
-            c_to_a(da, s[2 * j], s[2 * j + 1]);
+            c_to_a<bf16>(da, s[2 * j], s[2 * j + 1]);
 #pragma unroll
             for (int d = 0; d < DT; d++) {
                 uint32_t b0, b1;
-                ldmatrix_x2<true>(b0, b1, kb + (j * 16 + (lane & 15)) * ST + d * 8);
+                load_b_cols(b0, b1, kb, ST, j * 16, d * 8);
                 mma(acc[d], da, b0, b1);
             }
         }
         __syncthreads();
     }
-#pragma unroll
-    for (int d = 0; d < DT; d++) {
-        const int c = d * 8 + 2 * t;
-        if (row0 < seq)
-            *reinterpret_cast<uint32_t*>(dq + head + (size_t)row0 * HD + c) = pack(acc[d][0], acc[d][1]);
-        if (row1 < seq)
-            *reinterpret_cast<uint32_t*>(dq + head + (size_t)row1 * HD + c) = pack(acc[d][2], acc[d][3]);
-    }
+    store_rows<DT>(dq + head, HD, row0, row1, seq, acc, 1.f, 1.f, t);
 }
 
 #define FLASH(HD)                                                                                  \

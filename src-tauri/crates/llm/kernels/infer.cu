@@ -296,13 +296,6 @@ MMV(mmv_f32_store, float, STORE)
 MMV(mmv_f32_gelu, float, GELU)
 MMV(mmv_f32_add, float, ADD)
 
-// qkv [3·hidden] → q rotated (q_out), k rotated and v appended to the cache
-// at `pos`. One block per head, a thread per dimension. Rotation as the
-// tensor path's rope: pair i is (i, i + rotary_dim / 2).
-// The position and the layer's cache are `pos`, `kc`, `vc`, `cap`, or where
-// `step` is not null step[0] and the layer's row of the cache table `lay`
-// ({k, v, capacity}): a captured graph replays one launch for every
-// position and every cache.
 // Dimension d of head h of one row of qkv ([3·hidden]) at position pos: q
 // and k rotated, v as it is.
 __device__ __forceinline__ void rope_dim(const float* qkv, const float* cos, const float* sin,
@@ -327,6 +320,13 @@ __device__ __forceinline__ void rope_dim(const float* qkv, const float* cos, con
     }
 }
 
+// qkv [3·hidden] → q rotated (q_out), k rotated and v appended to the cache
+// at `pos`. One block per head, a thread per dimension. Rotation as the
+// tensor path's rope: pair i is (i, i + rotary_dim / 2).
+// The position and the layer's cache are `pos`, `kc`, `vc`, `cap`, or where
+// `step` is not null step[0] and the layer's row of the cache table `lay`
+// ({k, v, capacity}): a captured graph replays one launch for every
+// position and every cache.
 extern "C" __global__ void rope_append(const float* qkv, const float* cos, const float* sin,
                                        int hidden, int hd, int rd, int pos, const int* step,
                                        const uint64_t* lay, int cap, half* kc, half* vc,
@@ -472,11 +472,6 @@ extern "C" __global__ void attn_merge_q8(const float* pm, const float* pl, const
 // a time up to the block's last query.
 // Fragment layouts: kernels/tensor_core.cuh.
 
-__device__ __forceinline__ uint32_t pack_h2(float lo, float hi) {
-    half2 v = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&v);
-}
-
 template <int HD>
 __device__ void prompt_attn(const half* q, const half* kc, const half* vc, float* o, int heads,
                             int n, int pos, int cap) {
@@ -497,13 +492,7 @@ __device__ void prompt_attn(const half* q, const half* kc, const half* vc, float
     // This warp's 16 queries as A fragments (rows past n as zeros).
     uint32_t qf[KS][4];
 #pragma unroll
-    for (int kk = 0; kk < KS; kk++) {
-        const int c = kk * 16 + 2 * t;
-        qf[kk][0] = row0 < n ? pair(qh + (size_t)row0 * HD + c) : 0;
-        qf[kk][1] = row1 < n ? pair(qh + (size_t)row1 * HD + c) : 0;
-        qf[kk][2] = row0 < n ? pair(qh + (size_t)row0 * HD + c + 8) : 0;
-        qf[kk][3] = row1 < n ? pair(qh + (size_t)row1 * HD + c + 8) : 0;
-    }
+    for (int kk = 0; kk < KS; kk++) load_a(qf[kk], qh, HD, row0, n, kk * 16 + 2 * t);
     float acc[DT][4];
 #pragma unroll
     for (int d = 0; d < DT; d++) acc[d][0] = acc[d][1] = acc[d][2] = acc[d][3] = 0.f;
@@ -548,10 +537,7 @@ __device__ void prompt_attn(const half* q, const half* kc, const half* vc, float
 #pragma unroll
         for (int j = 0; j < BN / 16; j++) {
             uint32_t pa[4];
-            pa[0] = pack_h2(s[2 * j][0], s[2 * j][1]);
-            pa[1] = pack_h2(s[2 * j][2], s[2 * j][3]);
-            pa[2] = pack_h2(s[2 * j + 1][0], s[2 * j + 1][1]);
-            pa[3] = pack_h2(s[2 * j + 1][2], s[2 * j + 1][3]);
+            c_to_a<half>(pa, s[2 * j], s[2 * j + 1]);
 #pragma unroll
             for (int d = 0; d < DT; d++) {
                 const half* vr = vt + (d * 8 + g) * VST + j * 16 + 2 * t;

@@ -10,6 +10,8 @@
 //   B (16×8, element (k, n)): b0 = (k 2t..2t+1, n g), b1 = (k 2t+8..2t+9, n g)
 //   C (16×8): c0,c1 = (g, 2t..2t+1), c2,c3 = (g+8, 2t..2t+1)
 #pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <stdint.h>
 
 // The products need sm_80; a build for an older architecture
@@ -42,6 +44,43 @@ __device__ __forceinline__ void mma_f16(float* c, const uint32_t* a, uint32_t b0
 template <typename T>
 __device__ __forceinline__ uint32_t pair(const T* p) {
     return *reinterpret_cast<const uint32_t*>(p);
+}
+
+// lo and hi as two 16-bit values of type T (__nv_bfloat16 or half) in one
+// register.
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi);
+template <>
+__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+}
+template <>
+__device__ __forceinline__ uint32_t pack2<half>(float lo, float hi) {
+    half2 v = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+}
+
+// Two adjacent C tiles (keys or queries 16j..16j+15) as the A fragment of
+// k-step j, in T.
+template <typename T>
+__device__ __forceinline__ void c_to_a(uint32_t* a, const float* lo, const float* hi) {
+    a[0] = pack2<T>(lo[0], lo[1]);
+    a[1] = pack2<T>(lo[2], lo[3]);
+    a[2] = pack2<T>(hi[0], hi[1]);
+    a[3] = pack2<T>(hi[2], hi[3]);
+}
+
+// The A fragment of columns c.. of rows `row` and `row` + 8 of a matrix in
+// global memory with `row_stride` (rows from `rows` on as zeros).
+template <typename T>
+__device__ __forceinline__ void load_a(uint32_t* a, const T* src, size_t row_stride, int row,
+                                       int rows, int c) {
+    const T* r = src + (size_t)row * row_stride + c;
+    a[0] = row < rows ? pair(r) : 0;
+    a[1] = row + 8 < rows ? pair(r + 8 * row_stride) : 0;
+    a[2] = row < rows ? pair(r + 8) : 0;
+    a[3] = row + 8 < rows ? pair(r + 8 * row_stride + 8) : 0;
 }
 
 // The max (or sum) of the four lanes 4g..4g+3 that hold one row.

@@ -143,12 +143,7 @@ pub fn merge_to_gguf(
             rows,
             width,
             ..
-        } => candle_core::quantized::ggml_file::qtensor_from_ggml(
-            *dtype,
-            raw.as_slice(),
-            vec![*rows, *width],
-            &Device::Cpu,
-        )?,
+        } => crate::model::quantized_table(raw, *dtype, *rows, *width, &Device::Cpu)?,
     };
     list.push("token_embd.weight".into(), embed)?;
     for (i, b) in model.blocks.iter().enumerate() {

@@ -1215,12 +1215,9 @@ mod tests {
             assert!(PROMPT_HEAD_SIZES.contains(&phi.config().head_dim()));
             let lora = [1, 3].contains(&r).then(|| adapter(&phi, &dev, r == 3));
             let lora = lora.as_ref();
-            let vocab = phi.config().vocab_size as u32;
-            let (mut fast, mut reference) = (phi.new_cache(), phi.new_cache());
-            let mut worst = 0f32;
             // On by default where the GPU has the tensor cores (`model`
-            // turns them off: the reference is candle's ops); set for each
-            // pass and turned off after it.
+            // turns them off); `passes_alike` sets them for each pass and
+            // turns them off after it.
             if r >= 6 && std::env::var_os("DRAMATIS_GPU_PROMPT").is_none() {
                 let Device::Cuda(cuda) = &dev else {
                     unreachable!()
@@ -1228,45 +1225,15 @@ mod tests {
                 let on = crate::flash::tensor_cores(cuda);
                 assert_eq!(g.prompt_kernels(), on, "model {r}: the default");
             }
-            g.set_prompt_kernels(false);
-            let all = |ids: &[u32], cache: &mut KvCache, kernels: bool| -> Vec<f32> {
-                g.set_prompt_kernels(kernels);
-                let x = Tensor::new(ids, &dev).unwrap().unsqueeze(0).unwrap();
-                let out = phi.run_tensors(&x, Some(cache), Logits::All, lora);
-                g.set_prompt_kernels(false);
-                out.unwrap().flatten_all().unwrap().to_vec1().unwrap()
-            };
-            for (turn, len) in [100, 70, 130].into_iter().enumerate() {
-                let ids: Vec<u32> = (0..len).map(|_| rng.random_range(0..vocab)).collect();
-                let a = all(&ids, &mut fast, true);
-                let b = all(&ids, &mut reference, false);
-                assert_eq!(fast.len(), reference.len());
-                for (p, (a, b)) in a
-                    .chunks(vocab as usize)
-                    .zip(b.chunks(vocab as usize))
-                    .enumerate()
-                {
-                    let off = within(a, b, format_args!("model {r} turn {turn} position {p}"));
-                    worst = worst.max(off);
-                }
-            }
-            // One token at a time through the kernels.
-            for step in 0..10u32 {
-                let id = [(step * 37 + 11) % vocab];
-                let a = all(&id, &mut fast, true);
-                let b = all(&id, &mut reference, false);
-                let off = within(&a, &b, format_args!("model {r} one-token step {step}"));
-                worst = worst.max(off);
-            }
-            // Decode steps read the keys and values the kernels wrote.
-            let mut token = 7;
-            for step in 0..20 {
-                let a = pass(&phi, &dev, lora, &[token], &mut fast, true);
-                let b = pass(&phi, &dev, lora, &[token], &mut reference, true);
-                let off = within(&a, &b, format_args!("model {r} decode step {step}"));
-                worst = worst.max(off);
-                token = argmax(&b);
-            }
+            let worst = passes_alike(
+                &phi,
+                &dev,
+                lora,
+                &mut rng,
+                &|on| g.set_prompt_kernels(on),
+                (&[100, 70, 130], 10, 20, 7),
+                r,
+            );
             eprintln!(
                 "model {r}, prompt kernels: worst logit difference {worst:.2e} of the largest"
             );
@@ -1420,41 +1387,76 @@ mod tests {
             let phi = model(r, dir.path(), &dev);
             let lora = [1, 3].contains(&r).then(|| adapter(&phi, &dev, r == 3));
             let lora = lora.as_ref();
-            let vocab = phi.config().vocab_size as u32;
-            let (mut fast, mut reference) = (phi.new_cache(), phi.new_cache());
-            let all = |ids: &[u32], cache: &mut KvCache, gemm: bool| -> Vec<f32> {
-                prompt_gemm::set(gemm);
-                let x = Tensor::new(ids, &dev).unwrap().unsqueeze(0).unwrap();
-                let out = phi.run_tensors(&x, Some(cache), Logits::All, lora);
-                prompt_gemm::set(false);
-                out.unwrap().flatten_all().unwrap().to_vec1().unwrap()
-            };
-            let mut worst = 0f32;
-            for (turn, len) in [100, 70].into_iter().enumerate() {
-                let ids: Vec<u32> = (0..len).map(|_| rng.random_range(0..vocab)).collect();
-                let a = all(&ids, &mut fast, true);
-                let b = all(&ids, &mut reference, false);
-                for (p, (a, b)) in a
-                    .chunks(vocab as usize)
-                    .zip(b.chunks(vocab as usize))
-                    .enumerate()
-                {
-                    worst = worst.max(within(
-                        a,
-                        b,
-                        format_args!("model {r} turn {turn} position {p}"),
-                    ));
-                }
-            }
-            let mut token = 3;
-            for step in 0..5 {
-                let a = pass(&phi, &dev, lora, &[token], &mut fast, true);
-                let b = pass(&phi, &dev, lora, &[token], &mut reference, true);
-                worst = worst.max(within(&a, &b, format_args!("model {r} decode step {step}")));
-                token = argmax(&b);
-            }
+            let worst = passes_alike(
+                &phi,
+                &dev,
+                lora,
+                &mut rng,
+                &prompt_gemm::set,
+                (&[100, 70], 0, 5, 3),
+                r,
+            );
             eprintln!("model {r}, prompt GEMM: worst logit difference {worst:.2e} of the largest");
         }
+    }
+
+    /// Passes with a switch on against the same passes with it off, from
+    /// two caches of `phi` (the switch set around each pass, left off):
+    /// prompts of `lens` random tokens in turn, then `steps` one-token
+    /// passes, every position's logits within 2% of the largest; then
+    /// `decodes` decode steps on what each wrote, from token `first`.
+    /// Returns the worst difference (of the largest logit).
+    fn passes_alike(
+        phi: &Phi,
+        dev: &Device,
+        lora: Option<&LoraAdapter>,
+        rng: &mut rand::rngs::StdRng,
+        set: &dyn Fn(bool),
+        (lens, steps, decodes, first): (&[usize], u32, usize, u32),
+        r: usize,
+    ) -> f32 {
+        let vocab = phi.config().vocab_size as u32;
+        let (mut fast, mut reference) = (phi.new_cache(), phi.new_cache());
+        let all = |ids: &[u32], cache: &mut KvCache, on: bool| -> Vec<f32> {
+            set(on);
+            let x = Tensor::new(ids, dev).unwrap().unsqueeze(0).unwrap();
+            let out = phi.run_tensors(&x, Some(cache), Logits::All, lora);
+            set(false);
+            out.unwrap().flatten_all().unwrap().to_vec1().unwrap()
+        };
+        let mut worst = 0f32;
+        for (turn, &len) in lens.iter().enumerate() {
+            let ids: Vec<u32> = (0..len).map(|_| rng.random_range(0..vocab)).collect();
+            let a = all(&ids, &mut fast, true);
+            let b = all(&ids, &mut reference, false);
+            assert_eq!(fast.len(), reference.len());
+            for (p, (a, b)) in a
+                .chunks(vocab as usize)
+                .zip(b.chunks(vocab as usize))
+                .enumerate()
+            {
+                let off = within(a, b, format_args!("model {r} turn {turn} position {p}"));
+                worst = worst.max(off);
+            }
+        }
+        // One token at a time through the switched path.
+        for step in 0..steps {
+            let id = [(step * 37 + 11) % vocab];
+            let a = all(&id, &mut fast, true);
+            let b = all(&id, &mut reference, false);
+            let off = within(&a, &b, format_args!("model {r} one-token step {step}"));
+            worst = worst.max(off);
+        }
+        // Decode steps read the keys and values each wrote.
+        let mut token = first;
+        for step in 0..decodes {
+            let a = pass(phi, dev, lora, &[token], &mut fast, true);
+            let b = pass(phi, dev, lora, &[token], &mut reference, true);
+            let off = within(&a, &b, format_args!("model {r} decode step {step}"));
+            worst = worst.max(off);
+            token = argmax(&b);
+        }
+        worst
     }
 
     /// Steps on two caches at once, from two threads (each on its own CUDA

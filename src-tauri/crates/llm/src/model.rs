@@ -29,11 +29,12 @@ pub(crate) enum Embedding {
         row_bytes: usize,
         rows: usize,
         width: usize,
-        /// The table on the model's GPU, uploaded for the first prompt (or
-        /// validation pass) there: 74-107 MB for Phi-2. `None`: a type
-        /// candle's CUDA lookup lacks, or an upload that failed (then the
-        /// host's rows serve for the rest of the process, with a warning).
-        /// Training steps and the decode kernels read the host's rows.
+        /// The table on the model's GPU, uploaded for the first prompt
+        /// there: 74-107 MB for Phi-2. `None`: a type candle's CUDA lookup
+        /// lacks, an upload that failed (then the host's rows serve for the
+        /// rest of the process, with a warning), or a model that keeps it
+        /// on the host (training). Training passes and the decode kernels
+        /// read the host's rows.
         on_gpu: std::sync::OnceLock<Option<std::sync::Arc<QTensor>>>,
     },
 }
@@ -85,28 +86,19 @@ impl Embedding {
             return self.forward(ids, device);
         }
         let table = on_gpu.get_or_init(|| {
-            let looked_up = crate::linear::candle_cuda_block_type(*dtype);
+            if !crate::linear::candle_cuda_block_type(*dtype) {
+                return None;
+            }
             let upload = || -> Result<QTensor> {
-                let q = candle_core::quantized::ggml_file::qtensor_from_ggml(
-                    *dtype,
-                    raw.as_slice(),
-                    vec![*rows, *width],
-                    device,
-                )?;
+                let q = quantized_table(raw, *dtype, *rows, *width, device)?;
                 // The copy is asynchronous on this thread's stream; another
                 // thread's stream may read the table next.
                 device.synchronize()?;
                 Ok(q)
             };
-            looked_up
-                .then(|| {
-                    upload()
-                        .inspect_err(|e| {
-                            tracing::warn!("the embedding stays on the host for prompts: {e}")
-                        })
-                        .ok()
-                })
-                .flatten()
+            upload()
+                .inspect_err(|e| tracing::warn!("the embedding stays on the host for prompts: {e}"))
+                .ok()
                 .map(std::sync::Arc::new)
         });
         let Some(table) = table.as_ref().filter(|t| t.device().same_device(device)) else {
@@ -188,6 +180,23 @@ impl Embedding {
             }
         }
     }
+}
+
+/// A quantized `[rows, width]` table's blocks as candle's tensor on `device`
+/// (a copy of them).
+pub(crate) fn quantized_table(
+    raw: &crate::cpu::Bytes,
+    dtype: GgmlDType,
+    rows: usize,
+    width: usize,
+    device: &Device,
+) -> Result<QTensor> {
+    Ok(candle_core::quantized::ggml_file::qtensor_from_ggml(
+        dtype,
+        raw.as_slice(),
+        vec![rows, width],
+        device,
+    )?)
 }
 
 /// Every id names a row of a `rows`-long table.
@@ -317,9 +326,10 @@ impl Phi {
     }
 
     /// Keeps a quantized token table on the host for this model's life: a
-    /// training run calls it, so that a validation pass does not leave a
-    /// 74-107 MB copy on the GPU that its memory estimate does not count
-    /// (prompts then dequantize their rows on the host, as training does).
+    /// training run calls it, so that the sample replies at its checkpoints
+    /// (prompts through a session) do not leave a 74-107 MB copy on the
+    /// GPU that its memory estimate does not count (prompts then
+    /// dequantize their rows on the host, as training does).
     pub fn keep_embedding_on_host(&self) {
         self.embed.keep_on_host();
     }

@@ -10,12 +10,13 @@
 //! intermediate) and the attention probabilities (heads × length; with the
 //! flash-attention kernels one log-sum-exp per head instead); while a block
 //! runs backward, two more probability-sized tensors (none with the kernels)
-//! and a few hidden-sized ones; the logits of at most 512 rows at a time, with their
-//! f32 log-softmax and gradient. With gradient checkpointing only one block's
-//! activations exist at a time. On a GPU, the CUDA runtime's own memory
-//! (context, kernel modules, cuBLAS workspace) on top. Speed: the matmul FLOPs of the passes (the
-//! frozen base needs no weight gradients; checkpointing runs each block's
-//! forward pass twice) at a fraction of the device's measured matmul rate.
+//! and a few hidden-sized ones; the logits of at most 256 rows at a time,
+//! with their f32 log-softmax and gradient. With gradient checkpointing only
+//! one block's activations exist at a time. On a GPU, the CUDA runtime's own
+//! memory (context, kernel modules, cuBLAS workspace) on top. Speed: the
+//! matmul FLOPs of the passes (the frozen base needs no weight gradients;
+//! checkpointing runs each block's forward pass twice) at a fraction of the
+//! device's measured matmul rate.
 
 use dramatis_llm::PhiConfig;
 use serde::{Deserialize, Serialize};
@@ -297,9 +298,9 @@ mod tests {
         assert!(p1 > 2.5 * p2, "{p1} vs {p2}");
     }
 
-    /// The seed recipe's runs on an H200 (BENCHMARKS.md, "Training on a GPU
-    /// against transformers + peft", session 13): each peak by nvidia-smi
-    /// predicted within ±15%.
+    /// The seed recipe's runs on an H200 and an H100 (BENCHMARKS.md,
+    /// "Training on a GPU against transformers + peft", sessions 13 and 14):
+    /// each peak by nvidia-smi predicted within ±15%.
     #[test]
     fn measured_gpu_runs_are_predicted_within_15_percent() {
         // (weight bytes, length, flash kernels, measured MiB): the bf16 base

@@ -391,8 +391,8 @@ impl TrainingRun {
         start: Option<&LoraAdapter>,
     ) -> Result<Self> {
         config.validate()?;
-        // Validation passes run the prompt path, which would copy a
-        // quantized token table to the GPU and keep it there.
+        // The sample replies at checkpoints run the prompt path, which
+        // would copy a quantized token table to the GPU and keep it there.
         model.keep_embedding_on_host();
         let data = data.into();
         match (&data, config.objective) {
@@ -633,7 +633,6 @@ impl TrainingRun {
         let (inp, tgt, w, _) = self.batch_tensors(examples)?;
         let dtype = self.pos.config.precision.dtype(self.model.device());
         let picked = self.model.score_targets(&inp, &tgt, Some(adapter), dtype)?;
-        let w = w.to_dtype(DType::F32)?;
         let total = w.sum_all()?.to_scalar::<f32>()?.max(1.0);
         Ok(f64::from(
             (picked * w)?.sum_all()?.neg()?.to_scalar::<f32>()? / total,
